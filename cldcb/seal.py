@@ -1,0 +1,358 @@
+"""Sealing: everything the plugin sends is sealed to the node's public key.
+
+Pure code: randomness (ephemeral keys, anchors) and time come in as
+parameters. The node's private key is only ever used through a
+:class:`cldcb.nodekey.NodeKey` (``ecdh``), so an HSM can open everything.
+
+Keys
+----
+ECDH is SHA256 of the compressed shared point (coincurve's ``ecdh``, Core
+Lightning's hsmd). A *stream* has an ephemeral secp256k1 key ``e``; its key is::
+
+    k = HKDF-SHA256(ikm = ECDH(e, node) || ECDH(client, node),
+                    salt = none,
+                    info = b"cldcb/1 " + purpose + client_pub)
+
+The second ECDH is a static secret only the client and the node can compute:
+a server that knows (or guesses) the node id still cannot forge a record, a
+chunk or a manifest. Records of one plugin connection share one stream; each
+snapshot has a stream of its own. The AEAD is ChaCha20-Poly1305 with the
+nonce ``4 zero bytes || counter (u64 big-endian)``; the sealer never reuses a
+counter.
+
+Sealed item layout (the bytes the server stores, and whose SHA256 is the
+item's *hash*)::
+
+    version (1 byte, = 1) || e·G (33) || counter (u64) || ciphertext || tag (16)
+
+and the AEAD's associated data is ``header || context``, where context binds
+what the item is and where it belongs:
+
+- record:   b"record"   || client_pub || data_version (i64) || kind (u8) || link (32)
+- chunk:    b"chunk"    || client_pub || snapshot data_version (i64) || index (u32)
+- manifest: b"manifest" || client_pub || snapshot data_version (i64)
+
+The record chain
+----------------
+A record's ``link`` is the hash of its *effective predecessor*, as
+:func:`cldcb.dataversion.decide` says: the newest record for an append, the
+predecessor of the replaced batch for a replacement, a snapshot's *anchor* for
+the first record after a snapshot. A snapshot's manifest names its
+data_version and its anchor: the hash of the newest record it contains, or, for
+a snapshot taken where the server holds no usable record (first contact, a
+gap), 32 fresh random bytes. Because the link is inside the associated data,
+the server can neither reorder, splice, drop a middle record, present an
+uncommitted batch in place of its replacement, nor move a record to another
+client's stream, without :class:`ChainVerifier` noticing.
+
+Record plaintext: ``time_ms (u64) || count (u32) || (u32 length || UTF-8 SQL)*``.
+Manifest plaintext: ``data_version (i64) || anchor (32) || chunk_count (u32) ||
+total_size (u64) || sha256 of the database bytes (32) || time_ms (u64)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import coincurve
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from cldcb.dataversion import Decision, Kind, Tip, advance, decide
+from cldcb.errors import ChainError, SealError
+
+VERSION = 1
+HEADER_LEN = 1 + 33 + 8
+TAG_LEN = 16
+OVERHEAD = HEADER_LEN + TAG_LEN
+ZERO_HASH = bytes(32)
+
+
+class EcdhKey(Protocol):
+    """What opening needs from the node key (see :mod:`cldcb.nodekey`)."""
+
+    @property
+    def pubkey(self) -> bytes: ...
+
+    def ecdh(self, point: bytes) -> bytes: ...
+
+
+def item_hash(sealed: bytes) -> bytes:
+    """The hash that links and anchors refer to: SHA256 of the sealed bytes."""
+    return hashlib.sha256(sealed).digest()
+
+
+def stream_key(shared_ephemeral: bytes, shared_static: bytes, purpose: bytes,
+               client_pub: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                info=b"cldcb/1 " + purpose + client_pub).derive(
+                    shared_ephemeral + shared_static)
+
+
+def _nonce(counter: int) -> bytes:
+    return b"\0\0\0\0" + struct.pack(">Q", counter)
+
+
+def record_context(client_pub: bytes, data_version: int, kind: Kind, link: bytes) -> bytes:
+    return b"record" + client_pub + struct.pack(">qB", data_version, int(kind)) + link
+
+
+def chunk_context(client_pub: bytes, data_version: int, index: int) -> bytes:
+    return b"chunk" + client_pub + struct.pack(">qI", data_version, index)
+
+
+def manifest_context(client_pub: bytes, data_version: int) -> bytes:
+    return b"manifest" + client_pub + struct.pack(">q", data_version)
+
+
+class StreamSealer:
+    """Seals items of one stream (one plugin connection, or one snapshot)."""
+
+    def __init__(self, node_pub: bytes, client_priv: bytes, purpose: bytes,
+                 ephemeral_priv: bytes) -> None:
+        eph = coincurve.PrivateKey(ephemeral_priv)
+        self.client_pub = coincurve.PrivateKey(client_priv).public_key.format()
+        self.ephemeral_pub = eph.public_key.format()
+        shared_e = eph.ecdh(node_pub)
+        shared_s = coincurve.PrivateKey(client_priv).ecdh(node_pub)
+        self._aead = ChaCha20Poly1305(stream_key(shared_e, shared_s, purpose, self.client_pub))
+        self._counter = 0
+
+    def seal(self, plaintext: bytes, context: bytes) -> bytes:
+        header = bytes([VERSION]) + self.ephemeral_pub + struct.pack(">Q", self._counter)
+        ct = self._aead.encrypt(_nonce(self._counter), plaintext, header + context)
+        self._counter += 1
+        return header + ct
+
+
+class StreamOpener:
+    """Opens items sealed for one client; caches one key per ephemeral key."""
+
+    def __init__(self, node: EcdhKey, client_pub: bytes, purpose: bytes) -> None:
+        self.client_pub = client_pub
+        self._node = node
+        self._purpose = purpose
+        self._static = node.ecdh(client_pub)
+        self._keys: dict[bytes, ChaCha20Poly1305] = {}
+
+    def open(self, sealed: bytes, context: bytes, what: str) -> bytes:
+        if len(sealed) < OVERHEAD or sealed[0] != VERSION:
+            raise SealError(f"{what} is truncated or not a cldcb v{VERSION} sealed item")
+        header = sealed[:HEADER_LEN]
+        epub = sealed[1:34]
+        aead = self._keys.get(epub)
+        if aead is None:
+            try:
+                shared_e = self._node.ecdh(epub)
+            except Exception as exc:  # not a point on the curve
+                raise SealError(f"{what} names an invalid ephemeral key") from exc
+            aead = ChaCha20Poly1305(stream_key(shared_e, self._static, self._purpose,
+                                               self.client_pub))
+            self._keys[epub] = aead
+        counter = struct.unpack(">Q", sealed[34:42])[0]
+        try:
+            return aead.decrypt(_nonce(counter), sealed[HEADER_LEN:], header + context)
+        except InvalidTag:
+            raise SealError(
+                f"{what} does not open: it was altered, belongs to another client or "
+                "position, or this is not the node it was sealed for") from None
+
+
+# --- changes (record plaintext) -------------------------------------------------
+
+@dataclass(frozen=True)
+class Change:
+    """One db_write hook call: its statements and when the plugin saw it."""
+
+    data_version: int
+    kind: Kind
+    writes: tuple[str, ...]
+    time_ms: int
+
+
+def encode_change(writes: Sequence[str], time_ms: int) -> bytes:
+    parts = [struct.pack(">QI", time_ms, len(writes))]
+    for w in writes:
+        b = w.encode("utf-8")
+        parts.append(struct.pack(">I", len(b)))
+        parts.append(b)
+    return b"".join(parts)
+
+
+def decode_change(plain: bytes) -> tuple[int, tuple[str, ...]]:
+    try:
+        time_ms, count = struct.unpack_from(">QI", plain, 0)
+        pos = 12
+        out = []
+        for _ in range(count):
+            (n,) = struct.unpack_from(">I", plain, pos)
+            pos += 4
+            if pos + n > len(plain):
+                raise ValueError("short")
+            out.append(plain[pos:pos + n].decode("utf-8"))
+            pos += n
+        if pos != len(plain):
+            raise ValueError("trailing bytes")
+    except (struct.error, ValueError, UnicodeDecodeError) as exc:
+        raise SealError(f"a record's content is malformed ({exc})") from None
+    return time_ms, tuple(out)
+
+
+class RecordSealer:
+    """The plugin side of the record chain: one per plugin connection.
+
+    ``seal_change`` seals a change with the link the caller decided (see
+    :func:`cldcb.dataversion.decide`); the same bytes go to every server.
+    """
+
+    def __init__(self, node_pub: bytes, client_priv: bytes, ephemeral_priv: bytes) -> None:
+        self._stream = StreamSealer(node_pub, client_priv, b"record", ephemeral_priv)
+        self.client_pub = self._stream.client_pub
+
+    def seal_change(self, data_version: int, kind: Kind, link: bytes,
+                    writes: Sequence[str], time_ms: int) -> bytes:
+        return self._stream.seal(encode_change(writes, time_ms),
+                                 record_context(self.client_pub, data_version, kind, link))
+
+
+# --- snapshots ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Manifest:
+    data_version: int
+    anchor: bytes
+    chunk_count: int
+    total_size: int
+    digest: bytes
+    time_ms: int
+
+    def encode(self) -> bytes:
+        return struct.pack(">q32sIQ32sQ", self.data_version, self.anchor, self.chunk_count,
+                           self.total_size, self.digest, self.time_ms)
+
+    @classmethod
+    def decode(cls, plain: bytes) -> Manifest:
+        try:
+            return cls(*struct.unpack(">q32sIQ32sQ", plain))
+        except struct.error:
+            raise SealError("a snapshot manifest is malformed") from None
+
+
+class SnapshotSealer:
+    """Seals one snapshot in chunks (bounded memory): chunks, then the manifest."""
+
+    def __init__(self, node_pub: bytes, client_priv: bytes, ephemeral_priv: bytes,
+                 data_version: int, anchor: bytes) -> None:
+        self._stream = StreamSealer(node_pub, client_priv, b"snapshot", ephemeral_priv)
+        self.client_pub = self._stream.client_pub
+        self.data_version = data_version
+        self.anchor = anchor
+        self._index = 0
+        self._size = 0
+        self._digest = hashlib.sha256()
+
+    def seal_chunk(self, data: bytes) -> bytes:
+        self._digest.update(data)
+        self._size += len(data)
+        sealed = self._stream.seal(data, chunk_context(self.client_pub, self.data_version,
+                                                       self._index))
+        self._index += 1
+        return sealed
+
+    @property
+    def chunk_count(self) -> int:
+        return self._index
+
+    def seal_manifest(self, time_ms: int) -> bytes:
+        m = Manifest(self.data_version, self.anchor, self._index, self._size,
+                     self._digest.digest(), time_ms)
+        return self._stream.seal(m.encode(), manifest_context(self.client_pub,
+                                                              self.data_version))
+
+
+class SnapshotOpener:
+    """Opens a snapshot: the manifest first, then each chunk in order, then ``finish``."""
+
+    def __init__(self, node: EcdhKey, client_pub: bytes, data_version: int,
+                 sealed_manifest: bytes) -> None:
+        self._opener = StreamOpener(node, client_pub, b"snapshot")
+        plain = self._opener.open(sealed_manifest, manifest_context(client_pub, data_version),
+                                  f"the manifest of the snapshot at data_version {data_version}")
+        self.manifest = Manifest.decode(plain)
+        if self.manifest.data_version != data_version:
+            raise SealError("a snapshot manifest names another data_version than the server")
+        self._next = 0
+        self._size = 0
+        self._digest = hashlib.sha256()
+
+    def open_chunk(self, index: int, sealed: bytes) -> bytes:
+        if index != self._next:
+            raise SealError(f"snapshot chunk {index} arrived where chunk {self._next} belongs")
+        data = self._opener.open(sealed, chunk_context(self._opener.client_pub,
+                                                       self.manifest.data_version, index),
+                                 f"snapshot chunk {index} (data_version "
+                                 f"{self.manifest.data_version})")
+        self._next += 1
+        self._size += len(data)
+        self._digest.update(data)
+        return data
+
+    def finish(self) -> None:
+        m = self.manifest
+        if self._next != m.chunk_count or self._size != m.total_size \
+                or self._digest.digest() != m.digest:
+            raise SealError(
+                f"the snapshot at data_version {m.data_version} is incomplete or altered "
+                f"({self._next} of {m.chunk_count} chunks, {self._size} of {m.total_size} bytes)")
+
+
+# --- verifying the chain on recovery ------------------------------------------------
+
+class ChainVerifier:
+    """Opens fetched records one by one and checks the chain.
+
+    Start it from a snapshot's (data_version, anchor): every fetched stream
+    begins with one, since a client's first contact is always a snapshot.
+    Each :meth:`open` returns the :class:`Change` and what the data_version
+    rules decided for it; any break raises :class:`ChainError` naming the
+    record (its position in the fetched stream and its data_version).
+    """
+
+    def __init__(self, node: EcdhKey, client_pub: bytes, snapshot_data_version: int,
+                 anchor: bytes) -> None:
+        self._opener = StreamOpener(node, client_pub, b"record")
+        self.client_pub = client_pub
+        self.position = 0
+        self.tip = Tip(data_version=snapshot_data_version, kind=Kind.NORMAL, hash=anchor,
+                       link=ZERO_HASH, is_snapshot=True)
+
+    def open(self, data_version: int, kind: Kind, link: bytes,
+             sealed: bytes) -> tuple[Change, Decision]:
+        pos = self.position
+        where = f"record #{pos} (data_version {data_version})"
+        try:
+            plain = self._opener.open(
+                sealed, record_context(self.client_pub, data_version, kind, link), where)
+        except SealError as exc:
+            raise ChainError(str(exc), position=pos, data_version=data_version) from None
+        decision = decide(self.tip, data_version, kind)
+        if decision.link is None:
+            raise ChainError(f"{where} does not follow data_version "
+                             f"{self.tip.data_version}: {decision.reason}; a record "
+                             "is missing or out of order", position=pos,
+                             data_version=data_version)
+        if decision.link != link:
+            raise ChainError(f"{where} is not linked to its predecessor: a record was "
+                             "dropped, reordered or replaced", position=pos,
+                             data_version=data_version)
+        time_ms, writes = decode_change(plain)
+        self.tip = advance(self.tip, data_version, kind, item_hash(sealed))
+        self.position += 1
+        return Change(data_version, kind, writes, time_ms), decision
+

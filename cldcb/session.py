@@ -1,0 +1,401 @@
+"""The cldcb protocol sessions, sans-IO.
+
+A :class:`ClientSession` and a :class:`ServerSession` turn received bytes into
+events and messages into bytes. They own no socket, no clock and no source of
+randomness: transports (the asyncssh daemon, ``cldcb-server stdio`` under
+OpenSSH, the plugin's and recovery's connections) feed them, and nonces come
+in as parameters. The same code thus runs over every transport.
+
+Hello
+-----
+1. client → ``Hello(min_version, max_version, client_nonce)``
+2. server → ``HelloReply(version, server_pub, server_nonce, signature)``:
+   the highest version both speak (none: ``Error(VERSION)`` and close), the
+   server's public key (its id is ``5`` + hex[1:]) and an ECDSA signature
+   (DER) by the server key over ``SHA256(b"server" || th)``, where the
+   transcript hash is ``th = SHA256(b"cldcb hello v1" || hello frame ||
+   version || server_pub || server_nonce)``. The client checks the key
+   against the server id it pinned and the signature; a mismatch ends the
+   session with :class:`~cldcb.errors.AuthError` before anything is sent.
+3. client → ``Auth(anonymous, client_pub, role, signature)``: either a client
+   session, signed by the client key over ``SHA256(b"client" || th ||
+   client_pub || role)``, or anonymous (``client_pub`` zero, no signature).
+   ``role`` is ``READER`` (status, fetch, recognition entries) or ``WRITER``
+   (also write and snapshot; a new writing session of a client takes over
+   from the older one, which gets ``Error(SUPERSEDED)``; readers never take
+   over).
+4. server → ``AuthOk(role)``, or ``Error(AUTH)`` and close when the client
+   is not registered, the signature is wrong, an anonymous session is not
+   allowed (forced-command mode) or the client is not the one this session
+   is pinned to (``stdio --client``).
+
+Because both nonces enter ``th``, neither signature can be replayed into
+another session. On the asyncssh daemon the same keys also authenticate the
+SSH connection; under OpenSSH the hello is what proves both identities.
+
+Requests and responses
+----------------------
+After ``AuthOk`` the client sends requests and the server answers each one,
+in order (responses never overtake each other):
+
+- ``PutRecognition(entry)`` → ``Ok``; ``ListRecognitions`` → ``Recognitions``.
+  Anonymous sessions may only list.
+- ``StatusRequest`` → ``Status`` (the newest record's data_version, kind,
+  hash and link; the newest complete snapshot; bytes used; quota;
+  append-only; whether the server wants a fresh snapshot).
+- ``Write(data_version, kind, link, sealed)`` → ``Ack(data_version,
+  want_snapshot)`` only once the record is written and fsynced, or
+  ``NeedSnapshot(data_version, reason)`` when the record does not continue
+  the server's chain (first contact, a gap), or ``Error``.
+- ``SnapshotBegin(id, data_version, anchor)`` → ``Ok``, then ``SnapshotChunk(id,
+  index, sealed)`` each answered by ``ChunkAck`` (the client keeps at most a
+  few chunks in flight, so writes interleaved with a background upload are
+  never queued behind much), then ``SnapshotEnd(id, chunk_count, manifest)``
+  → ``SnapshotAck(id, data_version)`` once the snapshot is durable and
+  visible. Writes may interleave with the chunks of a snapshot.
+- ``Fetch(at_data_version)`` → ``FetchSnapshot``, ``FetchChunk``×n,
+  ``FetchRecord``×m, ``FetchEnd(m)``; or ``Error(NOT_FOUND)``.
+- Any request may be answered by ``Error(code, text)``. Codes are in
+  :class:`cldcb.wire.ErrorCode`; only PROTOCOL, AUTH, VERSION, SUPERSEDED and
+  SHUTTING_DOWN end the session.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import IntEnum
+
+import coincurve
+
+from cldcb import wire
+from cldcb.errors import AuthError, CldcbError, ProtocolError, RemoteError
+from cldcb.ids import client_id_from_pubkey, server_id_from_pubkey
+from cldcb.wire import ErrorCode
+
+SUPPORTED_VERSIONS = (1, 1)
+_ZERO33 = bytes(33)
+FATAL_CODES = frozenset({ErrorCode.PROTOCOL, ErrorCode.AUTH, ErrorCode.VERSION,
+                         ErrorCode.SUPERSEDED, ErrorCode.SHUTTING_DOWN})
+
+
+class Role(IntEnum):
+    READER = 0
+    WRITER = 1
+
+
+def _transcript(hello_frame: bytes, version: int, server_pub: bytes, server_nonce: bytes) -> bytes:
+    return hashlib.sha256(b"cldcb hello v1" + hello_frame + struct.pack(">H", version)
+                          + server_pub + server_nonce).digest()
+
+
+def _server_digest(th: bytes) -> bytes:
+    return hashlib.sha256(b"server" + th).digest()
+
+
+def _client_digest(th: bytes, client_pub: bytes, role: int) -> bytes:
+    return hashlib.sha256(b"client" + th + client_pub + bytes([role])).digest()
+
+
+def _verify(pub: bytes, signature: bytes, digest: bytes) -> bool:
+    try:
+        return coincurve.PublicKey(pub).verify(signature, digest, hasher=None)
+    except Exception:  # malformed DER or key: a failed verification
+        return False
+
+
+# --- events ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class HelloComplete:
+    """Client side: the server proved its id and accepted us."""
+
+    server_id: str
+    version: int
+    role: Role
+
+
+@dataclass(frozen=True)
+class Authenticated:
+    """Server side: the hello is done; ``client_id`` is None for anonymous."""
+
+    client_id: str | None
+    role: Role
+
+
+@dataclass(frozen=True)
+class Received:
+    """A request (server side) or a response (client side) after the hello."""
+
+    message: wire.Message
+
+
+Event = HelloComplete | Authenticated | Received
+
+
+class _Base:
+    def __init__(self) -> None:
+        self._decoder = wire.FrameDecoder()
+        self._out = bytearray()
+        self.closed = False
+
+    def data_to_send(self) -> bytes:
+        """Bytes the transport must write now (then the buffer is empty)."""
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    def _emit(self, msg: wire.Message) -> bytes:
+        frame = wire.encode(msg)
+        self._out += frame
+        return frame
+
+
+class ClientSession(_Base):
+    """The client end: pins the server id, proves the client key (or stays anonymous).
+
+    ``client_priv`` None makes an anonymous session (list recognition entries
+    only). Call :meth:`start`, then feed bytes to :meth:`receive_data`; the
+    first event is :class:`HelloComplete`, then :class:`Received` responses.
+    Raises :class:`AuthError` if the server is not the pinned one or refuses us,
+    :class:`ProtocolError` on malformed input; an ``Error`` response with a
+    fatal code is raised as :class:`RemoteError` and closes the session.
+    """
+
+    def __init__(self, server_id: str, client_priv: bytes | None, role: Role,
+                 nonce: bytes) -> None:
+        super().__init__()
+        if len(nonce) != 32:
+            raise ValueError("nonce must be 32 bytes")
+        self.server_id = server_id.lower()
+        self._priv = coincurve.PrivateKey(client_priv) if client_priv is not None else None
+        self.client_pub = self._priv.public_key.format() if self._priv else None
+        self.role = role if self._priv else Role.READER
+        self._nonce = nonce
+        self._hello = b""
+        self._state = "new"
+        self.version = 0
+
+    @property
+    def established(self) -> bool:
+        return self._state == "open"
+
+    def start(self) -> bytes:
+        if self._state != "new":
+            raise ProtocolError("session already started")
+        self._hello = self._emit(wire.Hello(SUPPORTED_VERSIONS[0], SUPPORTED_VERSIONS[1],
+                                            self._nonce))
+        self._state = "hello-sent"
+        return self.data_to_send()
+
+    def send(self, msg: wire.Message) -> bytes:
+        """Encode a request; returns its bytes (also left in :meth:`data_to_send`)."""
+        if self._state != "open":
+            raise ProtocolError("the session is not open (hello not complete, or closed)")
+        if self._priv is None and not isinstance(msg, wire.ListRecognitions):
+            raise ProtocolError("an anonymous session can only list recognition entries")
+        return self._emit(msg)
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        if self.closed:
+            raise ProtocolError("the session is closed")
+        try:
+            messages = self._decoder.feed(data)
+        except ProtocolError:
+            self.closed = True
+            raise
+        events: list[Event] = []
+        for msg in messages:
+            events.extend(self._handle(msg))
+        return events
+
+    def _handle(self, msg: wire.Message) -> list[Event]:
+        if isinstance(msg, wire.Error):
+            fatal = msg.code in FATAL_CODES or self._state != "open"
+            if fatal:
+                self.closed = True
+                self._state = "closed"
+                if msg.code == ErrorCode.AUTH:
+                    raise AuthError(f"server {self.server_id[:12]}… refused us: {msg.text}")
+                raise RemoteError(msg.code, msg.text)
+            return [Received(msg)]
+        if self._state == "hello-sent":
+            if not isinstance(msg, wire.HelloReply):
+                raise self._fail(f"expected HelloReply, got {type(msg).__name__}")
+            return self._on_hello_reply(msg)
+        if self._state == "auth-sent":
+            if not isinstance(msg, wire.AuthOk):
+                raise self._fail(f"expected AuthOk, got {type(msg).__name__}")
+            self._state = "open"
+            return [HelloComplete(self.server_id, self.version, Role(msg.role))]
+        if self._state == "open":
+            return [Received(msg)]
+        raise self._fail(f"unexpected {type(msg).__name__} before the hello")
+
+    def _fail(self, text: str) -> ProtocolError:
+        self.closed = True
+        self._state = "closed"
+        return ProtocolError(text)
+
+    def _on_hello_reply(self, msg: wire.HelloReply) -> list[Event]:
+        if not SUPPORTED_VERSIONS[0] <= msg.version <= SUPPORTED_VERSIONS[1]:
+            raise self._fail(f"server chose protocol version {msg.version}, which we do not speak")
+        try:
+            got = server_id_from_pubkey(msg.server_pub)
+        except CldcbError:
+            got = "an invalid key"
+        if got != self.server_id:
+            self.closed = True
+            raise AuthError(
+                f"the server's key is {got}, not the pinned server id {self.server_id}: "
+                "check --server-id, or someone is in the middle of the connection")
+        th = _transcript(self._hello, msg.version, msg.server_pub, msg.server_nonce)
+        if not _verify(msg.server_pub, msg.signature, _server_digest(th)):
+            self.closed = True
+            raise AuthError(f"server {self.server_id[:12]}… did not prove its key "
+                            "(bad hello signature): someone may be in the middle")
+        self.version = msg.version
+        if self._priv is None:
+            self._emit(wire.Auth(True, _ZERO33, int(Role.READER), b""))
+        else:
+            assert self.client_pub is not None
+            sig = self._priv.sign(_client_digest(th, self.client_pub, int(self.role)),
+                                  hasher=None)
+            self._emit(wire.Auth(False, self.client_pub, int(self.role), sig))
+        self._state = "auth-sent"
+        return []
+
+
+class ServerSession(_Base):
+    """The server end of one protocol session.
+
+    ``is_registered(client_id)`` says whether a client may authenticate;
+    ``forced_client_id`` pins the session to one client (``stdio --client``:
+    no anonymous session, no other id); ``allow_anonymous`` lets anonymous
+    sessions list recognition entries. Feed bytes to :meth:`receive_data`;
+    the first event is :class:`Authenticated`, then one :class:`Received` per
+    request, which the transport answers with :meth:`send` in order.
+    Requests a session may not make are answered here (``Error(NOT_ALLOWED)``)
+    and never reach the transport. After a fatal problem the session answers
+    ``Error`` and sets :attr:`closed`; the transport flushes and hangs up.
+    """
+
+    def __init__(self, server_priv: bytes, nonce: bytes, *,
+                 is_registered: Callable[[str], bool],
+                 forced_client_id: str | None = None,
+                 allow_anonymous: bool = True) -> None:
+        super().__init__()
+        self._priv = coincurve.PrivateKey(server_priv)
+        self.server_pub = self._priv.public_key.format()
+        self._nonce = nonce
+        self._is_registered = is_registered
+        self._forced = forced_client_id.lower() if forced_client_id else None
+        self._allow_anon = allow_anonymous and self._forced is None
+        self._state = "new"
+        self._th = b""
+        self.client_id: str | None = None
+        self.role = Role.READER
+
+    def send(self, msg: wire.Message) -> None:
+        """Queue a response (or ``Error``) for the transport to write."""
+        if isinstance(msg, wire.Error) and msg.code in FATAL_CODES:
+            self.closed = True
+        self._emit(msg)
+
+    def refuse(self, code: ErrorCode, text: str) -> None:
+        """Answer with a fatal error and close (e.g. a writer was superseded)."""
+        self._emit(wire.Error(int(code), text))
+        self.closed = True
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        if self.closed:
+            return []
+        try:
+            frames = self._decoder.feed(data)
+        except ProtocolError as exc:
+            self.refuse(ErrorCode.PROTOCOL, str(exc))
+            return []
+        events: list[Event] = []
+        for msg in frames:
+            if self.closed:
+                break
+            events.extend(self._handle(msg))
+        return events
+
+    def _handle(self, msg: wire.Message) -> list[Event]:
+        if self._state == "new":
+            if not isinstance(msg, wire.Hello):
+                self.refuse(ErrorCode.PROTOCOL, "expected Hello")
+                return []
+            return self._on_hello(msg)
+        if self._state == "hello-done":
+            if not isinstance(msg, wire.Auth):
+                self.refuse(ErrorCode.PROTOCOL, "expected Auth")
+                return []
+            return self._on_auth(msg)
+        if self.client_id is None and not isinstance(msg, wire.ListRecognitions):
+            self.send(wire.Error(int(ErrorCode.NOT_ALLOWED),
+                                 "an anonymous session can only list recognition entries"))
+            return []
+        if self.role != Role.WRITER and isinstance(
+                msg, (wire.Write, wire.SnapshotBegin, wire.SnapshotChunk, wire.SnapshotEnd)):
+            self.send(wire.Error(int(ErrorCode.NOT_ALLOWED),
+                                 "a read-only session cannot write; connect as a writer"))
+            return []
+        if isinstance(msg, (wire.Hello, wire.Auth)) or msg.TYPE >= 30:
+            self.refuse(ErrorCode.PROTOCOL, f"unexpected {type(msg).__name__}")
+            return []
+        return [Received(msg)]
+
+    def _on_hello(self, msg: wire.Hello) -> list[Event]:
+        lo, hi = max(msg.min_version, SUPPORTED_VERSIONS[0]), min(msg.max_version,
+                                                                  SUPPORTED_VERSIONS[1])
+        if lo > hi:
+            self.refuse(ErrorCode.VERSION,
+                        f"this server speaks protocol versions {SUPPORTED_VERSIONS[0]}.."
+                        f"{SUPPORTED_VERSIONS[1]}, the client {msg.min_version}.."
+                        f"{msg.max_version}: upgrade the older side")
+            return []
+        hello_frame = wire.encode(msg)
+        self._th = _transcript(hello_frame, hi, self.server_pub, self._nonce)
+        sig = self._priv.sign(_server_digest(self._th), hasher=None)
+        self._emit(wire.HelloReply(hi, self.server_pub, self._nonce, sig))
+        self._state = "hello-done"
+        return []
+
+    def _on_auth(self, msg: wire.Auth) -> list[Event]:
+        if msg.role not in (Role.READER, Role.WRITER):
+            self.refuse(ErrorCode.PROTOCOL, f"unknown role {msg.role}")
+            return []
+        if msg.anonymous:
+            if not self._allow_anon:
+                self.refuse(ErrorCode.AUTH, "anonymous sessions are not allowed here")
+                return []
+            self._state = "open"
+            self.role = Role.READER
+            self._emit(wire.AuthOk(int(Role.READER)))
+            return [Authenticated(None, Role.READER)]
+        try:
+            client_id = client_id_from_pubkey(msg.client_pub)
+        except CldcbError:
+            self.refuse(ErrorCode.AUTH, "the client key is not a valid public key")
+            return []
+        if not _verify(msg.client_pub, msg.signature,
+                       _client_digest(self._th, msg.client_pub, msg.role)):
+            self.refuse(ErrorCode.AUTH, "bad client signature in the hello")
+            return []
+        if self._forced is not None and client_id != self._forced:
+            self.refuse(ErrorCode.AUTH, f"this SSH key is pinned to client {self._forced}, "
+                                        f"not {client_id}")
+            return []
+        if not self._is_registered(client_id):
+            self.refuse(ErrorCode.AUTH, f"client {client_id} is not registered on this server; "
+                                        f"run `cldcb-server add {client_id}` there")
+            return []
+        self.client_id = client_id
+        self.role = Role(msg.role)
+        self._state = "open"
+        self._emit(wire.AuthOk(int(self.role)))
+        return [Authenticated(client_id, self.role)]

@@ -1,0 +1,381 @@
+"""The cldcb wire codec: length-prefixed binary frames, one message each.
+
+Pure code. A frame is::
+
+    length (u32 big-endian, counts type + body) || type (u8) || body
+
+``length`` is checked against :data:`MAX_FRAME` before anything is
+allocated: a larger frame is a :class:`~cldcb.errors.ProtocolError`. Bodies
+are the message's fields in order, each in its fixed encoding (integers
+big-endian; ``bytes`` fields are ``u32 length || bytes``; ``str`` fields are
+``u16 length || UTF-8``; lists are ``u32 count || items``). A body with
+trailing bytes, an unknown type or a field out of range is a protocol error:
+:func:`decode` and :class:`FrameDecoder` raise nothing else.
+
+The messages and what they mean are in :mod:`cldcb.session`.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, fields
+from enum import IntEnum
+from typing import Any, ClassVar
+
+from cldcb.errors import ProtocolError
+
+MAX_FRAME = 16 * 1024 * 1024
+"""Largest frame (type + body) either side accepts."""
+
+MAX_LIST = 100_000
+"""Most items in one list field (recognition entries)."""
+
+PROTOCOL_VERSION = 1
+
+
+class ErrorCode(IntEnum):
+    """Explicit error codes of the ``Error`` message."""
+
+    PROTOCOL = 1        # malformed frame or message out of order
+    VERSION = 2         # no common protocol version
+    AUTH = 3            # hello failed: unknown client, bad signature
+    NOT_ALLOWED = 4     # this session may not do that (anonymous, read-only)
+    QUOTA = 5           # the client's quota would be exceeded; nothing stored
+    STORAGE = 6         # the server could not store (disk full, I/O error)
+    NOT_FOUND = 7       # nothing to fetch
+    SUPERSEDED = 8      # a newer writing session of this client took over
+    BAD_REQUEST = 9     # a well-formed request that makes no sense here
+    INTERNAL = 10       # the server failed; see its log
+    SHUTTING_DOWN = 11  # the server is stopping; reconnect later
+
+
+# --- field codecs -------------------------------------------------------------
+
+def _fixed(n: int) -> tuple[str, int]:
+    return ("fixed", n)
+
+
+U8, U16, U32, U64, I64, BOOL = ("B", 1), ("H", 2), ("I", 4), ("Q", 8), ("q", 8), ("?", 1)
+B32, B33 = _fixed(32), _fixed(33)
+BYTES = ("bytes", 0)
+STR = ("str", 0)
+LIST_BYTES = ("list", 0)
+
+
+class _Reader:
+    __slots__ = ("buf", "pos")
+
+    def __init__(self, buf: bytes | memoryview) -> None:
+        self.buf = memoryview(buf)
+        self.pos = 0
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > len(self.buf):
+            raise ProtocolError("message is truncated")
+        out = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n
+        return out
+
+    def unpack(self, fmt: str, size: int) -> Any:
+        return struct.unpack(">" + fmt, self.take(size))[0]
+
+
+def _encode_field(spec: tuple[str, int], value: Any, out: list[bytes]) -> None:
+    kind, n = spec
+    if kind == "fixed":
+        if not isinstance(value, bytes) or len(value) != n:
+            raise ProtocolError(f"field must be {n} bytes")
+        out.append(value)
+    elif kind == "bytes":
+        out.append(struct.pack(">I", len(value)))
+        out.append(bytes(value))
+    elif kind == "str":
+        b = value.encode("utf-8")
+        if len(b) > 0xFFFF:
+            b = b[:0xFFFF].decode("utf-8", "ignore").encode("utf-8")
+        out.append(struct.pack(">H", len(b)))
+        out.append(b)
+    elif kind == "list":
+        out.append(struct.pack(">I", len(value)))
+        for item in value:
+            out.append(struct.pack(">I", len(item)))
+            out.append(bytes(item))
+    else:
+        try:
+            out.append(struct.pack(">" + kind, value))
+        except struct.error as exc:
+            raise ProtocolError(f"field out of range: {exc}") from None
+
+
+def _decode_field(spec: tuple[str, int], r: _Reader) -> Any:
+    kind, n = spec
+    if kind == "fixed":
+        return r.take(n)
+    if kind == "bytes":
+        return r.take(r.unpack("I", 4))
+    if kind == "str":
+        try:
+            return r.take(r.unpack("H", 2)).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ProtocolError("text field is not UTF-8") from None
+    if kind == "list":
+        count = r.unpack("I", 4)
+        if count > MAX_LIST:
+            raise ProtocolError(f"list of {count} items exceeds the limit of {MAX_LIST}")
+        return [r.take(r.unpack("I", 4)) for _ in range(count)]
+    if kind == "?":
+        b = r.take(1)[0]
+        if b > 1:
+            raise ProtocolError("boolean field is neither 0 nor 1")
+        return bool(b)
+    return r.unpack(kind, n)
+
+
+# --- messages ------------------------------------------------------------------
+
+MESSAGES: dict[int, type[Message]] = {}
+
+
+@dataclass(frozen=True)
+class Message:
+    TYPE: ClassVar[int] = 0
+    SPEC: ClassVar[tuple[tuple[str, int], ...]] = ()
+
+    def body(self) -> bytes:
+        out: list[bytes] = []
+        for f, spec in zip(fields(self), self.SPEC, strict=True):
+            _encode_field(spec, getattr(self, f.name), out)
+        return b"".join(out)
+
+
+def message(type_: int, *spec: tuple[str, int]):  # noqa: ANN201 - class decorator
+    def wrap(cls: type[Message]) -> type[Message]:
+        cls = dataclass(frozen=True)(cls)
+        cls.TYPE = type_
+        cls.SPEC = spec
+        if len(fields(cls)) != len(spec):
+            raise TypeError(f"{cls.__name__}: fields and spec differ")
+        if type_ in MESSAGES:
+            raise TypeError(f"message type {type_} used twice")
+        MESSAGES[type_] = cls
+        return cls
+    return wrap
+
+
+# Hello (see cldcb.session for the transcript and signatures)
+@message(1, U16, U16, B32)
+class Hello(Message):
+    min_version: int
+    max_version: int
+    client_nonce: bytes
+
+
+@message(2, U16, B33, B32, BYTES)
+class HelloReply(Message):
+    version: int
+    server_pub: bytes
+    server_nonce: bytes
+    signature: bytes
+
+
+@message(3, BOOL, B33, U8, BYTES)
+class Auth(Message):
+    anonymous: bool
+    client_pub: bytes
+    role: int
+    signature: bytes
+
+
+@message(4, U8)
+class AuthOk(Message):
+    role: int
+
+
+# Requests
+@message(10, BYTES)
+class PutRecognition(Message):
+    entry: bytes
+
+
+@message(11)
+class ListRecognitions(Message):
+    pass
+
+
+@message(12)
+class StatusRequest(Message):
+    pass
+
+
+@message(13, I64, U8, B32, BYTES)
+class Write(Message):
+    data_version: int
+    kind: int
+    link: bytes
+    sealed: bytes
+
+
+@message(14, U32, I64, B32)
+class SnapshotBegin(Message):
+    snapshot_id: int
+    data_version: int
+    anchor: bytes
+
+
+@message(15, U32, U32, BYTES)
+class SnapshotChunk(Message):
+    snapshot_id: int
+    index: int
+    sealed: bytes
+
+
+@message(16, U32, U32, BYTES)
+class SnapshotEnd(Message):
+    snapshot_id: int
+    chunk_count: int
+    manifest: bytes
+
+
+@message(17, I64)
+class Fetch(Message):
+    at_data_version: int    # -1: the newest; else the state at that data_version
+
+
+# Responses
+@message(30)
+class Ok(Message):
+    pass
+
+
+@message(31, LIST_BYTES)
+class Recognitions(Message):
+    entries: list[bytes]
+
+
+@message(32, BOOL, I64, U8, B32, B32, U64, I64, U64, U64, U64, BOOL, BOOL, U32)
+class Status(Message):
+    has_tip: bool
+    tip_data_version: int
+    tip_kind: int
+    tip_hash: bytes
+    tip_link: bytes
+    tip_time: int           # server's receive time of the newest record, unix ms
+    snapshot_data_version: int   # -1: no complete snapshot
+    snapshot_time: int
+    bytes_used: int
+    quota: int              # 0: no quota
+    append_only: bool
+    want_snapshot: bool
+    generations: int
+
+
+@message(33, I64, BOOL)
+class Ack(Message):
+    data_version: int
+    want_snapshot: bool
+
+
+@message(34, I64, STR)
+class NeedSnapshot(Message):
+    data_version: int
+    reason: str
+
+
+@message(35, U32, U32)
+class ChunkAck(Message):
+    snapshot_id: int
+    index: int
+
+
+@message(36, U32, I64)
+class SnapshotAck(Message):
+    snapshot_id: int
+    data_version: int
+
+
+@message(37, I64, B32, U32, BYTES, U64)
+class FetchSnapshot(Message):
+    data_version: int
+    anchor: bytes
+    chunk_count: int
+    manifest: bytes
+    time: int
+
+
+@message(38, U32, BYTES)
+class FetchChunk(Message):
+    index: int
+    sealed: bytes
+
+
+@message(39, I64, U8, B32, BYTES, U64)
+class FetchRecord(Message):
+    data_version: int
+    kind: int
+    link: bytes
+    sealed: bytes
+    time: int
+
+
+@message(40, U64)
+class FetchEnd(Message):
+    record_count: int
+
+
+@message(50, U16, STR)
+class Error(Message):
+    code: int
+    text: str
+
+
+# --- frames ----------------------------------------------------------------------
+
+def encode(msg: Message) -> bytes:
+    """One frame holding ``msg``."""
+    body = msg.body()
+    if len(body) + 1 > MAX_FRAME:
+        raise ProtocolError(f"{type(msg).__name__} of {len(body)} bytes exceeds the frame "
+                            f"limit of {MAX_FRAME}")
+    return struct.pack(">IB", len(body) + 1, msg.TYPE) + body
+
+
+def decode(type_: int, body: bytes | memoryview) -> Message:
+    """The message of one frame's type and body; only ever raises ProtocolError."""
+    cls = MESSAGES.get(type_)
+    if cls is None:
+        raise ProtocolError(f"unknown message type {type_}")
+    r = _Reader(body)
+    values = [_decode_field(spec, r) for spec in cls.SPEC]
+    if r.pos != len(r.buf):
+        raise ProtocolError(f"{cls.__name__} has {len(r.buf) - r.pos} trailing bytes")
+    return cls(*values)
+
+
+class FrameDecoder:
+    """Turns a byte stream into messages; feed it whatever arrives."""
+
+    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+        self._buf = bytearray()
+        self._max = max_frame
+
+    def feed(self, data: bytes) -> list[Message]:
+        self._buf += data
+        out: list[Message] = []
+        while len(self._buf) >= 4:
+            (length,) = struct.unpack_from(">I", self._buf, 0)
+            if length == 0:
+                raise ProtocolError("empty frame")
+            if length > self._max:
+                raise ProtocolError(f"frame of {length} bytes exceeds the limit of {self._max}")
+            if len(self._buf) < 4 + length:
+                break
+            type_ = self._buf[4]
+            body = bytes(self._buf[5:4 + length])
+            del self._buf[:4 + length]
+            out.append(decode(type_, body))
+        return out
+
+    @property
+    def pending(self) -> int:
+        """Bytes received that do not yet make a whole frame."""
+        return len(self._buf)

@@ -1,0 +1,151 @@
+"""Client and server sessions joined in memory: the mutual hello and its refusals."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from cldcb import wire
+from cldcb.errors import AuthError, ProtocolError
+from cldcb.ids import client_id_from_pubkey, pubkey_of, server_id_from_pubkey
+from cldcb.session import (
+    Authenticated,
+    ClientSession,
+    HelloComplete,
+    Received,
+    Role,
+    ServerSession,
+)
+
+SERVER = bytes([5]) * 32
+CLIENT = bytes([6]) * 32
+SERVER_ID = server_id_from_pubkey(pubkey_of(SERVER))
+CLIENT_ID = client_id_from_pubkey(pubkey_of(CLIENT))
+
+
+def pump(client: ClientSession, server: ServerSession, first: bytes) -> tuple[list, list]:
+    """Shuttle bytes both ways until quiet; return (client events, server events)."""
+    c_events: list = []
+    s_events: list = []
+    to_server = first
+    for _ in range(10):
+        if not to_server:
+            break
+        s_events += server.receive_data(to_server)
+        to_client = server.data_to_send()
+        if not to_client:
+            break
+        c_events += client.receive_data(to_client)
+        to_server = client.data_to_send()
+    return c_events, s_events
+
+
+def make(client_priv: bytes | None = CLIENT, pinned: str = SERVER_ID, registered=(CLIENT_ID,),
+         role: Role = Role.WRITER, **kw) -> tuple[ClientSession, ServerSession]:
+    c = ClientSession(pinned, client_priv, role, os.urandom(32))
+    s = ServerSession(SERVER, os.urandom(32), is_registered=lambda cid: cid in registered, **kw)
+    return c, s
+
+
+def test_hello_completes_and_requests_flow() -> None:
+    c, s = make()
+    c_ev, s_ev = pump(c, s, c.start())
+    assert c_ev == [HelloComplete(SERVER_ID, 1, Role.WRITER)]
+    assert s_ev == [Authenticated(CLIENT_ID, Role.WRITER)]
+    c.send(wire.Write(3, 0, bytes(32), b"x"))
+    (ev,) = s.receive_data(c.data_to_send())
+    assert ev == Received(wire.Write(3, 0, bytes(32), b"x"))
+    s.send(wire.Ack(3, False))
+    assert c.receive_data(s.data_to_send()) == [Received(wire.Ack(3, False))]
+
+
+def test_a_server_whose_key_is_not_the_pinned_id_is_refused() -> None:
+    other = server_id_from_pubkey(pubkey_of(bytes([8]) * 32))
+    c, s = make(pinned=other)
+    with pytest.raises(AuthError, match="not the pinned server id"):
+        pump(c, s, c.start())
+    assert c.closed and not c.established
+    with pytest.raises(ProtocolError):
+        c.send(wire.StatusRequest())
+
+
+def test_a_forged_server_signature_is_refused() -> None:
+    c, s = make()
+    hello = c.start()
+    s.receive_data(hello)
+    reply = wire.FrameDecoder().feed(s.data_to_send())[0]
+    assert isinstance(reply, wire.HelloReply)
+    forged = wire.HelloReply(reply.version, reply.server_pub, os.urandom(32), reply.signature)
+    with pytest.raises(AuthError, match="did not prove its key"):
+        c.receive_data(wire.encode(forged))
+
+
+def test_an_unregistered_client_is_refused() -> None:
+    c, s = make(registered=())
+    with pytest.raises(AuthError, match="not registered"):
+        pump(c, s, c.start())
+    assert s.closed and s.client_id is None
+
+
+def test_a_forced_session_refuses_any_other_client_and_anonymous() -> None:
+    other = client_id_from_pubkey(pubkey_of(bytes([9]) * 32))
+    c, s = make(registered=(CLIENT_ID, other), forced_client_id=other)
+    with pytest.raises(AuthError, match="pinned to client"):
+        pump(c, s, c.start())
+    c, s = make(client_priv=None, forced_client_id=CLIENT_ID)
+    with pytest.raises(AuthError, match="anonymous"):
+        pump(c, s, c.start())
+
+
+def test_anonymous_sessions_can_only_list() -> None:
+    c, s = make(client_priv=None)
+    c_ev, s_ev = pump(c, s, c.start())
+    assert s_ev == [Authenticated(None, Role.READER)]
+    with pytest.raises(ProtocolError, match="only list"):
+        c.send(wire.StatusRequest())
+    c.send(wire.ListRecognitions())
+    assert s.receive_data(c.data_to_send()) == [Received(wire.ListRecognitions())]
+    # a hand-made request from an anonymous session is answered NOT_ALLOWED by the session
+    for req in (wire.StatusRequest(), wire.Write(1, 0, bytes(32), b""), wire.Fetch(-1),
+                wire.PutRecognition(b"x")):
+        assert s.receive_data(wire.encode(req)) == []
+        (err,) = wire.FrameDecoder().feed(s.data_to_send())
+        assert isinstance(err, wire.Error) and err.code == wire.ErrorCode.NOT_ALLOWED
+
+
+def test_a_reader_cannot_write() -> None:
+    c, s = make(role=Role.READER)
+    pump(c, s, c.start())
+    assert s.receive_data(wire.encode(wire.Write(1, 0, bytes(32), b""))) == []
+    (err,) = wire.FrameDecoder().feed(s.data_to_send())
+    assert err.code == wire.ErrorCode.NOT_ALLOWED
+
+
+def test_a_replayed_client_auth_is_refused() -> None:
+    c, s = make()
+    hello = c.start()
+    s.receive_data(hello)
+    c.receive_data(s.data_to_send())
+    auth = c.data_to_send()
+    # the same Auth presented to a new server session (new server nonce) fails
+    s2 = ServerSession(SERVER, os.urandom(32), is_registered=lambda cid: True)
+    s2.receive_data(hello)
+    s2.data_to_send()
+    assert s2.receive_data(auth) == []
+    (err,) = wire.FrameDecoder().feed(s2.data_to_send())
+    assert err.code == wire.ErrorCode.AUTH and s2.closed
+
+
+def test_garbage_closes_the_server_session_with_a_protocol_error() -> None:
+    _, s = make()
+    assert s.receive_data(b"\xff\xff\xff\xff\x01") == []
+    (err,) = wire.FrameDecoder().feed(s.data_to_send())
+    assert err.code == wire.ErrorCode.PROTOCOL and s.closed
+
+
+def test_version_mismatch_is_explained() -> None:
+    _, s = make()
+    s.receive_data(wire.encode(wire.Hello(7, 9, bytes(32))))
+    (err,) = wire.FrameDecoder().feed(s.data_to_send())
+    assert err.code == wire.ErrorCode.VERSION and "upgrade" in err.text

@@ -1,0 +1,118 @@
+"""The wire decoder only ever raises ProtocolError, and never allocates a huge frame."""
+
+from __future__ import annotations
+
+import struct
+import tracemalloc
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cldcb import wire
+from cldcb.errors import ProtocolError
+
+SAMPLES: list[wire.Message] = [
+    wire.Hello(1, 1, b"n" * 32),
+    wire.HelloReply(1, b"\x02" + b"k" * 32, b"s" * 32, b"sig"),
+    wire.Auth(False, b"\x03" + b"c" * 32, 1, b"sig"),
+    wire.AuthOk(1),
+    wire.PutRecognition(b"entry"),
+    wire.ListRecognitions(),
+    wire.StatusRequest(),
+    wire.Write(806, 0, b"l" * 32, b"sealed" * 100),
+    wire.SnapshotBegin(3, 805, b"a" * 32),
+    wire.SnapshotChunk(3, 0, b"c" * 5000),
+    wire.SnapshotEnd(3, 1, b"m" * 90),
+    wire.Fetch(-1),
+    wire.Ok(),
+    wire.Recognitions([b"a", b"bb", b""]),
+    wire.Status(True, 5, 1, b"h" * 32, b"p" * 32, 7, -1, 0, 123, 0, True, False, 2),
+    wire.Ack(806, True),
+    wire.NeedSnapshot(807, "gap: backup holds 805, call is 807"),
+    wire.ChunkAck(3, 0),
+    wire.SnapshotAck(3, 805),
+    wire.FetchSnapshot(805, b"a" * 32, 2, b"m" * 90, 99),
+    wire.FetchChunk(1, b"c"),
+    wire.FetchRecord(806, 0, b"l" * 32, b"s", 100),
+    wire.FetchEnd(1),
+    wire.Error(int(wire.ErrorCode.QUOTA), "quota exceeded: 10 MiB of 10 MiB used"),
+]
+
+
+@pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: type(m).__name__)
+def test_every_message_round_trips(msg: wire.Message) -> None:
+    frame = wire.encode(msg)
+    dec = wire.FrameDecoder()
+    got = []
+    for i in range(len(frame)):  # byte by byte: frames split anywhere
+        got += dec.feed(frame[i:i + 1])
+    assert got == [msg] and dec.pending == 0
+
+
+def test_every_message_type_has_a_sample() -> None:
+    assert {type(m) for m in SAMPLES} == set(wire.MESSAGES.values())
+
+
+def test_a_huge_length_prefix_is_refused_without_allocating() -> None:
+    dec = wire.FrameDecoder()
+    tracemalloc.start()
+    try:
+        with pytest.raises(ProtocolError, match="exceeds the limit"):
+            dec.feed(struct.pack(">IB", 0xFFFFFFFF, 13) + b"x" * 10)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000
+    with pytest.raises(ProtocolError):
+        wire.FrameDecoder().feed(struct.pack(">I", wire.MAX_FRAME + 1))
+
+
+def test_a_huge_inner_length_is_refused() -> None:
+    body = struct.pack(">qB32sI", 1, 0, b"l" * 32, 0xFFFFFFF0) + b"abc"
+    with pytest.raises(ProtocolError, match="truncated"):
+        wire.decode(wire.Write.TYPE, body)
+    with pytest.raises(ProtocolError, match="exceeds the limit"):
+        wire.decode(wire.Recognitions.TYPE, struct.pack(">I", 0xFFFFFFFF))
+
+
+def test_trailing_bytes_and_unknown_types_are_refused() -> None:
+    frame = wire.encode(wire.Ack(1, False))
+    with pytest.raises(ProtocolError, match="trailing"):
+        wire.decode(wire.Ack.TYPE, frame[5:] + b"\0")
+    with pytest.raises(ProtocolError, match="unknown message type"):
+        wire.decode(250, b"")
+    with pytest.raises(ProtocolError, match="empty frame"):
+        wire.FrameDecoder().feed(b"\0\0\0\0")
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.binary(max_size=300))
+def test_random_bytes_only_raise_protocol_error(data: bytes) -> None:
+    try:
+        wire.FrameDecoder().feed(data)
+    except ProtocolError:
+        pass
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.sampled_from(SAMPLES), st.data())
+def test_mutated_frames_only_raise_protocol_error(msg: wire.Message, data: st.DataObject) -> None:
+    frame = bytearray(wire.encode(msg))
+    for _ in range(data.draw(st.integers(1, 4))):
+        op = data.draw(st.sampled_from(["flip", "cut", "insert", "type"]))
+        if op == "flip" and frame:
+            i = data.draw(st.integers(0, len(frame) - 1))
+            frame[i] ^= data.draw(st.integers(1, 255))
+        elif op == "cut" and frame:
+            del frame[data.draw(st.integers(0, len(frame) - 1)):]
+        elif op == "insert":
+            i = data.draw(st.integers(0, len(frame)))
+            frame[i:i] = data.draw(st.binary(min_size=1, max_size=8))
+        elif op == "type" and len(frame) > 4:
+            frame[4] = data.draw(st.integers(0, 255))
+    try:
+        for m in wire.FrameDecoder().feed(bytes(frame)):
+            assert isinstance(m, wire.Message)
+    except ProtocolError:
+        pass
