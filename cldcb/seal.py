@@ -47,7 +47,10 @@ client's stream, without :class:`ChainVerifier` noticing.
 
 Record plaintext: ``time_ms (u64) || count (u32) || (u32 length || UTF-8 SQL)*``.
 Manifest plaintext: ``data_version (i64) || anchor (32) || chunk_count (u32) ||
-total_size (u64) || sha256 of the database bytes (32) || time_ms (u64)``.
+total_size (u64) || time_ms (u64)``. A snapshot's chunks and manifest are one
+stream: every chunk must carry the manifest's ephemeral key, its index is in
+the associated data, and the manifest counts chunks and bytes, so chunks cannot
+be dropped, reordered, or taken from another snapshot.
 """
 
 from __future__ import annotations
@@ -229,17 +232,16 @@ class Manifest:
     anchor: bytes
     chunk_count: int
     total_size: int
-    digest: bytes
     time_ms: int
 
     def encode(self) -> bytes:
-        return struct.pack(">q32sIQ32sQ", self.data_version, self.anchor, self.chunk_count,
-                           self.total_size, self.digest, self.time_ms)
+        return struct.pack(">q32sIQQ", self.data_version, self.anchor, self.chunk_count,
+                           self.total_size, self.time_ms)
 
     @classmethod
     def decode(cls, plain: bytes) -> Manifest:
         try:
-            return cls(*struct.unpack(">q32sIQ32sQ", plain))
+            return cls(*struct.unpack(">q32sIQQ", plain))
         except struct.error:
             raise SealError("a snapshot manifest is malformed") from None
 
@@ -255,10 +257,8 @@ class SnapshotSealer:
         self.anchor = anchor
         self._index = 0
         self._size = 0
-        self._digest = hashlib.sha256()
 
     def seal_chunk(self, data: bytes) -> bytes:
-        self._digest.update(data)
         self._size += len(data)
         sealed = self._stream.seal(data, chunk_context(self.client_pub, self.data_version,
                                                        self._index))
@@ -270,8 +270,7 @@ class SnapshotSealer:
         return self._index
 
     def seal_manifest(self, time_ms: int) -> bytes:
-        m = Manifest(self.data_version, self.anchor, self._index, self._size,
-                     self._digest.digest(), time_ms)
+        m = Manifest(self.data_version, self.anchor, self._index, self._size, time_ms)
         return self._stream.seal(m.encode(), manifest_context(self.client_pub,
                                                               self.data_version))
 
@@ -287,26 +286,27 @@ class SnapshotOpener:
         self.manifest = Manifest.decode(plain)
         if self.manifest.data_version != data_version:
             raise SealError("a snapshot manifest names another data_version than the server")
+        self._epub = sealed_manifest[1:34]
         self._next = 0
         self._size = 0
-        self._digest = hashlib.sha256()
 
     def open_chunk(self, index: int, sealed: bytes) -> bytes:
         if index != self._next:
             raise SealError(f"snapshot chunk {index} arrived where chunk {self._next} belongs")
+        if sealed[1:34] != self._epub:
+            raise SealError(f"snapshot chunk {index} (data_version {self.manifest.data_version}) "
+                            "belongs to another snapshot")
         data = self._opener.open(sealed, chunk_context(self._opener.client_pub,
                                                        self.manifest.data_version, index),
                                  f"snapshot chunk {index} (data_version "
                                  f"{self.manifest.data_version})")
         self._next += 1
         self._size += len(data)
-        self._digest.update(data)
         return data
 
     def finish(self) -> None:
         m = self.manifest
-        if self._next != m.chunk_count or self._size != m.total_size \
-                or self._digest.digest() != m.digest:
+        if self._next != m.chunk_count or self._size != m.total_size:
             raise SealError(
                 f"the snapshot at data_version {m.data_version} is incomplete or altered "
                 f"({self._next} of {m.chunk_count} chunks, {self._size} of {m.total_size} bytes)")

@@ -176,3 +176,13 @@ def test_snapshot_round_trip_and_tampering() -> None:
     o = SnapshotOpener(NODE, client_pub(CLIENT), 41, manifest)
     with pytest.raises(SealError, match="chunk 0"):
         o.open_chunk(0, bytes(bad))
+
+
+def test_a_chunk_from_another_snapshot_of_the_same_state_is_refused() -> None:
+    a = SnapshotSealer(NODE.pubkey, CLIENT, os.urandom(32), 41, ANCHOR)
+    b = SnapshotSealer(NODE.pubkey, CLIENT, os.urandom(32), 41, ANCHOR)
+    a_chunk, b_chunk = a.seal_chunk(b"A" * 10), b.seal_chunk(b"B" * 10)
+    assert a_chunk != b_chunk
+    o = SnapshotOpener(NODE, client_pub(CLIENT), 41, a.seal_manifest(1))
+    with pytest.raises(SealError, match="another snapshot"):
+        o.open_chunk(0, b_chunk)

@@ -1,0 +1,91 @@
+#!/usr/bin/env python3
+"""Cost of sealing a typical change (2 KiB) and a 1 MiB snapshot chunk.
+
+The floor is the bare ChaCha20-Poly1305 AEAD on the same bytes, measured in
+the same run. Prints a table, then one JSON line (DESIGN §9).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305  # noqa: E402
+
+from cldcb.dataversion import Kind  # noqa: E402
+from cldcb.ids import pubkey_of  # noqa: E402
+from cldcb.seal import RecordSealer, SnapshotSealer  # noqa: E402
+
+
+def timed(fn, n: int) -> list[float]:  # noqa: ANN001
+    out = []
+    for _ in range(n):
+        t = time.perf_counter_ns()
+        fn()
+        out.append((time.perf_counter_ns() - t) / 1000)
+    return out
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(len(xs) * p))]
+
+
+def main() -> None:
+    node_pub = pubkey_of(os.urandom(32))
+    client = os.urandom(32)
+    change = ["INSERT INTO datastore VALUES (x'6b31', x'" + "ab" * 1000 + "', 0)",
+              "UPDATE vars SET intval = intval + 1 WHERE name = 'data_version' AND intval = 41"]
+    change_bytes = sum(len(w) for w in change)
+    chunk = os.urandom(1 << 20)
+    aead = ChaCha20Poly1305(os.urandom(32))
+    nonce = bytes(12)
+    plain_change = "".join(change).encode()
+
+    rs = RecordSealer(node_pub, client, os.urandom(32))
+    link = bytes(32)
+    n = 20000
+    rec = timed(lambda: rs.seal_change(42, Kind.NORMAL, link, change, 1), n)
+    rec_floor = timed(lambda: aead.encrypt(nonce, plain_change, link), n)
+
+    ss = SnapshotSealer(node_pub, client, os.urandom(32), 41, link)
+    m = 200
+    snap = timed(lambda: ss.seal_chunk(chunk), m)
+    snap_floor = timed(lambda: aead.encrypt(nonce, chunk, b""), m)
+    setup = timed(lambda: RecordSealer(node_pub, client, os.urandom(32)), 500)
+
+    mb = len(chunk) / 1e6
+    rows = [
+        ("seal a 2 KiB change", pct(rec, .5), pct(rec, .99), pct(rec_floor, .5)),
+        ("seal a 1 MiB chunk", pct(snap, .5), pct(snap, .99), pct(snap_floor, .5)),
+        ("new stream (2 ECDH + HKDF)", pct(setup, .5), pct(setup, .99), float("nan")),
+    ]
+    print(f"{'operation':32} {'p50 µs':>10} {'p99 µs':>10} {'floor p50 µs':>13} {'ratio':>7}")
+    for name, p50, p99, floor in rows:
+        print(f"{name:32} {p50:10.1f} {p99:10.1f} {floor:13.1f} {p50 / floor:7.2f}")
+    chunk_mb_s = mb / (statistics.median(snap) / 1e6)
+    floor_mb_s = mb / (statistics.median(snap_floor) / 1e6)
+    print(f"change size {change_bytes} bytes; chunk throughput {chunk_mb_s:.0f} MB/s "
+          f"(bare AEAD {floor_mb_s:.0f} MB/s)")
+    print(json.dumps({
+        "bench": "seal", "p50_us": round(pct(rec, .5), 2), "p99_us": round(pct(rec, .99), 2),
+        "floor_p50_us": round(pct(rec_floor, .5), 2),
+        "ratio": round(pct(rec, .5) / pct(rec_floor, .5), 2),
+        "chunk_p50_us": round(pct(snap, .5), 1),
+        "floor_chunk_p50_us": round(pct(snap_floor, .5), 1),
+        "chunk_ratio": round(pct(snap, .5) / pct(snap_floor, .5), 3),
+        "mb_per_s": round(chunk_mb_s, 1), "floor_mb_per_s": round(floor_mb_s, 1),
+        "stream_setup_p50_us": round(pct(setup, .5), 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }))
+
+
+if __name__ == "__main__":
+    main()
