@@ -14,7 +14,9 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 def require_tool(name: str) -> str:
     """Return the path of program ``name``; skip without it, fail under CI=true."""
-    path = shutil.which(name) or (f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}") else None)
+    path = shutil.which(name)
+    if path is None and os.path.exists(f"/usr/sbin/{name}"):
+        path = f"/usr/sbin/{name}"
     if path is None:
         msg = f"{name} is not installed (apt-get install -y openssh-server sqlite3)"
         if IN_CI:
