@@ -99,9 +99,15 @@ def detect_format(file_bytes: bytes) -> HsmSecretFormat:
 
 
 def needs_passphrase(file_bytes: bytes) -> bool:
-    """True if opening ``file_bytes`` takes a passphrase."""
-    return detect_format(file_bytes) in (HsmSecretFormat.ENCRYPTED,
-                                         HsmSecretFormat.MNEMONIC_WITH_PASS)
+    """True if opening ``file_bytes`` takes a passphrase.
+
+    A damaged mnemonic file raises :class:`CorruptHsmSecret` here already, so
+    that nobody is asked for a passphrase that could not help.
+    """
+    fmt = detect_format(file_bytes)
+    if fmt in (HsmSecretFormat.MNEMONIC_NO_PASS, HsmSecretFormat.MNEMONIC_WITH_PASS):
+        _mnemonic_words(file_bytes)
+    return fmt in (HsmSecretFormat.ENCRYPTED, HsmSecretFormat.MNEMONIC_WITH_PASS)
 
 
 def load_hsm_secret(file_bytes: bytes, passphrase: str | None = None) -> HsmSecret:
@@ -171,13 +177,14 @@ def _mnemonic_words(file_bytes: bytes) -> str:
     raw = bytes(file_bytes[PASSPHRASE_CHECK_LEN:])
     # Core Lightning copies the mnemonic with strndup: it ends at a NUL byte.
     raw = raw.split(b"\0", 1)[0]
-    try:
-        mnemonic = raw.decode("ascii")
-    except UnicodeDecodeError:
+    bad = next((i for i, byte in enumerate(raw) if not 0x20 <= byte < 0x7F), None)
+    if bad is not None:
         raise CorruptHsmSecret(
             f"hsm_secret is {len(file_bytes)} bytes, so it should hold a BIP39 "
-            "mnemonic after its first 32 bytes, but those bytes are not ASCII words: "
-            "the file is damaged or not an hsm_secret; use a backup of it") from None
+            "mnemonic in ASCII words after its first 32 bytes, but the byte at offset "
+            f"{PASSPHRASE_CHECK_LEN + bad} is {raw[bad]:#04x}, not a letter or space: "
+            "the file is damaged or not an hsm_secret; use a backup of it")
+    mnemonic = raw.decode("ascii")
     problem = bip39_problem(mnemonic)
     if problem:
         raise CorruptHsmSecret(
@@ -223,7 +230,8 @@ def bip39_problem(mnemonic: str) -> str:
     """
     words = mnemonic.split(" ")
     if len(words) not in BIP39_WORD_COUNTS:
-        return f"{len(words)} words, expected 12, 15, 18, 21 or 24 separated by single spaces"
+        count = f"{len(words)} word" + ("s" if len(words) != 1 else "")
+        return f"{count}, expected 12, 15, 18, 21 or 24 separated by single spaces"
     index = _word_index()
     value = 0
     for pos, word in enumerate(words):

@@ -74,6 +74,13 @@ def read_hsm_secret_file(path: Path | str) -> bytes:
                              "check its permissions (run as the node's user or root)") from None
 
 
+def with_path(err: HsmSecretError, path: Path | str) -> HsmSecretError:
+    """``err`` (same class) with the file it is about named at the end."""
+    if str(path) in str(err):
+        return err
+    return type(err)(f"{err} (file {path})")
+
+
 class LocalNodeKey:
     """The node's private key held in this process."""
 
@@ -84,7 +91,10 @@ class LocalNodeKey:
     @classmethod
     def from_hsm_secret(cls, path: Path | str, passphrase: str | None = None) -> LocalNodeKey:
         """The node key of the ``hsm_secret`` file at ``path``."""
-        return cls(hsm_secret.node_key(read_hsm_secret_file(path), passphrase))
+        try:
+            return cls(hsm_secret.node_key(read_hsm_secret_file(path), passphrase))
+        except HsmSecretError as err:
+            raise with_path(err, path) from None
 
     @classmethod
     def from_hsm_secret_bytes(cls, file_bytes: bytes,
