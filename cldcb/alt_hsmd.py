@@ -86,19 +86,17 @@ class AltHsmdNodeKey:
         except BaseException as exc:
             self.close()
             if not had_secret and os.path.lexists(secret_path):
-                secret_path.unlink()
                 raise HsmdError(
                     f"{self.program} created a new hsm_secret in {self.workdir} and then "
-                    f"failed ({exc}); that new hsm_secret was removed") from exc
+                    f"failed ({exc}); {_remove(secret_path)}") from exc
             raise
         if not had_secret and os.path.lexists(secret_path):
             self.close()
-            secret_path.unlink()
             raise HsmdError(
                 f"{self.program} found no hsm_secret in {self.workdir} and created a new "
                 f"one, for a new node {node_id_from_pubkey(reply.node_id)}, which is not "
-                "the node to recover; it was removed. Put the node's hsm_secret there "
-                "(or use --hsm-secret) and try again")
+                f"the node to recover; {_remove(secret_path)}. Put the node's hsm_secret "
+                "there (or use --hsm-secret) and try again")
         self.init_reply = reply
         self._pubkey = reply.node_id
 
@@ -258,6 +256,17 @@ class AltHsmdNodeKey:
 
     def __repr__(self) -> str:
         return f"AltHsmdNodeKey(program={self.program!r}, workdir={str(self.workdir)!r})"
+
+
+def _remove(path: Path) -> str:
+    """Remove the hsm_secret a program created; say what happened."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return "it is gone already"
+    except OSError as exc:
+        return f"it could NOT be removed ({exc.strerror or exc}): remove {path} by hand"
+    return "it was removed"
 
 
 def _recv_exact(sock: socket.socket, size: int, timeout: float | None) -> bytes | None:

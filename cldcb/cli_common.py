@@ -58,6 +58,15 @@ class CldcbGroup(click.Group):
             report_error(err, debug_enabled(ctx))
             ctx.exit(err.exit_code)
 
+    def main(self, args: Any = None, *rest: Any, **kwargs: Any) -> Any:
+        # Errors raised before a command runs (while options are parsed).
+        try:
+            return super().main(args, *rest, **kwargs)
+        except CldcbError as err:
+            argv = sys.argv[1:] if args is None else list(args)
+            report_error(err, "--debug" in argv)
+            sys.exit(err.exit_code)
+
 
 def cldcb_group(**attrs: Any) -> Callable[[F], CldcbGroup]:
     """``@cldcb_group()``: like ``@click.group()``, with ``--debug`` and error reporting."""
