@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,7 +120,7 @@ def write_key_file(path: Path | str, privkey32: bytes, kind: str = "client") -> 
     if not directory.is_dir():
         raise KeyFileError(f"cannot create {path}: folder {directory} does not exist; "
                            "create it first or choose another path")
-    tmp = directory / f".{path.name}.tmp-{os.getpid()}"
+    tmp = directory / f".{path.name}.tmp-{secrets.token_hex(6)}"
     try:
         _write_new(tmp, data)
         try:

@@ -286,3 +286,24 @@ def test_alt_hsmd_bad_setup(tmp_path: Path, double: Path) -> None:
     key = AltHsmdNodeKey(double, tmp_path / "lightning", "regtest")
     with pytest.raises(HsmdError, match="not running"):
         key.sign_message("hello")
+
+
+def test_alt_hsmd_init_refused_with_a_message(tmp_path: Path) -> None:
+    # Newer hsmds answer a wrong passphrase with an init failure message (a code and
+    # a NUL-terminated text) instead of the init reply: its text must reach the user.
+    script = tmp_path / "refuses.py"
+    script.write_text(
+        "import socket, struct\n"
+        "s = socket.socket(fileno=3)\n"
+        "size = struct.unpack('>I', s.recv(4, socket.MSG_WAITALL))[0]\n"
+        "s.recv(size, socket.MSG_WAITALL)\n"
+        "msg = struct.pack('>HI', 199, 4) + b'Failed to load hsm_secret: Wrong passphrase\\0'\n"
+        "s.sendall(struct.pack('>I', len(msg)) + msg)\n"
+        "s.recv(1)\n")
+    program = write_program(tmp_path / "refuses",
+                            f"exec {shlex.quote(sys.executable)} {shlex.quote(str(script))}")
+    lightning_dir = node_dir(tmp_path, b"\x01" * 32)
+    with pytest.raises(HsmdError, match="refused hsmd_init .*type 199: Failed to load "
+                                        "hsm_secret: Wrong passphrase"):
+        with AltHsmdNodeKey(program, lightning_dir, "regtest", "secret", timeout=10):
+            pass
