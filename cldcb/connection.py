@@ -1,0 +1,369 @@
+"""The client end of a connection to a cldcb server, over SSH (asyncio).
+
+Two kinds of address, one protocol (:mod:`cldcb.session`):
+
+- ``HOST:PORT``: a standalone ``cldcb-server serve``. The SSH host key is
+  pinned from the ``5…`` server id alone; the client key is the SSH key;
+  the SSH user is ``cldcb`` (``cldcb-recover``, with no credentials, for an
+  anonymous session).
+- ``ssh://[USER@]HOST[:PORT]``: OpenSSH sshd with the ``cldcb`` subsystem.
+  The host key is the one pinned at install time (or known_hosts); a client
+  session authenticates with the Ed25519 key derived from the client secret,
+  an anonymous session (recovery) with the operator's own SSH keys and agent.
+
+Requests may be issued concurrently from several tasks: each one is written
+and its waiter queued without yielding in between, and the server answers in
+order. ``TransportError`` means the connection is gone (all waiters fail with
+it); ``RemoteError`` is an ``Error`` answer; ``AuthError`` a failed hello.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import socket
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import asyncssh
+
+from cldcb import wire
+from cldcb.errors import (
+    AuthError,
+    CldcbError,
+    ProtocolError,
+    RemoteError,
+    TransportError,
+    UsageError,
+)
+from cldcb.ids import parse_server_id
+from cldcb.session import ClientSession, HelloComplete, Received, Role
+from cldcb.sshkeys import (
+    SECP256K1_SSH_ALG,
+    derived_ssh_key,
+    secp256k1_ssh_key,
+    secp256k1_ssh_public_key,
+)
+
+DEFAULT_PORT = 29735
+SSH_USER = "cldcb"
+RECOVER_USER = "cldcb-recover"
+SUBSYSTEM = "cldcb"
+PREFERRED_CIPHERS = ["aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com",
+                     "aes256-gcm@openssh.com", "aes128-ctr", "aes256-ctr"]
+
+_HOSTPORT = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:/@\s\[\]]+))"
+                       r"(?::(?P<port>\d+))?$")
+
+
+@dataclass(frozen=True)
+class ServerAddress:
+    """Where a server is: ``HOST:PORT`` (daemon) or ``ssh://[USER@]HOST[:PORT]`` (sshd)."""
+
+    scheme: str          # "cldcb" or "ssh"
+    host: str
+    port: int
+    user: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> ServerAddress:
+        raw = text.strip()
+        scheme, rest, user = "cldcb", raw, None
+        if raw.startswith("ssh://"):
+            scheme, rest = "ssh", raw[len("ssh://"):].rstrip("/")
+            if "@" in rest:
+                user, rest = rest.rsplit("@", 1)
+                if not user:
+                    raise UsageError(f"server address {text!r} has an empty user name")
+        m = _HOSTPORT.match(rest)
+        if not m:
+            raise UsageError(f"server address {text!r} is neither HOST:PORT nor "
+                             "ssh://[USER@]HOST[:PORT]")
+        host = m.group("v6") or m.group("host")
+        port_s = m.group("port")
+        if port_s is None:
+            if scheme == "cldcb":
+                raise UsageError(f"server address {text!r} needs a port (HOST:PORT), "
+                                 f"e.g. {host}:{DEFAULT_PORT}")
+            port = 22
+        else:
+            port = int(port_s)
+        if not 0 < port < 65536:
+            raise UsageError(f"server address {text!r} has an invalid port")
+        return cls(scheme, host, port, user)
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        if self.scheme == "ssh":
+            who = f"{self.user}@" if self.user else ""
+            return f"ssh://{who}{host}:{self.port}"
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """A server to talk to: address, pinned server id, pinned sshd host key (ssh:// only)."""
+
+    address: ServerAddress
+    server_id: str
+    host_key: str | None = None
+
+
+class _Channel(asyncssh.SSHClientSession[bytes]):
+    def __init__(self, owner: Connection) -> None:
+        self._owner = owner
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        self._owner._on_data(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._owner._on_lost(exc)
+
+
+class _FetchWaiter:
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[wire.Message | BaseException] = asyncio.Queue()
+
+
+class Connection:
+    """One protocol session with one server. Use :meth:`open`."""
+
+    def __init__(self, spec: ServerSpec, session: ClientSession) -> None:
+        self.spec = spec
+        self.server_id = spec.server_id
+        self._session = session
+        self._ssh: asyncssh.SSHClientConnection | None = None
+        self._chan: asyncssh.SSHClientChannel[bytes] | None = None
+        self._hello: asyncio.Future[HelloComplete] = asyncio.get_running_loop().create_future()
+        self._waiters: deque[asyncio.Future[Any] | _FetchWaiter] = deque()
+        self._error: BaseException | None = None
+
+    # -- opening -------------------------------------------------------------------
+    @classmethod
+    async def open(cls, spec: ServerSpec, client_priv: bytes | None, role: Role = Role.READER,
+                   *, timeout: float = 15.0,
+                   operator_keys: list[str] | None = None) -> Connection:
+        """Connect, run the SSH handshake and the cldcb hello; raise on any failure.
+
+        ``operator_keys``: for an anonymous session through sshd, the SSH
+        private key files to log in with (default: the user's own keys and
+        agent, as ``ssh`` would).
+        """
+        server_pub = parse_server_id(spec.server_id)
+        session = ClientSession(spec.server_id, client_priv, role, os.urandom(32))
+        self = cls(spec, session)
+        addr = spec.address
+        opts: dict[str, Any] = dict(
+            encryption_algs=PREFERRED_CIPHERS, keepalive_interval=30, keepalive_count_max=4,
+            connect_timeout=timeout, agent_forwarding=False, x11_forwarding=False,
+            request_pty=False)
+        if addr.scheme == "cldcb":
+            opts.update(
+                username=SSH_USER if client_priv is not None else RECOVER_USER,
+                known_hosts=([secp256k1_ssh_public_key(server_pub)], [], []),
+                server_host_key_algs=[SECP256K1_SSH_ALG],
+                client_keys=[secp256k1_ssh_key(client_priv)] if client_priv else [],
+                agent_path=None, password=None, kbdint_auth=False, gss_host=None,
+                preferred_auth="publickey,none" if client_priv else "none")
+        else:
+            if addr.user:
+                opts["username"] = addr.user
+            if spec.host_key:
+                opts["known_hosts"] = ([asyncssh.import_public_key(spec.host_key)], [], [])
+            if client_priv is not None:
+                opts.update(client_keys=[derived_ssh_key(client_priv)], agent_path=None,
+                            password=None, kbdint_auth=False, gss_host=None)
+            elif operator_keys:
+                opts.update(client_keys=operator_keys)
+        try:
+            async with asyncio.timeout(timeout):
+                self._ssh = await asyncssh.connect(addr.host, addr.port, **opts)
+                _set_nodelay(self._ssh)
+                self._chan, _ = await self._ssh.create_session(
+                    lambda: _Channel(self), subsystem=SUBSYSTEM, encoding=None)
+                self._chan.write(session.start())
+                await self._hello
+        except CldcbError:
+            await self.close()
+            raise
+        except TimeoutError:
+            await self.close()
+            raise TransportError(f"no answer from {addr} within {timeout:.0f} s: check the "
+                                 "address and that the server is running") from None
+        except asyncssh.HostKeyNotVerifiable:
+            await self.close()
+            raise AuthError(
+                f"the SSH host key of {addr} is not the pinned one ({spec.server_id[:14]}… "
+                "or the recorded sshd host key): wrong server, or someone in the middle"
+            ) from None
+        except asyncssh.PermissionDenied:
+            await self.close()
+            raise AuthError(
+                f"{addr} refused our SSH login: the client is not registered there "
+                "(run `cldcb-server add CLIENT_ID` on the server) or, behind sshd, its key "
+                "is not in the account's authorized_keys (see `cldcb-client sshkey`)") from None
+        except asyncssh.ChannelOpenError as exc:
+            await self.close()
+            raise TransportError(f"{addr} refused the cldcb subsystem ({exc.reason}): is "
+                                 "`Subsystem cldcb …` in its sshd_config?") from None
+        except (OSError, asyncssh.Error) as exc:
+            await self.close()
+            raise TransportError(f"cannot connect to {addr}: {_reason(exc)}") from None
+        return self
+
+    # -- callbacks -----------------------------------------------------------------
+    def _on_data(self, data: bytes) -> None:
+        try:
+            events = self._session.receive_data(data)
+        except CldcbError as exc:
+            self._fail(exc)
+            return
+        out = self._session.data_to_send()
+        if out and self._chan is not None:
+            self._chan.write(out)
+        for ev in events:
+            if isinstance(ev, HelloComplete):
+                if not self._hello.done():
+                    self._hello.set_result(ev)
+            elif isinstance(ev, Received):
+                self._dispatch(ev.message)
+
+    def _dispatch(self, msg: wire.Message) -> None:
+        if not self._waiters:
+            self._fail(ProtocolError(f"unexpected {type(msg).__name__} from the server"))
+            return
+        head = self._waiters[0]
+        if isinstance(head, _FetchWaiter):
+            head.queue.put_nowait(msg)
+            if isinstance(msg, (wire.FetchEnd, wire.Error)):
+                self._waiters.popleft()
+            return
+        self._waiters.popleft()
+        if head.done():
+            return
+        if isinstance(msg, wire.Error):
+            head.set_exception(RemoteError(msg.code, f"{self.spec.address}: {msg.text}"))
+        else:
+            head.set_result(msg)
+
+    def _on_lost(self, exc: Exception | None) -> None:
+        self._fail(TransportError(f"connection to {self.spec.address} lost"
+                                  + (f": {_reason(exc)}" if exc else "")))
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._error is None:
+            self._error = exc
+        if not self._hello.done():
+            self._hello.set_exception(exc)
+        while self._waiters:
+            w = self._waiters.popleft()
+            if isinstance(w, _FetchWaiter):
+                w.queue.put_nowait(exc)
+            elif not w.done():
+                w.set_exception(exc)
+        if self._chan is not None:
+            self._chan.close()
+
+    # -- requests --------------------------------------------------------------------
+    @property
+    def is_closed(self) -> bool:
+        return self._error is not None
+
+    def _send(self, msg: wire.Message) -> None:
+        if self._error is not None:
+            raise self._error if isinstance(self._error, CldcbError) else TransportError(
+                str(self._error))
+        assert self._chan is not None
+        self._session.send(msg)
+        self._chan.write(self._session.data_to_send())
+
+    async def _request(self, msg: wire.Message, expect: type[wire.Message]) -> Any:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._send(msg)
+        self._waiters.append(fut)
+        reply = await fut
+        if not isinstance(reply, expect):
+            raise ProtocolError(f"expected {expect.__name__}, got {type(reply).__name__}")
+        return reply
+
+    async def status(self) -> wire.Status:
+        return await self._request(wire.StatusRequest(), wire.Status)
+
+    async def write(self, data_version: int, kind: int, link: bytes,
+                    sealed: bytes) -> wire.Ack | wire.NeedSnapshot:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._send(wire.Write(data_version, int(kind), link, sealed))
+        self._waiters.append(fut)
+        reply = await fut
+        if not isinstance(reply, (wire.Ack, wire.NeedSnapshot)):
+            raise ProtocolError(f"expected Ack, got {type(reply).__name__}")
+        return reply
+
+    async def put_recognition(self, entry: bytes) -> None:
+        await self._request(wire.PutRecognition(entry), wire.Ok)
+
+    async def list_recognitions(self) -> list[bytes]:
+        return (await self._request(wire.ListRecognitions(), wire.Recognitions)).entries
+
+    async def begin_snapshot(self, snapshot_id: int, data_version: int, anchor: bytes) -> None:
+        await self._request(wire.SnapshotBegin(snapshot_id, data_version, anchor), wire.Ok)
+
+    async def send_chunk(self, snapshot_id: int, index: int, sealed: bytes) -> wire.ChunkAck:
+        return await self._request(wire.SnapshotChunk(snapshot_id, index, sealed), wire.ChunkAck)
+
+    async def end_snapshot(self, snapshot_id: int, chunk_count: int,
+                           manifest: bytes) -> wire.SnapshotAck:
+        return await self._request(wire.SnapshotEnd(snapshot_id, chunk_count, manifest),
+                                   wire.SnapshotAck)
+
+    async def fetch(self, at_data_version: int = -1) -> AsyncIterator[wire.Message]:
+        """FetchSnapshot, FetchChunk…, FetchRecord…, FetchEnd (RemoteError if nothing)."""
+        waiter = _FetchWaiter()
+        self._send(wire.Fetch(at_data_version))
+        self._waiters.append(waiter)
+        while True:
+            item = await waiter.queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            if isinstance(item, wire.Error):
+                raise RemoteError(item.code, f"{self.spec.address}: {item.text}")
+            yield item
+            if isinstance(item, wire.FetchEnd):
+                return
+
+    async def close(self) -> None:
+        if self._error is None:
+            self._error = TransportError("connection closed")
+        if self._chan is not None:
+            self._chan.close()
+        if self._ssh is not None:
+            self._ssh.close()
+            try:
+                async with asyncio.timeout(5):
+                    await self._ssh.wait_closed()
+            except (TimeoutError, OSError, asyncssh.Error):
+                pass
+
+    async def __aenter__(self) -> Connection:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+def _set_nodelay(conn: asyncssh.SSHClientConnection) -> None:
+    sock = conn.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, asyncssh.Error):
+        return exc.reason or type(exc).__name__
+    return str(exc) or type(exc).__name__
