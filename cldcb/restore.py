@@ -1,0 +1,320 @@
+"""Fetch a client's backup from one server, verify all of it, rebuild the database.
+
+The shared core of ``cldcb-client recover`` and ``cldcb-client verify``
+(DESIGN sections 4 and 6). Given a :class:`~cldcb.connection.Connection` (a
+READER session of the client) and the node key, :func:`rebuild`:
+
+1. sends ``Fetch`` (the newest state, or the state at one data_version);
+2. opens the snapshot's sealed manifest (:class:`~cldcb.seal.SnapshotOpener`),
+   then each chunk in order, writing the plaintext straight to the output
+   file (bounded memory: one chunk at a time, whatever the database's size);
+   ``finish`` checks the chunk count and total size the manifest names;
+3. checks that the snapshot is the state its manifest names
+   (``vars.data_version``);
+4. opens every record with :class:`~cldcb.seal.ChainVerifier` (its AEAD tag,
+   its place in the chain: link to its effective predecessor, starting from
+   the snapshot's anchor) and applies it with :class:`~cldcb.replay.Replayer`
+   in its fast mode (``durable=False``; one fsync in ``finish``);
+5. checks the ``FetchEnd`` count, runs ``PRAGMA integrity_check`` and checks
+   that ``vars.data_version`` equals the newest record's.
+
+Any failure raises (a :class:`~cldcb.errors.ChainError` names the record:
+its position in the fetched stream, counted from 0, and its data_version)
+and removes the output file. The output file is scratch until
+:func:`install` moves it into place: :func:`temp_path` makes it in the
+destination's folder, :func:`install` hard-links it to the destination,
+which fails if the destination exists (an existing database is never
+replaced, not even by a race), then removes the temporary name and fsyncs
+the folder.
+
+``at`` (verify): the server sends the newest complete snapshot at or before
+``at`` and the records up to ``at``; records past ``at`` are ignored, and the
+result must be exactly at ``at``.
+
+After a failed :func:`rebuild` the connection may still be mid-fetch: close
+it. The connection's own buffering is bounded in practice by the event loop:
+the work here runs between reads of the socket, so the server is read only
+as fast as chunks and records are written and applied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import sqlite3
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from cldcb import wire
+from cldcb.dataversion import Kind
+from cldcb.errors import ChainError, RecoveryError, ReplayError, SealError
+from cldcb.replay import Replayer
+from cldcb.seal import ChainVerifier, Change, EcdhKey, SnapshotOpener
+
+_SIDE_FILES = ("-journal", "-wal", "-shm")
+_counter = itertools.count()
+
+
+class Fetcher(Protocol):
+    """What :func:`rebuild` needs of a connection (:class:`~cldcb.connection.Connection`)."""
+
+    def fetch(self, at_data_version: int = -1) -> AsyncIterator[wire.Message]: ...
+
+
+@dataclass
+class Progress:
+    """Progress callbacks, each optional.
+
+    ``download(done, total)``: plaintext snapshot bytes written so far, and the
+    snapshot's size; ``replay(records)``: records verified and applied so far.
+    """
+
+    download: Callable[[int, int], None] | None = None
+    replay: Callable[[int], None] | None = None
+
+
+@dataclass(frozen=True)
+class Rebuilt:
+    """A database rebuilt and verified from one server's backup (still at ``path``)."""
+
+    source: str
+    path: Path
+    data_version: int
+    snapshot_data_version: int
+    snapshot_time_ms: int
+    newest_time_ms: int
+    """When the plugin saw the newest record (the snapshot's time when there is none)."""
+    records: int
+    snapshot_bytes: int
+    received_bytes: int
+    """Sealed bytes received (chunks, manifest and records)."""
+
+
+def temp_path(dest: Path, tag: str = "") -> Path:
+    """A fresh scratch name beside ``dest`` (same folder, so :func:`install` can link it)."""
+    suffix = f"-{tag}" if tag else ""
+    return dest.with_name(f".{dest.name}.cldcb-{os.getpid()}-{next(_counter)}{suffix}.tmp")
+
+
+def discard(path: Path) -> None:
+    """Remove a scratch database and any side file SQLite may have left beside it."""
+    for name in ("", *_SIDE_FILES):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{path}{name}")
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def refuse_existing(dest: Path) -> None:
+    """Raise RecoveryError if ``dest`` (or a journal of it) exists."""
+    for name in ("", *_SIDE_FILES):
+        if os.path.lexists(f"{dest}{name}"):
+            raise RecoveryError(
+                f"{dest}{name} already exists; it was left alone (recovery never "
+                "overwrites a database). If this node's database is really lost, move "
+                "the old files out of the way and run recover again")
+
+
+def install(tmp: Path, dest: Path) -> None:
+    """Move the verified database ``tmp`` to ``dest``; never replaces an existing file."""
+    refuse_existing(dest)
+    try:
+        os.link(tmp, dest)
+    except FileExistsError:
+        raise RecoveryError(f"{dest} appeared while recovering; it was left alone and the "
+                            "recovered database was not written") from None
+    except OSError as exc:
+        raise RecoveryError(f"cannot write {dest}: {exc.strerror or exc}; check the "
+                            "folder's permissions and free space") from None
+    os.unlink(tmp)
+    fsync_dir(dest.parent)
+
+
+def _create(path: Path) -> int:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
+                 0o600)
+    folder = path.parent.stat()
+    if os.geteuid() == 0 and (folder.st_uid, folder.st_gid) != (0, 0):
+        # Recovery run as root for a node run by another user: the node must own it.
+        os.fchown(fd, folder.st_uid, folder.st_gid)
+    return fd
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def check_database(path: Path, data_version: int) -> None:
+    """``PRAGMA integrity_check`` says ok and ``vars.data_version`` is ``data_version``."""
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise ReplayError(f"cannot open the rebuilt database: {exc}") from None
+    try:
+        rows = [r[0] for r in con.execute("PRAGMA integrity_check")]
+        if rows != ["ok"]:
+            shown = "; ".join(str(r) for r in rows[:3])
+            raise ReplayError(f"the rebuilt database fails PRAGMA integrity_check ({shown}"
+                              f"{'; …' if len(rows) > 3 else ''})")
+        held = _read_data_version(con)
+    except sqlite3.Error as exc:
+        raise ReplayError(f"cannot check the rebuilt database: {exc}") from None
+    finally:
+        con.close()
+    if held != data_version:
+        raise ReplayError(f"the rebuilt database is at data_version {held}, not at "
+                          f"{data_version}, the newest record's")
+
+
+def _read_data_version(con: sqlite3.Connection) -> int | None:
+    (tables,) = con.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    if tables == 0:
+        return 0
+    row = con.execute("SELECT intval FROM vars WHERE name = 'data_version'").fetchone()
+    return None if row is None else row[0]
+
+
+async def rebuild(conn: Fetcher, node: EcdhKey, client_pub: bytes, path: Path, *,
+                  at: int = -1, source: str = "", progress: Progress | None = None) -> Rebuilt:
+    """Fetch from ``conn`` and rebuild into the new file ``path`` (see the module doc)."""
+    try:
+        return await rebuild_from(conn.fetch(at), node, client_pub, path, at=at,
+                                  source=source or str(getattr(conn, "spec", "")),
+                                  progress=progress)
+    except BaseException:
+        discard(path)
+        raise
+
+
+async def rebuild_from(messages: AsyncIterator[wire.Message], node: EcdhKey,
+                       client_pub: bytes, path: Path, *, at: int = -1, source: str = "",
+                       progress: Progress | None = None) -> Rebuilt:
+    """:func:`rebuild` from a stream of fetch answers (``FetchSnapshot`` first)."""
+    progress = progress or Progress()
+    where = f"{source}: " if source else ""
+    try:
+        it = aiter(messages)
+        first = await anext(it, None)
+        if not isinstance(first, wire.FetchSnapshot):
+            raise SealError(f"{where}the fetch did not start with a snapshot")
+        received = len(first.manifest)
+        if at >= 0 and first.data_version > at:
+            raise RecoveryError(f"{where}sent a snapshot at data_version {first.data_version} "
+                                f"for a fetch at data_version {at}")
+        try:
+            opener = SnapshotOpener(node, client_pub, first.data_version, first.manifest)
+        except SealError as exc:
+            raise SealError(f"{where}{exc}") from None
+        manifest = opener.manifest
+        if manifest.chunk_count != first.chunk_count:
+            raise SealError(f"{where}announced {first.chunk_count} chunks for the snapshot at "
+                            f"data_version {manifest.data_version}, its manifest says "
+                            f"{manifest.chunk_count}")
+        msg, written, received = await _download(it, opener, path, progress, where, received)
+        replayer = Replayer(path, durable=False)
+        try:
+            if replayer.data_version != manifest.data_version:
+                raise SealError(f"{where}the snapshot holds data_version "
+                                f"{replayer.data_version}, its manifest says "
+                                f"{manifest.data_version}")
+            verifier = ChainVerifier(node, client_pub, manifest.data_version, manifest.anchor)
+            count = 0
+            newest_ms = manifest.time_ms
+            past = False
+            while isinstance(msg, wire.FetchRecord):
+                count += 1
+                received += len(msg.sealed)
+                past = past or 0 <= at < msg.data_version
+                if not past:
+                    change = _open_record(verifier, msg, where)
+                    replayer.apply(change.data_version, change.kind, change.writes)
+                    newest_ms = change.time_ms
+                    if progress.replay:
+                        progress.replay(verifier.position)
+                msg = await anext(it, None)
+            if not isinstance(msg, wire.FetchEnd):
+                raise SealError(f"{where}the fetch ended early (got "
+                                f"{type(msg).__name__ if msg else 'nothing'} after "
+                                f"{count} records): try again")
+            if msg.record_count != count:
+                raise SealError(f"{where}sent {count} records but says it sent "
+                                f"{msg.record_count}")
+            data_version = replayer.finish()
+        finally:
+            replayer.close()
+        reached = verifier.tip.data_version
+        if data_version != reached:
+            raise ReplayError(f"{where}the rebuilt database is at data_version {data_version}, "
+                              f"not at {reached}, the newest record's")
+        if at >= 0 and reached != at:
+            raise RecoveryError(f"{where}holds this client's backup only up to data_version "
+                                f"{reached}, not {at}: it is behind")
+        check_database(path, reached)
+    except ReplayError as exc:
+        if where and not str(exc).startswith(where):
+            raise ReplayError(f"{where}{exc}") from None
+        raise
+    return Rebuilt(source=source, path=path, data_version=reached,
+                   snapshot_data_version=manifest.data_version,
+                   snapshot_time_ms=manifest.time_ms, newest_time_ms=newest_ms,
+                   records=verifier.position, snapshot_bytes=written,
+                   received_bytes=received)
+
+
+async def _download(it: AsyncIterator[wire.Message], opener: SnapshotOpener, path: Path,
+                    progress: Progress, where: str,
+                    received: int) -> tuple[wire.Message | None, int, int]:
+    """Write the snapshot's chunks to ``path``; return the message after them."""
+    total = opener.manifest.total_size
+    written = 0
+    fd = _create(path)
+    try:
+        if progress.download:
+            progress.download(0, total)
+        while True:
+            msg = await anext(it, None)
+            if not isinstance(msg, wire.FetchChunk):
+                break
+            received += len(msg.sealed)
+            try:
+                data = opener.open_chunk(msg.index, msg.sealed)
+            except SealError as exc:
+                raise SealError(f"{where}{exc}") from None
+            _write_all(fd, data)
+            written += len(data)
+            if progress.download:
+                progress.download(written, total)
+        try:
+            opener.finish()
+        except SealError as exc:
+            raise SealError(f"{where}{exc}") from None
+    finally:
+        os.close(fd)
+    return msg, written, received
+
+
+def _open_record(verifier: ChainVerifier, msg: wire.FetchRecord, where: str) -> Change:
+    pos = verifier.position
+    try:
+        kind = Kind(msg.kind)
+    except ValueError:
+        raise ChainError(f"{where}record #{pos} (data_version {msg.data_version}) has an "
+                         f"unknown kind {msg.kind}", position=pos,
+                         data_version=msg.data_version) from None
+    try:
+        change, _ = verifier.open(msg.data_version, kind, msg.link, msg.sealed)
+    except ChainError as exc:
+        raise ChainError(f"{where}{exc}", position=exc.position,
+                         data_version=exc.data_version) from None
+    return change
