@@ -1,0 +1,335 @@
+"""Serving one protocol session against the store, whatever carries the bytes.
+
+The asyncssh daemon and ``cldcb-server stdio`` (under OpenSSH) both create a
+:class:`SessionHandler` per session, feed it received bytes and give it a
+:class:`Sink` to write to. Requests are answered strictly in order, each store
+call runs in a worker thread (fsync blocks), and every store call of a client
+runs under that client's lock:
+
+- in-process, an :class:`asyncio.Lock` per client;
+- across processes (several ``stdio`` sessions under sshd, or a daemon and
+  sshd on one data directory), an ``flock`` on ``locks/<client_id>.lock``.
+
+One writer per client: a writing session that authenticates bumps the
+client's writer generation (``locks/<client_id>.gen``) and closes the older
+writer of this process with ``Error(SUPERSEDED)``; a writer of another process
+notices the bumped generation at its next store call and is closed the same
+way. Readers never take over, and open the client's files afresh for each
+request so they always see what writers made durable.
+
+An ``Ack`` is sent only after the store returned from ``append``, which
+returns only once the record is fsynced; a ``SnapshotAck`` only after the
+snapshot is visible.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Protocol
+
+from cldcb import wire
+from cldcb.errors import CldcbError, QuotaExceeded, StoreError
+from cldcb.session import Authenticated, Received, Role, ServerSession
+from cldcb.store import Store
+from cldcb.wire import ErrorCode
+
+log = logging.getLogger("cldcb.server")
+
+
+class Sink(Protocol):
+    """Where a session's bytes go (an SSH channel, stdout)."""
+
+    def write(self, data: bytes) -> None: ...
+
+    async def drain(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class ServerCore:
+    """What all sessions of one server process share."""
+
+    def __init__(self, data_dir: Path, server_priv: bytes, *, threads: int = 64) -> None:
+        self.data_dir = data_dir
+        self.server_priv = server_priv
+        self.store = Store.open(data_dir)
+        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="store")
+        self._locks: dict[str, asyncio.Lock] = {}
+        self.writers: dict[str, SessionHandler] = {}
+        self.lock_dir = data_dir / "locks"
+        self.lock_dir.mkdir(mode=0o700, exist_ok=True)
+        self.handlers: set[SessionHandler] = set()
+        self.stopping = False
+
+    def lock(self, client_id: str) -> asyncio.Lock:
+        lk = self._locks.get(client_id)
+        if lk is None:
+            lk = self._locks[client_id] = asyncio.Lock()
+        return lk
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def is_registered(self, client_id: str) -> bool:
+        return self.store.is_registered(client_id)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+        self.store.close()
+
+
+@contextmanager
+def _flock(path: Path):  # noqa: ANN202 - context manager
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield fd
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _read_gen(path: Path) -> int:
+    try:
+        return int(path.read_text() or "0")
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+class Superseded(Exception):
+    pass
+
+
+class SessionHandler:
+    """Drives one :class:`ServerSession`: bytes in, store calls, bytes out."""
+
+    def __init__(self, core: ServerCore, sink: Sink, *, forced_client_id: str | None = None,
+                 allow_anonymous: bool = True, peer: str = "?") -> None:
+        self.core = core
+        self.sink = sink
+        self.peer = peer
+        self.session = ServerSession(core.server_priv, os.urandom(32),
+                                     is_registered=core.is_registered,
+                                     forced_client_id=forced_client_id,
+                                     allow_anonymous=allow_anonymous)
+        self._queue: asyncio.Queue[Authenticated | Received | None] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._client_store: Any = None
+        self._gen = 0
+        self._upload: Any = None
+        self._upload_id = -1
+        self._upload_dv = -1
+        self.client_id: str | None = None
+        self.role = Role.READER
+        self.done = asyncio.Event()
+
+    # -- feeding ---------------------------------------------------------------------
+    def start(self) -> None:
+        self.core.handlers.add(self)
+        self._task = asyncio.get_running_loop().create_task(self._serve())
+
+    def data_received(self, data: bytes) -> None:
+        events = self.session.receive_data(data)
+        self._flush()
+        for ev in events:
+            self._queue.put_nowait(ev)
+        if self.session.closed:
+            self._queue.put_nowait(None)
+
+    def connection_lost(self) -> None:
+        self.session.closed = True
+        self._queue.put_nowait(None)
+
+    def _flush(self) -> None:
+        out = self.session.data_to_send()
+        if out:
+            self.sink.write(out)
+
+    # -- serving ---------------------------------------------------------------------
+    async def _serve(self) -> None:
+        try:
+            while True:
+                item = await self._queue.get()
+                if item is None or self.session.closed:
+                    break
+                if isinstance(item, Authenticated):
+                    await self._on_auth(item)
+                    continue
+                try:
+                    await self._handle(item.message)
+                except Superseded:
+                    self.session.refuse(ErrorCode.SUPERSEDED,
+                                        "a newer session of this client took over as writer")
+                except QuotaExceeded as exc:
+                    self.session.send(wire.Error(int(ErrorCode.QUOTA), str(exc)))
+                except StoreError as exc:
+                    log.error("client %s: store error: %s", self.client_id, exc)
+                    self.session.send(wire.Error(int(ErrorCode.STORAGE), str(exc)))
+                except CldcbError as exc:
+                    self.session.send(wire.Error(int(ErrorCode.BAD_REQUEST), str(exc)))
+                except Exception:
+                    log.exception("client %s: internal error", self.client_id)
+                    self.session.send(wire.Error(int(ErrorCode.INTERNAL),
+                                                 "internal server error; see the server's log"))
+                self._flush()
+                await self.sink.drain()
+                if self.session.closed:
+                    break
+        finally:
+            self._flush()
+            await self._cleanup()
+
+    async def _cleanup(self) -> None:
+        if self._upload is not None:
+            up, self._upload = self._upload, None
+            await self.core.run(up.abort)
+        if self.client_id and self.core.writers.get(self.client_id) is self:
+            del self.core.writers[self.client_id]
+        self.core.handlers.discard(self)
+        self.sink.close()
+        self.done.set()
+
+    async def _on_auth(self, ev: Authenticated) -> None:
+        self.client_id, self.role = ev.client_id, ev.role
+        log.info("session from %s: %s %s", self.peer, ev.client_id or "anonymous",
+                 ev.role.name.lower())
+        if ev.client_id is None:
+            return
+        if ev.role == Role.WRITER:
+            old = self.core.writers.get(ev.client_id)
+            self.core.writers[ev.client_id] = self
+            if old is not None and old is not self:
+                old.supersede()
+            async with self.core.lock(ev.client_id):
+                self._gen, self._client_store = await self.core.run(self._take_over)
+        async with self.core.lock(ev.client_id):
+            await self.core.run(self._touch)
+
+    def supersede(self) -> None:
+        """Close this (older) writer: a newer session of its client took over."""
+        self.session.refuse(ErrorCode.SUPERSEDED,
+                            "a newer session of this client took over as writer")
+        self._flush()
+        self.connection_lost()
+
+    def _paths(self) -> tuple[Path, Path]:
+        assert self.client_id
+        return (self.core.lock_dir / f"{self.client_id}.lock",
+                self.core.lock_dir / f"{self.client_id}.gen")
+
+    def _take_over(self) -> tuple[int, Any]:
+        lock, gen = self._paths()
+        with _flock(lock):
+            g = _read_gen(gen) + 1
+            tmp = gen.with_suffix(".gen.tmp")
+            tmp.write_text(str(g))
+            os.replace(tmp, gen)
+            return g, Store.open(self.core.data_dir).client(self.client_id)
+
+    def _touch(self) -> None:
+        lock, _ = self._paths()
+        with _flock(lock):
+            self.core.store.client(self.client_id).touch(now_ms())
+
+    def _locked(self, fn: Callable[[Any], Any]) -> Callable[[], Any]:
+        """Run ``fn(client_store)`` under the cross-process lock (in a worker thread)."""
+        def call() -> Any:
+            lock, gen = self._paths()
+            with _flock(lock):
+                if self.role == Role.WRITER:
+                    if _read_gen(gen) != self._gen:
+                        raise Superseded()
+                    cs = self._client_store
+                else:
+                    cs = Store.open(self.core.data_dir).client(self.client_id)
+                return fn(cs)
+        return call
+
+    async def _store(self, fn: Callable[[Any], Any]) -> Any:
+        assert self.client_id
+        async with self.core.lock(self.client_id):
+            return await self.core.run(self._locked(fn))
+
+    async def _handle(self, msg: wire.Message) -> None:
+        s = self.session
+        if self.core.stopping and isinstance(msg, (wire.Write, wire.SnapshotBegin,
+                                                   wire.SnapshotChunk, wire.SnapshotEnd)):
+            s.refuse(ErrorCode.SHUTTING_DOWN, "the server is stopping; reconnect shortly")
+            return
+        if isinstance(msg, wire.ListRecognitions):
+            entries = await self.core.run(self.core.store.list_recognitions)
+            s.send(wire.Recognitions(entries))
+        elif isinstance(msg, wire.PutRecognition):
+            assert self.client_id
+            await self.core.run(self.core.store.put_recognition, self.client_id, msg.entry)
+            s.send(wire.Ok())
+        elif isinstance(msg, wire.StatusRequest):
+            s.send(await self._store(lambda cs: cs.status()))
+        elif isinstance(msg, wire.Write):
+            t = now_ms()
+            s.send(await self._store(lambda cs: cs.append(msg.data_version, msg.kind, msg.link,
+                                                          msg.sealed, t)))
+        elif isinstance(msg, wire.SnapshotBegin):
+            await self._abort_upload()
+            t = now_ms()
+            self._upload = await self._store(
+                lambda cs: cs.begin_snapshot(msg.data_version, msg.anchor, t))
+            self._upload_id, self._upload_dv = msg.snapshot_id, msg.data_version
+            s.send(wire.Ok())
+        elif isinstance(msg, wire.SnapshotChunk):
+            up = self._current_upload(msg.snapshot_id)
+            await self.core.run(up.add_chunk, msg.index, msg.sealed)
+            s.send(wire.ChunkAck(msg.snapshot_id, msg.index))
+        elif isinstance(msg, wire.SnapshotEnd):
+            up = self._current_upload(msg.snapshot_id)
+            t = now_ms()
+            await self._store(lambda cs: up.commit(msg.chunk_count, msg.manifest, t))
+            self._upload = None
+            s.send(wire.SnapshotAck(msg.snapshot_id, self._upload_dv))
+        elif isinstance(msg, wire.Fetch):
+            await self._fetch(msg.at_data_version)
+        else:
+            s.send(wire.Error(int(ErrorCode.BAD_REQUEST), f"unexpected {type(msg).__name__}"))
+
+    def _current_upload(self, snapshot_id: int) -> Any:
+        if self._upload is None or snapshot_id != self._upload_id:
+            raise CldcbError(f"no snapshot upload {snapshot_id} in progress; "
+                             "send SnapshotBegin first")
+        return self._upload
+
+    async def _abort_upload(self) -> None:
+        if self._upload is not None:
+            up, self._upload = self._upload, None
+            await self.core.run(up.abort)
+
+    async def _fetch(self, at: int) -> None:
+        plan = await self._store(lambda cs: cs.fetch(at))
+        s = self.session
+        if plan is None:
+            s.send(wire.Error(int(ErrorCode.NOT_FOUND), "this server holds no complete "
+                                                         "snapshot for this client"))
+            return
+        s.send(plan.snapshot)
+        count = 0
+        for source in (plan.chunks(), plan.records()):
+            while True:
+                item = await self.core.run(next, source, None)
+                if item is None:
+                    break
+                if isinstance(item, wire.FetchRecord):
+                    count += 1
+                s.send(item)
+                self._flush()
+                await self.sink.drain()
+        s.send(wire.FetchEnd(count))
