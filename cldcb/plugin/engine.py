@@ -1,0 +1,409 @@
+"""The backup engine: what the plugin does with each ``db_write`` hook call.
+
+The promise: **lightningd never commits a change the backup does not already
+hold.** The hook call is answered ``continue`` only once ``quorum`` servers
+acknowledged (fsynced) the change; anything else is answered with a failure,
+and lightningd stops without committing.
+
+Each call ``(data_version, writes)``:
+
+1. The first call waits until the servers' ``status`` are known (all of them,
+   or ``quorum`` of them after a short grace) and takes the plugin's *head*
+   from them: the tip most servers hold among those the call can follow
+   (a plugin restart is not a first contact: the chain just continues).
+2. :func:`~cldcb.dataversion.decide` against the head:
+
+   - APPEND / REPLACE: the change is sealed once (one
+     :class:`~cldcb.seal.RecordSealer` with a fresh ephemeral key per plugin
+     process) and appended to the :class:`RecordLog`; every server link
+     sends it to its server in parallel;
+   - SNAPSHOT (first contact, a gap): a *blocking* snapshot. A consistent
+     copy of the database is taken now (the call is pending, so it holds the
+     last committed state), with a fresh random anchor; the log restarts at
+     that anchor and the change goes on top as its first record. Every
+     server needs that snapshot; the call waits until ``quorum`` of them hold
+     the snapshot and the record.
+
+3. While the call waits for ``quorum`` acknowledgements, servers that need a
+   snapshot (they fell behind, or answered ``NeedSnapshot``) and servers that
+   asked for compaction get a copy taken inside this call, anchored at the
+   record that holds the copied state (``decision.link``). If the servers in
+   step can still make the quorum, that copy is *not blocking*: it is
+   uploaded in the background while records keep flowing, and a busy
+   database (the exclusive-lock hazard) only means trying again at a later
+   call. If they cannot, the call waits for the catch-up to finish, and a
+   busy database fails the call.
+4. Servers that are unreachable are reconnected with backoff by their links
+   while the call waits. If ``quorum`` is not reached within ``outage-limit``
+   seconds (measured from the start of the call, or from the last progress
+   of a snapshot the call waits for), the call fails.
+
+The local copy is always finished before the call is answered; it is deleted
+once no upload needs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cldcb.dataversion import (
+    Action,
+    DataVersionError,
+    Kind,
+    Tip,
+    advance,
+    classify,
+    decide,
+)
+from cldcb.errors import CldcbError, PluginError
+from cldcb.ids import new_privkey, parse_node_id
+from cldcb.plugin.links import Connector, ServerLink
+from cldcb.plugin.recordlog import RecordLog
+from cldcb.plugin.snapshot import (
+    CHUNK_SIZE,
+    DatabaseBusy,
+    LocalCopy,
+    copy_database,
+)
+from cldcb.plugin.wrapper import WrapperConfig
+from cldcb.seal import ZERO_HASH, RecordSealer, item_hash
+
+STARTUP_GRACE = 2.0
+LOG_LIMIT = 64 * 1024 * 1024
+
+Emit = Callable[[str, str], None]
+
+
+@dataclass
+class HookResult:
+    ok: bool
+    message: str = ""
+
+
+@dataclass
+class _Hook:
+    data_version: int
+    copy_task: asyncio.Task[LocalCopy] | None = None
+    copy: LocalCopy | None = None
+    copy_attempted: bool = False
+    copy_blocking: bool = False
+    copy_error: str | None = None
+    anchor: bytes = b""
+    next_seq: int = 0
+    expected_dv: int = 0
+
+
+class Engine:
+    """See the module docstring. Run :meth:`start`, then :meth:`db_write` per call."""
+
+    def __init__(self, cfg: WrapperConfig, workdir: Path, connect: Connector, *,
+                 emit: Emit | None = None, chunk_size: int = CHUNK_SIZE,
+                 chunk_delay: float = 0.0, busy_timeout: float = 1.0,
+                 startup_grace: float = STARTUP_GRACE, log_limit: int = LOG_LIMIT) -> None:
+        self.cfg = cfg
+        self.workdir = workdir
+        self.db_path = cfg.database_path(workdir)
+        self.connect = connect
+        self.emit: Emit = emit or (lambda level, message: None)
+        self.node_pub = parse_node_id(cfg.node_id)
+        self.client_priv = cfg.client_priv
+        self.sealer = RecordSealer(self.node_pub, cfg.client_priv, new_privkey())
+        self.quorum = cfg.effective_quorum
+        self.outage_limit = cfg.outage_limit
+        self.chunk_size = chunk_size
+        self.chunk_delay = chunk_delay
+        self.busy_timeout = busy_timeout
+        self.startup_grace = startup_grace
+        self.log_limit = log_limit
+        self.links = [ServerLink(self, e) for e in cfg.servers]
+        self.log: RecordLog | None = None
+        self.copies: list[LocalCopy] = []
+        self.closing = False
+        self.hook_blocking = False
+        self._event = asyncio.Event()
+        self._started = time.monotonic()
+        self._progress_at = 0.0
+        self.started_at = time.time()
+        self.acked_dv: int | None = None
+        self.last_hook_dv: int | None = None
+        self.last_hook_result: str | None = None
+        self.on_change: Callable[[], None] | None = None
+
+    # -- life --------------------------------------------------------------------------
+    def start(self) -> None:
+        for link in self.links:
+            link.start()
+
+    async def close(self, grace: float = 2.0) -> None:
+        """Let in-flight writes finish for up to ``grace`` seconds, then stop everything."""
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(
+                link.connected and self.log is not None and self.log.holds(link.pos)
+                and link.pos != self.log.head_seq for link in self.links):
+            await self._wait_event(0.05)
+        self.closing = True
+        await asyncio.gather(*(link.stop() for link in self.links), return_exceptions=True)
+        for c in self.copies:
+            c.users = 0
+            c.hook_done()
+        self.copies.clear()
+
+    def changed(self) -> None:
+        """Something about a server changed: wake the pending call, note the status."""
+        self._event.set()
+        if self.on_change is not None:
+            self.on_change()
+
+    def progress(self) -> None:
+        self._progress_at = time.monotonic()
+        self.changed()
+
+    def _wake_links(self) -> None:
+        for link in self.links:
+            link.wake.set()
+
+    async def _wait_event(self, timeout: float) -> None:
+        self._event.clear()
+        try:
+            await asyncio.wait_for(self._event.wait(), max(0.0, timeout))
+        except TimeoutError:
+            pass
+
+    def usable_copy(self) -> LocalCopy | None:
+        log = self.log
+        for c in reversed(self.copies):
+            if log is not None and log.holds(c.next_seq - 1) and c.alive:
+                return c
+        return None
+
+    # -- the hook --------------------------------------------------------------------------
+    async def db_write(self, data_version: int, writes: list[str]) -> HookResult:
+        started = time.monotonic()
+        self.last_hook_dv = data_version
+        try:
+            result = await self._db_write(data_version, writes, started)
+        except DataVersionError as exc:
+            result = HookResult(False, str(exc))
+        except CldcbError as exc:
+            result = HookResult(False, str(exc))
+        self.last_hook_result = "continue" if result.ok else f"fail: {result.message}"
+        if result.ok:
+            self.acked_dv = data_version
+        else:
+            self.emit("broken", f"db_write {data_version} refused: {result.message}")
+        self.hook_blocking = False
+        self._trim()
+        self.changed()
+        return result
+
+    async def _db_write(self, dv: int, writes: list[str], started: float) -> HookResult:
+        kind = classify(writes)
+        deadline = started + self.outage_limit
+        if not await self._ensure_log(dv, kind, deadline):
+            return HookResult(False, self._outage_text(dv, "reading the servers' status"))
+        log = self.log
+        assert log is not None
+        hook = _Hook(dv, expected_dv=dv if kind is Kind.PRAGMA else dv - 1)
+        try:
+            decision = decide(log.head, dv, kind)
+            if decision.action is Action.SNAPSHOT:
+                self.emit("info", f"db_write {dv}: blocking snapshot ({decision.reason})")
+                self.hook_blocking = True
+                copy = await self._copy(hook, blocking=True)
+                anchor = secrets.token_bytes(32)
+                base = Tip(copy.data_version, Kind.NORMAL, anchor, ZERO_HASH, is_snapshot=True)
+                decision = decide(base, dv, kind)
+                if decision.action is not Action.APPEND or decision.link is None:
+                    copy.hook_done()
+                    raise PluginError(
+                        f"the database holds data_version {copy.data_version}, which change "
+                        f"{dv} cannot follow ({decision.reason}); is the `database =` line of "
+                        "the wrapper this node's database?")
+                seq = log.reset(base)
+                copy.anchor, copy.next_seq, copy.fresh = anchor, seq + 1, True
+                self.copies.append(copy)
+                hook.copy = copy
+                self._wake_links()
+            assert decision.link is not None
+            link = decision.link
+            sealed = self.sealer.seal_change(dv, kind, link, writes, int(time.time() * 1000))
+            head = log.head
+            tip = advance(head, dv, kind, item_hash(sealed), decision=decision)
+            entry = log.append(dv, kind, link, sealed, tip)
+            hook.anchor, hook.next_seq = link, entry.seq
+            self._wake_links()
+            return await self._await_quorum(hook, entry.seq, deadline)
+        finally:
+            if hook.copy_task is not None and not hook.copy_task.done():
+                try:
+                    await hook.copy_task
+                except (CldcbError, OSError):
+                    pass
+            if hook.copy is not None:
+                hook.copy.hook_done()
+
+    def _holders(self, seq: int) -> int:
+        log = self.log
+        assert log is not None
+        return sum(1 for link in self.links
+                   if link.pos is not None and log.holds(link.pos) and link.pos >= seq)
+
+    def _viable(self) -> int:
+        """Servers that can hold this call's record without a new copy."""
+        return sum(1 for link in self.links if not (link.connected and link.needs_copy))
+
+    async def _await_quorum(self, hook: _Hook, seq: int, deadline: float) -> HookResult:
+        while True:
+            if hook.copy_task is not None and hook.copy_task.done():
+                self._copy_done(hook)
+            wanting = [link for link in self.links if link.connected and link.needs_copy]
+            compacting = [link for link in self.links if link.compaction_due()]
+            if (wanting or compacting) and not hook.copy_attempted and hook.copy is None:
+                hook.copy_attempted = True
+                hook.copy_blocking = self._viable() < self.quorum
+                self.hook_blocking = hook.copy_blocking
+                hook.copy_task = asyncio.ensure_future(self._copy(hook, hook.copy_blocking))
+                continue
+            if hook.copy is not None and not hook.copy.fresh and compacting:
+                for link in compacting:
+                    link.start_compaction(hook.copy)
+            if hook.copy_error is not None and self._viable() < self.quorum:
+                return HookResult(False, hook.copy_error)
+            if self._viable() < self.quorum:
+                self.hook_blocking = True
+            if self._holders(seq) >= self.quorum and hook.copy_task is None:
+                return HookResult(True)
+            now = time.monotonic()
+            limit = max(deadline, self._progress_at + self.outage_limit)
+            if now >= limit:
+                return HookResult(False, self._outage_text(hook.data_version, "waiting"))
+            waits: list[asyncio.Future[Any]] = []
+            if hook.copy_task is not None:
+                waits.append(hook.copy_task)
+            self._event.clear()
+            ev = asyncio.ensure_future(self._event.wait())
+            try:
+                await asyncio.wait([ev, *waits], timeout=min(limit - now, 1.0),
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                ev.cancel()
+
+    async def _copy(self, hook: _Hook, blocking: bool) -> LocalCopy:
+        started = time.monotonic()
+        try:
+            copy = await asyncio.to_thread(copy_database, self.db_path, self.workdir,
+                                           busy_timeout=self.busy_timeout)
+        except DatabaseBusy as exc:
+            what = "the blocking snapshot" if blocking else "a background snapshot"
+            msg = f"cannot copy the database for {what}: {exc}"
+            if blocking:
+                raise DatabaseBusy(msg + "; lightningd must stop now: at its next start it "
+                                   "commits a small batch first and the snapshot succeeds") \
+                    from None
+            self.emit("unusual", msg + "; trying again at a later call")
+            raise
+        self.emit("debug", f"copied the database at data_version {copy.data_version} "
+                           f"({copy.size} bytes) in {time.monotonic() - started:.2f} s")
+        return copy
+
+    def _copy_done(self, hook: _Hook) -> None:
+        task, hook.copy_task = hook.copy_task, None
+        assert task is not None
+        try:
+            copy = task.result()
+        except DatabaseBusy as exc:
+            hook.copy_error = str(exc)
+            return
+        except (CldcbError, OSError) as exc:
+            hook.copy_error = f"cannot copy the database: {exc}"
+            self.emit("unusual", hook.copy_error)
+            return
+        if copy.data_version != hook.expected_dv:
+            hook.copy_error = (f"the database copy holds data_version {copy.data_version}, "
+                               f"not {hook.expected_dv} as the chain says; not using it")
+            self.emit("unusual", hook.copy_error)
+            copy.hook_done()
+            return
+        copy.anchor, copy.next_seq = hook.anchor, hook.next_seq
+        hook.copy = copy
+        self.copies.append(copy)
+        self._wake_links()
+
+    def _outage_text(self, dv: int, doing: str) -> str:
+        parts = []
+        for link in self.links:
+            if link.connected:
+                parts.append(f"{link.name}: {link.state}")
+            else:
+                parts.append(f"{link.name}: {link.last_error or 'not connected'}")
+        return (f"change {dv} is not held by {self.quorum} server(s) after "
+                f"{self.outage_limit:g} s ({doing}; {'; '.join(parts)}): lightningd must stop "
+                "so that it never commits a change the backup does not hold; bring the "
+                "server(s) back and start lightningd again")
+
+    # -- the head ----------------------------------------------------------------------------
+    async def _ensure_log(self, dv: int, kind: Kind, deadline: float) -> bool:
+        while self.log is None:
+            known = [link for link in self.links if link.has_status]
+            now = time.monotonic()
+            if len(known) == len(self.links) or (
+                    len(known) >= self.quorum and now - self._started >= self.startup_grace):
+                self._choose_head(known, dv, kind)
+                break
+            if now >= deadline:
+                return False
+            await self._wait_event(min(deadline - now, 0.2))
+        return True
+
+    def _choose_head(self, known: list[ServerLink], dv: int, kind: Kind) -> None:
+        tips: dict[bytes, Tip] = {}
+        count: dict[bytes, int] = {}
+        for link in known:
+            if link.status_tip is not None:
+                tips[link.status_tip.hash] = link.status_tip
+                count[link.status_tip.hash] = count.get(link.status_tip.hash, 0) + 1
+        head = None
+        if tips:
+            def score(h: bytes) -> tuple[bool, int, int]:
+                t = tips[h]
+                return (decide(t, dv, kind).action is not Action.SNAPSHOT, count[h],
+                        t.data_version)
+            head = tips[max(tips, key=score)]
+        self.log = RecordLog(head)
+        for link in self.links:
+            link.place()
+        held = f"data_version {head.data_version}" if head else "nothing"
+        self.emit("info", f"backup holds {held} ({len(known)} of {len(self.links)} "
+                          "server(s) answered)")
+        self._wake_links()
+
+    def _trim(self) -> None:
+        log = self.log
+        if log is None:
+            return
+        self.copies = [c for c in self.copies if c.alive]
+        pins = [log.head_seq]
+        for link in self.links:
+            if link.connected and log.holds(link.pos):
+                assert link.pos is not None
+                pins.append(link.pos)
+        for c in self.copies:
+            if log.holds(c.next_seq - 1):
+                pins.append(c.next_seq - 1)
+        log.trim(min(pins), self.log_limit)
+
+    # -- status ------------------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "running": not self.closing,
+                "written_at": time.time(), "started_at": self.started_at,
+                "data_version": self.acked_dv, "last_hook_data_version": self.last_hook_dv,
+                "last_hook_result": self.last_hook_result, "quorum": self.quorum,
+                "outage_limit": self.outage_limit,
+                "servers": [link.describe() for link in self.links]}

@@ -1,0 +1,366 @@
+"""One server as the plugin sees it: its connection, what it holds, and its driver task.
+
+A :class:`ServerLink` runs one task for the life of the plugin. The task
+connects (with backoff), asks for ``status`` and then brings the server up
+to the plugin's record log, forever:
+
+- the server holds a position of the log: send the records after it, in
+  order, pipelined (responses come back in order); each ``Ack`` moves the
+  position on and wakes the pending hook;
+- the server holds nothing the log knows (first contact, a gap, it fell
+  behind while the log moved on, or it answered ``NeedSnapshot``): it needs a
+  snapshot. If the engine has a usable local copy (one whose position is
+  still in the log) the task uploads it and continues with the records after
+  it (a *catch-up*); otherwise it says so and waits: copies are only taken
+  inside a hook call, where the database cannot change under the reader.
+
+Compaction (the server asked for a fresh snapshot) runs as a second task on
+the same connection, so records keep flowing while it uploads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+from cldcb import wire
+from cldcb.dataversion import Kind, Tip
+from cldcb.errors import CldcbError, TransportError
+from cldcb.plugin.snapshot import LocalCopy, SnapshotAborted, upload_snapshot
+from cldcb.plugin.wrapper import ServerEntry
+from cldcb.seal import ZERO_HASH
+
+if TYPE_CHECKING:
+    from cldcb.plugin.engine import Engine
+
+RECONNECT_MIN = 0.1
+RECONNECT_MAX = 2.0
+CATCHUP_BACKOFF_MAX = 60.0
+COMPACTION_RETRY = 30.0
+
+
+class ServerConnection(Protocol):
+    """The part of :class:`cldcb.connection.Connection` the plugin uses."""
+
+    @property
+    def is_closed(self) -> bool: ...
+
+    async def status(self) -> wire.Status: ...
+
+    async def write(self, data_version: int, kind: int, link: bytes,
+                    sealed: bytes) -> wire.Ack | wire.NeedSnapshot: ...
+
+    async def begin_snapshot(self, snapshot_id: int, data_version: int,
+                             anchor: bytes) -> None: ...
+
+    async def send_chunk(self, snapshot_id: int, index: int,
+                         sealed: bytes) -> wire.ChunkAck: ...
+
+    async def end_snapshot(self, snapshot_id: int, chunk_count: int,
+                           manifest: bytes) -> wire.SnapshotAck: ...
+
+    async def close(self) -> None: ...
+
+
+Connector = Callable[[ServerEntry], Awaitable[ServerConnection]]
+
+
+def tip_from_status(st: wire.Status) -> Tip | None:
+    """The tip a ``Status`` describes (a snapshot anchor has a zero link)."""
+    if not st.has_tip:
+        return None
+    return Tip(st.tip_data_version, Kind(st.tip_kind), st.tip_hash, st.tip_link,
+               is_snapshot=st.tip_link == ZERO_HASH)
+
+
+class ServerLink:
+    """See the module docstring."""
+
+    def __init__(self, engine: Engine, entry: ServerEntry) -> None:
+        self.engine = engine
+        self.entry = entry
+        self.name = entry.address
+        self.conn: ServerConnection | None = None
+        self.connected = False
+        self.has_status = False
+        self.status_tip: Tip | None = None
+        self.pos: int | None = None          # log position the server holds
+        self.held_dv: int | None = None
+        self.needs_copy = False
+        self.catching_up: LocalCopy | None = None
+        self.snapshot_kind: str | None = None
+        self.snapshot_sent = 0
+        self.wants_compaction = False
+        self.compaction: asyncio.Task[None] | None = None
+        self.compaction_copy: LocalCopy | None = None
+        self.compaction_sent = 0
+        self.compaction_retry_at = 0.0
+        self.catchup_backoff = 0.0
+        self.next_copy_at = 0.0
+        self.last_error: str | None = None
+        self.last_ack_dv: int | None = None
+        self.last_ack_at: float | None = None
+        self.wake = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        self._was_down_logged = False
+
+    # -- state ---------------------------------------------------------------------
+    def in_step(self) -> bool:
+        log = self.engine.log
+        return self.connected and log is not None and log.holds(self.pos)
+
+    @property
+    def state(self) -> str:
+        if not self.connected:
+            return "down" if self.last_error else "connecting"
+        if self.catching_up is not None:
+            return "catching-up"
+        if self.in_step():
+            return "in-step"
+        return "behind"
+
+    def describe(self) -> dict[str, Any]:
+        head = self.engine.log.head if self.engine.log is not None else None
+        lag = None
+        if head is not None and self.held_dv is not None:
+            lag = max(0, head.data_version - self.held_dv)
+        snap = None
+        if self.catching_up is not None:
+            snap = {"kind": self.snapshot_kind, "data_version": self.catching_up.data_version,
+                    "bytes_sent": self.snapshot_sent, "bytes": self.catching_up.size}
+        elif self.compaction_copy is not None:
+            snap = {"kind": "compaction", "data_version": self.compaction_copy.data_version,
+                    "bytes_sent": self.compaction_sent, "bytes": self.compaction_copy.size}
+        return {"address": self.entry.address, "server_id": self.entry.server_id,
+                "connected": self.connected, "state": self.state,
+                "last_acked_data_version": self.last_ack_dv, "last_ack_at": self.last_ack_at,
+                "lag": lag, "snapshot": snap, "last_error": self.last_error}
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._run(), name=f"link {self.name}")
+
+    async def stop(self) -> None:
+        for t in (self.compaction, self.task):
+            if t is not None and not t.done():
+                t.cancel()
+                try:
+                    await t
+                except (asyncio.CancelledError, Exception):
+                    pass
+        await self._drop()
+
+    # -- the driver ----------------------------------------------------------------------
+    async def _run(self) -> None:
+        delay = RECONNECT_MIN
+        while not self.engine.closing:
+            try:
+                conn = await self.engine.connect(self.entry)
+            except CldcbError as exc:
+                self._down(str(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_MAX)
+                continue
+            self.conn = conn
+            try:
+                st = await conn.status()
+                self.connected = True
+                delay = RECONNECT_MIN
+                self._on_status(st)
+                await self._sync(conn)
+            except (CldcbError, OSError) as exc:
+                self._down(str(exc) or type(exc).__name__)
+            finally:
+                await self._drop()
+            await asyncio.sleep(delay)
+
+    def _down(self, reason: str) -> None:
+        self.last_error = reason
+        if not self._was_down_logged:
+            self._was_down_logged = True
+            self.engine.emit("unusual", f"server {self.name}: {reason}; reconnecting")
+        self.engine.changed()
+
+    async def _drop(self) -> None:
+        self.connected = False
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            try:
+                await conn.close()
+            except Exception:  # noqa: BLE001 - closing a broken connection
+                pass
+        self.engine.changed()
+
+    def _on_status(self, st: wire.Status) -> None:
+        tip = tip_from_status(st)
+        self.status_tip = tip
+        self.has_status = True
+        self.held_dv = tip.data_version if tip is not None else None
+        if st.want_snapshot:
+            self.wants_compaction = True
+        log = self.engine.log
+        if log is not None:
+            self.pos = log.position(tip.hash if tip is not None else None)
+        if self._was_down_logged or self.last_error is None:
+            held = f"holds data_version {tip.data_version}" if tip else "holds nothing yet"
+            self.engine.emit("info", f"server {self.name}: connected, {held}")
+        self._was_down_logged = False
+        self.last_error = None
+        self.engine.changed()
+
+    def place(self) -> None:
+        """Find this server's position once the engine created its log."""
+        log = self.engine.log
+        if log is not None and self.has_status:
+            tip = self.status_tip
+            self.pos = log.position(tip.hash if tip is not None else None)
+
+    async def _sync(self, conn: ServerConnection) -> None:
+        eng = self.engine
+        while True:
+            self.wake.clear()
+            if conn.is_closed:
+                raise TransportError(f"connection to {self.name} lost")
+            log = eng.log
+            if log is None:
+                await self.wake.wait()
+                continue
+            if not log.holds(self.pos):
+                self.pos = None
+                copy = eng.usable_copy()
+                if copy is None or time.monotonic() < self.next_copy_at:
+                    if not self.needs_copy:
+                        self.needs_copy = True
+                        eng.changed()
+                    await self._wait(self.next_copy_at)
+                    continue
+                self.needs_copy = False
+                await self._catch_up(conn, copy)
+                continue
+            self.needs_copy = False
+            assert self.pos is not None
+            entries = log.after(self.pos)
+            if not entries:
+                await self.wake.wait()
+                continue
+            tasks = [(e, asyncio.ensure_future(conn.write(e.data_version, int(e.kind), e.link,
+                                                          e.sealed))) for e in entries]
+            try:
+                for e, t in tasks:
+                    res = await t
+                    if isinstance(res, wire.Ack):
+                        self.pos = e.seq
+                        self.held_dv = e.data_version
+                        self.last_ack_dv = e.data_version
+                        self.last_ack_at = time.time()
+                        self.catchup_backoff = 0.0
+                        self.next_copy_at = 0.0
+                        if res.want_snapshot:
+                            self.wants_compaction = True
+                        eng.changed()
+                    else:
+                        self.pos = None
+                        self.last_error = (f"asked for a snapshot at data_version "
+                                           f"{res.data_version}: {res.reason}")
+                        eng.emit("info", f"server {self.name}: {self.last_error}")
+                        eng.changed()
+                        break
+            finally:
+                rest = [t for _, t in tasks if not t.done()]
+                if rest:
+                    await asyncio.gather(*rest, return_exceptions=True)
+                for _, t in tasks:
+                    if t.done() and not t.cancelled():
+                        t.exception()
+
+    async def _wait(self, until: float) -> None:
+        timeout = until - time.monotonic()
+        if timeout <= 0:
+            await self.wake.wait()
+            return
+        try:
+            await asyncio.wait_for(self.wake.wait(), timeout)
+        except TimeoutError:
+            pass
+
+    async def _catch_up(self, conn: ServerConnection, copy: LocalCopy) -> None:
+        eng = self.engine
+        copy.acquire()
+        self.catching_up = copy
+        self.snapshot_kind = "blocking" if eng.hook_blocking else "catch-up"
+        self.snapshot_sent = 0
+        self.catchup_backoff = min(max(1.0, self.catchup_backoff * 2), CATCHUP_BACKOFF_MAX)
+        self.next_copy_at = time.monotonic() + self.catchup_backoff
+        eng.changed()
+        eng.emit("info", f"server {self.name}: sending a snapshot at data_version "
+                         f"{copy.data_version} ({copy.size} bytes, {self.snapshot_kind})")
+        started = time.monotonic()
+
+        def progress(sent: int, total: int) -> None:
+            self.snapshot_sent = sent
+            eng.progress()
+
+        def wanted() -> bool:
+            log = eng.log
+            return log is not None and log.holds(copy.next_seq - 1)
+
+        try:
+            await upload_snapshot(conn, copy, node_pub=eng.node_pub, client_priv=eng.client_priv,
+                                  chunk_size=eng.chunk_size,
+                                  chunk_delay=0.0 if eng.hook_blocking else eng.chunk_delay,
+                                  still_wanted=wanted, on_progress=progress)
+        except SnapshotAborted:
+            raise TransportError(f"snapshot to {self.name} abandoned: a newer one is needed") \
+                from None
+        finally:
+            copy.release()
+            self.catching_up = None
+        self.pos = copy.next_seq - 1
+        self.held_dv = copy.data_version
+        eng.emit("info", f"server {self.name}: snapshot at data_version {copy.data_version} "
+                         f"is durable ({time.monotonic() - started:.1f} s)")
+        eng.changed()
+
+    # -- compaction ----------------------------------------------------------------------
+    def start_compaction(self, copy: LocalCopy) -> None:
+        conn = self.conn
+        if conn is None:
+            return
+        copy.acquire()
+        self.compaction_copy = copy
+        self.compaction_sent = 0
+        self.compaction = asyncio.get_running_loop().create_task(
+            self._compact(conn, copy), name=f"compaction {self.name}")
+
+    async def _compact(self, conn: ServerConnection, copy: LocalCopy) -> None:
+        eng = self.engine
+        eng.emit("info", f"server {self.name}: compaction snapshot at data_version "
+                         f"{copy.data_version} ({copy.size} bytes) uploading in the background")
+        started = time.monotonic()
+
+        def progress(sent: int, total: int) -> None:
+            self.compaction_sent = sent
+            eng.changed()
+
+        try:
+            await upload_snapshot(conn, copy, node_pub=eng.node_pub, client_priv=eng.client_priv,
+                                  chunk_size=eng.chunk_size, chunk_delay=eng.chunk_delay,
+                                  on_progress=progress)
+            self.wants_compaction = False
+            eng.emit("info", f"server {self.name}: compaction snapshot at data_version "
+                             f"{copy.data_version} is durable "
+                             f"({time.monotonic() - started:.1f} s)")
+        except (CldcbError, OSError) as exc:
+            self.compaction_retry_at = time.monotonic() + COMPACTION_RETRY
+            eng.emit("unusual", f"server {self.name}: compaction snapshot failed ({exc}); "
+                                "will try again later")
+        finally:
+            copy.release()
+            self.compaction_copy = None
+            self.compaction = None
+            eng.changed()
+
+    def compaction_due(self) -> bool:
+        return (self.wants_compaction and self.compaction is None and self.in_step()
+                and time.monotonic() >= self.compaction_retry_at)

@@ -1,0 +1,238 @@
+"""``cldcb-plugin WRAPPER_PATH``: the Core Lightning plugin (started through the wrapper).
+
+lightningd runs ``cldcb-plugin-wrapper``, which ``exec``s this program with
+its own path as the only argument, in ``<lightning-dir>/<network>`` with
+``LIGHTNINGD_PLUGIN=1``. The configuration is read from the wrapper before
+anything is answered, because ``db_write`` calls arrive before ``init``.
+
+Protocol (JSON-RPC 2.0 on stdin/stdout, see :mod:`cldcb.plugin.jsonrpc`):
+
+- ``getmanifest`` → the ``db_write`` hook, the ``shutdown`` subscription,
+  ``dynamic``, ``nonnumericids``, no options, no RPC methods;
+- ``init`` → ``{}``;
+- ``db_write`` → ``{"result": "continue"}`` once ``quorum`` servers hold the
+  change, else ``{"result": "fail", "error": "…"}``, which makes lightningd
+  stop without committing (it accepts nothing but ``continue``);
+- ``shutdown`` (notification), SIGTERM or the end of stdin: finish the call in
+  progress, let in-flight writes land, write the status file and exit.
+
+Calls are answered one at a time, in order; lightningd never calls the hook
+again before the previous call was answered. The plugin never calls
+lightningd's RPC (inside the hook that would deadlock lightningd).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from cldcb.connection import Connection, ServerAddress, ServerSpec
+from cldcb.errors import CldcbError, PluginError
+from cldcb.plugin import jsonrpc
+from cldcb.plugin.engine import Engine, HookResult
+from cldcb.plugin.links import ServerConnection
+from cldcb.plugin.snapshot import CHUNK_SIZE, remove_stale_copies
+from cldcb.plugin.status import STATUS_NAME, StatusWriter
+from cldcb.plugin.wrapper import WrapperConfig, exposed, read_wrapper
+from cldcb.session import Role
+
+MANIFEST: dict[str, Any] = {
+    "options": [],
+    "rpcmethods": [],
+    "hooks": [{"name": "db_write"}],
+    "subscriptions": ["shutdown"],
+    "dynamic": True,
+    "nonnumericids": True,
+}
+CONNECT_TIMEOUT = 10.0
+READ_SIZE = 1024 * 1024
+
+#: Test knobs (never secrets): slow down background snapshot uploads, smaller chunks.
+ENV_CHUNK_DELAY = "CLDCB_PLUGIN_TEST_CHUNK_DELAY"
+ENV_CHUNK_SIZE = "CLDCB_PLUGIN_TEST_CHUNK_SIZE"
+
+
+def server_spec(address: str, server_id: str, host_key: str | None) -> ServerSpec:
+    return ServerSpec(ServerAddress.parse(address), server_id, host_key)
+
+
+class Plugin:
+    """The plugin process: stdin/stdout protocol around an :class:`Engine`."""
+
+    def __init__(self, cfg: WrapperConfig, wrapper_path: Path, workdir: Path) -> None:
+        self.cfg = cfg
+        self.wrapper_path = wrapper_path
+        self.workdir = workdir
+        self.specs = {e.address: server_spec(e.address, e.server_id, e.host_key)
+                      for e in cfg.servers}
+        self.out = jsonrpc.StdoutWriter(sys.stdout.fileno())
+        self._manifest_sent = False
+        self._early_logs: list[dict[str, Any]] = []
+        self._stop = asyncio.Event()
+        self._calls: asyncio.Queue[tuple[Any, dict[str, Any]] | None] = asyncio.Queue()
+        self._gone = False
+        delay = float(os.environ.get(ENV_CHUNK_DELAY, "0") or 0)
+        size = int(os.environ.get(ENV_CHUNK_SIZE, str(CHUNK_SIZE)) or CHUNK_SIZE)
+        self.engine = Engine(cfg, workdir, self._connect, emit=self.log, chunk_delay=delay,
+                             chunk_size=size)
+        self.status = StatusWriter(workdir / STATUS_NAME)
+        self.engine.on_change = self._status_dirty
+
+    async def _connect(self, entry: Any) -> ServerConnection:
+        spec = self.specs[entry.address]
+        return await Connection.open(spec, self.cfg.client_priv, Role.WRITER,
+                                     timeout=CONNECT_TIMEOUT)
+
+    # -- output -----------------------------------------------------------------------------
+    def _send(self, message: dict[str, Any]) -> None:
+        if self._gone:
+            return
+        try:
+            self.out.send(message)
+        except (BrokenPipeError, OSError):
+            self._gone = True
+            self._stop.set()
+
+    def log(self, level: str, message: str) -> None:
+        note = jsonrpc.notification("log", {"level": level, "message": f"cldcb: {message}"})
+        if not self._manifest_sent:
+            self._early_logs.append(note)
+            return
+        self._send(note)
+
+    def _status_dirty(self) -> None:
+        self.status.dirty = True
+
+    # -- input ------------------------------------------------------------------------------
+    def _dispatch(self, msg: dict[str, Any]) -> None:
+        method = msg.get("method")
+        msg_id = msg.get("id")
+        params = msg.get("params") or {}
+        if method == "db_write" and msg_id is not None:
+            self._calls.put_nowait((msg_id, params if isinstance(params, dict) else {}))
+        elif method == "getmanifest":
+            self._send(jsonrpc.response(msg_id, MANIFEST))
+            self._manifest_sent = True
+            for note in self._early_logs:
+                self._send(note)
+            self._early_logs.clear()
+        elif method == "init":
+            self._send(jsonrpc.response(msg_id, {}))
+        elif method == "shutdown":
+            self.log("info", "lightningd is shutting down")
+            self._stop.set()
+        elif msg_id is not None:
+            self._send(jsonrpc.error_response(msg_id, -32601, f"unknown method {method!r}"))
+
+    async def _hook_worker(self) -> None:
+        while True:
+            item = await self._calls.get()
+            if item is None:
+                return
+            msg_id, params = item
+            result = await self._db_write(params)
+            if result.ok:
+                answer: dict[str, Any] = {"result": "continue"}
+            else:
+                answer = {"result": "fail", "error": f"cldcb: {result.message}"}
+            self._send(jsonrpc.response(msg_id, answer))
+            self.status.dirty = True
+
+    async def _db_write(self, params: dict[str, Any]) -> HookResult:
+        dv = params.get("data_version")
+        writes = params.get("writes")
+        if not isinstance(dv, int) or isinstance(dv, bool) or not isinstance(writes, list) \
+                or not all(isinstance(w, str) for w in writes):
+            return HookResult(False, "malformed db_write call (data_version must be an "
+                                     "integer, writes a list of strings)")
+        return await self.engine.db_write(dv, writes)
+
+    async def _read_stdin(self) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=READ_SIZE)
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
+                                     os.fdopen(sys.stdin.fileno(), "rb", buffering=0,
+                                               closefd=False))
+        decoder = jsonrpc.MessageDecoder()
+        while True:
+            data = await reader.read(READ_SIZE)
+            if not data:
+                return
+            for msg in decoder.feed(data):
+                self._dispatch(msg)
+
+    async def _status_loop(self) -> None:
+        while True:
+            if self.status.due():
+                self.status.write(self.engine.describe())
+            await asyncio.sleep(0.2)
+
+    # -- life -------------------------------------------------------------------------------
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        os.set_blocking(sys.stdout.fileno(), True)
+        removed = remove_stale_copies(self.workdir)
+        if exposed(self.wrapper_path):
+            self.log("unusual", f"{self.wrapper_path} holds a secret key but is readable by "
+                                "other users: chmod 700 it")
+        if removed:
+            self.log("info", f"removed {removed} snapshot copies left by an earlier run")
+        self.engine.start()
+        worker = loop.create_task(self._hook_worker())
+        reader = loop.create_task(self._read_stdin())
+        status = loop.create_task(self._status_loop())
+        stop = loop.create_task(self._stop.wait())
+        code = 0
+        try:
+            done, _ = await asyncio.wait({reader, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if reader in done and reader.exception() is not None:
+                exc = reader.exception()
+                print(f"cldcb-plugin: error: {exc}", file=sys.stderr)
+                code = 1
+        finally:
+            reader.cancel()
+            stop.cancel()
+            self._calls.put_nowait(None)
+            try:
+                await asyncio.wait_for(worker, timeout=self.cfg.outage_limit + 5)
+            except (TimeoutError, asyncio.CancelledError):
+                worker.cancel()
+            await self.engine.close()
+            status.cancel()
+            self.status.write(self.engine.describe())
+        return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or args[0] in ("-h", "--help"):
+        print("usage: cldcb-plugin WRAPPER_PATH\n\nThe cldcb backup plugin for Core Lightning. "
+              "lightningd starts it through cldcb-plugin-wrapper\n(written by `cldcb-client "
+              "installplugin`); it is not meant to be run by hand.", file=sys.stderr)
+        return 2
+    wrapper = Path(args[0])
+    try:
+        cfg = read_wrapper(wrapper)
+        for e in cfg.servers:
+            server_spec(e.address, e.server_id, e.host_key)
+    except CldcbError as exc:
+        print(f"cldcb-plugin: error: {exc}", file=sys.stderr)
+        return 1
+    workdir = Path.cwd()
+    try:
+        return asyncio.run(Plugin(cfg, wrapper, workdir).run())
+    except PluginError as exc:
+        print(f"cldcb-plugin: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,274 @@
+"""Snapshots: a consistent local copy of the node's database, and its sealed upload.
+
+Copy (:func:`copy_database`)
+----------------------------
+Taken only while a ``db_write`` hook call is pending: lightningd has run the
+batch's statements in its open transaction and waits, so a reader sees the
+last committed state and nothing can commit under it. The copy uses
+SQLite's backup API from a **read-only** connection into a temporary file in
+the node's folder, then lets go of the database.
+
+The hazard: in rollback-journal mode a transaction that spilled SQLite's page
+cache holds an EXCLUSIVE lock until COMMIT, which lightningd does only after
+the hook answered; every read gets SQLITE_BUSY. Python's
+``Connection.backup`` would retry forever. Here each backup step's status
+goes through the progress callback, which stops the copy with
+:class:`DatabaseBusy` once SQLITE_BUSY/SQLITE_LOCKED persisted for
+``busy_timeout`` seconds, and the whole copy has a deadline too. The caller
+decides what that means (a blocking snapshot fails the hook; a background one
+is tried again at a later call).
+
+Upload (:func:`upload_snapshot`)
+--------------------------------
+The copy is read in chunks (1 MiB), each sealed with a
+:class:`~cldcb.seal.SnapshotSealer` (a fresh ephemeral key per snapshot),
+with at most ``window`` chunks awaiting their ``ChunkAck``: memory stays
+bounded whatever the database's size, and writes interleaved on the same
+connection are never queued behind much. ``SnapshotEnd`` carries the sealed
+manifest; the answer means the snapshot is durable and visible.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import sqlite3
+import tempfile
+import time
+import urllib.parse
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from cldcb import wire
+from cldcb.errors import PluginError
+from cldcb.ids import new_privkey
+from cldcb.seal import SnapshotSealer
+
+CHUNK_SIZE = 1024 * 1024
+WINDOW = 4
+COPY_PREFIX = ".cldcb-snapshot-"
+COPY_SUFFIX = ".tmp"
+_BUSY = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+class DatabaseBusy(PluginError):
+    """The database is exclusively locked (a spilled transaction): no copy now."""
+
+
+class SnapshotAborted(PluginError):
+    """An upload was stopped because its snapshot is no longer wanted."""
+
+
+@dataclass
+class LocalCopy:
+    """A consistent copy of the database at ``data_version``, on local disk.
+
+    ``anchor`` is what its manifest names (the hash of the record holding that
+    state, or 32 fresh random bytes); ``next_seq`` the position in the
+    :class:`~cldcb.plugin.recordlog.RecordLog` of the first record that goes
+    on top of it. The file is deleted once nobody uses it (:meth:`release`).
+    """
+
+    path: Path
+    data_version: int
+    size: int
+    anchor: bytes = b""
+    next_seq: int = 0
+    users: int = 0
+    in_hook: bool = True
+    fresh: bool = False     # anchored at fresh random bytes (a blocking snapshot)
+    taken_ms: int = field(default_factory=lambda: int(time.time() * 1000))
+
+    def acquire(self) -> None:
+        self.users += 1
+
+    def release(self) -> None:
+        self.users = max(0, self.users - 1)
+        self._maybe_delete()
+
+    def hook_done(self) -> None:
+        self.in_hook = False
+        self._maybe_delete()
+
+    @property
+    def alive(self) -> bool:
+        return self.path.exists()
+
+    def _maybe_delete(self) -> None:
+        if self.users == 0 and not self.in_hook:
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+
+
+def remove_stale_copies(folder: Path) -> int:
+    """Delete copies left by a plugin that was killed; returns how many."""
+    count = 0
+    for p in folder.glob(f"{COPY_PREFIX}*{COPY_SUFFIX}"):
+        try:
+            p.unlink()
+            count += 1
+        except OSError:
+            pass
+    return count
+
+
+def _ro_uri(path: Path) -> str:
+    return "file:" + urllib.parse.quote(str(path.absolute())) + "?mode=ro"
+
+
+def read_data_version(conn: sqlite3.Connection) -> int:
+    """``vars.data_version`` of a Core Lightning database; 0 when it has no tables."""
+    (tables,) = conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()
+    if tables == 0:
+        return 0
+    try:
+        row = conn.execute("SELECT intval FROM vars WHERE name = 'data_version'").fetchone()
+    except sqlite3.Error:
+        row = None
+    if row is None or not isinstance(row[0], int):
+        raise PluginError("the database has no vars.data_version: it is not a Core Lightning "
+                          "database; check the `database =` line of the wrapper")
+    return int(row[0])
+
+
+def copy_database(db_path: Path, folder: Path, *, busy_timeout: float = 1.0,
+                  deadline: float = 600.0, pages: int = 2048) -> LocalCopy:
+    """Copy ``db_path`` into a new temporary file in ``folder`` (blocking; run it in a
+    thread). Raises :class:`DatabaseBusy` (the hazard) or :class:`PluginError`."""
+    if not db_path.exists():
+        raise PluginError(f"the database {db_path} does not exist; check the `database =` "
+                          "line of the wrapper (relative to <lightning-dir>/<network>)")
+    fd, name = _mkstemp(folder)
+    os.close(fd)
+    dest_path = Path(name)
+    started = time.monotonic()
+    busy_since: list[float] = []
+
+    def progress(status: int, remaining: int, total: int) -> None:
+        now = time.monotonic()
+        if status in _BUSY:
+            if not busy_since:
+                busy_since.append(now)
+            if now - busy_since[0] >= busy_timeout:
+                raise DatabaseBusy(
+                    "the database is exclusively locked by lightningd's open transaction "
+                    "(it spilled SQLite's page cache), so no consistent copy can be read now")
+        else:
+            busy_since.clear()
+        if now - started > deadline:
+            raise PluginError(f"copying the database took longer than {deadline:.0f} s")
+
+    src = dest = None
+    try:
+        src = sqlite3.connect(_ro_uri(db_path), uri=True, timeout=0, isolation_level=None,
+                              check_same_thread=False)
+        dest = sqlite3.connect(dest_path, isolation_level=None, check_same_thread=False)
+        dest.execute("PRAGMA journal_mode = OFF")
+        dest.execute("PRAGMA synchronous = OFF")
+        try:
+            src.backup(dest, pages=pages, progress=progress, sleep=0.02)
+        except DatabaseBusy:
+            raise
+        except sqlite3.Error as exc:
+            if getattr(exc, "sqlite_errorcode", None) in _BUSY or "locked" in str(exc):
+                raise DatabaseBusy(f"the database is locked ({exc})") from None
+            raise PluginError(f"cannot copy the database {db_path}: {exc}") from None
+        src.close()
+        src = None
+        data_version = read_data_version(dest)
+        dest.close()
+        dest = None
+        return LocalCopy(dest_path, data_version, dest_path.stat().st_size)
+    except BaseException:
+        for c in (src, dest):
+            if c is not None:
+                c.close()
+        try:
+            dest_path.unlink()
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _mkstemp(folder: Path) -> tuple[int, str]:
+    return tempfile.mkstemp(prefix=COPY_PREFIX, suffix=COPY_SUFFIX, dir=folder)
+
+
+class SnapshotTarget(Protocol):
+    """What an upload needs from a connection (see :class:`cldcb.connection.Connection`)."""
+
+    async def begin_snapshot(self, snapshot_id: int, data_version: int,
+                             anchor: bytes) -> None: ...
+
+    async def send_chunk(self, snapshot_id: int, index: int,
+                         sealed: bytes) -> wire.ChunkAck: ...
+
+    async def end_snapshot(self, snapshot_id: int, chunk_count: int,
+                           manifest: bytes) -> wire.SnapshotAck: ...
+
+
+def _read_and_seal(f: BinaryIO, sealer: SnapshotSealer, size: int,
+                   first: bool) -> tuple[bytes | None, int]:
+    data = f.read(size)
+    if not data and not first:
+        return None, 0
+    return sealer.seal_chunk(data), len(data)
+
+
+async def upload_snapshot(conn: SnapshotTarget, copy: LocalCopy, *, node_pub: bytes,
+                          client_priv: bytes, chunk_size: int = CHUNK_SIZE,
+                          window: int = WINDOW, chunk_delay: float = 0.0,
+                          still_wanted: Callable[[], bool] | None = None,
+                          on_progress: Callable[[int, int], None] | None = None,
+                          ) -> wire.SnapshotAck:
+    """Seal and stream ``copy`` to ``conn``; returns the server's ``SnapshotAck``.
+
+    At least one chunk is sent (an empty database's copy still has a header page).
+    ``still_wanted`` is checked before each chunk: False stops with
+    :class:`SnapshotAborted`; the caller should then drop the connection, which
+    leaves the server's previous snapshot in place.
+    """
+    snapshot_id = secrets.randbits(32)
+    sealer = SnapshotSealer(node_pub, client_priv, new_privkey(), copy.data_version,
+                            copy.anchor)
+    await conn.begin_snapshot(snapshot_id, copy.data_version, copy.anchor)
+    pending: deque[asyncio.Task[wire.ChunkAck]] = deque()
+    sent = 0
+    try:
+        with open(copy.path, "rb") as f:
+            index = 0
+            while True:
+                if still_wanted is not None and not still_wanted():
+                    raise SnapshotAborted("the snapshot is no longer needed")
+                sealed, n = await asyncio.to_thread(_read_and_seal, f, sealer, chunk_size,
+                                                    index == 0)
+                if sealed is None:
+                    break
+                pending.append(asyncio.ensure_future(conn.send_chunk(snapshot_id, index,
+                                                                     sealed)))
+                del sealed
+                index += 1
+                sent += n
+                if on_progress is not None:
+                    on_progress(sent, copy.size)
+                while len(pending) >= window:
+                    await pending.popleft()
+                if n < chunk_size:
+                    break
+                if chunk_delay:
+                    await asyncio.sleep(chunk_delay)
+        while pending:
+            await pending.popleft()
+    except BaseException:
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        raise
+    manifest = sealer.seal_manifest(int(time.time() * 1000))
+    return await conn.end_snapshot(snapshot_id, sealer.chunk_count, manifest)
