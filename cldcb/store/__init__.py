@@ -1,0 +1,180 @@
+"""The server's storage: per client, a log of sealed records and complete snapshots.
+
+This docstring is the specification; the modules of this package follow it.
+The store is the server's I/O edge: synchronous, called from worker threads,
+with one lock per client held by the caller around every call on that client
+(including the calls on the :class:`SnapshotUpload` and the iterators of the
+:class:`FetchPlan` it hands out). The store never sees plaintext: records,
+chunks and manifests are sealed to the node (:mod:`cldcb.seal`); it knows
+data_versions, kinds, links, hashes, sizes and times.
+
+Layout
+------
+::
+
+    DATA_DIR/                        made by `cldcb-server init` (server_key, ...)
+      clients/<client_id>/           one per registered client (lower-case c2…/c3…)
+        settings.json                quota, append_only, generations; its presence
+                                     is what "registered" means
+        last_seen                    unix ms of the last session (informational)
+        log/NNNNNNNNNN.log           record segments, numbered from 1, contiguous
+        log/NNNNNNNNNN.log.torn-OFF  bytes cut from a torn tail (kept for inspection)
+        snapshots/NNNNNNNNNN.snap    complete snapshots, numbered in commit order
+        snapshots/*.snap.damaged     a snapshot found damaged (kept, not offered)
+        snapshots/upload-*.part      an upload in progress (flock'ed by its writer)
+      recognitions/<client_id>.entry one recognition entry per client
+      removed/<client_id>.<n>/       what `remove` moved aside (never deleted)
+
+Every file that replaces another (settings, recognition entries, last_seen) is
+written as ``NAME.tmp``, fsynced, renamed over ``NAME``, and the folder
+fsynced. Every new file or folder has its parent folder fsynced before
+anything relies on it.
+
+Frames
+------
+Records, snapshot chunks and snapshot trailers are frames
+(:mod:`cldcb.store.frames`)::
+
+    magic (4) || length (u32) || crc32(body) (u32) || crc32(first 12 bytes) (u32) || body
+
+- record body: ``data_version (i64) || kind (u8) || link (32) || receive time
+  (ms, u64) || sealed record``. The record's *hash* is SHA256 of the sealed
+  bytes (:func:`cldcb.seal.item_hash`); it is computed, never stored.
+- a snapshot file is ``b"cldcbSN1" || chunk frame* || trailer frame ||
+  trailer offset (u64) || b"cldcbEND"``; chunk body ``index (u32) || sealed
+  chunk``; trailer body ``data_version (i64) || anchor (32) || chunk_count
+  (u32) || commit time (ms, u64) || anchored (u8) || start segment (u64) ||
+  start offset (u64) || sealed manifest``.
+
+Records and the chain
+---------------------
+A position in the log is ``(segment, offset)``. Only the newest segment is
+written; it is rolled at 16 MiB (``segment_bytes``) and when a fresh snapshot
+is committed.
+
+The *tip* is the newest thing held: the newest record (``Tip(data_version,
+kind, hash, link)``) or, when a fresh snapshot has no record after it yet,
+that snapshot's anchor (``Tip(data_version, NORMAL, anchor, link=32 zero
+bytes, is_snapshot=True)``). :meth:`ClientStore.append` asks
+:func:`cldcb.dataversion.decide` about the record:
+
+- no tip (nothing held), a SNAPSHOT decision, or a link other than the one
+  the decision names → ``NeedSnapshot(data_version, reason)``; nothing stored;
+- the record equal to the tip (same data_version, kind, link and hash: a
+  resend after a lost ack) → ``Ack`` without storing it twice;
+- otherwise quota check, write the frame, **fsync**, and only then ``Ack``;
+  the tip becomes :func:`cldcb.dataversion.advance` of the old one.
+
+``Ack.want_snapshot`` and ``Status.want_snapshot`` are true when there is no
+snapshot, or when the log from the newest snapshot's start on is larger (in
+bytes) than that snapshot's file.
+
+Snapshots
+---------
+:meth:`ClientStore.begin_snapshot` makes ``snapshots/upload-*.part``;
+:meth:`SnapshotUpload.add_chunk` appends chunk frames (indexes 0, 1, 2, …;
+anything else aborts the upload), unsynced, so memory stays bounded;
+:meth:`SnapshotUpload.commit` then:
+
+1. checks the chunk count and the quota;
+2. looks the anchor up among the hashes of the records since the oldest
+   kept snapshot (an index built on first use, then kept up to date):
+
+   - found (a compaction or catch-up snapshot of state already in the
+     chain): the snapshot's records are those after that record; the tip
+     does not change. The record must have the snapshot's data_version and
+     lie after the newest fresh snapshot's start, else StoreError;
+   - not found (first contact, or a gap: the anchor is fresh random bytes):
+     the newest segment is rolled so it is empty, the snapshot's records are
+     those appended after the commit, and the tip becomes its anchor;
+
+3. writes the trailer and footer, fsyncs the file, renames it to
+   ``NNNNNNNNNN.snap``, fsyncs the folder; it returns (and the snapshot is
+   visible, and counts) only after that;
+4. prunes (see Retention), unless the client is append-only.
+
+Records keep flowing while a snapshot uploads; a fresh snapshot's records
+are those appended after its commit, an anchored one's those after its anchor.
+
+Fetching
+--------
+:meth:`ClientStore.fetch` (-1) gives the newest complete snapshot and every
+record from its start on, in log order; ``fetch(N)`` the newest-committed
+snapshot with data_version ≤ N and the records from its start with
+data_version ≤ N, up to the start of the next fresh snapshot (a later chain).
+None when there is no such snapshot. The files are opened when the plan is
+made (later pruning cannot pull them away) and read lazily, frame by frame;
+each frame's checksum is verified as it is read.
+
+Retention
+---------
+The newest ``generations`` (default 2) complete snapshots are kept, and the
+records from the oldest kept snapshot's start on; whole segments before that
+are deleted. Deletion happens only after the new snapshot is durable
+(published and its folder fsynced), snapshots first (oldest first, folder
+fsynced), then segments (folder fsynced), so a crash in the middle leaves at
+worst extra files, and every kept snapshot has all its records: there is a
+usable backup at every moment. In **append-only** mode nothing a client sends
+deletes anything (no pruning on commit; a replacement record is appended, the
+record it replaces stays); only the server-side :meth:`Store.prune` prunes.
+Files moved aside (``*.torn-*``, ``*.damaged``, ``removed/``) are never
+deleted and do not count toward the quota.
+
+Quota
+-----
+``bytes_used`` counts segments, published snapshots and uploads in progress.
+A record or chunk that would take it over the quota raises
+:class:`~cldcb.errors.QuotaExceeded` (saying how much is used, the quota, and
+to ask the operator for ``cldcb-server add ID --quota SIZE``) and stores
+nothing (a chunk also aborts its upload). Since the previous generations stay
+until a new snapshot is complete, a quota must hold ``generations + 1``
+snapshots and their logs.
+
+Crashes and damage
+------------------
+Every acknowledged record and snapshot was fsynced (and its folder entry
+fsynced) before the acknowledgement, so a crash at any point leaves them
+readable. Opening a client's store (:meth:`Store.client`):
+
+- a **torn tail** of the newest segment (a short frame, a bad checksum at
+  the end, garbage after the last good frame: anything that has no valid
+  frame after it, since the store only appends) is copied to
+  ``NNNNNNNNNN.log.torn-OFFSET`` (fsynced), then cut, with a warning on the
+  ``cldcb.store`` logger. A bad frame *followed* by a valid one, a bad frame
+  in an older segment, or a missing segment is damage in the middle:
+  :class:`~cldcb.errors.StoreError` naming the file and offset, every time,
+  nothing cut, never a crash loop. Older segments are checked when they are
+  read (fetch, the anchor index), not at every open, so opening stays cheap;
+- the newest segment and the log folder are fsynced, so whatever a crashed
+  process left in the page cache is durable before it is relied upon (a
+  resent record is then acknowledged as already held);
+- ``upload-*.part`` files no live upload holds (flock) are deleted, with a
+  log line: they were never acknowledged;
+- a published snapshot whose header, footer or trailer does not check is
+  renamed ``*.snap.damaged`` with an error log line, and the previous
+  generation is offered instead. A damaged chunk is found when fetched:
+  StoreError naming the file.
+
+A failed write or fsync of a record (ENOSPC, EIO) raises StoreError, no Ack:
+the segment is cut back to where the record began and fsynced; until that
+succeeds the store refuses further writes (retrying the cut first). A failed
+snapshot write, fsync or rename aborts the upload (temp file, or the renamed
+file when its folder fsync failed, is deleted). :mod:`cldcb.crashpoints`
+names every step so tests kill the process there.
+
+Concurrency
+-----------
+One writing instance per client at a time (the caller's per-client lock,
+across processes too). Each call first checks ``settings.json`` (reloaded if
+changed; gone means the client was removed) and whether the newest segment
+changed size or a newer one appeared (then the instance reloads from disk).
+:meth:`Store.list_clients` opens clients read-only: it repairs nothing, so it
+is safe while a daemon writes.
+"""
+
+from cldcb.store.client import ClientStore, FetchPlan, SnapshotUpload
+from cldcb.store.fs import FileLayer, OsFileLayer
+from cldcb.store.registry import SEGMENT_BYTES, ClientInfo, Store
+
+__all__ = ["SEGMENT_BYTES", "ClientInfo", "ClientStore", "FetchPlan", "FileLayer",
+           "OsFileLayer", "SnapshotUpload", "Store"]

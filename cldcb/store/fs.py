@@ -1,0 +1,165 @@
+"""The store's view of the file system: a small interface a test can replace.
+
+Every write, fsync, truncate, rename, unlink, mkdir and directory fsync of the
+store goes through a :class:`FileLayer`, so a test can record their order or
+make them fail (``ENOSPC``, ``EIO``, short writes). :class:`OsFileLayer` is
+the real one. Reads go through it too (``open_read``), but nothing depends on
+intercepting them.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from cldcb.crashpoints import crashpoint
+from cldcb.errors import StoreError
+
+
+class FileLayer(Protocol):
+    """What the store does to files. Methods raise OSError like the os module."""
+
+    def open_read(self, path: Path) -> BinaryIO: ...
+
+    def open_write(self, path: Path, *, create: bool = False, exclusive: bool = False,
+                   truncate: bool = False) -> int: ...
+
+    def pwrite(self, fd: int, data: bytes | memoryview, offset: int) -> int: ...
+
+    def fsync(self, fd: int) -> None: ...
+
+    def truncate(self, fd: int, size: int) -> None: ...
+
+    def close(self, fd: int) -> None: ...
+
+    def rename(self, src: Path, dst: Path) -> None: ...
+
+    def unlink(self, path: Path) -> None: ...
+
+    def mkdir(self, path: Path) -> None: ...
+
+    def fsync_dir(self, path: Path) -> None: ...
+
+    def listdir(self, path: Path) -> list[str]: ...
+
+    def size(self, path: Path) -> int: ...
+
+    def exists(self, path: Path) -> bool: ...
+
+
+class OsFileLayer:
+    """The real file system (POSIX)."""
+
+    def open_read(self, path: Path) -> BinaryIO:
+        return open(path, "rb", buffering=1 << 20)  # noqa: SIM115 - caller closes
+
+    def open_write(self, path: Path, *, create: bool = False, exclusive: bool = False,
+                   truncate: bool = False) -> int:
+        flags = os.O_WRONLY | os.O_CLOEXEC
+        if create:
+            flags |= os.O_CREAT
+        if exclusive:
+            flags |= os.O_EXCL
+        if truncate:
+            flags |= os.O_TRUNC
+        return os.open(path, flags, 0o600)
+
+    def pwrite(self, fd: int, data: bytes | memoryview, offset: int) -> int:
+        return os.pwrite(fd, data, offset)
+
+    def fsync(self, fd: int) -> None:
+        os.fsync(fd)
+
+    def truncate(self, fd: int, size: int) -> None:
+        os.ftruncate(fd, size)
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
+    def rename(self, src: Path, dst: Path) -> None:
+        os.rename(src, dst)
+
+    def unlink(self, path: Path) -> None:
+        os.unlink(path)
+
+    def mkdir(self, path: Path) -> None:
+        os.mkdir(path, 0o700)
+
+    def fsync_dir(self, path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def listdir(self, path: Path) -> list[str]:
+        return os.listdir(path)
+
+    def size(self, path: Path) -> int:
+        return os.stat(path).st_size
+
+    def exists(self, path: Path) -> bool:
+        return os.path.exists(path)
+
+
+def write_all(fs: FileLayer, fd: int, data: bytes, offset: int) -> None:
+    """Write all of ``data`` at ``offset``, going on after short writes."""
+    view = memoryview(data)
+    done = 0
+    while done < len(view):
+        n = fs.pwrite(fd, view[done:], offset + done)
+        if n <= 0:
+            raise OSError(errno.EIO, "a write made no progress")
+        done += n
+
+
+def io_error(exc: OSError, what: str, after: str = "") -> StoreError:
+    """A StoreError for an OSError during ``what``, saying what to do."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        cause = "the server's disk is full; free some space on it"
+    elif exc.errno == errno.EIO:
+        cause = "the server's disk reported an I/O error; check it (dmesg, SMART)"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        cause = (f"{exc.strerror}: check that the data directory is writable by the "
+                 "user cldcb-server runs as")
+    else:
+        cause = exc.strerror or str(exc)
+    return StoreError(f"{what} failed: {cause}" + (f" ({after})" if after else ""))
+
+
+def replace_file(fs: FileLayer, path: Path, data: bytes, point: str) -> None:
+    """Durably make ``path`` hold ``data``: temp file, fsync, rename, fsync the folder.
+
+    Raises OSError; crash points are ``<point>.before_write``, ``.after_write``,
+    ``.after_fsync``, ``.after_rename`` and ``.after_fsync_dir``.
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    crashpoint(point + ".before_write")
+    fd = fs.open_write(tmp, create=True, truncate=True)
+    try:
+        write_all(fs, fd, data, 0)
+        crashpoint(point + ".after_write")
+        fs.fsync(fd)
+    finally:
+        fs.close(fd)
+    crashpoint(point + ".after_fsync")
+    fs.rename(tmp, path)
+    crashpoint(point + ".after_rename")
+    fs.fsync_dir(path.parent)
+    crashpoint(point + ".after_fsync_dir")
+
+
+def ensure_dir(fs: FileLayer, path: Path, point: str) -> None:
+    """Create folder ``path`` if missing, and fsync its parent so it stays."""
+    if fs.exists(path):
+        return
+    crashpoint(point + ".before_mkdir")
+    try:
+        fs.mkdir(path)
+    except FileExistsError:
+        return
+    crashpoint(point + ".after_mkdir")
+    fs.fsync_dir(path.parent)
+    crashpoint(point + ".after_fsync_dir")

@@ -1,0 +1,235 @@
+"""The server's data directory: registered clients and recognition entries.
+
+The rules are in the docstring of :mod:`cldcb.store`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from cldcb.crashpoints import crashpoint
+from cldcb.errors import CldcbError, StoreError
+from cldcb.ids import parse_client_id
+from cldcb.store.client import ClientStore
+from cldcb.store.fs import FileLayer, OsFileLayer, ensure_dir, io_error, replace_file
+from cldcb.store.settings import SETTINGS, Settings, read_settings
+
+log = logging.getLogger("cldcb.store")
+
+SEGMENT_BYTES = 16 * 1024 * 1024
+MAX_RECOGNITION = 64 * 1024
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    """One registered client, as ``cldcb-server list`` shows it."""
+
+    client_id: str
+    quota: int | None
+    append_only: bool
+    generations: int
+    bytes_used: int
+    newest_data_version: int | None
+    last_seen_ms: int | None
+
+
+def check_client_id(client_id: str) -> str:
+    """The client id in lower case; KeyFormatError if it is not one (it names folders)."""
+    parse_client_id(client_id)
+    return client_id.lower()
+
+
+class Store:
+    """A server's data directory. Thread-safe for calls on different clients; calls
+    on one client must be serialized by the caller (one lock per client)."""
+
+    def __init__(self, data_dir: Path, fs: FileLayer, segment_bytes: int) -> None:
+        self.data_dir = data_dir
+        self.fs = fs
+        self.segment_bytes = segment_bytes
+        self.clients_dir = data_dir / "clients"
+        self.recognitions_dir = data_dir / "recognitions"
+        self.removed_dir = data_dir / "removed"
+        self._clients: dict[str, ClientStore] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, data_dir: Path, *, fs: FileLayer | None = None,
+             segment_bytes: int = SEGMENT_BYTES) -> Store:
+        """Open the data directory (it must exist: ``cldcb-server init`` makes it)."""
+        data_dir = Path(data_dir)
+        fs = fs or OsFileLayer()
+        if not data_dir.is_dir():
+            raise StoreError(f"the data directory {data_dir} does not exist; create it with "
+                             "`cldcb-server init` (or give --data-dir / CLDCB_SERVER_DIR)")
+        store = cls(data_dir, fs, segment_bytes)
+        try:
+            for d in (store.clients_dir, store.recognitions_dir, store.removed_dir):
+                ensure_dir(fs, d, "store")
+        except OSError as exc:
+            raise io_error(exc, f"preparing the data directory {data_dir}") from None
+        return store
+
+    def _folder(self, client_id: str) -> Path:
+        return self.clients_dir / client_id
+
+    # -- registration ------------------------------------------------------------------
+    def is_registered(self, client_id: str) -> bool:
+        try:
+            cid = check_client_id(client_id)
+        except CldcbError:
+            return False
+        return self.fs.exists(self._folder(cid) / SETTINGS)
+
+    def add_client(self, client_id: str, *, quota: int | None = None,
+                   append_only: bool = False, generations: int = 2) -> ClientInfo:
+        """Register a client, or change its settings (the same settings: nothing to do)."""
+        cid = check_client_id(client_id)
+        settings = Settings(quota=quota or None, append_only=append_only,
+                            generations=generations)
+        folder = self._folder(cid)
+        try:
+            ensure_dir(self.fs, folder, "client")
+            if read_settings(folder) != settings:
+                replace_file(self.fs, folder / SETTINGS, settings.encode(), "settings")
+                log.info("client %s registered: %s", cid, settings)
+        except OSError as exc:
+            raise io_error(exc, f"registering client {cid}") from None
+        return self._info(cid)
+
+    def remove_client(self, client_id: str) -> None:
+        """Unregister a client. Nothing is deleted: its folder (and recognition entry)
+        move to ``removed/<client_id>.<n>``, where the operator can inspect, restore
+        (move it back) or delete it. A backup tool never deletes backups on a typo."""
+        cid = check_client_id(client_id)
+        folder = self._folder(cid)
+        if not self.fs.exists(folder / SETTINGS):
+            raise StoreError(f"client {cid} is not registered on this server "
+                             "(see `cldcb-server list`)")
+        with self._lock:
+            cs = self._clients.pop(cid, None)
+        if cs is not None:
+            cs.close()
+        n = 1
+        while self.fs.exists(self.removed_dir / f"{cid}.{n}"):
+            n += 1
+        dest = self.removed_dir / f"{cid}.{n}"
+        entry = self.recognitions_dir / f"{cid}.entry"
+        try:
+            crashpoint("remove.before_rename")
+            self.fs.rename(folder, dest)
+            crashpoint("remove.after_rename")
+            self.fs.fsync_dir(self.clients_dir)
+            self.fs.fsync_dir(self.removed_dir)
+            crashpoint("remove.after_fsync_dirs")
+            if self.fs.exists(entry):
+                self.fs.rename(entry, dest / "recognition.entry")
+                crashpoint("remove.after_move_recognition")
+                self.fs.fsync_dir(self.recognitions_dir)
+                self.fs.fsync_dir(dest)
+        except OSError as exc:
+            raise io_error(exc, f"removing client {cid}") from None
+        log.info("client %s removed; its data is kept in %s", cid, dest)
+
+    def _info(self, cid: str) -> ClientInfo:
+        with self._lock:
+            cs = self._clients.get(cid)
+        opened_here = cs is not None and not cs.closed
+        if not opened_here:
+            # read-only: a live daemon in another process may be writing this client
+            cs = ClientStore(self.fs, self._folder(cid), cid,
+                             segment_bytes=self.segment_bytes, readonly=True)
+        assert cs is not None
+        st = cs.settings
+        info = ClientInfo(cid, st.quota, st.append_only, st.generations, cs.bytes_used,
+                          cs.tip.data_version if cs.tip else None, cs.last_seen_ms)
+        if not opened_here:
+            cs.close()
+        return info
+
+    def list_clients(self) -> list[ClientInfo]:
+        """Every registered client. Reads only: repairs nothing (a daemon may be writing)."""
+        out: list[ClientInfo] = []
+        try:
+            names = sorted(self.fs.listdir(self.clients_dir))
+        except FileNotFoundError:
+            return out
+        for name in names:
+            if not self.is_registered(name):
+                continue
+            try:
+                out.append(self._info(name))
+            except StoreError as exc:
+                log.warning("client %s: %s", name, exc)
+                st = read_settings(self._folder(name)) or Settings()
+                out.append(ClientInfo(name, st.quota, st.append_only, st.generations, 0,
+                                      None, None))
+        return out
+
+    # -- recognition entries -----------------------------------------------------------
+    def put_recognition(self, client_id: str, entry: bytes) -> None:
+        """Store the client's recognition entry (replacing its previous one), durably."""
+        cid = check_client_id(client_id)
+        if not self.is_registered(cid):
+            raise StoreError(f"client {cid} is not registered on this server; register it "
+                             f"with `cldcb-server add {cid}`")
+        if not entry or len(entry) > MAX_RECOGNITION:
+            raise StoreError(f"a recognition entry must be 1..{MAX_RECOGNITION} bytes, "
+                             f"not {len(entry)}")
+        try:
+            replace_file(self.fs, self.recognitions_dir / f"{cid}.entry", bytes(entry),
+                         "recognition")
+        except OSError as exc:
+            raise io_error(exc, f"storing the recognition entry of client {cid}") from None
+
+    def list_recognitions(self) -> list[bytes]:
+        """The entries of the registered clients, in client id order."""
+        out: list[bytes] = []
+        try:
+            names = sorted(self.fs.listdir(self.recognitions_dir))
+        except FileNotFoundError:
+            return out
+        for name in names:
+            cid, dot, ext = name.partition(".")
+            if dot and ext == "entry" and self.is_registered(cid):
+                try:
+                    with self.fs.open_read(self.recognitions_dir / name) as f:
+                        out.append(f.read(MAX_RECOGNITION + 1))
+                except FileNotFoundError:
+                    continue
+        return out
+
+    # -- client stores -------------------------------------------------------------------
+    def client(self, client_id: str) -> ClientStore:
+        """The client's store (one instance per client per Store); opening it repairs a
+        torn tail and deletes abandoned uploads."""
+        cid = check_client_id(client_id)
+        with self._lock:
+            cs = self._clients.get(cid)
+            if cs is None or cs.closed:
+                if not self.fs.exists(self._folder(cid) / SETTINGS):
+                    raise StoreError(f"client {cid} is not registered on this server; "
+                                     f"register it with `cldcb-server add {cid}`")
+                cs = ClientStore(self.fs, self._folder(cid), cid,
+                                 segment_bytes=self.segment_bytes)
+                self._clients[cid] = cs
+            return cs
+
+    def prune(self, client_id: str, generations: int | None = None) -> int:
+        """Server-side retention, also for append-only clients: keep ``generations``
+        (default: the client's setting) newest snapshots and the records from the oldest
+        kept one on. Bytes freed."""
+        cs = self.client(client_id)
+        try:
+            return cs.prune(generations)
+        except OSError as exc:
+            raise io_error(exc, f"pruning client {client_id}") from None
+
+    def close(self) -> None:
+        with self._lock:
+            stores, self._clients = list(self._clients.values()), {}
+        for cs in stores:
+            cs.close()
