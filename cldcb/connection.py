@@ -278,7 +278,11 @@ class Connection:
                 str(self._error))
         assert self._chan is not None
         self._session.send(msg)
-        self._chan.write(self._session.data_to_send())
+        try:
+            self._chan.write(self._session.data_to_send())
+        except OSError as exc:
+            self._fail(TransportError(f"connection to {self.spec.address} lost: {exc}"))
+            raise self._error from None  # type: ignore[misc]
 
     async def _request(self, msg: wire.Message, expect: type[wire.Message]) -> Any:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()

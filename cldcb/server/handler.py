@@ -11,7 +11,8 @@ runs under that client's lock:
   sshd on one data directory), an ``flock`` on ``locks/<client_id>.lock``.
 
 One writer per client: a writing session that authenticates bumps the
-client's writer generation (``locks/<client_id>.gen``) and closes the older
+client's writer generation (8 bytes in ``locks/<client_id>.lock``, read and
+written under the lock) and closes the older
 writer of this process with ``Error(SUPERSEDED)``; a writer of another process
 notices the bumped generation at its next store call and is closed the same
 way. Readers never take over, and open the client's files afresh for each
@@ -61,7 +62,7 @@ def now_ms() -> int:
 class ServerCore:
     """What all sessions of one server process share."""
 
-    def __init__(self, data_dir: Path, server_priv: bytes, *, threads: int = 64) -> None:
+    def __init__(self, data_dir: Path, server_priv: bytes, *, threads: int = 16) -> None:
         self.data_dir = data_dir
         self.server_priv = server_priv
         self.store = Store.open(data_dir)
@@ -100,11 +101,9 @@ def _flock(path: Path):  # noqa: ANN202 - context manager
         os.close(fd)  # releases the lock
 
 
-def _read_gen(path: Path) -> int:
-    try:
-        return int(path.read_text() or "0")
-    except (FileNotFoundError, ValueError):
-        return 0
+def _read_gen(fd: int) -> int:
+    raw = os.pread(fd, 8, 0)
+    return int.from_bytes(raw, "big") if len(raw) == 8 else 0
 
 
 class Superseded(Exception):
@@ -223,32 +222,28 @@ class SessionHandler:
         self._flush()
         self.connection_lost()
 
-    def _paths(self) -> tuple[Path, Path]:
+    def _lock_path(self) -> Path:
         assert self.client_id
-        return (self.core.lock_dir / f"{self.client_id}.lock",
-                self.core.lock_dir / f"{self.client_id}.gen")
+        return self.core.lock_dir / f"{self.client_id}.lock"
 
     def _take_over(self) -> tuple[int, Any]:
-        lock, gen = self._paths()
-        with _flock(lock):
-            g = _read_gen(gen) + 1
-            tmp = gen.with_suffix(".gen.tmp")
-            tmp.write_text(str(g))
-            os.replace(tmp, gen)
+        with _flock(self._lock_path()) as fd:
+            g = _read_gen(fd) + 1
+            os.pwrite(fd, g.to_bytes(8, "big"), 0)
             return g, Store.open(self.core.data_dir).client(self.client_id)
 
     def _touch(self) -> None:
-        lock, _ = self._paths()
-        with _flock(lock):
+        with _flock(self._lock_path()):
             self.core.store.client(self.client_id).touch(now_ms())
 
     def _locked(self, fn: Callable[[Any], Any]) -> Callable[[], Any]:
         """Run ``fn(client_store)`` under the cross-process lock (in a worker thread)."""
+        path = self._lock_path()
+
         def call() -> Any:
-            lock, gen = self._paths()
-            with _flock(lock):
+            with _flock(path) as fd:
                 if self.role == Role.WRITER:
-                    if _read_gen(gen) != self._gen:
+                    if _read_gen(fd) != self._gen:
                         raise Superseded()
                     cs = self._client_store
                 else:

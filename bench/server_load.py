@@ -1,0 +1,216 @@
+#!/usr/bin/env python3
+"""One server, many clients: N concurrent clients each writing R changes per second.
+
+A real ``cldcb-server serve`` subprocess on 127.0.0.1; the clients are real
+asyncssh connections from this process, each sending sealed 2 KiB records
+(after the first snapshot every client needs). Measures the time from write
+to ack, counts errors, and compares with the floor: a bare append + fsync
+loop of the same record size on the same disk, measured in the same run.
+
+Target (DESIGN §9): 200 clients × 20 changes/s, no error, p99 ack ≤ 20 ms.
+Prints a table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from cldcb import wire  # noqa: E402
+from cldcb.connection import Connection, ServerAddress, ServerSpec  # noqa: E402
+from cldcb.dataversion import Kind  # noqa: E402
+from cldcb.ids import client_id_from_pubkey, pubkey_of  # noqa: E402
+from cldcb.seal import RecordSealer, SnapshotSealer, item_hash  # noqa: E402
+from cldcb.session import Role  # noqa: E402
+from cldcb.store import Store  # noqa: E402
+
+SERVER = [sys.executable, "-m", "cldcb.server.admin"]
+RECORD = ["INSERT INTO datastore VALUES (x'6b31', x'" + "ab" * 1000 + "', 0)",
+          "UPDATE vars SET intval = intval + 1 WHERE name = 'data_version' AND intval = 1"]
+
+
+def pct(xs: list[float], p: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(len(xs) * p))]
+
+
+def floor_loop(folder: Path, n: int) -> list[float]:
+    """Bare append + fsync of a 2 KiB record, n times."""
+    payload = os.urandom(len("".join(RECORD)) + 100)
+    path = folder / "floor.log"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    out = []
+    try:
+        for _ in range(n):
+            t = time.perf_counter()
+            os.write(fd, payload)
+            os.fsync(fd)
+            out.append((time.perf_counter() - t) * 1e6)
+    finally:
+        os.close(fd)
+        path.unlink()
+    return out
+
+
+def vm_hwm_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+class Run:
+    """Shared state of the load run."""
+
+    def __init__(self) -> None:
+        self.lat: list[float] = []
+        self.errors: list[str] = []
+        self.ready = 0
+        self.gate = asyncio.Event()
+        self.stop_at = 0.0
+
+
+async def one_client(spec: ServerSpec, node_pub: bytes, priv: bytes, rate: float,
+                     run: Run) -> None:
+    try:
+        conn = await Connection.open(spec, priv, Role.WRITER, timeout=120)
+    except Exception as exc:  # noqa: BLE001 - counted, reported
+        run.errors.append(f"connect: {exc}")
+        return
+    try:
+        anchor = os.urandom(32)
+        snap = SnapshotSealer(node_pub, priv, os.urandom(32), 0, anchor)
+        await conn.begin_snapshot(1, 0, anchor)
+        await conn.send_chunk(1, 0, snap.seal_chunk(b"\0" * 4096))
+        await conn.end_snapshot(1, snap.chunk_count, snap.seal_manifest(0))
+        sealer = RecordSealer(node_pub, priv, os.urandom(32))
+        link, dv = anchor, 0
+        run.ready += 1
+        await run.gate.wait()
+        period = 1.0 / rate
+        next_t = time.monotonic() + period * (os.urandom(1)[0] / 255)
+        while True:
+            now = time.monotonic()
+            if now >= run.stop_at:
+                break
+            if next_t > now:
+                await asyncio.sleep(next_t - now)
+            next_t += period
+            dv += 1
+            rec = sealer.seal_change(dv, Kind.NORMAL, link, RECORD, int(time.time() * 1000))
+            t = time.perf_counter()
+            reply = await conn.write(dv, Kind.NORMAL, link, rec)
+            run.lat.append((time.perf_counter() - t) * 1e6)
+            if not isinstance(reply, wire.Ack):
+                run.errors.append(f"not acked: {reply}")
+                return
+            link = item_hash(rec)
+    except Exception as exc:  # noqa: BLE001 - counted, reported
+        run.errors.append(f"{type(exc).__name__}: {exc}")
+    finally:
+        await conn.close()
+
+
+async def load(spec: ServerSpec, node_pub: bytes, privs: list[bytes], rate: float,
+               seconds: float) -> tuple[Run, float]:
+    run = Run()
+    t0 = time.monotonic()
+    tasks = []
+    for i, priv in enumerate(privs):
+        tasks.append(asyncio.create_task(one_client(spec, node_pub, priv, rate, run)))
+        if i % 20 == 19:
+            await asyncio.sleep(0.05)
+    deadline = time.monotonic() + 180
+    while run.ready + len(run.errors) < len(privs) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    setup_s = time.monotonic() - t0
+    run.stop_at = time.monotonic() + seconds
+    run.gate.set()
+    await asyncio.gather(*tasks)
+    return run, setup_s
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--clients", type=int, default=200)
+    ap.add_argument("--rate", type=float, default=20.0, help="changes per second per client")
+    ap.add_argument("--seconds", type=float, default=20.0)
+    args = ap.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="cldcb-bench-"))
+    proc = None
+    try:
+        data = tmp / "data"
+        server_id = subprocess.run([*SERVER, "--data-dir", str(data), "init"], check=True,
+                                   capture_output=True, text=True).stdout.strip()
+        privs = [os.urandom(32) for _ in range(args.clients)]
+        store = Store.open(data)
+        for p in privs:
+            store.add_client(client_id_from_pubkey(pubkey_of(p)))
+        store.close()
+        floor = floor_loop(tmp, 3000)
+        log = open(tmp / "server.log", "wb")  # noqa: SIM115 - closed below
+        proc = subprocess.Popen([*SERVER, "--data-dir", str(data), "serve", "--listen",
+                                 "127.0.0.1:0"], stdout=subprocess.PIPE, stderr=log)
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode()
+        port = int(line.rsplit(":", 1)[1])
+        spec = ServerSpec(ServerAddress("cldcb", "127.0.0.1", port), server_id)
+        node_pub = pubkey_of(os.urandom(32))
+        ru0 = resource.getrusage(resource.RUSAGE_SELF)
+        run, setup_s = asyncio.run(load(spec, node_pub, privs, args.rate, args.seconds))
+        lat, errors = run.lat, run.errors
+        server_rss = vm_hwm_mb(proc.pid)
+        ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    finally:
+        if proc is not None and proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+            proc.wait(30)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    expected = args.clients * args.rate * args.seconds
+    p50, p99 = pct(lat, .5), pct(lat, .99)
+    f50, f99 = pct(floor, .5), pct(floor, .99)
+    print(f"{args.clients} clients x {args.rate:g} changes/s for {args.seconds:g} s "
+          f"(setup {setup_s:.1f} s); {len(lat)} acks of ~{expected:.0f} planned; "
+          f"{len(errors)} errors")
+    print(f"{'':28} {'p50 µs':>10} {'p99 µs':>10} {'max µs':>10}")
+    print(f"{'write → ack via daemon':28} {p50:10.0f} {p99:10.0f} {max(lat or [0]):10.0f}")
+    print(f"{'floor: append + fsync':28} {f50:10.0f} {f99:10.0f} {max(floor):10.0f}")
+    print(f"ratio p50 {p50 / f50:.1f}x, p99 {p99 / f99:.1f}x; target p99 ≤ 20000 µs: "
+          f"{'met' if p99 <= 20000 and not errors else 'NOT met'}")
+    print(f"load generator CPU {ru1.ru_utime - ru0.ru_utime + ru1.ru_stime - ru0.ru_stime:.1f} s;"
+          f" server peak RSS {server_rss:.0f} MB")
+    for e in errors[:5]:
+        print("error:", e)
+    print(json.dumps({
+        "bench": "server_load", "clients": args.clients, "rate": args.rate,
+        "seconds": args.seconds, "acks": len(lat), "errors": len(errors),
+        "p50_us": round(p50), "p99_us": round(p99), "floor_p50_us": round(f50),
+        "floor_p99_us": round(f99), "ratio": round(p50 / f50, 2),
+        "ratio_p99": round(p99 / f99, 2), "target_p99_us": 20000,
+        "peak_rss_mb": round(server_rss, 1),
+        "client_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }))
+
+
+if __name__ == "__main__":
+    main()
