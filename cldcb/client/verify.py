@@ -1,0 +1,198 @@
+"""``cldcb-client verify``: a restore drill against the live database.
+
+1. Read the wrapper (client key, servers, database path) and open the node key
+   (``--hsm-secret`` / ``--passphrase-file`` / ``--alt-hsmd``, as ``recover``);
+   it must be the wrapper's node.
+2. Take a consistent copy of the live database with SQLite's backup API
+   (read-only, in one step, so the copy is one committed state even while
+   lightningd writes), bounded: if lightningd holds an exclusive lock for longer
+   than ``COPY_TIMEOUT`` (a large transaction spilled its cache), stop with an
+   error rather than wait forever. Its ``vars.data_version`` is D.
+3. From every server, rebuild the backup at exactly D (``Fetch(D)``: the newest
+   snapshot at or before D and the records up to D), verifying everything as
+   recovery does (:mod:`cldcb.restore`).
+4. Compare each rebuilt database with the copy: the ``sqlite3`` program's
+   ``.dump`` of both when it is installed (what the tests compare, byte for
+   byte), else Python's ``Connection.iterdump()`` (the same idea, a logical
+   dump in a fixed order: schema, then each table's rows in rowid order).
+   Both are streamed line by line, so memory stays bounded. A difference is
+   reported by the dump line number and the table it is in, never by values.
+
+Scratch files live in a temporary folder inside ``<lightning-dir>/<network>``
+(the node's own folder, so the copies of the database, which hold secrets,
+stay as private as the database itself and on a disk with room for it); it is
+removed at the end. Exit status: 0 when every server's backup equals the live
+database, 1 when one differs or fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import re
+import shutil
+import sqlite3
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import click
+
+from cldcb import restore
+from cldcb.client.cli import main
+from cldcb.client.nodeconfig import NodePaths
+from cldcb.client.recover import (
+    ProgressPrinter,
+    node_dir_options,
+    node_key_options,
+    open_node_key,
+)
+from cldcb.connection import Connection, ServerAddress, ServerSpec
+from cldcb.errors import CldcbError, RecoveryError
+from cldcb.ids import parse_client_id
+from cldcb.nodekey import NodeKey
+from cldcb.plugin.wrapper import WrapperConfig, read_wrapper
+from cldcb.session import Role
+
+COPY_TIMEOUT = 30.0
+_TABLE = re.compile(rb'^(?:INSERT INTO|CREATE TABLE|CREATE INDEX \S+ ON|CREATE UNIQUE INDEX '
+                    rb'\S+ ON|DELETE FROM)\s+("(?:[^"]|"")+"|\'[^\']+\'|[\w$]+)')
+
+
+class _Busy(Exception):
+    pass
+
+
+def copy_live(db: Path, out: Path, timeout: float = COPY_TIMEOUT) -> int:
+    """A consistent copy of ``db`` at ``out`` (backup API, read-only); its data_version."""
+    if not db.is_file():
+        raise CldcbError(f"the database {db} does not exist: nothing to verify")
+    deadline = time.monotonic() + timeout
+
+    def progress(_status: int, _remaining: int, _total: int) -> None:
+        if time.monotonic() > deadline:
+            raise _Busy
+
+    try:
+        src = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=timeout)
+        dst = sqlite3.connect(out)
+        try:
+            src.backup(dst, pages=-1, progress=progress, sleep=0.05)
+            row = dst.execute("SELECT intval FROM vars WHERE name = 'data_version'").fetchone()
+        finally:
+            dst.close()
+            src.close()
+    except _Busy:
+        raise CldcbError(f"{db} stayed locked for {timeout:.0f} s (lightningd is committing a "
+                         "large transaction): run verify again in a moment") from None
+    except sqlite3.Error as exc:
+        raise CldcbError(f"cannot copy {db}: {exc}") from None
+    if row is None:
+        raise CldcbError(f"{db} has no vars.data_version: is it lightningd's database?")
+    return int(row[0])
+
+
+def _dump_lines(db: Path, work: Path) -> Iterator[bytes]:
+    program = shutil.which("sqlite3")
+    if program is None:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            for line in con.iterdump():
+                yield line.encode("utf-8", "surrogateescape") + b"\n"
+        finally:
+            con.close()
+        return
+    out = work / f"{db.name}.dump"
+    with open(out, "wb") as f:
+        done = subprocess.run([program, str(db), ".dump"], stdout=f, stderr=subprocess.PIPE,
+                              check=False, timeout=3600)
+    if done.returncode != 0:
+        raise CldcbError(f"sqlite3 .dump of {db.name} failed: "
+                         f"{done.stderr.decode('utf-8', 'replace').strip()}")
+    try:
+        with open(out, "rb") as f:
+            yield from f
+    finally:
+        out.unlink(missing_ok=True)
+
+
+def compare_method() -> str:
+    return "sqlite3 .dump" if shutil.which("sqlite3") else "Python iterdump"
+
+
+def compare(live: Path, rebuilt: Path, work: Path) -> str | None:
+    """None if the two databases dump identically, else where they first differ."""
+    table = b""
+    for number, (a, b) in enumerate(itertools.zip_longest(_dump_lines(live, work),
+                                                          _dump_lines(rebuilt, work)), 1):
+        m = _TABLE.match(a or b or b"")
+        if m:
+            table = m.group(1)
+        if a != b:
+            where = f" (table {table.decode('utf-8', 'replace')})" if table else ""
+            if a is None or b is None:
+                short = "the live database" if a is None else "the backup"
+                return f"{short} ends early: the dumps differ from line {number}{where}"
+            return f"the dumps differ from line {number}{where}"
+    return None
+
+
+async def _drill(cfg: WrapperConfig, node: NodeKey, live: Path, data_version: int,
+                 work: Path) -> list[tuple[str, str | None]]:
+    results: list[tuple[str, str | None]] = []
+    client_pub = parse_client_id(cfg.client_id)
+    for n, server in enumerate(cfg.servers):
+        spec = ServerSpec(ServerAddress.parse(server.address), server.server_id,
+                          server.host_key)
+        name = str(spec.address)
+        out = work / f"server-{n}.sqlite3"
+        printer = ProgressPrinter(name)
+        try:
+            async with await Connection.open(spec, cfg.client_priv, Role.READER) as conn:
+                await restore.rebuild(conn, node, client_pub, out, at=data_version,
+                                      source=name, progress=printer.progress)
+            printer.done()
+            diff = compare(live, out, work)
+            results.append((name, None if diff is None else f"DIFFERS: {diff}"))
+        except CldcbError as exc:
+            printer.done()
+            results.append((name, f"FAILED: {exc}"))
+        finally:
+            restore.discard(out)
+    return results
+
+
+@main.command()
+@node_dir_options
+@node_key_options
+@click.pass_context
+def verify(ctx: click.Context, lightning_dir: Path, network: str, hsm_secret: Path | None,
+           passphrase_file: Path | None, alt_hsmd: Path | None) -> None:
+    """Restore drill: rebuild the backup at the live database's data_version and compare.
+
+    Exits 1 when a server's backup differs from the live database or cannot be
+    rebuilt.
+    """
+    paths = NodePaths(lightning_dir, network)
+    cfg = read_wrapper(paths.wrapper)
+    db = cfg.database_path(paths.network_dir)
+    with open_node_key(lightning_dir, network, hsm_secret, passphrase_file, alt_hsmd) as node:
+        if node.node_id != cfg.node_id:
+            raise RecoveryError(f"the node key is node {node.node_id}, but the wrapper backs "
+                                f"up node {cfg.node_id}: give this node's hsm_secret")
+        work = Path(tempfile.mkdtemp(prefix=".cldcb-verify-", dir=paths.network_dir))
+        try:
+            live = work / "live.sqlite3"
+            data_version = copy_live(db, live)
+            click.echo(f"live database {db}: data_version {data_version} (consistent copy); "
+                       f"comparing with {compare_method()}")
+            results = asyncio.run(_drill(cfg, node, live, data_version, work))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    for name, problem in results:
+        click.echo(f"server {name}: " + (problem or f"backup at data_version {data_version} "
+                                          "is IDENTICAL to the live database"))
+    if any(problem for _, problem in results):
+        ctx.exit(1)
