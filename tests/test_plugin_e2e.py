@@ -1,0 +1,201 @@
+"""The plugin end to end: simulated lightningd → cldcb-plugin → real server, real traces.
+
+Every test runs real processes (the plugin through its wrapper, the server
+daemon or a private sshd on 127.0.0.1), real SQLite files, and checks the
+outcome by fetching what the server holds as the client, unsealing it with
+the node key, verifying the chain and rebuilding: the ``sqlite3 .dump`` must
+be byte-identical to the real node's.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from simlightningd import NodeStopped, SimLightningd
+from test_plugin_harness import (
+    Keys,
+    Target,
+    assert_no_stray_copies,
+    logs_matching,
+    make_node,
+    new_keys,
+    plugin_status,
+    restore,
+    restored_dump,
+    server_status,
+    vm_hwm_mb,
+)
+from traces import TRACES, expected_dump, load_trace, sqlite_dump
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Target]:
+    t = Target.new_daemon(tmp_path / "server")
+    yield t
+    t.stop()
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
+    t = Target.new_sshd(tmp_path_factory.mktemp("sshd"))
+    yield t
+    t.stop()
+
+
+def play(node: SimLightningd, name: str, **kw: object) -> None:
+    node.start()
+    try:
+        node.run_trace(load_trace(name), **kw)  # type: ignore[arg-type]
+    finally:
+        node.close()
+
+
+def check_final(node: SimLightningd, targets: list[Target], keys: Keys, name: str,
+                tmp: Path) -> None:
+    want = expected_dump(name)
+    assert sqlite_dump(node.db_path) == want, "the simulated node itself diverged"
+    for i, t in enumerate(targets):
+        assert restored_dump(t, keys, tmp / f"restored-{i}.sqlite3") == want, f"server {i}"
+
+
+@pytest.mark.parametrize("name", TRACES)
+def test_trace_through_the_daemon(name: str, daemon: Target, tmp_path: Path) -> None:
+    keys = new_keys()
+    node = make_node(tmp_path, keys, [daemon])
+    play(node, name)
+    check_final(node, [daemon], keys, name, tmp_path)
+    answered = [c for c in node.calls if c.outcome != "uncommitted"]
+    assert all(c.outcome == "committed" for c in answered)
+    # the first call was a first contact: a blocking snapshot, then the chain
+    assert logs_matching(node, "blocking snapshot (first contact")
+    assert len(logs_matching(node, "blocking snapshot")) == 1, node.log_messages()
+    status = plugin_status(node)
+    assert status["running"] is False
+    assert status["data_version"] == load_trace(name)[-1][0]
+    assert status["servers"][0]["last_acked_data_version"] == status["data_version"]
+    assert_no_stray_copies(node)
+
+
+@pytest.mark.parametrize("name", TRACES)
+def test_trace_through_sshd(name: str, sshd: Target, tmp_path: Path) -> None:
+    keys = new_keys()
+    node = make_node(tmp_path, keys, [sshd])
+    play(node, name)
+    check_final(node, [sshd], keys, name, tmp_path)
+    assert len(logs_matching(node, "blocking snapshot")) == 1, node.log_messages()
+
+
+def test_an_existing_database_gets_the_plugin(daemon: Target, tmp_path: Path) -> None:
+    name = "cln-workload"
+    trace = load_trace(name)
+    half = len(trace) // 2
+    keys = new_keys()
+    node = make_node(tmp_path, keys, [daemon])
+    node.start(plugin=False)                      # no plugin yet: nothing is hooked
+    node.run_trace(trace, stop=half)
+    node.close()
+    assert not node.calls[-1].answered_at
+    node.start()                                  # now with the plugin
+    try:
+        node.run_trace(trace, start=half, init_after=half + 1)
+    finally:
+        node.close()
+    snaps = logs_matching(node, "blocking snapshot")
+    assert len(snaps) == 1 and f"db_write {trace[half][0]}: blocking snapshot" in snaps[0]
+    check_final(node, [daemon], keys, name, tmp_path)
+
+
+def test_exclusive_lock_hazard_fails_a_blocking_snapshot_fast(daemon: Target,
+                                                              tmp_path: Path) -> None:
+    """A spilled transaction holds the EXCLUSIVE lock: the first-contact copy cannot be
+    read. No hang: the hook fails at once, lightningd stops without committing; at the
+    next start (a small transaction) the snapshot succeeds."""
+    name = "cln-workload"
+    trace = load_trace(name)
+    at = 615                 # an 11 kB datastore batch: spills a 10-page cache
+    keys = new_keys()
+    node = make_node(tmp_path, keys, [daemon])
+    node.start(plugin=False)
+    node.run_trace(trace, stop=at)
+    node.close()
+    before = node.committed_data_version()
+    node.cache_size = 10
+    node.start()
+    started = time.monotonic()
+    with pytest.raises(NodeStopped) as stopped:
+        node.run_trace(trace, start=at, init_after=at + 1)
+    elapsed = time.monotonic() - started
+    node.crash()
+    assert elapsed < 15, f"the hook took {elapsed:.1f} s: it must not wait on the lock"
+    assert "exclusively locked" in stopped.value.reason
+    assert node.calls[-1].outcome == "refused"
+    assert node.committed_data_version() == before
+    assert not server_status(daemon, keys).has_tip
+    node.cache_size = None
+    node.start()
+    try:
+        node.run_trace(trace, start=at, init_after=at + 1)
+    finally:
+        node.close()
+    check_final(node, [daemon], keys, name, tmp_path)
+
+
+def make_big_database(path: Path, size_mb: int, data_version: int) -> None:
+    """A database shaped like lightningd's (``vars.data_version``) of about ``size_mb`` MiB
+    of incompressible rows."""
+    con = sqlite3.connect(path, isolation_level=None)
+    con.execute("PRAGMA journal_mode = DELETE")
+    con.execute("CREATE TABLE vars (name VARCHAR(32), val VARCHAR(255), intval INTEGER, "
+                "blobval BLOB, PRIMARY KEY (name))")
+    con.execute("INSERT INTO vars (name, intval) VALUES ('data_version', ?)", (data_version,))
+    con.execute("CREATE TABLE filler (id INTEGER PRIMARY KEY, data BLOB)")
+    con.execute("BEGIN")
+    for i in range(size_mb * 16):
+        con.execute("INSERT INTO filler VALUES (?, ?)", (i, os.urandom(65536 - 200)))
+    con.execute("COMMIT")
+    con.close()
+
+
+def content_digest(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    con = sqlite3.connect(path)
+    for (row,) in con.execute("SELECT data FROM filler ORDER BY id"):
+        h.update(row)
+    h.update(str(con.execute("SELECT intval FROM vars WHERE name='data_version'")
+                 .fetchone()[0]).encode())
+    con.close()
+    return h.hexdigest()
+
+
+@pytest.mark.slow
+def test_a_256_mib_snapshot_streams_in_bounded_memory(daemon: Target, tmp_path: Path) -> None:
+    keys = new_keys()
+    node = make_node(tmp_path, keys, [daemon])
+    make_big_database(node.db_path, 256, 41)
+    assert node.db_path.stat().st_size > 256 * 1024 * 1024
+    node.start()
+    node.init()
+    try:
+        call = node.db_write(42, ["UPDATE vars SET intval = intval + 1 WHERE "
+                                  "name = 'data_version' AND intval = 41"])
+        assert call.outcome == "committed"
+        assert node.plugin is not None
+        plugin_mb = vm_hwm_mb(node.plugin.pid)
+        server_mb = vm_hwm_mb(daemon.pid)
+    finally:
+        node.close()
+    print(f"snapshot of {node.db_path.stat().st_size >> 20} MiB in {call.latency:.1f} s; "
+          f"peak RSS plugin {plugin_mb:.0f} MB, server {server_mb:.0f} MB")
+    assert plugin_mb < 150, f"plugin peak RSS {plugin_mb:.0f} MB"
+    assert server_mb < 150, f"server peak RSS {server_mb:.0f} MB"
+    out = tmp_path / "restored.sqlite3"
+    rebuilt = restore(daemon, keys, out)
+    assert rebuilt.data_version == 42 and rebuilt.snapshot_data_version == 41
+    assert content_digest(out) == content_digest(node.db_path)
