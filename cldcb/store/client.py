@@ -109,7 +109,8 @@ class ClientStore:
     def _ready(self, *, write: bool = False) -> None:
         """Before each call: notice removal, new settings, writes by another instance."""
         if self.closed:
-            raise StoreError(f"the store of client {self.client_id} was closed")
+            raise StoreError(f"the store of client {self.client_id} was closed (the client "
+                             "was removed, or the server is stopping)")
         if write and self.readonly:
             raise StoreError(f"the store of client {self.client_id} is open read-only")
         key = self._stat_settings()
