@@ -1,0 +1,187 @@
+"""``cldcb-client install --ssh [USER@]HOST[:PORT]``: the single-step setup.
+
+1. the node's part first (signature from the running node, or its key from
+   ``hsm_secret``/``--alt-hsmd``), with a client key made in memory: a failure
+   here changes nothing anywhere;
+2. the admin's SSH login to the server host (:mod:`cldcb.client.ssh_setup`:
+   ~/.ssh/config, known_hosts with explicit confirmation of an unknown host,
+   agent, keys, password / keyboard-interactive prompts) and
+   ``cldcb-server add CLIENT_ID --json`` there (a key whose forced command is
+   ``cldcb-server forced --allow add`` can do exactly that);
+3. the address the plugin uses: ``--server``, else the public address from
+   ``add --json``, else ``ssh://`` to the account set up through. In that last
+   case the client's derived SSH key must be let in: its ``authorized_keys``
+   line (forced command ``cldcb-server stdio --client …``) is added to the
+   account's ``~/.ssh/authorized_keys`` when the account has a shell;
+   otherwise the line is printed, with what to do (on a terminal, the setup
+   waits for it);
+4. what ``installplugin`` does (:func:`cldcb.client.install.run_install`).
+
+The client key is written nowhere but the wrapper. If the setup stops after
+the client was added on the server, the error names the client to remove
+there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import click
+
+from cldcb.cli_common import stdin_is_terminal
+from cldcb.client.cli import main
+from cldcb.client.install import (
+    DEFAULT_WAIT,
+    Echo,
+    Install,
+    KeySource,
+    ask,
+    check_existing_wrapper,
+    echo_out,
+    lightning_dir_of,
+    node_dir_options,
+    node_side,
+    run_install,
+)
+from cldcb.client.nodeconfig import NodePaths
+from cldcb.client.recover import node_key_options, server_specs
+from cldcb.client.ssh_setup import SetupConnection, SshTarget, resolve
+from cldcb.connection import Connection, ServerAddress, ServerSpec
+from cldcb.errors import AuthError, CldcbError, UsageError
+from cldcb.ids import client_id_from_pubkey, new_privkey, pubkey_of
+from cldcb.plugin.wrapper import DEFAULT_OUTAGE_LIMIT, read_wrapper
+from cldcb.rpc import LightningRpc
+from cldcb.session import Role
+from cldcb.sshkeys import authorized_keys_line
+
+_FILE = click.Path(path_type=Path, dir_okay=False)
+
+def _server_spec(address: ServerAddress, server_id: str, setup: SetupConnection) -> ServerSpec:
+    """The spec of the backup server; an ssh:// server on the setup host is pinned to the
+    host key seen (and confirmed) by the setup login, any other to known_hosts."""
+    t = setup.target
+    if address.scheme == "ssh" and (address.host, address.port) == (t.hostname, t.port):
+        return ServerSpec(address, server_id, setup.host_key)
+    return server_specs([str(address)], [server_id])[0]
+
+
+async def _probe(spec: ServerSpec, client_priv: bytes) -> None:
+    async with await Connection.open(spec, client_priv, Role.READER) as conn:
+        await conn.status()
+
+
+def _wait_until_authorized(spec: ServerSpec, client_priv: bytes, line: str, setup_user: str,
+                           echo: Echo) -> None:
+    """Check the client's SSH key gets in; if not, show the line to add and (on a
+    terminal) wait for the operator to add it."""
+    while True:
+        try:
+            asyncio.run(_probe(spec, client_priv))
+            return
+        except AuthError as exc:
+            reason = str(exc)
+        echo(f"The client's SSH key is not let into {spec.address} ({reason}).\n"
+             f"Add this line to the authorized_keys of {spec.address.user or setup_user} "
+             f"there:\n\n{line}\n")
+        if not stdin_is_terminal():
+            raise UsageError(
+                f"the client's SSH key must be in the authorized_keys of {spec.address} "
+                "(see the line above), and this account does not let cldcb add it. Add it "
+                "and run install again on a terminal, or give --server with the address of "
+                "a `cldcb-server serve` daemon")
+        answer = click.prompt("Press Enter once it is there (q to stop)", default="",
+                              show_default=False, err=True)
+        if answer.strip().lower() == "q":
+            raise UsageError("stopped")
+
+
+@main.command()
+@node_dir_options
+@click.option("--ssh", "ssh_target", default=None, metavar="[USER@]HOST[:PORT]",
+              help="The server host to set up through (an ~/.ssh/config alias works).")
+@click.option("--server", "server", default=None, metavar="ADDR",
+              help="Address the plugin uses [default: the server's public address from "
+                   "`add --json`, else ssh:// to the host set up through].")
+@click.option("--ssh-config", type=_FILE, default=None,
+              help="OpenSSH client config to use [default: ~/.ssh/config].")
+@click.option("--accept-host-key", default=None, metavar="SHA256:…",
+              help="Trust an unknown host whose key has exactly this fingerprint (it is "
+                   "added to known_hosts). --yes does not accept host keys.")
+@click.option("--server-command", default="cldcb-server", show_default=True,
+              help="How to run cldcb-server on the host (a forced `forced --allow add` key "
+                   "accepts only the default).")
+@click.option("--outage-limit", type=float, default=DEFAULT_OUTAGE_LIMIT, show_default=True,
+              help="Seconds lightningd waits for the server before the plugin makes it stop.")
+@node_key_options
+@click.option("--wait", "wait", type=float, default=DEFAULT_WAIT, show_default=True,
+              help="Seconds to wait for the first snapshot when lightningd is running.")
+@click.option("--yes", is_flag=True, help="Answer yes to confirmations about this node.")
+def install(lightning_dir: Path | None, network: str, ssh_target: str | None, server: str | None,
+            ssh_config: Path | None, accept_host_key: str | None, server_command: str,
+            outage_limit: float, hsm_secret: Path | None, passphrase_file: Path | None,
+            alt_hsmd: Path | None, wait: float, yes: bool) -> None:
+    """Single-step setup: register a new client on a server over SSH and install the plugin.
+
+    The client key is made in memory and written nowhere but the wrapper.
+    """
+    echo = echo_out
+    lightning_dir = lightning_dir_of(lightning_dir)
+    target = resolve(SshTarget.parse(ask(ssh_target, "--ssh", "Server host "
+                                         "([USER@]HOST[:PORT])")), ssh_config)
+    backup_address = ServerAddress.parse(server) if server else None
+    paths = NodePaths(lightning_dir, network)
+    if not paths.network_dir.is_dir():
+        raise UsageError(f"{paths.network_dir} does not exist: check --lightning-dir and "
+                         "--network")
+    client_priv = new_privkey()
+    client_id = client_id_from_pubkey(pubkey_of(client_priv))
+    check_existing_wrapper(paths, client_id, yes)
+    rpc = LightningRpc.for_node(lightning_dir, network)
+    node = node_side(paths, client_priv, rpc, KeySource(hsm_secret, passphrase_file, alt_hsmd),
+                     echo)
+    interactive = stdin_is_terminal()
+    echo(f"connecting to {target.user}@{target.hostname}:{target.port}")
+    with SetupConnection(target, accept_host_key=accept_host_key, interactive=interactive,
+                         echo=echo) as setup:
+        added = setup.add_client(client_id, server_command)
+        echo(f"added client {client_id} on {target.hostname} (server {added.server_id})")
+        try:
+            if backup_address is None:
+                backup_address = (ServerAddress.parse(added.public_address)
+                                  if added.public_address else
+                                  ServerAddress("ssh", target.hostname, target.port,
+                                                target.user))
+            spec = _server_spec(backup_address, added.server_id, setup)
+            line = authorized_keys_line(client_priv, client_id, server_command)
+            if spec.address.scheme == "ssh":
+                same_account = (spec.address.host, spec.address.port, spec.address.user) == (
+                    target.hostname, target.port, target.user)
+                if same_account and setup.authorize(line):
+                    echo(f"added the client's SSH key (forced command `{server_command} "
+                         f"stdio --client {client_id[:12]}…`) to ~/.ssh/authorized_keys "
+                         f"of {target.user}")
+        except CldcbError as exc:
+            raise type(exc)(f"{exc}\n(client {client_id} was added on {target.hostname}; "
+                            f"remove it there with `cldcb-server remove {client_id}`)") from None
+    echo(f"the plugin will use {spec.address}")
+    try:
+        if spec.address.scheme == "ssh":
+            _wait_until_authorized(spec, client_priv, line, target.user, echo)
+        run_install(Install(paths, client_priv, [spec], None, outage_limit, wait), node,
+                    rpc, echo)
+    except CldcbError as exc:
+        if paths.wrapper.exists() and _holds(paths, client_id):
+            raise
+        raise type(exc)(f"{exc}\n(client {client_id} was added on {target.hostname} but "
+                        "nothing was installed here; remove it there with "
+                        f"`cldcb-server remove {client_id}`)") from None
+    echo(f"done: client {client_id} backs up this node to {spec.address}. Its key is only "
+         f"in {paths.wrapper}.")
+
+
+def _holds(paths: NodePaths, client_id: str) -> bool:
+    try:
+        return read_wrapper(paths.wrapper).client_id == client_id
+    except CldcbError:
+        return False
