@@ -55,7 +55,8 @@ is committed.
 The *tip* is the newest thing held: the newest record (``Tip(data_version,
 kind, hash, link)``) or, when a fresh snapshot has no record after it yet,
 that snapshot's anchor (``Tip(data_version, NORMAL, anchor, link=32 zero
-bytes, is_snapshot=True)``). :meth:`ClientStore.append` asks
+bytes, is_snapshot=True)``; ``Status.tip_link`` is then zero, which no record's
+link is). :meth:`ClientStore.append` asks
 :func:`cldcb.dataversion.decide` about the record:
 
 - no tip (nothing held), a SNAPSHOT decision, or a link other than the one

@@ -144,7 +144,8 @@ class ClientStore:
         return self.log.bytes_after(newest.start) > newest.size
 
     def status(self) -> wire.Status:
-        """What this server holds for the client."""
+        """What this server holds for the client. ``tip_link`` is 32 zero bytes when the
+        tip is a snapshot's anchor (no record after it yet)."""
         self._ready()
         t = self.tip
         snap = self.snapshots[-1] if self.snapshots else None

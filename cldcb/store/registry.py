@@ -86,7 +86,8 @@ class Store:
 
     def add_client(self, client_id: str, *, quota: int | None = None,
                    append_only: bool = False, generations: int = 2) -> ClientInfo:
-        """Register a client, or change its settings (the same settings: nothing to do)."""
+        """Register a client, or change its settings (the same settings: nothing is
+        written). ``quota`` None or 0 means no quota."""
         cid = check_client_id(client_id)
         settings = Settings(quota=quota or None, append_only=append_only,
                             generations=generations)
