@@ -15,8 +15,9 @@ client's writer generation (8 bytes in ``locks/<client_id>.lock``, read and
 written under the lock) and closes the older
 writer of this process with ``Error(SUPERSEDED)``; a writer of another process
 notices the bumped generation at its next store call and is closed the same
-way. Readers never take over, and open the client's files afresh for each
-request so they always see what writers made durable.
+way. Readers never take over. Each process keeps one
+:class:`~cldcb.store.ClientStore` per client, which notices before each call
+when another process changed the client's files and reloads them.
 
 An ``Ack`` is sent only after the store returned from ``append``, which
 returns only once the record is fsynced; a ``SnapshotAck`` only after the
@@ -124,7 +125,6 @@ class SessionHandler:
                                      allow_anonymous=allow_anonymous)
         self._queue: asyncio.Queue[Authenticated | Received | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
-        self._client_store: Any = None
         self._gen = 0
         self._upload: Any = None
         self._upload_id = -1
@@ -211,7 +211,7 @@ class SessionHandler:
             if old is not None and old is not self:
                 old.supersede()
             async with self.core.lock(ev.client_id):
-                self._gen, self._client_store = await self.core.run(self._take_over)
+                self._gen = await self.core.run(self._take_over)
         async with self.core.lock(ev.client_id):
             await self.core.run(self._touch)
 
@@ -226,11 +226,11 @@ class SessionHandler:
         assert self.client_id
         return self.core.lock_dir / f"{self.client_id}.lock"
 
-    def _take_over(self) -> tuple[int, Any]:
+    def _take_over(self) -> int:
         with _flock(self._lock_path()) as fd:
             g = _read_gen(fd) + 1
             os.pwrite(fd, g.to_bytes(8, "big"), 0)
-            return g, Store.open(self.core.data_dir).client(self.client_id)
+            return g
 
     def _touch(self) -> None:
         with _flock(self._lock_path()):
@@ -242,13 +242,9 @@ class SessionHandler:
 
         def call() -> Any:
             with _flock(path) as fd:
-                if self.role == Role.WRITER:
-                    if _read_gen(fd) != self._gen:
-                        raise Superseded()
-                    cs = self._client_store
-                else:
-                    cs = Store.open(self.core.data_dir).client(self.client_id)
-                return fn(cs)
+                if self.role == Role.WRITER and _read_gen(fd) != self._gen:
+                    raise Superseded()
+                return fn(self.core.store.client(self.client_id))
         return call
 
     async def _store(self, fn: Callable[[Any], Any]) -> Any:
@@ -284,7 +280,7 @@ class SessionHandler:
             s.send(wire.Ok())
         elif isinstance(msg, wire.SnapshotChunk):
             up = self._current_upload(msg.snapshot_id)
-            await self.core.run(up.add_chunk, msg.index, msg.sealed)
+            await self._store(lambda cs: up.add_chunk(msg.index, msg.sealed))
             s.send(wire.ChunkAck(msg.snapshot_id, msg.index))
         elif isinstance(msg, wire.SnapshotEnd):
             up = self._current_upload(msg.snapshot_id)
@@ -319,7 +315,7 @@ class SessionHandler:
         count = 0
         for source in (plan.chunks(), plan.records()):
             while True:
-                item = await self.core.run(next, source, None)
+                item = await self._store(lambda _cs, src=source: next(src, None))
                 if item is None:
                     break
                 if isinstance(item, wire.FetchRecord):
@@ -328,3 +324,4 @@ class SessionHandler:
                 self._flush()
                 await self.sink.drain()
         s.send(wire.FetchEnd(count))
+        await self._store(lambda _cs: plan.close())
