@@ -311,17 +311,21 @@ class SessionHandler:
             s.send(wire.Error(int(ErrorCode.NOT_FOUND), "this server holds no complete "
                                                          "snapshot for this client"))
             return
-        s.send(plan.snapshot)
-        count = 0
-        for source in (plan.chunks(), plan.records()):
-            while True:
-                item = await self._store(lambda _cs, src=source: next(src, None))
-                if item is None:
-                    break
-                if isinstance(item, wire.FetchRecord):
-                    count += 1
-                s.send(item)
-                self._flush()
-                await self.sink.drain()
-        s.send(wire.FetchEnd(count))
-        await self._store(lambda _cs: plan.close())
+        try:
+            s.send(plan.snapshot)
+            count = 0
+            for source in (plan.chunks(), plan.records()):
+                while True:
+                    item = await self._store(lambda _cs, src=source: next(src, None))
+                    if item is None:
+                        break
+                    if self.session.closed:
+                        return
+                    if isinstance(item, wire.FetchRecord):
+                        count += 1
+                    s.send(item)
+                    self._flush()
+                    await self.sink.drain()
+            s.send(wire.FetchEnd(count))
+        finally:
+            await self._store(lambda _cs: plan.close())
