@@ -122,20 +122,29 @@ def compare_method() -> str:
     return "sqlite3 .dump" if shutil.which("sqlite3") else "Python iterdump"
 
 
+def _table_of(line: bytes | None) -> bytes:
+    m = _TABLE.match(line or b"")
+    return m.group(1).strip(b"\"'") if m else b""
+
+
 def compare(live: Path, rebuilt: Path, work: Path) -> str | None:
-    """None if the two databases dump identically, else where they first differ."""
-    table = b""
+    """None if the two databases dump identically, else where they first differ.
+
+    The table named is the one both differing lines belong to, else the one the
+    dumps were in when they parted (a row only one side has).
+    """
+    context = b""
     for number, (a, b) in enumerate(itertools.zip_longest(_dump_lines(live, work),
                                                           _dump_lines(rebuilt, work)), 1):
-        m = _TABLE.match(a or b or b"")
-        if m:
-            table = m.group(1)
-        if a != b:
-            where = f" (table {table.decode('utf-8', 'replace')})" if table else ""
-            if a is None or b is None:
-                short = "the live database" if a is None else "the backup"
-                return f"{short} ends early: the dumps differ from line {number}{where}"
-            return f"the dumps differ from line {number}{where}"
+        if a == b:
+            context = _table_of(a) or context
+            continue
+        table = _table_of(a) if _table_of(a) == _table_of(b) and _table_of(a) else context
+        where = f" (table {table.decode('utf-8', 'replace')})" if table else ""
+        if a is None or b is None:
+            short = "the live database" if a is None else "the backup"
+            return f"{short} ends early: the dumps differ from line {number}{where}"
+        return f"the dumps differ from line {number}{where}"
     return None
 
 
