@@ -67,6 +67,14 @@ def floor_loop(folder: Path, n: int) -> list[float]:
     return out
 
 
+def cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
 def vm_hwm_mb(pid: int) -> float:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -179,6 +187,7 @@ def main() -> None:
         run, setup_s = asyncio.run(load(spec, node_pub, privs, args.rate, args.seconds))
         lat, errors = run.lat, run.errors
         server_rss = vm_hwm_mb(proc.pid)
+        server_cpu = cpu_seconds(proc.pid)
         ru1 = resource.getrusage(resource.RUSAGE_SELF)
     finally:
         if proc is not None and proc.poll() is None:
@@ -198,7 +207,8 @@ def main() -> None:
     print(f"ratio p50 {p50 / f50:.1f}x, p99 {p99 / f99:.1f}x; target p99 ≤ 20000 µs: "
           f"{'met' if p99 <= 20000 and not errors else 'NOT met'}")
     print(f"load generator CPU {ru1.ru_utime - ru0.ru_utime + ru1.ru_stime - ru0.ru_stime:.1f} s;"
-          f" server peak RSS {server_rss:.0f} MB")
+          f" server CPU {server_cpu:.1f} s ({server_cpu / max(1, len(lat)) * 1e6:.0f} µs per ack "
+          f"incl. setup); server peak RSS {server_rss:.0f} MB")
     for e in errors[:5]:
         print("error:", e)
     print(json.dumps({
