@@ -213,7 +213,11 @@ class SimRpcNode:
                 self.sim.wrapper = Path(str(path))
                 self.sim.important = False
                 self.sim.initialized = False  # a plugin started at run time gets init
-                self.sim.start_plugin(init=True)
+                try:
+                    self.sim.start_plugin(init=True)
+                except OSError as exc:
+                    self.sim.plugin = None
+                    raise _RpcError(PLUGIN_ERROR, f"{path}: {exc.strerror}") from None
                 if self.sim.plugin is None:
                     raise _RpcError(PLUGIN_ERROR, f"{path}: exited before replying to "
                                     "getmanifest")
