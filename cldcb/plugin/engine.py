@@ -230,6 +230,9 @@ class Engine:
                 copy.anchor, copy.next_seq, copy.fresh = anchor, seq + 1, True
                 self.copies.append(copy)
                 hook.copy = copy
+                for server in self.links:
+                    if server.connected:
+                        server.reserve(copy)
                 self._wake_links()
             assert decision.link is not None
             link = decision.link
@@ -334,6 +337,9 @@ class Engine:
         copy.anchor, copy.next_seq = hook.anchor, hook.next_seq
         hook.copy = copy
         self.copies.append(copy)
+        for link in self.links:
+            if link.connected and link.needs_copy:
+                link.reserve(copy)
         self._wake_links()
 
     def _outage_text(self, dv: int, doing: str) -> str:

@@ -39,6 +39,7 @@ class MessageDecoder:
     def __init__(self, max_message: int = MAX_MESSAGE) -> None:
         self._utf8 = codecs.getincrementaldecoder("utf-8")("strict")
         self._buf = ""
+        self._open = False      # a message has started and is not complete yet
         self._max = max_message
 
     def feed(self, data: bytes) -> list[dict[str, Any]]:
@@ -50,6 +51,11 @@ class MessageDecoder:
             return []
         self._buf += text
         if "}" not in text:
+            if not self._open:
+                head = text.lstrip(_WS)[:1]
+                if head and head != "{":
+                    raise ProtocolError(f"expected a JSON object, got {text.lstrip()[:20]!r}")
+                self._open = bool(head)
             if len(self._buf) > self._max:
                 raise ProtocolError(f"a JSON-RPC message is larger than {self._max} bytes")
             return []
@@ -76,6 +82,7 @@ class MessageDecoder:
             out.append(obj)
             pos = end
         self._buf = buf[pos:]
+        self._open = pos < n
         if len(self._buf) > self._max:
             raise ProtocolError(f"a JSON-RPC message is larger than {self._max} bytes "
                                 "or is malformed")

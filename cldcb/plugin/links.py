@@ -90,6 +90,9 @@ class ServerLink:
         self.held_dv: int | None = None
         self.needs_copy = False
         self.catching_up: LocalCopy | None = None
+        self.reserved: LocalCopy | None = None
+        self.sent_seq = -1                   # newest log position written to this server
+        self.want_ignored_until = -1         # acks up to here predate the last compaction
         self.snapshot_kind: str | None = None
         self.snapshot_sent = 0
         self.wants_compaction = False
@@ -184,6 +187,9 @@ class ServerLink:
 
     async def _drop(self) -> None:
         self.connected = False
+        if self.reserved is not None:
+            self.reserved.release()
+            self.reserved = None
         conn, self.conn = self.conn, None
         if conn is not None:
             try:
@@ -228,8 +234,12 @@ class ServerLink:
                 continue
             if not log.holds(self.pos):
                 self.pos = None
-                copy = eng.usable_copy()
-                if copy is None or time.monotonic() < self.next_copy_at:
+                copy = self._take_reserved()
+                if copy is None and time.monotonic() >= self.next_copy_at:
+                    copy = eng.usable_copy()
+                    if copy is not None:
+                        copy.acquire()
+                if copy is None:
                     if not self.needs_copy:
                         self.needs_copy = True
                         eng.changed()
@@ -246,6 +256,7 @@ class ServerLink:
                 continue
             tasks = [(e, asyncio.ensure_future(conn.write(e.data_version, int(e.kind), e.link,
                                                           e.sealed))) for e in entries]
+            self.sent_seq = entries[-1].seq
             try:
                 for e, t in tasks:
                     res = await t
@@ -256,7 +267,8 @@ class ServerLink:
                         self.last_ack_at = time.time()
                         self.catchup_backoff = 0.0
                         self.next_copy_at = 0.0
-                        if res.want_snapshot:
+                        if res.want_snapshot and self.compaction is None \
+                                and e.seq > self.want_ignored_until:
                             self.wants_compaction = True
                         eng.changed()
                     else:
@@ -284,9 +296,26 @@ class ServerLink:
         except TimeoutError:
             pass
 
-    async def _catch_up(self, conn: ServerConnection, copy: LocalCopy) -> None:
-        eng = self.engine
+    def reserve(self, copy: LocalCopy) -> None:
+        """Keep ``copy`` for this server (it needs a snapshot and the hook may end first)."""
+        if self.reserved is copy:
+            return
+        if self.reserved is not None:
+            self.reserved.release()
         copy.acquire()
+        self.reserved = copy
+
+    def _take_reserved(self) -> LocalCopy | None:
+        copy, self.reserved = self.reserved, None
+        log = self.engine.log
+        if copy is not None and (log is None or not log.holds(copy.next_seq - 1)):
+            copy.release()
+            return None
+        return copy
+
+    async def _catch_up(self, conn: ServerConnection, copy: LocalCopy) -> None:
+        """Upload ``copy`` (acquired for this link; released here) and move on after it."""
+        eng = self.engine
         self.catching_up = copy
         self.snapshot_kind = "blocking" if eng.hook_blocking else "catch-up"
         self.snapshot_sent = 0
@@ -343,10 +372,14 @@ class ServerLink:
             self.compaction_sent = sent
             eng.changed()
 
+        def before_end() -> None:
+            # writes answered before the server sees SnapshotEnd may still ask for one
+            self.want_ignored_until = self.sent_seq
+
         try:
             await upload_snapshot(conn, copy, node_pub=eng.node_pub, client_priv=eng.client_priv,
                                   chunk_size=eng.chunk_size, chunk_delay=eng.chunk_delay,
-                                  on_progress=progress)
+                                  on_progress=progress, before_end=before_end)
             self.wants_compaction = False
             eng.emit("info", f"server {self.name}: compaction snapshot at data_version "
                              f"{copy.data_version} is durable "

@@ -226,6 +226,7 @@ async def upload_snapshot(conn: SnapshotTarget, copy: LocalCopy, *, node_pub: by
                           window: int = WINDOW, chunk_delay: float = 0.0,
                           still_wanted: Callable[[], bool] | None = None,
                           on_progress: Callable[[int, int], None] | None = None,
+                          before_end: Callable[[], None] | None = None,
                           ) -> wire.SnapshotAck:
     """Seal and stream ``copy`` to ``conn``; returns the server's ``SnapshotAck``.
 
@@ -271,4 +272,6 @@ async def upload_snapshot(conn: SnapshotTarget, copy: LocalCopy, *, node_pub: by
         await asyncio.gather(*pending, return_exceptions=True)
         raise
     manifest = sealer.seal_manifest(int(time.time() * 1000))
+    if before_end is not None:
+        before_end()
     return await conn.end_snapshot(snapshot_id, sealer.chunk_count, manifest)

@@ -1,0 +1,343 @@
+"""The backup engine against in-memory fake servers (unit tests only: the must-show
+tests in test_plugin_e2e.py / test_plugin_faults.py use the real server).
+
+The fake keeps a chain the way the real store does: a write that does not continue
+it is answered NeedSnapshot; a snapshot anchored at a record it holds leaves the tip
+alone, any other anchor becomes the tip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from cldcb import wire
+from cldcb.dataversion import Action, Kind, Tip, decide
+from cldcb.errors import TransportError
+from cldcb.ids import client_id_from_pubkey, new_privkey, node_id_from_pubkey, pubkey_of
+from cldcb.ids import server_id_from_pubkey as sid
+from cldcb.plugin.engine import Engine
+from cldcb.plugin.wrapper import ServerEntry, WrapperConfig
+from cldcb.seal import ZERO_HASH, item_hash
+
+CLIENT = new_privkey()
+NODE = new_privkey()
+
+
+class FakeServer:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.tip: Tip | None = None
+        self.hashes: set[bytes] = set()
+        self.records: list[tuple[int, Kind, bytes]] = []
+        self.snapshots: list[tuple[int, bytes]] = []
+        self.up = True
+        self.want_snapshot = False
+        self.conns: list[FakeConn] = []
+        self.write_delay = 0.0
+
+    def drop(self) -> None:
+        for c in self.conns:
+            c.closed = True
+        self.conns.clear()
+
+
+class FakeConn:
+    def __init__(self, server: FakeServer) -> None:
+        self.s = server
+        self.closed = False
+        self._snap: tuple[int, bytes] | None = None
+
+    @property
+    def is_closed(self) -> bool:
+        return self.closed
+
+    def _check(self) -> None:
+        if self.closed or not self.s.up:
+            self.closed = True
+            raise TransportError(f"{self.s.name}: connection lost")
+
+    async def status(self) -> wire.Status:
+        self._check()
+        t = self.s.tip
+        return wire.Status(t is not None, t.data_version if t else 0, int(t.kind) if t else 0,
+                           t.hash if t else ZERO_HASH,
+                           (ZERO_HASH if t.is_snapshot else t.link) if t else ZERO_HASH,
+                           0, -1, 0, 0, 0, False, self.s.want_snapshot, 2)
+
+    async def write(self, dv: int, kind: int, link: bytes,
+                    sealed: bytes) -> wire.Ack | wire.NeedSnapshot:
+        self._check()
+        if self.s.write_delay:
+            await asyncio.sleep(self.s.write_delay)
+            self._check()
+        d = decide(self.s.tip, dv, Kind(kind))
+        if d.action is Action.SNAPSHOT or d.link != link:
+            return wire.NeedSnapshot(dv, d.reason)
+        h = item_hash(sealed)
+        self.s.tip = Tip(dv, Kind(kind), h, link)
+        self.s.hashes.add(h)
+        self.s.records.append((dv, Kind(kind), h))
+        return wire.Ack(dv, self.s.want_snapshot)
+
+    async def begin_snapshot(self, snapshot_id: int, dv: int, anchor: bytes) -> None:
+        self._check()
+        self._snap = (dv, anchor)
+
+    async def send_chunk(self, snapshot_id: int, index: int, sealed: bytes) -> wire.ChunkAck:
+        self._check()
+        return wire.ChunkAck(snapshot_id, index)
+
+    async def end_snapshot(self, snapshot_id: int, count: int,
+                           manifest: bytes) -> wire.SnapshotAck:
+        self._check()
+        assert self._snap is not None
+        dv, anchor = self._snap
+        self.s.snapshots.append((dv, anchor))
+        self.s.want_snapshot = False
+        if anchor not in self.s.hashes:
+            self.s.tip = Tip(dv, Kind.NORMAL, anchor, ZERO_HASH, is_snapshot=True)
+        return wire.SnapshotAck(snapshot_id, dv)
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+class Node:
+    """A database the way lightningd holds it during a hook call."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.con = sqlite3.connect(path, isolation_level=None)
+        self.con.execute("CREATE TABLE vars (name TEXT PRIMARY KEY, intval INTEGER)")
+        self.con.execute("INSERT INTO vars VALUES ('data_version', 0)")
+        self.dv = 0
+
+    def change(self, extra: str = "") -> tuple[int, list[str]]:
+        """Open the next batch (left pending until commit())."""
+        self.con.execute("BEGIN")
+        w = [f"UPDATE vars SET intval = intval + 1 WHERE name = 'data_version' "
+             f"AND intval = {self.dv}"]
+        for s in w:
+            self.con.execute(s)
+        return self.dv + 1, ([extra] if extra else []) + w
+
+    def commit(self) -> None:
+        self.con.execute("COMMIT")
+        self.dv += 1
+
+    def rollback(self) -> None:
+        self.con.execute("ROLLBACK")
+
+
+def make_engine(tmp: Path, servers: list[FakeServer], quorum: int | None = None,
+                outage: float = 5.0, **kw: object) -> Engine:
+    entries = tuple(ServerEntry(f"127.0.0.{i + 1}:29735", sid(pubkey_of(new_privkey())))
+                    for i in range(len(servers)))
+    by_addr = dict(zip((e.address for e in entries), servers, strict=True))
+    cfg = WrapperConfig(client_id=client_id_from_pubkey(pubkey_of(CLIENT)), client_priv=CLIENT,
+                        node_id=node_id_from_pubkey(pubkey_of(NODE)), servers=entries,
+                        quorum=quorum, outage_limit=outage, plugin_path="/x/cldcb-plugin")
+
+    async def connect(entry: ServerEntry) -> FakeConn:
+        s = by_addr[entry.address]
+        if not s.up:
+            raise TransportError(f"{s.name}: connection refused")
+        c = FakeConn(s)
+        s.conns.append(c)
+        return c
+
+    return Engine(cfg, tmp, connect, startup_grace=0.2, **kw)  # type: ignore[arg-type]
+
+
+async def step(engine: Engine, node: Node, commit: bool = True) -> bool:
+    dv, writes = node.change()
+    result = await asyncio.wait_for(engine.db_write(dv, writes), 30)
+    if result.ok and commit:
+        node.commit()
+    else:
+        node.rollback()
+    return result.ok
+
+
+def test_first_contact_snapshots_then_appends_and_a_restart_continues(tmp_path: Path) -> None:
+    s = FakeServer("a")
+    node = Node(tmp_path / "lightningd.sqlite3")
+
+    async def first() -> None:
+        eng = make_engine(tmp_path, [s])
+        eng.start()
+        for _ in range(5):
+            assert await step(eng, node)
+        await eng.close()
+
+    asyncio.run(first())
+    assert s.snapshots[0][0] == 0 and s.tip is not None and s.tip.data_version == 5
+    assert [r[0] for r in s.records] == [1, 2, 3, 4, 5]
+
+    async def second() -> None:
+        eng = make_engine(tmp_path, [s])
+        eng.start()
+        assert await step(eng, node)
+        await eng.close()
+
+    asyncio.run(second())
+    assert len(s.snapshots) == 1 and s.tip is not None and s.tip.data_version == 6
+    assert not list(tmp_path.glob(".cldcb-snapshot-*"))
+
+
+def test_an_uncommitted_batch_is_replaced(tmp_path: Path) -> None:
+    s = FakeServer("a")
+    node = Node(tmp_path / "lightningd.sqlite3")
+
+    async def go() -> None:
+        eng = make_engine(tmp_path, [s])
+        eng.start()
+        assert await step(eng, node)
+        assert await step(eng, node, commit=False)     # lightningd died before COMMIT
+        await eng.close()
+        eng = make_engine(tmp_path, [s])
+        eng.start()
+        assert await step(eng, node)                   # the same data_version again
+        await eng.close()
+
+    asyncio.run(go())
+    assert [r[0] for r in s.records] == [1, 2, 2] and len(s.snapshots) == 1
+
+
+def test_quorum_all_waits_and_fails_after_the_outage_limit(tmp_path: Path) -> None:
+    a, b = FakeServer("a"), FakeServer("b")
+    node = Node(tmp_path / "lightningd.sqlite3")
+
+    async def go() -> None:
+        eng = make_engine(tmp_path, [a, b], outage=0.5)
+        eng.start()
+        assert await step(eng, node)
+        b.up = False
+        b.drop()
+        result = await eng.db_write(*node.change())
+        node.rollback()
+        assert not result.ok and "not held by 2 server(s)" in result.message
+        b.up = True
+        assert await step(eng, node)
+        await eng.close()
+
+    asyncio.run(go())
+    assert a.tip == b.tip and a.tip is not None and a.tip.data_version == 2
+
+
+def test_quorum_one_goes_on_and_catches_up_a_lagging_server(tmp_path: Path) -> None:
+    a, b = FakeServer("a"), FakeServer("b")
+    node = Node(tmp_path / "lightningd.sqlite3")
+
+    async def go() -> None:
+        eng = make_engine(tmp_path, [a, b], quorum=1, outage=2.0)
+        eng.start()
+        assert await step(eng, node)
+        b.up = False
+        b.drop()
+        for _ in range(10):
+            assert await step(eng, node)
+        b.up = True
+        for _ in range(400):                # bounded: about 10 s
+            assert await step(eng, node)
+            await asyncio.sleep(0.02)
+            if b.tip == a.tip:
+                break
+        await eng.close()
+
+    asyncio.run(go())
+    assert a.tip is not None and b.tip == a.tip
+    assert b.snapshots and b.snapshots[-1][1] in a.hashes     # anchored at a record
+
+
+def test_need_snapshot_is_a_blocking_catch_up_when_quorum_needs_it(tmp_path: Path) -> None:
+    s = FakeServer("a")
+    node = Node(tmp_path / "lightningd.sqlite3")
+
+    async def go() -> None:
+        eng = make_engine(tmp_path, [s])
+        eng.start()
+        assert await step(eng, node)
+        assert await step(eng, node)
+        s.tip = None               # the server lost this client's chain
+        s.hashes.clear()
+        assert await step(eng, node)
+        await eng.close()
+
+    asyncio.run(go())
+    assert len(s.snapshots) == 2 and s.snapshots[1][0] == 2
+    assert s.tip is not None and s.tip.data_version == 3
+
+
+def test_compaction_is_uploaded_in_the_background(tmp_path: Path) -> None:
+    s = FakeServer("a")
+    node = Node(tmp_path / "lightningd.sqlite3")
+
+    async def go() -> None:
+        eng = make_engine(tmp_path, [s], chunk_delay=0.2)
+        eng.start()
+        assert await step(eng, node)
+        s.want_snapshot = True
+        for _ in range(5):
+            assert await step(eng, node)
+        while eng.links[0].compaction is not None:
+            await asyncio.sleep(0.05)
+        await eng.close()
+
+    asyncio.run(go())
+    assert len(s.snapshots) == 2 and s.snapshots[1][1] in s.hashes
+    assert s.tip is not None and s.tip.data_version == 6
+
+
+def test_a_busy_database_fails_a_blocking_snapshot_at_once(tmp_path: Path) -> None:
+    s = FakeServer("a")
+    node = Node(tmp_path / "lightningd.sqlite3")
+    node.con.execute("CREATE TABLE t (x BLOB)")
+    node.con.execute("PRAGMA cache_size = 10")
+
+    async def go() -> None:
+        eng = make_engine(tmp_path, [s], outage=60, busy_timeout=0.2)
+        eng.start()
+        node.con.execute("BEGIN")
+        for _ in range(300):
+            node.con.execute("INSERT INTO t VALUES (?)", (os.urandom(1000),))
+        node.con.execute("UPDATE vars SET intval = 1")
+        result = await asyncio.wait_for(eng.db_write(1, ["INSERT INTO t VALUES (1)",
+                                                         "UPDATE vars SET intval = 1"]), 10)
+        node.con.execute("ROLLBACK")
+        assert not result.ok and "exclusively locked" in result.message
+        await eng.close()
+
+    asyncio.run(go())
+    assert s.tip is None and not s.snapshots
+
+
+@pytest.mark.parametrize("kind_first", [Kind.PRAGMA, Kind.NORMAL])
+def test_a_gap_takes_a_fresh_snapshot(tmp_path: Path, kind_first: Kind) -> None:
+    s = FakeServer("a")
+    node = Node(tmp_path / "lightningd.sqlite3")
+
+    async def go() -> None:
+        eng = make_engine(tmp_path, [s])
+        eng.start()
+        assert await step(eng, node)
+        await eng.close()
+        for _ in range(3):                 # committed with no plugin
+            node.change()
+            node.commit()
+        eng = make_engine(tmp_path, [s])
+        eng.start()
+        if kind_first is Kind.PRAGMA:
+            r = await eng.db_write(node.dv, ["PRAGMA foreign_keys = ON;"])
+            assert r.ok
+        assert await step(eng, node)
+        await eng.close()
+
+    asyncio.run(go())
+    assert len(s.snapshots) == 2 and s.snapshots[1][0] == 4
+    assert s.snapshots[1][1] not in s.hashes        # a fresh anchor

@@ -1,0 +1,338 @@
+"""Unit tests of the plugin's parts: wrapper grammar, JSON-RPC framing, record log,
+database copy (with the exclusive-lock hazard), chunked upload, status file."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sqlite3
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from cldcb import wire
+from cldcb.dataversion import Kind, Tip
+from cldcb.errors import PluginError, ProtocolError
+from cldcb.ids import (
+    client_id_from_pubkey,
+    new_privkey,
+    node_id_from_pubkey,
+    pubkey_of,
+    server_id_from_pubkey,
+)
+from cldcb.nodekey import LocalNodeKey
+from cldcb.plugin import jsonrpc
+from cldcb.plugin.recordlog import RecordLog
+from cldcb.plugin.snapshot import (
+    DatabaseBusy,
+    LocalCopy,
+    copy_database,
+    remove_stale_copies,
+    upload_snapshot,
+)
+from cldcb.plugin.status import StatusWriter, read_status_file
+from cldcb.plugin.wrapper import (
+    ServerEntry,
+    WrapperConfig,
+    exposed,
+    format_wrapper,
+    parse,
+    read_wrapper,
+    write_wrapper,
+)
+from cldcb.seal import SnapshotOpener
+
+CLIENT = new_privkey()
+NODE = new_privkey()
+SERVER1 = server_id_from_pubkey(pubkey_of(new_privkey()))
+SERVER2 = server_id_from_pubkey(pubkey_of(new_privkey()))
+HOSTKEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"
+
+
+def config(**kw: object) -> WrapperConfig:
+    base: dict[str, object] = dict(
+        client_id=client_id_from_pubkey(pubkey_of(CLIENT)), client_priv=CLIENT,
+        node_id=node_id_from_pubkey(pubkey_of(NODE)),
+        servers=(ServerEntry("203.0.113.5:29735", SERVER1),
+                 ServerEntry("ssh://cldcb@backup.example:22", SERVER2, HOSTKEY)),
+        quorum=1, outage_limit=300.0, plugin_path="/opt/cldcb venv/bin/cldcb-plugin")
+    base.update(kw)
+    return WrapperConfig(**base)  # type: ignore[arg-type]
+
+
+# -- wrapper ------------------------------------------------------------------------------
+
+def test_wrapper_format_is_the_documented_grammar_and_parses_back() -> None:
+    cfg = config()
+    text = format_wrapper(cfg)
+    lines = text.splitlines()
+    assert lines[0] == "#!/bin/sh"
+    assert lines[2] == f"# cid = {cfg.client_id}"
+    assert lines[3] == f"# cpk = {CLIENT.hex()}"
+    assert f"# server = 203.0.113.5:29735 {SERVER1}" in lines
+    assert f"# server = ssh://cldcb@backup.example:22 {SERVER2} {HOSTKEY}" in lines
+    assert "# quorum = 1" in lines and "# outage-limit = 300" in lines
+    assert lines[-1] == "exec '/opt/cldcb venv/bin/cldcb-plugin' \"$0\""
+    assert parse(text) == cfg
+
+
+def test_wrapper_defaults() -> None:
+    text = format_wrapper(config(quorum=None))
+    text = "\n".join(x for x in text.splitlines()
+                     if not x.startswith(("# database", "# outage-limit")))
+    cfg = parse(text)
+    assert cfg.quorum is None and cfg.effective_quorum == 2
+    assert cfg.outage_limit == 300 and cfg.database == "lightningd.sqlite3"
+    assert cfg.database_path(Path("/x/regtest")) == Path("/x/regtest/lightningd.sqlite3")
+    assert parse(format_wrapper(config(database="/abs/db.sqlite3"))).database_path(
+        Path("/x")) == Path("/abs/db.sqlite3")
+
+
+@pytest.mark.parametrize("edit, complaint", [
+    (lambda t: t.replace("#!/bin/sh", "#!/bin/bash"), "first line"),
+    (lambda t: t.replace("# quorum = 1", "# quorum = 3"), "quorum 3"),
+    (lambda t: t.replace("# quorum = 1", "# qorum = 1"), "unknown setting 'qorum'"),
+    (lambda t: t.replace("# outage-limit = 300", "# outage-limit = -1"), "outage-limit"),
+    (lambda t: t.replace(f" {HOSTKEY}", ""), "pinned sshd host key"),
+    (lambda t: t.replace(f"29735 {SERVER1}", f"29735 {SERVER1} {HOSTKEY}"), "extra words"),
+    (lambda t: t.replace(SERVER1, SERVER2), "listed twice"),
+    (lambda t: t.replace("203.0.113.5:29735", "203.0.113.5"), "HOST:PORT"),
+    (lambda t: t.replace("exec '/opt", "exec 'opt"), "absolute path"),
+    (lambda t: t.replace('"$0"', '"$@"'), "exec"),
+    (lambda t: "\n".join(x for x in t.splitlines() if not x.startswith("exec")), "exec"),
+    (lambda t: "\n".join(x for x in t.splitlines() if not x.startswith("# node")), "node"),
+    (lambda t: "\n".join(x for x in t.splitlines() if not x.startswith("# server")),
+     "no `server =`"),
+    (lambda t: t.replace("# node = 0", "# node = c"), "node"),
+])
+def test_wrapper_errors_name_the_problem(edit: object, complaint: str) -> None:
+    text = edit(format_wrapper(config()))  # type: ignore[operator]
+    with pytest.raises(PluginError) as err:
+        parse(text)
+    assert complaint in str(err.value)
+
+
+def test_wrapper_errors_never_show_the_secret() -> None:
+    text = format_wrapper(config())
+    other = new_privkey().hex()
+    for bad in (other, CLIENT.hex()[:-1] + "g", CLIENT.hex()[:40], "ff" * 32):
+        with pytest.raises(PluginError) as err:
+            parse(text.replace(CLIENT.hex(), bad))
+        assert bad not in str(err.value) and CLIENT.hex() not in str(err.value)
+        assert "cpk" in str(err.value)
+    assert CLIENT.hex() not in repr(config())
+
+
+def test_write_wrapper_is_0700_atomic_and_readable(tmp_path: Path) -> None:
+    path = tmp_path / "cldcb-plugin-wrapper"
+    path.write_text("old\n")
+    os.umask(0o022)
+    write_wrapper(path, config())
+    st = path.stat()
+    assert stat.S_IMODE(st.st_mode) == 0o700
+    assert read_wrapper(path) == config()
+    assert not exposed(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["cldcb-plugin-wrapper"]
+    path.chmod(0o744)
+    assert exposed(path)
+
+
+def test_the_wrapper_runs_the_plugin_with_its_own_path(tmp_path: Path) -> None:
+    import subprocess
+
+    fake = tmp_path / "fake-plugin"
+    fake.write_text("#!/bin/sh\necho \"$@\"\n")
+    fake.chmod(0o755)
+    path = tmp_path / "cldcb-plugin-wrapper"
+    write_wrapper(path, config(plugin_path=str(fake)))
+    out = subprocess.run([str(path)], capture_output=True, text=True, check=True, timeout=10)
+    assert out.stdout.strip() == str(path)
+
+
+# -- JSON-RPC framing -----------------------------------------------------------------------
+
+def test_decoder_handles_any_split_and_blank_line_separators() -> None:
+    msgs = [jsonrpc.request("cln:db_write#64", "db_write",
+                            {"data_version": 7, "writes": ["INSERT INTO t VALUES ('{é}\n')",
+                                                           "x" * 20000]}),
+            jsonrpc.notification("shutdown", {}),
+            jsonrpc.request(3, "getmanifest", {})]
+    data = b"".join(jsonrpc.encode(m) for m in msgs)
+    assert data.count(b"\n\n") == 3
+    for step in (1, 2, 3, 7, 4096, len(data)):
+        d = jsonrpc.MessageDecoder()
+        out = []
+        for i in range(0, len(data), step):
+            out += d.feed(data[i:i + step])
+        assert out == msgs, step
+        assert d.pending == 0
+
+
+def test_decoder_rejects_garbage() -> None:
+    with pytest.raises(ProtocolError):
+        jsonrpc.MessageDecoder().feed(b"[1, 2]\n\n")
+    with pytest.raises(ProtocolError):
+        jsonrpc.MessageDecoder().feed(b"\xff\xfe{}")
+    with pytest.raises(ProtocolError):
+        jsonrpc.MessageDecoder(max_message=100).feed(b"{" + b" " * 200)
+
+
+def test_decoder_does_not_reparse_a_long_message_for_every_read() -> None:
+    big = jsonrpc.encode({"id": "x", "params": {"writes": ["a" * 5_000_000]}})
+    d = jsonrpc.MessageDecoder()
+    started = time.monotonic()
+    out = []
+    for i in range(0, len(big), 4096):
+        out += d.feed(big[i:i + 4096])
+    assert len(out) == 1 and time.monotonic() - started < 5
+
+
+# -- record log ----------------------------------------------------------------------------
+
+def tip(dv: int, n: int) -> Tip:
+    return Tip(dv, Kind.NORMAL, bytes([n]) * 32, bytes([n - 1]) * 32)
+
+
+def test_record_log_positions_trim_and_reset() -> None:
+    log = RecordLog(tip(10, 1), seq=5)
+    assert log.position(tip(10, 1).hash) == 5 and log.holds(5)
+    for i in range(2, 6):
+        log.append(9 + i, Kind.NORMAL, tip(8 + i, i - 1).hash, b"s" * 100, tip(9 + i, i))
+    assert log.head == tip(14, 5) and log.head_seq == 9
+    assert [e.seq for e in log.after(5)] == [6, 7, 8, 9]
+    assert [e.seq for e in log.after(7, limit=1)] == [8]
+    log.trim(7, max_bytes=1 << 20)
+    assert log.base_seq == 7 and log.base == tip(12, 3) and not log.holds(6)
+    assert log.position(tip(11, 2).hash) is None and log.position(tip(12, 3).hash) == 7
+    assert log.size_bytes == 200
+    log.trim(0, max_bytes=100)             # memory bound: only the newest stays
+    assert log.base_seq == 8 and len(log) == 1
+    seq = log.reset(Tip(20, Kind.NORMAL, b"\xaa" * 32, bytes(32), is_snapshot=True))
+    assert seq == 10 and log.holds(10) and not log.holds(9) and log.after(10) == []
+
+
+# -- copying the database -------------------------------------------------------------------
+
+def make_db(path: Path, dv: int, rows: int = 100) -> sqlite3.Connection:
+    con = sqlite3.connect(path, isolation_level=None)
+    con.execute("CREATE TABLE vars (name TEXT PRIMARY KEY, intval INTEGER)")
+    con.execute("INSERT INTO vars VALUES ('data_version', ?)", (dv,))
+    con.execute("CREATE TABLE t (x BLOB)")
+    con.execute("BEGIN")
+    for _ in range(rows):
+        con.execute("INSERT INTO t VALUES (?)", (os.urandom(1000),))
+    con.execute("COMMIT")
+    return con
+
+
+def test_copy_sees_the_committed_state_while_a_transaction_is_open(tmp_path: Path) -> None:
+    db = tmp_path / "lightningd.sqlite3"
+    con = make_db(db, 41)
+    con.execute("BEGIN")
+    con.execute("INSERT INTO t VALUES (x'00')")
+    con.execute("UPDATE vars SET intval = 42")
+    copy = copy_database(db, tmp_path)
+    assert copy.data_version == 41 and copy.path.parent == tmp_path
+    c = sqlite3.connect(copy.path)
+    assert c.execute("SELECT count(*) FROM t").fetchone()[0] == 100
+    c.close()
+    con.execute("COMMIT")
+    copy.hook_done()
+    assert not copy.path.exists()
+
+
+def test_copy_of_an_empty_database_is_state_zero(tmp_path: Path) -> None:
+    db = tmp_path / "lightningd.sqlite3"
+    sqlite3.connect(db).close()
+    assert copy_database(db, tmp_path).data_version == 0
+    with pytest.raises(PluginError, match="does not exist"):
+        copy_database(tmp_path / "nope.sqlite3", tmp_path)
+
+
+def test_copy_gives_up_quickly_on_a_spilled_transaction(tmp_path: Path) -> None:
+    db = tmp_path / "lightningd.sqlite3"
+    con = make_db(db, 5)
+    con.execute("PRAGMA cache_size = 10")
+    con.execute("BEGIN")
+    for _ in range(300):
+        con.execute("INSERT INTO t VALUES (?)", (os.urandom(1000),))
+    started = time.monotonic()
+    with pytest.raises(DatabaseBusy, match="exclusively locked"):
+        copy_database(db, tmp_path, busy_timeout=0.5)
+    assert time.monotonic() - started < 5
+    assert not list(tmp_path.glob(".cldcb-snapshot-*"))
+    con.execute("COMMIT")
+    assert copy_database(db, tmp_path).data_version == 5
+
+
+def test_stale_copies_are_removed(tmp_path: Path) -> None:
+    (tmp_path / ".cldcb-snapshot-abc.tmp").write_bytes(b"x")
+    (tmp_path / "lightningd.sqlite3").write_bytes(b"x")
+    assert remove_stale_copies(tmp_path) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["lightningd.sqlite3"]
+
+
+# -- upload ------------------------------------------------------------------------------------
+
+class FakeTarget:
+    def __init__(self, delay: float = 0.0) -> None:
+        self.chunks: dict[int, bytes] = {}
+        self.begin: tuple[int, int, bytes] | None = None
+        self.end: tuple[int, int, bytes] | None = None
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.delay = delay
+
+    async def begin_snapshot(self, snapshot_id: int, data_version: int, anchor: bytes) -> None:
+        self.begin = (snapshot_id, data_version, anchor)
+
+    async def send_chunk(self, snapshot_id: int, index: int, sealed: bytes) -> wire.ChunkAck:
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        await asyncio.sleep(self.delay)
+        self.chunks[index] = sealed
+        self.in_flight -= 1
+        return wire.ChunkAck(snapshot_id, index)
+
+    async def end_snapshot(self, snapshot_id: int, chunk_count: int,
+                           manifest: bytes) -> wire.SnapshotAck:
+        self.end = (snapshot_id, chunk_count, manifest)
+        return wire.SnapshotAck(snapshot_id, 0)
+
+
+@pytest.mark.parametrize("size", [0, 1, 4096, 4096 * 3, 4096 * 3 + 5])
+def test_upload_seals_chunks_with_a_bounded_window(tmp_path: Path, size: int) -> None:
+    data = os.urandom(size)
+    path = tmp_path / "copy"
+    path.write_bytes(data)
+    copy = LocalCopy(path, 77, size, anchor=b"\x01" * 32)
+    target = FakeTarget(delay=0.001)
+    asyncio.run(upload_snapshot(target, copy, node_pub=pubkey_of(NODE), client_priv=CLIENT,
+                                chunk_size=4096, window=3))
+    assert target.begin is not None and target.begin[1:] == (77, b"\x01" * 32)
+    assert target.end is not None
+    count = target.end[1]
+    assert count == max(1, -(-size // 4096)) == len(target.chunks)
+    assert target.max_in_flight <= 3
+    opener = SnapshotOpener(LocalNodeKey(NODE), pubkey_of(CLIENT), 77, target.end[2])
+    got = b"".join(opener.open_chunk(i, target.chunks[i]) for i in range(count))
+    opener.finish()
+    assert got == data and opener.manifest.anchor == b"\x01" * 32
+
+
+# -- status file ------------------------------------------------------------------------------
+
+def test_status_writer_is_atomic_and_rate_limited(tmp_path: Path) -> None:
+    w = StatusWriter(tmp_path / "cldcb-status.json", interval=1.0)
+    assert w.due(now=100.0)
+    assert w.write({"pid": 1, "servers": []}, now=100.0)
+    assert not w.due(now=100.5)
+    w.dirty = True
+    assert not w.due(now=100.5) and w.due(now=101.0)
+    data = read_status_file(tmp_path / "cldcb-status.json")
+    assert data == {"version": 1, "pid": 1, "servers": []}
+    assert [p.name for p in tmp_path.iterdir()] == ["cldcb-status.json"]
+    json.loads((tmp_path / "cldcb-status.json").read_text())
