@@ -145,6 +145,10 @@ class PrivateSshd:
     host_key: str = ""
     proc: subprocess.Popen[bytes] | None = None
     user: str = field(default_factory=lambda: os.environ.get("USER") or "root")
+    #: also accept passwords (never for root: PermitRootLogin stays prohibit-password)
+    password_auth: bool = False
+    #: also read each account's own ~/.ssh/authorized_keys, as a stock sshd does
+    user_authorized_keys: bool = False
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -179,17 +183,18 @@ class PrivateSshd:
         sshd = require_tool("sshd")
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
         self.port = self.port or free_port()
+        own_keys = " .ssh/authorized_keys" if self.user_authorized_keys else ""
         self.config.write_text(f"""\
 Port {self.port}
 ListenAddress 127.0.0.1
 HostKey {self.root / 'ssh_host_ed25519_key'}
 PidFile {self.root / 'sshd.pid'}
-AuthorizedKeysFile {self.authorized_keys}
+AuthorizedKeysFile {self.authorized_keys}{own_keys}
 StrictModes no
 UsePAM no
 PermitRootLogin prohibit-password
 PubkeyAuthentication yes
-PasswordAuthentication no
+PasswordAuthentication {'yes' if self.password_auth else 'no'}
 KbdInteractiveAuthentication no
 AllowTcpForwarding no
 AllowAgentForwarding no

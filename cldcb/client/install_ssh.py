@@ -162,8 +162,8 @@ def install(lightning_dir: Path | None, network: str, ssh_target: str | None, se
                          f"stdio --client {client_id[:12]}…`) to ~/.ssh/authorized_keys "
                          f"of {target.user}")
         except CldcbError as exc:
-            raise type(exc)(f"{exc}\n(client {client_id} was added on {target.hostname}; "
-                            f"remove it there with `cldcb-server remove {client_id}`)") from None
+            raise _noted(exc, f"client {client_id} was added on {target.hostname}; remove "
+                         f"it there with `cldcb-server remove {client_id}`") from None
     echo(f"the plugin will use {spec.address}")
     try:
         if spec.address.scheme == "ssh":
@@ -173,9 +173,9 @@ def install(lightning_dir: Path | None, network: str, ssh_target: str | None, se
     except CldcbError as exc:
         if paths.wrapper.exists() and _holds(paths, client_id):
             raise
-        raise type(exc)(f"{exc}\n(client {client_id} was added on {target.hostname} but "
-                        "nothing was installed here; remove it there with "
-                        f"`cldcb-server remove {client_id}`)") from None
+        raise _noted(exc, f"client {client_id} was added on {target.hostname} but nothing "
+                     f"was installed here; remove it there with `cldcb-server remove "
+                     f"{client_id}`") from None
     echo(f"done: client {client_id} backs up this node to {spec.address}. Its key is only "
          f"in {paths.wrapper}.")
 
@@ -185,3 +185,10 @@ def _holds(paths: NodePaths, client_id: str) -> bool:
         return read_wrapper(paths.wrapper).client_id == client_id
     except CldcbError:
         return False
+
+
+def _noted(exc: CldcbError, note: str) -> CldcbError:
+    """``exc`` with ``note`` appended to its message (same exit code)."""
+    noted = CldcbError(f"{exc}\n({note})")
+    noted.exit_code = exc.exit_code
+    return noted
