@@ -72,7 +72,7 @@ class SimRpcNode:
     def __init__(self, lightning_dir: Path, *, network: str = "regtest",
                  hsm: str = "plain32", trace: str = "cln-workload", preplay: int = 120,
                  wallet: str | None = None, db_name: str = "lightningd.sqlite3",
-                 write_hsm_secret: bool = True) -> None:
+                 write_hsm_secret: bool = True, broken_plugin: bool = False) -> None:
         self.lightning_dir = Path(lightning_dir)
         self.network = network
         v = vector(hsm)
@@ -88,6 +88,7 @@ class SimRpcNode:
             secret.chmod(0o400)
         self.rpc_path = self.network_dir / "lightning-rpc"
         self.wallet = wallet
+        self.broken_plugin = broken_plugin  # plugins die before answering getmanifest
         self.trace = load_trace(trace)
         self.preplay = preplay
         self.next_call = 0
@@ -210,6 +211,9 @@ class SimRpcNode:
             with self.lock:
                 if any(p["name"] == str(path) for p in self._plugins()):
                     raise _RpcError(INVALID_PARAMS, f"{path}: already registered")
+                if self.broken_plugin:
+                    raise _RpcError(PLUGIN_ERROR, f"{path}: exited before replying to "
+                                    "getmanifest")
                 self.sim.wrapper = Path(str(path))
                 self.sim.important = False
                 self.sim.initialized = False  # a plugin started at run time gets init

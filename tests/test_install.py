@@ -230,6 +230,19 @@ def test_a_custom_sqlite_wallet_is_backed_up_and_postgres_is_refused(
         assert node.plugin_pid is None
 
 
+def test_a_plugin_that_cannot_start_is_not_made_important(daemon: CldcbServer,
+                                                          tmp_path: Path) -> None:
+    key, _, _ = new_client(tmp_path, daemon)
+    ln = tmp_path / "ln"
+    with SimRpcNode(ln, preplay=3, broken_plugin=True) as node:
+        failed = run_cli(*install_args(ln, key, daemon))
+        assert failed.returncode != 0
+        assert "exited before replying to getmanifest" in failed.stderr
+        assert "not added to lightningd's config" in failed.stderr
+        assert (node.network_dir / WRAPPER_NAME).exists()
+        assert not (node.network_dir / "config").exists()
+
+
 # --- a stopped node ---------------------------------------------------------------------
 
 def stopped_node(tmp_path: Path, name: str) -> Path:

@@ -14,11 +14,13 @@ nothing locally until every server holds what it needs:
    through a read-only client session (it never takes over from a running
    plugin of the same client);
 3. the wrapper (mode 0700, owned by the owner of ``<lightning-dir>/<network>``;
-   it holds the client key, so the key file may be deleted afterwards) and
-   ``important-plugin=<wrapper>`` in the network's config, once;
-4. lightningd running: ``plugin start`` and a wait, with progress, until
-   ``quorum`` servers hold the first snapshot (:mod:`cldcb.client.firstsnapshot`);
-   lightningd stopped: its next start begins the backup.
+   it holds the client key, so the key file may be deleted afterwards);
+4. lightningd running: ``plugin start``, then ``important-plugin=<wrapper>``
+   in the network's config (once; only after the plugin started, so that a
+   plugin that cannot start is reported now rather than keeping lightningd
+   from starting later), then a wait, with progress, until ``quorum`` servers
+   hold the first snapshot (:mod:`cldcb.client.firstsnapshot`); lightningd
+   stopped: the config line, and its next start begins the backup.
 
 A value missing from the command line is asked for when stdin is a
 terminal; otherwise the error names the flag to give. ``install --ssh`` (the
@@ -135,6 +137,9 @@ def node_side(paths: NodePaths, client_priv: bytes, rpc: LightningRpc, keys: Key
               echo: Echo) -> NodeSide:
     """Sign the recognition message with the running node, or with its key."""
     if rpc.is_running():
+        if keys.hsm_secret or keys.passphrase_file or keys.alt_hsmd:
+            echo("note: lightningd is running, so the node signs through its RPC; "
+                 "--hsm-secret, --passphrase-file and --alt-hsmd are not used")
         node_id = rpc.node_id()
         node_pub = parse_node_id(node_id)
         database = rpc.database()
@@ -248,18 +253,30 @@ def run_install(job: Install, node: NodeSide, rpc: LightningRpc, echo: Echo) -> 
     unchanged = wrapper.exists() and _same_config(wrapper, cfg)
     write_wrapper(wrapper, cfg)
     echo(f"wrote {wrapper} (mode 0700; it holds the client key)")
-    if add_important_plugin(job.paths, wrapper):
-        echo(f"added important-plugin={wrapper} to {job.paths.config}")
-    else:
-        echo(f"{job.paths.config} already has important-plugin={wrapper}")
     if not node.running:
+        config_line(job.paths, echo)
         echo("lightningd is not running: its next start begins the backup (the plugin "
              "takes the first snapshot before lightningd commits anything).")
         return
-    if not start_plugin(rpc, wrapper, unchanged, echo):
-        return
-    wait_first_snapshot(job.specs, job.client_priv, cfg.effective_quorum, job.wait, rpc,
-                        job.paths, echo)
+    try:
+        started = start_plugin(rpc, wrapper, unchanged, echo)
+    except CldcbError as exc:
+        raise PluginError(
+            f"{exc}\nThe wrapper was written but not added to lightningd's config, so "
+            "lightningd goes on (and would restart) without the backup: fix the cause (see "
+            "lightningd's log) and run installplugin again") from None
+    # only now: an important plugin that cannot start would keep lightningd from starting
+    config_line(job.paths, echo)
+    if started:
+        wait_first_snapshot(job.specs, job.client_priv, cfg.effective_quorum, job.wait, rpc,
+                            job.paths, echo)
+
+
+def config_line(paths: NodePaths, echo: Echo) -> None:
+    if add_important_plugin(paths, paths.wrapper):
+        echo(f"added important-plugin={paths.wrapper} to {paths.config}")
+    else:
+        echo(f"{paths.config} already has important-plugin={paths.wrapper}")
 
 
 def _same_config(path: Path, cfg: WrapperConfig) -> bool:
