@@ -107,8 +107,8 @@ def node_dir_options(func: F) -> F:
 
 
 def lightning_dir_of(value: Path | None) -> Path:
-    return Path(ask(str(value) if value else None, "--lightning-dir",
-                    "lightningd's --lightning-dir"))
+    return Path(os.path.expanduser(ask(str(value) if value else None, "--lightning-dir",
+                                       "lightningd's --lightning-dir")))
 
 
 # --- the node's part --------------------------------------------------------------------
@@ -338,8 +338,9 @@ def installplugin(lightning_dir: Path | None, network: str, client_privkey: Path
                   alt_hsmd: Path | None, wait: float, yes: bool) -> None:
     """Install the backup plugin on this node for an existing client key."""
     lightning_dir = lightning_dir_of(lightning_dir)
-    key_path = Path(ask(str(client_privkey) if client_privkey else None, "--client-privkey",
-                        "Client key file (made by `cldcb-client newclient`)"))
+    key_path = Path(os.path.expanduser(ask(
+        str(client_privkey) if client_privkey else None, "--client-privkey",
+        "Client key file (made by `cldcb-client newclient`)")))
     if not servers and not server_ids:
         servers = (ask(None, "--server", "Server address (HOST:PORT or ssh://USER@HOST)"),)
         server_ids = (ask(None, "--server-id", "Its server id (52…/53…)"),)
