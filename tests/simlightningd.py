@@ -39,7 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
+import select
 import signal
 import sqlite3
 import subprocess
@@ -98,11 +98,10 @@ class LogLine:
     message: str
 
 
-_EOF = object()
-
-
 class PluginProcess:
-    """The plugin as lightningd runs it, with a reader thread on its stdout."""
+    """The plugin as lightningd runs it: one thread pumps both pipes, like lightningd's
+    event loop (a request is written while whatever the plugin writes is read, so a
+    full pipe can never deadlock the two)."""
 
     def __init__(self, wrapper: Path, cwd: Path, env: dict[str, str], stderr_path: Path,
                  on_log: Callable[[LogLine], None]) -> None:
@@ -110,45 +109,55 @@ class PluginProcess:
         self.proc = subprocess.Popen([str(wrapper)], cwd=cwd, env=env, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self._stderr)
         self.pid = self.proc.pid
-        self._responses: queue.Queue[Any] = queue.Queue()
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self._in = self.proc.stdin.fileno()
+        self._out = self.proc.stdout.fileno()
+        os.set_blocking(self._in, False)
+        self._decoder = MessageDecoder()
+        self._responses: dict[Any, dict[str, Any]] = {}
+        self._eof = False
+        self._in_closed = False
         self._on_log = on_log
         self._next_id = 0
         self.notifications: list[dict[str, Any]] = []
-        self._thread = threading.Thread(target=self._read, name=f"plugin-{self.pid}",
-                                        daemon=True)
-        self._thread.start()
 
-    def _read(self) -> None:
-        decoder = MessageDecoder()
-        assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
+    def _read_once(self) -> None:
         try:
-            while True:
-                data = os.read(fd, 1 << 20)
-                if not data:
-                    break
-                for msg in decoder.feed(data):
-                    if "id" in msg and ("result" in msg or "error" in msg):
-                        self._responses.put(msg)
-                    elif msg.get("method") == "log":
-                        p = msg.get("params") or {}
-                        self._on_log(LogLine(time.monotonic(), str(p.get("level")),
-                                             str(p.get("message"))))
-                    else:
-                        self.notifications.append(msg)
-        except Exception as exc:  # noqa: BLE001 - report as EOF with a reason
-            self._responses.put(exc)
-        self._responses.put(_EOF)
+            data = os.read(self._out, 1 << 20)
+        except OSError:
+            data = b""
+        if not data:
+            self._eof = True
+            return
+        for msg in self._decoder.feed(data):
+            if "id" in msg and ("result" in msg or "error" in msg):
+                self._responses[msg["id"]] = msg
+            elif msg.get("method") == "log":
+                p = msg.get("params") or {}
+                self._on_log(LogLine(time.monotonic(), str(p.get("level")),
+                                     str(p.get("message"))))
+            else:
+                self.notifications.append(msg)
 
     def send(self, message: dict[str, Any]) -> bool:
-        """False if the plugin is gone (broken pipe)."""
-        assert self.proc.stdin is not None
-        try:
-            self.proc.stdin.write(encode(message))
-            self.proc.stdin.flush()
-            return True
-        except (BrokenPipeError, OSError, ValueError):
+        """Write a whole message (reading meanwhile); False if the plugin is gone."""
+        if self._in_closed:
             return False
+        data = memoryview(encode(message))
+        while data:
+            if self._eof:
+                return False
+            readable, writable, _ = select.select([self._out], [self._in], [], 1.0)
+            if readable:
+                self._read_once()
+            if writable:
+                try:
+                    data = data[os.write(self._in, data):]
+                except BlockingIOError:
+                    continue
+                except (BrokenPipeError, OSError):
+                    return False
+        return True
 
     def request(self, method: str, params: Any, timeout: float) -> dict[str, Any] | None:
         """Send a request and wait for its response; None if the plugin died first."""
@@ -160,36 +169,53 @@ class PluginProcess:
 
     def wait_response(self, req_id: str, timeout: float) -> dict[str, Any] | None:
         deadline = time.monotonic() + timeout
-        while True:
+        while req_id not in self._responses:
+            if self._eof:
+                return None
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise HookTimeout(f"no answer to {req_id} within {timeout:.0f} s")
-            try:
-                msg = self._responses.get(timeout=remaining)
-            except queue.Empty:
-                continue
-            if msg is _EOF or isinstance(msg, Exception):
-                self._responses.put(_EOF)
-                return None
-            if msg.get("id") == req_id:
-                return msg
+            readable, _, _ = select.select([self._out], [], [], remaining)
+            if readable:
+                self._read_once()
+        return self._responses.pop(req_id)
+
+    def pump(self, seconds: float) -> None:
+        """Read whatever the plugin writes for ``seconds`` (logs between calls)."""
+        deadline = time.monotonic() + seconds
+        while not self._eof:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            readable, _, _ = select.select([self._out], [], [], remaining)
+            if readable:
+                self._read_once()
 
     def alive(self) -> bool:
         return self.proc.poll() is None
 
     def close(self, timeout: float = 30.0) -> int | None:
-        """Close stdin, wait for the exit (``timeout``), then SIGKILL."""
+        """Close stdin, read until the plugin exits (``timeout``), then SIGKILL."""
+        if not self._in_closed:
+            self._in_closed = True
+            try:
+                os.close(self._in)
+                self.proc.stdin = None
+            except OSError:
+                pass
+        self.pump(timeout)
         try:
-            if self.proc.stdin is not None:
-                self.proc.stdin.close()
-        except OSError:
-            pass
-        try:
-            self.proc.wait(timeout)
+            self.proc.wait(0 if self._eof else 1)
         except subprocess.TimeoutExpired:
-            os.kill(self.pid, signal.SIGKILL)
-            self.proc.wait(10)
-        self._thread.join(5)
+            pass
+        if self.proc.poll() is None:
+            try:
+                self.proc.wait(max(0.0, timeout))
+            except subprocess.TimeoutExpired:
+                os.kill(self.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
         self._stderr.close()
         return self.proc.returncode
 

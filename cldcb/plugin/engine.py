@@ -127,7 +127,7 @@ class Engine:
         self.copies: list[LocalCopy] = []
         self.closing = False
         self.hook_blocking = False
-        self._event = asyncio.Event()
+        self._waiter: asyncio.Future[None] | None = None
         self._started = time.monotonic()
         self._progress_at = 0.0
         self.started_at = time.time()
@@ -147,7 +147,7 @@ class Engine:
         while time.monotonic() < deadline and any(
                 link.connected and self.log is not None and self.log.holds(link.pos)
                 and link.pos != self.log.head_seq for link in self.links):
-            await self._wait_event(0.05)
+            await self._wait_change(0.05)
         self.closing = True
         await asyncio.gather(*(link.stop() for link in self.links), return_exceptions=True)
         for c in self.copies:
@@ -157,7 +157,9 @@ class Engine:
 
     def changed(self) -> None:
         """Something about a server changed: wake the pending call, note the status."""
-        self._event.set()
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
         if self.on_change is not None:
             self.on_change()
 
@@ -169,12 +171,30 @@ class Engine:
         for link in self.links:
             link.wake.set()
 
-    async def _wait_event(self, timeout: float) -> None:
-        self._event.clear()
+    async def _wait_change(self, timeout: float,
+                           also: asyncio.Future[Any] | None = None) -> None:
+        """Wait until :meth:`changed` is called, ``also`` is done, or ``timeout`` passed.
+
+        Callers check the state before calling this without awaiting in between,
+        so no change can be missed."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+
+        def wake(_: object = None) -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        self._waiter = fut
+        handle = loop.call_later(max(0.0, timeout), wake)
+        if also is not None:
+            also.add_done_callback(wake)
         try:
-            await asyncio.wait_for(self._event.wait(), max(0.0, timeout))
-        except TimeoutError:
-            pass
+            await fut
+        finally:
+            handle.cancel()
+            self._waiter = None
+            if also is not None:
+                also.remove_done_callback(wake)
 
     def usable_copy(self) -> LocalCopy | None:
         log = self.log
@@ -287,16 +307,7 @@ class Engine:
             limit = max(deadline, self._progress_at + self.outage_limit)
             if now >= limit:
                 return HookResult(False, self._outage_text(hook.data_version, "waiting"))
-            waits: list[asyncio.Future[Any]] = []
-            if hook.copy_task is not None:
-                waits.append(hook.copy_task)
-            self._event.clear()
-            ev = asyncio.ensure_future(self._event.wait())
-            try:
-                await asyncio.wait([ev, *waits], timeout=min(limit - now, 1.0),
-                                   return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                ev.cancel()
+            await self._wait_change(min(limit - now, 1.0), hook.copy_task)
 
     async def _copy(self, hook: _Hook, blocking: bool) -> LocalCopy:
         started = time.monotonic()
@@ -365,7 +376,7 @@ class Engine:
                 break
             if now >= deadline:
                 return False
-            await self._wait_event(min(deadline - now, 0.2))
+            await self._wait_change(min(deadline - now, 0.2))
         return True
 
     def _choose_head(self, known: list[ServerLink], dv: int, kind: Kind) -> None:

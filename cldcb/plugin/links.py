@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from cldcb import wire
 from cldcb.dataversion import Kind, Tip
 from cldcb.errors import CldcbError, TransportError
+from cldcb.plugin.recordlog import Entry
 from cldcb.plugin.snapshot import LocalCopy, SnapshotAborted, upload_snapshot
 from cldcb.plugin.wrapper import ServerEntry
 from cldcb.seal import ZERO_HASH
@@ -254,29 +255,18 @@ class ServerLink:
             if not entries:
                 await self.wake.wait()
                 continue
+            if len(entries) == 1:          # the usual case: one change, no extra task
+                e = entries[0]
+                self.sent_seq = e.seq
+                self._answered(e, await conn.write(e.data_version, int(e.kind), e.link,
+                                                   e.sealed))
+                continue
             tasks = [(e, asyncio.ensure_future(conn.write(e.data_version, int(e.kind), e.link,
                                                           e.sealed))) for e in entries]
             self.sent_seq = entries[-1].seq
             try:
                 for e, t in tasks:
-                    res = await t
-                    if isinstance(res, wire.Ack):
-                        self.pos = e.seq
-                        self.held_dv = e.data_version
-                        self.last_ack_dv = e.data_version
-                        self.last_ack_at = time.time()
-                        self.catchup_backoff = 0.0
-                        self.next_copy_at = 0.0
-                        if res.want_snapshot and self.compaction is None \
-                                and e.seq > self.want_ignored_until:
-                            self.wants_compaction = True
-                        eng.changed()
-                    else:
-                        self.pos = None
-                        self.last_error = (f"asked for a snapshot at data_version "
-                                           f"{res.data_version}: {res.reason}")
-                        eng.emit("info", f"server {self.name}: {self.last_error}")
-                        eng.changed()
+                    if not self._answered(e, await t):
                         break
             finally:
                 rest = [t for _, t in tasks if not t.done()]
@@ -285,6 +275,27 @@ class ServerLink:
                 for _, t in tasks:
                     if t.done() and not t.cancelled():
                         t.exception()
+
+    def _answered(self, e: Entry, res: wire.Ack | wire.NeedSnapshot) -> bool:
+        """Take the server's answer to the write of ``e``; False on NeedSnapshot."""
+        eng = self.engine
+        if isinstance(res, wire.Ack):
+            self.pos = e.seq
+            self.held_dv = e.data_version
+            self.last_ack_dv = e.data_version
+            self.last_ack_at = time.time()
+            self.catchup_backoff = 0.0
+            self.next_copy_at = 0.0
+            if res.want_snapshot and self.compaction is None and e.seq > self.want_ignored_until:
+                self.wants_compaction = True
+            eng.changed()
+            return True
+        self.pos = None
+        self.last_error = (f"asked for a snapshot at data_version {res.data_version}: "
+                           f"{res.reason}")
+        eng.emit("info", f"server {self.name}: {self.last_error}")
+        eng.changed()
+        return False
 
     async def _wait(self, until: float) -> None:
         timeout = until - time.monotonic()

@@ -49,7 +49,6 @@ MANIFEST: dict[str, Any] = {
     "nonnumericids": True,
 }
 CONNECT_TIMEOUT = 10.0
-READ_SIZE = 1024 * 1024
 
 #: Test knobs (never secrets): slow down background snapshot uploads, smaller chunks.
 ENV_CHUNK_DELAY = "CLDCB_PLUGIN_TEST_CHUNK_DELAY"
@@ -152,23 +151,21 @@ class Plugin:
         return await self.engine.db_write(dv, writes)
 
     async def _read_stdin(self) -> None:
+        """Parse stdin as it arrives (in the protocol callback: no extra hop); return at EOF."""
         loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=READ_SIZE)
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
+        done: asyncio.Future[None] = loop.create_future()
+        await loop.connect_read_pipe(lambda: _StdinProtocol(self, done),
                                      os.fdopen(sys.stdin.fileno(), "rb", buffering=0,
                                                closefd=False))
-        decoder = jsonrpc.MessageDecoder()
-        while True:
-            data = await reader.read(READ_SIZE)
-            if not data:
-                return
-            for msg in decoder.feed(data):
-                self._dispatch(msg)
+        await done
 
     async def _status_loop(self) -> None:
         while True:
             if self.status.due():
-                self.status.write(self.engine.describe())
+                # written (and fsynced) in a thread: the hook never waits on it
+                state = self.engine.describe()
+                self.status.taken()
+                await asyncio.to_thread(self.status.write, state)
             await asyncio.sleep(0.2)
 
     # -- life -------------------------------------------------------------------------------
@@ -207,6 +204,27 @@ class Plugin:
             status.cancel()
             self.status.write(self.engine.describe())
         return code
+
+
+class _StdinProtocol(asyncio.Protocol):
+    def __init__(self, plugin: Plugin, done: asyncio.Future[None]) -> None:
+        self._plugin = plugin
+        self._done = done
+        self._decoder = jsonrpc.MessageDecoder()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            messages = self._decoder.feed(data)
+        except CldcbError as exc:
+            if not self._done.done():
+                self._done.set_exception(exc)
+            return
+        for msg in messages:
+            self._plugin._dispatch(msg)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._done.done():
+            self._done.set_result(None)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -86,10 +86,16 @@ class StatusWriter:
         now = time.monotonic() if now is None else now
         return self.dirty and now - self._last >= self.interval
 
-    def write(self, status: dict[str, Any], now: float | None = None) -> bool:
-        """Write now (whatever the interval); False if the file could not be written."""
+    def taken(self, now: float | None = None) -> None:
+        """The current state was just taken for writing (call before :meth:`write`)."""
         self._last = time.monotonic() if now is None else now
         self.dirty = False
+
+    def write(self, status: dict[str, Any], now: float | None = None) -> bool:
+        """Write now (whatever the interval); False if the file could not be written.
+        Safe to run in a thread after :meth:`taken`."""
+        if now is not None:
+            self.taken(now)
         try:
             write_status_file(self.path, status)
             return True

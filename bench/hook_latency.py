@@ -1,0 +1,283 @@
+#!/usr/bin/env python3
+"""db_write round trip through the plugin, next to its floor, in the same run.
+
+Measured: the simulated lightningd (pipes) → ``cldcb-plugin`` (through its
+wrapper) → SSH on loopback → ``cldcb-server serve`` (fsync) → ack →
+``{"result": "continue"}``, for every call of the real channel trace
+(2,527 changes; the first call, the first-contact snapshot, is left out).
+
+Floor (DESIGN §9): a bare request → fsync → ack over the same SSH transport:
+a minimal asyncssh subsystem in its own process that appends each request to
+a file, fsyncs and answers; same cipher, TCP_NODELAY, same request sizes as
+the sealed changes, on the same disk.
+
+To tell where the time goes, a third row measures the same sealed changes
+written straight to the server with :class:`cldcb.connection.Connection`
+(no lightningd, no plugin): the protocol path alone.
+
+The simulated node's folder (its SQLite database) is on ``/dev/shm`` when
+there is one: in production lightningd's database and the server are on
+different machines, and on one test disk the node's own COMMIT fsyncs would
+slow the server's fsync that follows, which is not the hook's cost.
+
+Targets: p50 ≤ 1.5× the floor's p50, p99 ≤ 3× the floor's p99. Prints a
+table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import asyncssh  # noqa: E402
+
+from cldcb.connection import PREFERRED_CIPHERS  # noqa: E402
+from cldcb.seal import OVERHEAD  # noqa: E402
+
+FLOOR_SUBSYSTEM = "floor"
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(len(xs) * p))]
+
+
+def vm_hwm_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+# -- the floor: a minimal asyncssh subsystem that fsyncs each request ----------------------------
+
+class _FloorSession(asyncssh.SSHServerSession[bytes]):
+    def __init__(self, path: Path) -> None:
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._buf = bytearray()
+        self._chan: asyncssh.SSHServerChannel[bytes] | None = None
+
+    def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:  # type: ignore[override]
+        self._chan = chan
+        sock = chan.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def subsystem_requested(self, subsystem: str) -> bool:
+        return subsystem == FLOOR_SUBSYSTEM
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        self._buf += data
+        while len(self._buf) >= 4:
+            (n,) = struct.unpack_from(">I", self._buf)
+            if len(self._buf) < 4 + n:
+                return
+            payload = bytes(self._buf[4:4 + n])
+            del self._buf[:4 + n]
+            os.write(self._fd, payload)
+            os.fsync(self._fd)
+            assert self._chan is not None
+            self._chan.write(b"ack:" + struct.pack(">I", n))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        os.close(self._fd)
+
+
+class _FloorServer(asyncssh.SSHServer):
+    def __init__(self, path: Path) -> None:
+        self._path = path
+
+    def begin_auth(self, username: str) -> bool:
+        return False
+
+    def session_requested(self) -> _FloorSession:
+        return _FloorSession(self._path)
+
+
+async def _floor_server(folder: Path, port: int) -> None:
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    server = await asyncssh.create_server(lambda: _FloorServer(folder / "floor.log"),
+                                          "127.0.0.1", port, server_host_keys=[key],
+                                          encryption_algs=PREFERRED_CIPHERS, encoding=None)
+    print("ready", flush=True)
+    await server.wait_closed()
+
+
+async def _floor_client(port: int, sizes: list[int]) -> list[float]:
+    async with asyncssh.connect("127.0.0.1", port, known_hosts=None, username="floor",
+                                client_keys=None, encryption_algs=PREFERRED_CIPHERS,
+                                preferred_auth="none") as conn:
+        sock = conn.get_extra_info("socket")
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        writer, reader, _ = await conn.open_session(subsystem=FLOOR_SUBSYSTEM, encoding=None)
+        out = []
+        for n in sizes:
+            payload = os.urandom(n)
+            t = time.perf_counter()
+            writer.write(struct.pack(">I", n) + payload)
+            await reader.readexactly(8)
+            out.append((time.perf_counter() - t) * 1e6)
+        writer.close()
+        return out
+
+
+def measure_floor(folder: Path, sizes: list[int]) -> list[float]:
+    from servers import free_port, wait_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, __file__, "--floor-server", str(folder), str(port)],
+                            stdout=subprocess.PIPE)
+    try:
+        wait_port(port, proc)
+        return asyncio.run(_floor_client(port, sizes))
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+# -- through the plugin ------------------------------------------------------------------------
+
+async def _direct(spec: object, client: bytes, node_pub: bytes, trace_name: str) -> list[float]:
+    from traces import load_trace
+
+    from cldcb.connection import Connection
+    from cldcb.dataversion import Kind, Tip, advance, classify, decide
+    from cldcb.ids import new_privkey
+    from cldcb.seal import RecordSealer, SnapshotSealer, item_hash
+    from cldcb.session import Role
+
+    conn = await Connection.open(spec, client, Role.WRITER)  # type: ignore[arg-type]
+    anchor = os.urandom(32)
+    snap = SnapshotSealer(node_pub, client, new_privkey(), 0, anchor)
+    await conn.begin_snapshot(1, 0, anchor)
+    await conn.send_chunk(1, 0, snap.seal_chunk(b""))
+    await conn.end_snapshot(1, 1, snap.seal_manifest(0))
+    tip = Tip(0, Kind.NORMAL, anchor, bytes(32), is_snapshot=True)
+    sealer = RecordSealer(node_pub, client, new_privkey())
+    out = []
+    for dv, writes in load_trace(trace_name):
+        kind = classify(writes)
+        d = decide(tip, dv, kind)
+        if d.link is None:
+            continue
+        sealed = sealer.seal_change(dv, kind, d.link, writes, int(time.time() * 1000))
+        t = time.perf_counter()
+        await conn.write(dv, int(kind), d.link, sealed)
+        out.append((time.perf_counter() - t) * 1e6)
+        tip = advance(tip, dv, kind, item_hash(sealed), decision=d)
+    await conn.close()
+    return out[1:]
+
+
+def measure_direct(folder: Path, trace_name: str) -> list[float]:
+    from servers import CldcbServer
+
+    from cldcb.ids import client_id_from_pubkey, new_privkey, pubkey_of
+
+    server = CldcbServer(folder / "server-direct").init()
+    client = new_privkey()
+    server.add(client_id_from_pubkey(pubkey_of(client)))
+    server.start()
+    try:
+        return asyncio.run(_direct(server.spec, client, pubkey_of(new_privkey()), trace_name))
+    finally:
+        server.stop()
+
+
+def measure_plugin(folder: Path, trace_name: str) -> tuple[list[float], float, float, int]:
+    from servers import CldcbServer
+    from simlightningd import SimLightningd
+    from traces import load_trace
+
+    from cldcb.ids import client_id_from_pubkey, new_privkey, node_id_from_pubkey, pubkey_of
+    from cldcb.plugin.wrapper import ServerEntry, WrapperConfig, default_plugin_path, write_wrapper
+
+    server = CldcbServer(folder / "server").init()
+    client = new_privkey()
+    cid = client_id_from_pubkey(pubkey_of(client))
+    server.add(cid)
+    server.start()
+    try:
+        shm = Path("/dev/shm")
+        ld = Path(tempfile.mkdtemp(prefix="cldcb-bench-node-", dir=shm if shm.is_dir()
+                                   else folder)) / "lightning"
+        (ld / "regtest").mkdir(parents=True)
+        wrapper = ld / "regtest" / "cldcb-plugin-wrapper"
+        write_wrapper(wrapper, WrapperConfig(
+            client_id=cid, client_priv=client,
+            node_id=node_id_from_pubkey(pubkey_of(new_privkey())),
+            servers=(ServerEntry(server.address, server.server_id),),
+            plugin_path=default_plugin_path()))
+        node = SimLightningd(ld, wrapper)
+        node.start()
+        trace = load_trace(trace_name)
+        try:
+            node.run_trace(trace)
+            assert node.plugin is not None and server.proc is not None
+            plugin_mb = vm_hwm_mb(node.plugin.pid)
+            server_mb = vm_hwm_mb(server.proc.pid)
+        finally:
+            node.close()
+            shutil.rmtree(ld.parent, ignore_errors=True)
+        lat = [c.latency * 1e6 for c in node.calls[1:] if c.latency is not None
+               and c.outcome == "committed"]
+        return lat, plugin_mb, server_mb, len(trace)
+    finally:
+        server.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--trace", default="cln-channels")
+    ap.add_argument("--floor-server", nargs=2, metavar=("DIR", "PORT"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.floor_server:
+        asyncio.run(_floor_server(Path(args.floor_server[0]), int(args.floor_server[1])))
+        return
+    from traces import load_trace
+
+    trace = load_trace(args.trace)
+    sizes = [12 + sum(4 + len(w.encode()) for w in writes) + OVERHEAD
+             for _, writes in trace[1:]]
+    with tempfile.TemporaryDirectory(prefix="cldcb-bench-") as tmp:
+        folder = Path(tmp)
+        floor = measure_floor(folder, sizes)
+        direct = measure_direct(folder, args.trace)
+        lat, plugin_mb, server_mb, n = measure_plugin(folder, args.trace)
+    rows = [("through the plugin", lat), ("cldcb write, no plugin", direct),
+            ("floor: request → fsync → ack", floor)]
+    print(f"db_write round trip, {args.trace}: {n} calls ({len(lat)} measured)")
+    print(f"{'':32} {'p50 µs':>10} {'p90 µs':>10} {'p99 µs':>10} {'max µs':>10}")
+    for name, xs in rows:
+        print(f"{name:32} {pct(xs, .5):10.0f} {pct(xs, .9):10.0f} {pct(xs, .99):10.0f} "
+              f"{max(xs):10.0f}")
+    ratio = pct(lat, .5) / pct(floor, .5)
+    ratio99 = pct(lat, .99) / pct(floor, .99)
+    print(f"p50 ratio {ratio:.2f} (target ≤ 1.5), p99 ratio {ratio99:.2f} (target ≤ 3); "
+          f"peak RSS plugin {plugin_mb:.0f} MB, server {server_mb:.0f} MB")
+    print(json.dumps({
+        "bench": "hook_latency", "trace": args.trace, "changes": len(lat),
+        "p50_us": round(pct(lat, .5)), "p99_us": round(pct(lat, .99)),
+        "floor_p50_us": round(pct(floor, .5)), "floor_p99_us": round(pct(floor, .99)),
+        "direct_p50_us": round(pct(direct, .5)), "direct_p99_us": round(pct(direct, .99)),
+        "ratio": round(ratio, 3), "ratio_p99": round(ratio99, 3),
+        "peak_rss_mb": round(plugin_mb, 1), "server_peak_rss_mb": round(server_mb, 1),
+        "target_met": ratio <= 1.5 and ratio99 <= 3.0}))
+
+
+if __name__ == "__main__":
+    main()
