@@ -40,6 +40,7 @@ as fast as chunks and records are written and applied.
 from __future__ import annotations
 
 import contextlib
+import glob
 import itertools
 import os
 import sqlite3
@@ -97,6 +98,29 @@ def temp_path(dest: Path, tag: str = "") -> Path:
     """A fresh scratch name beside ``dest`` (same folder, so :func:`install` can link it)."""
     suffix = f"-{tag}" if tag else ""
     return dest.with_name(f".{dest.name}.cldcb-{os.getpid()}-{next(_counter)}{suffix}.tmp")
+
+
+def remove_stale_scratch(dest: Path) -> list[Path]:
+    """Remove the scratch files of earlier runs that were killed (their pid is gone)."""
+    removed = []
+    for p in dest.parent.glob(f".{glob.escape(dest.name)}.cldcb-*"):
+        pid = p.name[len(dest.name) + 8:].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+            removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def discard(path: Path) -> None:

@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import sqlite3
+import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -277,3 +278,19 @@ def test_install_never_overwrites(tmp_path: Path, channels: Backup) -> None:
     assert not tmp.exists()
     assert sqlite_dump_bytes(dest) == expected_dump_bytes("cln-channels")
     assert (dest.stat().st_mode & 0o777) == 0o600
+
+
+def test_stale_scratch_files_of_killed_runs_are_removed(tmp_path: Path) -> None:
+    dest = tmp_path / "lightningd.sqlite3"
+    mine = restore.temp_path(dest, "recover")
+    mine.write_bytes(b"in use")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f".lightningd.sqlite3.cldcb-{dead.pid}-0-recover.tmp"
+    stale.write_bytes(b"left over")
+    Path(f"{stale}-journal").write_bytes(b"left over")
+    other = tmp_path / ".something-else.tmp"
+    other.write_bytes(b"not ours")
+    removed = restore.remove_stale_scratch(dest)
+    assert sorted(removed) == sorted([stale, Path(f"{stale}-journal")])
+    assert sorted(os.listdir(tmp_path)) == sorted([mine.name, other.name])

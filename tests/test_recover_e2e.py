@@ -445,3 +445,39 @@ def test_recovered_node_goes_on_backing_up_as_the_same_client(world: World,
         assert read_wrapper(again / NETWORK / WRAPPER_NAME).client_id == backup.client_id
     finally:
         server.stop()
+
+
+def test_reinstalled_node_uses_the_client_that_reaches_furthest(tmp_path: Path) -> None:
+    """A reinstall made a second client: the one whose backup reaches the highest
+    data_version is used, the other is named."""
+    server = CldcbServer(tmp_path / "server").init().start()
+    try:
+        secret = vector_secret("mn_nopass")
+        lightning_dir = tmp_path / "node"
+        network_dir = lightning_dir / NETWORK
+        network_dir.mkdir(parents=True)
+        file_bytes = bytes.fromhex(secret["file_hex"])
+        (network_dir / "hsm_secret").write_bytes(file_bytes)
+        node = LocalNodeKey.from_hsm_secret_bytes(file_bytes)
+        target = [Target(server.address, server.server_id)]
+        old_priv, new_priv = new_privkey(), new_privkey()
+        old_id, new_id = (client_id_from_pubkey(pubkey_of(k)) for k in (old_priv, new_priv))
+        server.add(old_id)
+        install_client(network_dir, node, target, old_priv)
+        old_dv = play(lightning_dir, "cln-workload", stop=400)
+        server.add(new_id)  # the reinstall: a new client, then the rest of the trace
+        install_client(network_dir, node, target, new_priv)
+        new_dv = play(lightning_dir, "cln-workload", start=400)
+        assert dump(network_dir / "lightningd.sqlite3") == expected_dump_bytes("cln-workload")
+        lost = fresh_node(tmp_path / "lost", "mn_nopass")
+        done = client(*recover_args(lost, "--server", server.address,
+                                    "--server-id", server.server_id))
+        assert done.returncode == 0, done.stderr
+        assert f"also found client {old_id} (data_version {old_dv} on {server.address}); " \
+               f"not used" in done.stderr
+        assert f"using client {new_id}" in done.stderr
+        assert dump(lost / NETWORK / "lightningd.sqlite3") == expected_dump_bytes("cln-workload")
+        assert read_wrapper(lost / NETWORK / WRAPPER_NAME).client_id == new_id
+        assert f"data_version {new_dv}," in done.stdout
+    finally:
+        server.stop()

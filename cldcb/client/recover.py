@@ -323,37 +323,50 @@ async def _fetch_all(specs: list[ServerSpec], node: NodeKey, cand: Candidate, de
                      results: dict[str, ServerResult]) -> ServerResult | None:
     """Rebuild from every server in turn; keep only the best scratch file."""
     best: ServerResult | None = None
-    for spec in specs:
-        name = str(spec.address)
-        res = results[name]
-        if res.claimed is None and res.error:
-            continue
-        res.error = ""
-        scratch = restore.temp_path(dest, "recover")
-        printer = ProgressPrinter(name)
-        try:
-            async with await Connection.open(spec, cand.client_priv, Role.READER) as conn:
-                res.rebuilt = await restore.rebuild(conn, node, cand.client_pub, scratch,
-                                                    source=name, progress=printer.progress)
-        except CldcbError as exc:
-            printer.done()
-            res.error = str(exc)
-            _say(f"{name}: FAILED: {exc}")
-            continue
-        except BaseException:
-            restore.discard(scratch)
-            raise
-        printer.done()
-        r = res.rebuilt
-        _say(f"{name}: verified: data_version {r.data_version} (snapshot at "
-             f"{r.snapshot_data_version} + {r.records} records)")
-        if best is None or best.rebuilt is None or r.data_version > best.rebuilt.data_version:
-            if best is not None and best.rebuilt is not None:
-                restore.discard(best.rebuilt.path)
-            best = res
-        else:
-            restore.discard(r.path)
+    try:
+        for spec in specs:
+            res = results[str(spec.address)]
+            if res.claimed is None and res.error:
+                continue
+            res.error = ""
+            await _fetch_one(spec, node, cand, dest, res)
+            r = res.rebuilt
+            if r is None:
+                continue
+            if best is None or best.rebuilt is None or r.data_version > best.rebuilt.data_version:
+                if best is not None and best.rebuilt is not None:
+                    restore.discard(best.rebuilt.path)
+                best = res
+            else:
+                restore.discard(r.path)
+    except BaseException:
+        if best is not None and best.rebuilt is not None:
+            restore.discard(best.rebuilt.path)
+        raise
     return best
+
+
+async def _fetch_one(spec: ServerSpec, node: NodeKey, cand: Candidate, dest: Path,
+                     res: ServerResult) -> None:
+    name = str(spec.address)
+    scratch = restore.temp_path(dest, "recover")
+    printer = ProgressPrinter(name)
+    try:
+        async with await Connection.open(spec, cand.client_priv, Role.READER) as conn:
+            res.rebuilt = await restore.rebuild(conn, node, cand.client_pub, scratch,
+                                                source=name, progress=printer.progress)
+    except CldcbError as exc:
+        printer.done()
+        res.error = str(exc)
+        _say(f"{name}: FAILED: {exc}")
+        return
+    finally:
+        if res.rebuilt is None:
+            restore.discard(scratch)
+    printer.done()
+    r = res.rebuilt
+    _say(f"{name}: verified: data_version {r.data_version} (snapshot at "
+         f"{r.snapshot_data_version} + {r.records} records)")
 
 
 def _summary(specs: list[ServerSpec], results: dict[str, ServerResult],
@@ -480,6 +493,8 @@ def recover(lightning_dir: Path, network: str, servers: tuple[str, ...],
                             "hsm_secret in it (or give --hsm-secret)")
     specs = server_specs(servers, server_ids, host_keys)
     plugin_path = default_plugin_path()
+    for stale in restore.remove_stale_scratch(dest):
+        _say(f"removed {stale.name}, left by an interrupted recovery")
     with open_node_key(lightning_dir, network, hsm_secret, passphrase_file, alt_hsmd) as node:
         node_id = node.node_id
         _say(f"node {node_id}")
