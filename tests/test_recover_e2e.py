@@ -479,5 +479,19 @@ def test_reinstalled_node_uses_the_client_that_reaches_furthest(tmp_path: Path) 
         assert dump(lost / NETWORK / "lightningd.sqlite3") == expected_dump_bytes("cln-workload")
         assert read_wrapper(lost / NETWORK / WRAPPER_NAME).client_id == new_id
         assert f"data_version {new_dv}," in done.stdout
+        server.stop()
+        # A server that claims far more for the old client than it can deliver (a forged
+        # newest record) cannot make recovery pick the old client.
+        seg = max((server.data_dir / "clients" / old_id / "log").glob("*.log"))
+        with open(seg, "ab") as f:
+            f.write(encode_record(1_000_000, 0, bytes(32), 0, bytes(200)))
+        server.start()
+        lost = fresh_node(tmp_path / "lost2", "mn_nopass")
+        done = client(*recover_args(lost, "--server", server.address,
+                                    "--server-id", server.server_id))
+        assert done.returncode == 0, done.stderr
+        assert f"client {old_id}: servers claim data_version 1000000" in done.stderr
+        assert f"using client {new_id}" in done.stderr
+        assert dump(lost / NETWORK / "lightningd.sqlite3") == expected_dump_bytes("cln-workload")
     finally:
         server.stop()

@@ -257,7 +257,6 @@ class ServerResult:
 class Candidate:
     client_priv: bytes = field(repr=False)
     client_pub: bytes
-    found_on: list[str] = field(default_factory=list)
     best_claim: int = -1
     best_server: str = ""
 
@@ -290,8 +289,7 @@ async def _find_candidates(specs: list[ServerSpec], node: NodeKey, operator_keys
         own = find_own(entries, node)
         _say(f"{name}: {len(entries)} recognition entries, {len(own)} of this node")
         for entry, priv in own:
-            cand = found.setdefault(entry.client_pub, Candidate(priv, entry.client_pub))
-            cand.found_on.append(name)
+            found.setdefault(entry.client_pub, Candidate(priv, entry.client_pub))
     return found
 
 
@@ -421,41 +419,67 @@ def _wrapper_config(specs: list[ServerSpec], cand: Candidate, node_id: str,
 async def recover_node(specs: list[ServerSpec], node: NodeKey, dest: Path,
                        operator_keys: list[str], yes: bool) -> tuple[Candidate, ServerResult,
                                                                      list[str]]:
-    """Steps 3 to 6; returns the client used, the server used and the summary lines."""
-    results = {str(s.address): ServerResult(s) for s in specs}
-    found = await _find_candidates(specs, node, operator_keys, results)
+    """Steps 3 to 6; returns the client used, the server used and the summary lines.
+
+    Clients are tried in the order of what the servers claim to hold for them
+    (``status``), newest first, until the best verified data_version is at
+    least the next client's claim: a server cannot make an old client win by
+    claiming more than it can deliver.
+    """
+    listing = {str(s.address): ServerResult(s) for s in specs}
+    found = await _find_candidates(specs, node, operator_keys, listing)
     if not found:
-        problems = "; ".join(f"{n}: {r.error}" for n, r in results.items() if r.error)
+        problems = "; ".join(f"{n}: {r.error}" for n, r in listing.items() if r.error)
         raise RecoveryError(
             f"no server holds a backup of node {node.node_id}"
             + (f" ({problems})" if problems else "")
             + ": check the server addresses and ids, and that this is the node's hsm_secret")
     cands = list(found.values())
-    if len(cands) == 1:
-        await _claims(specs, cands[0], results)
-    else:
-        for cand in cands:
-            await _claims(specs, cand, None)
-        cands.sort(key=lambda c: c.best_claim, reverse=True)
-        await _claims(specs, cands[0], results)
-        for other in cands[1:]:
-            where = (f"data_version {other.best_claim} on {other.best_server}"
-                     if other.best_claim >= 0 else "nothing fetchable")
-            _say(f"also found client {other.client_id} ({where}); not used: the backup of "
-                 f"{cands[0].client_id} reaches data_version {cands[0].best_claim}")
-    cand = cands[0]
-    _say(f"using client {cand.client_id}")
-    best = await _fetch_all(specs, node, cand, dest, results)
-    if best is None or best.rebuilt is None:
-        problems = "; ".join(f"{n}: {r.error or 'nothing held'}" for n, r in results.items())
-        raise RecoveryError(f"no server gave a backup that verifies ({problems}). Nothing was "
-                            "written")
+    tried: dict[bytes, dict[str, ServerResult]] = {}
+    for cand in cands:
+        tried[cand.client_pub] = {n: ServerResult(r.spec, error=r.error)
+                                  for n, r in listing.items()}
+        await _claims(specs, cand, tried[cand.client_pub])
+    cands.sort(key=lambda c: c.best_claim, reverse=True)
+    chosen: tuple[Candidate, ServerResult] | None = None
     try:
-        _confirm_older(results, best.rebuilt.data_version, yes)
+        for cand in cands:
+            if chosen is not None and chosen[1].rebuilt is not None and \
+                    chosen[1].rebuilt.data_version >= cand.best_claim:
+                break
+            if len(cands) > 1:
+                _say(f"client {cand.client_id}: servers claim data_version "
+                     f"{cand.best_claim if cand.best_claim >= 0 else 'none'}")
+            best = await _fetch_all(specs, node, cand, dest, tried[cand.client_pub])
+            if best is None or best.rebuilt is None:
+                continue
+            if chosen is None or chosen[1].rebuilt is None or \
+                    best.rebuilt.data_version > chosen[1].rebuilt.data_version:
+                if chosen is not None and chosen[1].rebuilt is not None:
+                    restore.discard(chosen[1].rebuilt.path)
+                chosen = (cand, best)
+            else:
+                restore.discard(best.rebuilt.path)
+        if chosen is None or chosen[1].rebuilt is None:
+            results = tried[cands[0].client_pub]
+            problems = "; ".join(f"{n}: {r.error or 'nothing held'}" for n, r in results.items())
+            raise RecoveryError(f"no server gave a backup that verifies ({problems}). Nothing "
+                                "was written")
+        cand, best = chosen
+        assert best.rebuilt is not None
+        for other in cands:
+            if other is not cand:
+                where = (f"data_version {other.best_claim} on {other.best_server}"
+                         if other.best_claim >= 0 else "nothing fetchable")
+                _say(f"also found client {other.client_id} ({where}); not used: the backup "
+                     f"of {cand.client_id} reaches data_version {best.rebuilt.data_version}")
+        _say(f"using client {cand.client_id}")
+        _confirm_older(tried[cand.client_pub], best.rebuilt.data_version, yes)
     except BaseException:
-        restore.discard(best.rebuilt.path)
+        if chosen is not None and chosen[1].rebuilt is not None:
+            restore.discard(chosen[1].rebuilt.path)
         raise
-    return cand, best, _summary(specs, results, best)
+    return cand, best, _summary(specs, tried[cand.client_pub], best)
 
 
 @main.command()
