@@ -49,7 +49,7 @@ from cldcb.ids import new_privkey
 from cldcb.seal import SnapshotSealer
 
 CHUNK_SIZE = 1024 * 1024
-WINDOW = 4
+WINDOW = 8
 COPY_PREFIX = ".cldcb-snapshot-"
 COPY_SUFFIX = ".tmp"
 _BUSY = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)

@@ -1,0 +1,227 @@
+#!/usr/bin/env python3
+"""A blocking snapshot of a 1 GiB database through the plugin, next to its floor.
+
+Measured: the first ``db_write`` call of a node whose database already holds
+1 GiB (first contact): the plugin copies the database with SQLite's backup
+API, seals it in 1 MiB chunks and streams it over SSH on loopback to
+``cldcb-server serve``, then sends the change on top; the call is answered
+once both are durable. Throughput = database size / time of that call.
+Peak RSS (VmHWM) of the plugin and of the server are read from /proc.
+
+Floor: the same number of bytes streamed in 1 MiB messages over the same SSH
+transport (asyncssh, same cipher, loopback) to a minimal subsystem in its own
+process that writes them to a file on the same disk and fsyncs at the end.
+
+Target (DESIGN §9): at least 100 MB/s, peak memory of each process under
+150 MB. Prints a table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import asyncssh  # noqa: E402
+
+from cldcb.connection import PREFERRED_CIPHERS  # noqa: E402
+
+SINK = "sink"
+CHUNK = 1024 * 1024
+
+
+def vm_hwm_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def make_database(path: Path, size_mb: int, data_version: int) -> None:
+    """A database shaped like lightningd's (``vars.data_version``), incompressible rows."""
+    con = sqlite3.connect(path, isolation_level=None)
+    con.execute("PRAGMA journal_mode = DELETE")
+    con.execute("CREATE TABLE vars (name VARCHAR(32), val VARCHAR(255), intval INTEGER, "
+                "blobval BLOB, PRIMARY KEY (name))")
+    con.execute("INSERT INTO vars (name, intval) VALUES ('data_version', ?)", (data_version,))
+    con.execute("CREATE TABLE filler (id INTEGER PRIMARY KEY, data BLOB)")
+    con.execute("BEGIN")
+    for i in range(size_mb * 16):
+        con.execute("INSERT INTO filler VALUES (?, ?)", (i, os.urandom(65536 - 200)))
+    con.execute("COMMIT")
+    con.close()
+
+
+# -- floor: stream the bytes over the same SSH transport to a sink that fsyncs -----------------
+
+class _SinkSession(asyncssh.SSHServerSession[bytes]):
+    def __init__(self, path: Path) -> None:
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        self._chan: asyncssh.SSHServerChannel[bytes] | None = None
+
+    def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:  # type: ignore[override]
+        self._chan = chan
+        sock = chan.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def subsystem_requested(self, subsystem: str) -> bool:
+        return subsystem == SINK
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        os.write(self._fd, data)
+
+    def eof_received(self) -> bool:
+        os.fsync(self._fd)
+        os.close(self._fd)
+        assert self._chan is not None
+        self._chan.write(b"done")
+        self._chan.exit(0)
+        return False
+
+
+class _SinkServer(asyncssh.SSHServer):
+    def __init__(self, path: Path) -> None:
+        self._path = path
+
+    def begin_auth(self, username: str) -> bool:
+        return False
+
+    def session_requested(self) -> _SinkSession:
+        return _SinkSession(self._path)
+
+
+async def _sink_server(folder: Path, port: int) -> None:
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    server = await asyncssh.create_server(lambda: _SinkServer(folder / "sink.bin"), "127.0.0.1",
+                                          port, server_host_keys=[key],
+                                          encryption_algs=PREFERRED_CIPHERS, encoding=None)
+    await server.wait_closed()
+
+
+async def _stream(port: int, size: int) -> float:
+    payload = os.urandom(CHUNK)
+    async with asyncssh.connect("127.0.0.1", port, known_hosts=None, username="sink",
+                                client_keys=None, encryption_algs=PREFERRED_CIPHERS,
+                                preferred_auth="none") as conn:
+        writer, reader, _ = await conn.open_session(subsystem=SINK, encoding=None)
+        started = time.perf_counter()
+        sent = 0
+        while sent < size:
+            writer.write(payload)
+            await writer.drain()
+            sent += len(payload)
+        writer.write_eof()
+        assert await reader.readexactly(4) == b"done"
+        return time.perf_counter() - started
+
+
+def measure_floor(folder: Path, size: int) -> float:
+    from servers import free_port, wait_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, __file__, "--sink-server", str(folder), str(port)])
+    try:
+        wait_port(port, proc)
+        return asyncio.run(_stream(port, size))
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        (folder / "sink.bin").unlink(missing_ok=True)
+
+
+# -- through the plugin ----------------------------------------------------------------------
+
+def measure_plugin(folder: Path, size_mb: int) -> dict[str, float]:
+    from servers import CldcbServer
+    from simlightningd import SimLightningd
+
+    from cldcb.ids import client_id_from_pubkey, new_privkey, node_id_from_pubkey, pubkey_of
+    from cldcb.plugin.wrapper import ServerEntry, WrapperConfig, default_plugin_path, write_wrapper
+
+    server = CldcbServer(folder / "server").init()
+    client = new_privkey()
+    cid = client_id_from_pubkey(pubkey_of(client))
+    server.add(cid)
+    server.start()
+    try:
+        ld = folder / "lightning"
+        (ld / "regtest").mkdir(parents=True)
+        wrapper = ld / "regtest" / "cldcb-plugin-wrapper"
+        write_wrapper(wrapper, WrapperConfig(
+            client_id=cid, client_priv=client,
+            node_id=node_id_from_pubkey(pubkey_of(new_privkey())),
+            servers=(ServerEntry(server.address, server.server_id),),
+            plugin_path=default_plugin_path()))
+        node = SimLightningd(ld, wrapper)
+        t = time.perf_counter()
+        make_database(node.db_path, size_mb, 41)
+        made = time.perf_counter() - t
+        db_size = node.db_path.stat().st_size
+        node.start()
+        node.init()
+        try:
+            call = node.db_write(42, ["UPDATE vars SET intval = intval + 1 WHERE "
+                                      "name = 'data_version' AND intval = 41"])
+            assert call.outcome == "committed" and call.latency is not None
+            assert node.plugin is not None and server.proc is not None
+            plugin_mb = vm_hwm_mb(node.plugin.pid)
+            server_mb = vm_hwm_mb(server.proc.pid)
+        finally:
+            node.close()
+        copy_s = float("nan")
+        for m in node.log_messages():
+            if "copied the database" in m:
+                copy_s = float(m.rsplit(" in ", 1)[1].split()[0])
+        return {"bytes": db_size, "seconds": call.latency, "copy_seconds": copy_s,
+                "plugin_mb": plugin_mb, "server_mb": server_mb, "make_seconds": made}
+    finally:
+        server.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size-mb", type=int, default=1024)
+    ap.add_argument("--sink-server", nargs=2, metavar=("DIR", "PORT"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.sink_server:
+        asyncio.run(_sink_server(Path(args.sink_server[0]), int(args.sink_server[1])))
+        return
+    with tempfile.TemporaryDirectory(prefix="cldcb-bench-") as tmp:
+        folder = Path(tmp)
+        r = measure_plugin(folder, args.size_mb)
+        floor_s = measure_floor(folder, r["bytes"])
+    mb = r["bytes"] / 1e6
+    mbps = mb / r["seconds"]
+    floor_mbps = mb / floor_s
+    print(f"snapshot of a {r['bytes'] / 2**20:.0f} MiB database (made in "
+          f"{r['make_seconds']:.1f} s)")
+    print(f"{'':40} {'seconds':>9} {'MB/s':>9}")
+    print(f"{'through the plugin (first db_write)':40} {r['seconds']:9.2f} {mbps:9.1f}")
+    print(f"{'  of which the local copy':40} {r['copy_seconds']:9.2f} "
+          f"{mb / r['copy_seconds']:9.1f}")
+    print(f"{'floor: same bytes over SSH + fsync':40} {floor_s:9.2f} {floor_mbps:9.1f}")
+    print(f"ratio {mbps / floor_mbps:.2f} of the floor; target ≥ 100 MB/s; peak RSS plugin "
+          f"{r['plugin_mb']:.0f} MB, server {r['server_mb']:.0f} MB (target < 150 MB)")
+    print(json.dumps({
+        "bench": "snapshot", "bytes": r["bytes"], "seconds": round(r["seconds"], 3),
+        "mb_per_s": round(mbps, 1), "floor_mb_per_s": round(floor_mbps, 1),
+        "ratio": round(mbps / floor_mbps, 3), "copy_seconds": round(r["copy_seconds"], 3),
+        "peak_rss_mb": round(r["plugin_mb"], 1), "server_peak_rss_mb": round(r["server_mb"], 1),
+        "target_met": mbps >= 100 and r["plugin_mb"] < 150 and r["server_mb"] < 150}))
+
+
+if __name__ == "__main__":
+    main()
