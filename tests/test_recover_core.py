@@ -14,6 +14,7 @@ import json
 import os
 import sqlite3
 import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -294,3 +295,13 @@ def test_stale_scratch_files_of_killed_runs_are_removed(tmp_path: Path) -> None:
     removed = restore.remove_stale_scratch(dest)
     assert sorted(removed) == sorted([stale, Path(f"{stale}-journal")])
     assert sorted(os.listdir(tmp_path)) == sorted([mine.name, other.name])
+
+
+@pytest.mark.parametrize("module", ["cldcb.client.recover", "cldcb.client.status",
+                                    "cldcb.client.verify", "cldcb.restore"])
+def test_modules_import_first_without_cycles(module: str) -> None:
+    done = subprocess.run([sys.executable, "-c", f"import {module}; "
+                           "from cldcb.client.cli import main; "
+                           "assert {'recover', 'status', 'verify'} <= set(main.commands)"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr

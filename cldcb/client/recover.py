@@ -50,7 +50,6 @@ import click
 from cldcb import restore
 from cldcb.alt_hsmd import AltHsmdNodeKey
 from cldcb.cli_common import get_passphrase, local_node_key, stdin_is_terminal
-from cldcb.client.cli import main
 from cldcb.client.nodeconfig import NodePaths, add_important_plugin
 from cldcb.connection import Connection, ServerAddress, ServerSpec
 from cldcb.errors import CldcbError, HsmSecretError, RecoveryError, UsageError
@@ -244,6 +243,11 @@ def server_specs(servers: Sequence[str], server_ids: Sequence[str],
 
 
 # --- recovery ----------------------------------------------------------------------------
+
+# Imported here, after the helpers above: cldcb.client.cli imports the modules that
+# register commands, and some of them import those helpers from this module.
+from cldcb.client.cli import main  # noqa: E402
+
 
 @dataclass
 class ServerResult:
