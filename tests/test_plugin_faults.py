@@ -202,9 +202,18 @@ def test_two_servers_quorum_one_a_stopped_one_is_caught_up_in_the_background(
     node = make_node(tmp_path, keys, [daemon, daemon_b], quorum=1)
     b_name = daemon_b.entry.address
 
+    seen: dict[str, object] = {}
+
+    def b_shown_down() -> bool:
+        b = next(x for x in plugin_status(node)["servers"] if x["address"] == b_name)
+        seen.update(b)
+        return not b["connected"] and b["state"] == "down" and (b["lag"] or 0) > 50
+
     def before(i: int, node: SimLightningd) -> None:
         if i == k1:
             daemon_b.kill()
+        elif i == k1 + 100:             # the status file shows the window
+            wait_until(b_shown_down, 10, "the status file to show server B down")
         elif i == k2:
             daemon_b.restart()
 
@@ -218,6 +227,7 @@ def test_two_servers_quorum_one_a_stopped_one_is_caught_up_in_the_background(
         node.close()
     assert all(c.outcome == "committed" for c in node.calls)
     assert trace[k2 - 1][0] - trace[k1][0] > 100      # it went on while B was down
+    assert seen["last_error"] and seen["last_acked_data_version"] is not None
     sent = logs_matching(node, f"server {b_name}: sending a snapshot")
     assert "blocking" in sent[0]                       # the first contact
     later = [int(m.split("data_version ")[1].split()[0]) for m in sent[1:] if "catch-up" in m]

@@ -234,7 +234,8 @@ class Engine:
         try:
             decision = decide(log.head, dv, kind)
             if decision.action is Action.SNAPSHOT:
-                self.emit("info", f"db_write {dv}: blocking snapshot ({decision.reason})")
+                level = "info" if log.head is None else "unusual"   # a gap, or backwards
+                self.emit(level, f"db_write {dv}: blocking snapshot ({decision.reason})")
                 self.hook_blocking = True
                 copy = await self._copy(hook, blocking=True)
                 anchor = secrets.token_bytes(32)
