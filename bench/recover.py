@@ -50,7 +50,7 @@ from cldcb.seal import RecordSealer, SnapshotSealer, item_hash  # noqa: E402
 from cldcb.store import OsFileLayer, Store  # noqa: E402
 
 SERVER = [sys.executable, "-m", "cldcb.server.admin"]
-CLIENT = [sys.executable, "-c", "from cldcb.client.cli import main; main()"]
+CLIENT = [sys.executable, "-m", "cldcb.client.app"]
 PLAIN32 = "fe77a220dcb864fb843f0161a4a33f2a8844b89c7160476af9ebe196b6e9e0ed"
 CHUNK = 1 << 20
 ROW = 4000

@@ -65,7 +65,7 @@ from cldcb.plugin.wrapper import (  # noqa: E402
 from cldcb.recognition import make_recognition, message_for_client  # noqa: E402
 from cldcb.session import Role  # noqa: E402
 
-CLIENT_CMD = [sys.executable, "-c", "from cldcb.client.cli import main; main()"]
+CLIENT_CMD = [sys.executable, "-m", "cldcb.client.app"]
 NETWORK = "regtest"
 KEYS = TESTS / "data" / "cln-keys.json"
 

@@ -298,10 +298,14 @@ def test_stale_scratch_files_of_killed_runs_are_removed(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("module", ["cldcb.client.recover", "cldcb.client.status",
-                                    "cldcb.client.verify", "cldcb.restore"])
+                                    "cldcb.client.verify", "cldcb.restore",
+                                    "cldcb.client.install", "cldcb.client.install_ssh",
+                                    "cldcb.client.app"])
 def test_modules_import_first_without_cycles(module: str) -> None:
     done = subprocess.run([sys.executable, "-c", f"import {module}; "
-                           "from cldcb.client.cli import main; "
-                           "assert {'recover', 'status', 'verify'} <= set(main.commands)"],
+                           "from cldcb.client.app import main; "
+                           "assert {'recover', 'status', 'verify', 'install', 'installplugin',"
+                           " 'uninstallplugin', 'sshkey', 'newclient', 'nodeid'}"
+                           " <= set(main.commands)"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

@@ -39,8 +39,5 @@ def nodeid(hsm_secret: Path, passphrase_file: Path | None) -> None:
     click.echo(local_node_key(hsm_secret, passphrase_file).node_id)
 
 
-import cldcb.client.install_ssh  # noqa: E402,F401  (registers install* and sshkey)
-from cldcb.client import recover, status, verify  # noqa: E402,F401  (registers commands)
-
 if __name__ == "__main__":
     main()
