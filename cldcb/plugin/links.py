@@ -29,7 +29,13 @@ from cldcb import wire
 from cldcb.dataversion import Kind, Tip
 from cldcb.errors import CldcbError, TransportError
 from cldcb.plugin.recordlog import Entry
-from cldcb.plugin.snapshot import LocalCopy, SnapshotAborted, upload_snapshot
+from cldcb.plugin.snapshot import (
+    BACKGROUND_WINDOW,
+    WINDOW,
+    LocalCopy,
+    SnapshotAborted,
+    upload_snapshot,
+)
 from cldcb.plugin.wrapper import ServerEntry
 from cldcb.seal import ZERO_HASH
 
@@ -346,9 +352,11 @@ class ServerLink:
             return log is not None and log.holds(copy.next_seq - 1)
 
         try:
+            blocking = eng.hook_blocking
             await upload_snapshot(conn, copy, node_pub=eng.node_pub, client_priv=eng.client_priv,
                                   chunk_size=eng.chunk_size,
-                                  chunk_delay=0.0 if eng.hook_blocking else eng.chunk_delay,
+                                  window=WINDOW if blocking else BACKGROUND_WINDOW,
+                                  chunk_delay=0.0 if blocking else eng.chunk_delay,
                                   still_wanted=wanted, on_progress=progress)
         except SnapshotAborted:
             raise TransportError(f"snapshot to {self.name} abandoned: a newer one is needed") \
@@ -389,7 +397,8 @@ class ServerLink:
 
         try:
             await upload_snapshot(conn, copy, node_pub=eng.node_pub, client_priv=eng.client_priv,
-                                  chunk_size=eng.chunk_size, chunk_delay=eng.chunk_delay,
+                                  chunk_size=eng.chunk_size, window=BACKGROUND_WINDOW,
+                                  chunk_delay=eng.chunk_delay,
                                   on_progress=progress, before_end=before_end)
             self.wants_compaction = False
             eng.emit("info", f"server {self.name}: compaction snapshot at data_version "

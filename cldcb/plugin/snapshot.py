@@ -50,6 +50,10 @@ from cldcb.seal import SnapshotSealer
 
 CHUNK_SIZE = 1024 * 1024
 WINDOW = 8
+"""Chunks awaiting their ChunkAck while the hook waits for the snapshot (throughput)."""
+BACKGROUND_WINDOW = 2
+"""... while records keep flowing on the same connection: a write queued behind the
+chunks in flight (answers come in order) waits for at most this many."""
 COPY_PREFIX = ".cldcb-snapshot-"
 COPY_SUFFIX = ".tmp"
 _BUSY = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
