@@ -46,6 +46,7 @@ RECONNECT_MIN = 0.1
 RECONNECT_MAX = 2.0
 CATCHUP_BACKOFF_MAX = 60.0
 COMPACTION_RETRY = 30.0
+WATCH_INTERVAL = 0.5
 
 
 class ServerConnection(Protocol):
@@ -173,6 +174,7 @@ class ServerLink:
                 delay = min(delay * 2, RECONNECT_MAX)
                 continue
             self.conn = conn
+            watch = asyncio.get_running_loop().create_task(self._watch(conn))
             try:
                 st = await conn.status()
                 self.connected = True
@@ -182,8 +184,16 @@ class ServerLink:
             except (CldcbError, OSError) as exc:
                 self._down(str(exc) or type(exc).__name__)
             finally:
+                watch.cancel()
                 await self._drop()
             await asyncio.sleep(delay)
+
+    async def _watch(self, conn: ServerConnection) -> None:
+        """Wake the driver when an idle connection is lost, so that it reconnects (and the
+        status file says so) before the next change needs it."""
+        while not conn.is_closed:
+            await asyncio.sleep(WATCH_INTERVAL)
+        self.wake.set()
 
     def _down(self, reason: str) -> None:
         self.last_error = reason
