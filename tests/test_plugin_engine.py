@@ -20,6 +20,7 @@ from cldcb.dataversion import Action, Kind, Tip, decide
 from cldcb.errors import TransportError
 from cldcb.ids import client_id_from_pubkey, new_privkey, node_id_from_pubkey, pubkey_of
 from cldcb.ids import server_id_from_pubkey as sid
+from cldcb.plugin import links
 from cldcb.plugin.engine import Engine
 from cldcb.plugin.wrapper import ServerEntry, WrapperConfig
 from cldcb.seal import ZERO_HASH, item_hash
@@ -274,7 +275,9 @@ def test_need_snapshot_is_a_blocking_catch_up_when_quorum_needs_it(tmp_path: Pat
     assert s.tip is not None and s.tip.data_version == 3
 
 
-def test_compaction_is_uploaded_in_the_background(tmp_path: Path) -> None:
+def test_compaction_is_uploaded_in_the_background(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(links, "COMPACTION_MIN_INTERVAL", 0.0)
     s = FakeServer("a")
     node = Node(tmp_path / "lightningd.sqlite3")
 

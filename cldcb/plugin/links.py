@@ -46,6 +46,11 @@ RECONNECT_MIN = 0.1
 RECONNECT_MAX = 2.0
 CATCHUP_BACKOFF_MAX = 60.0
 COMPACTION_RETRY = 30.0
+COMPACTION_MIN_INTERVAL = 5.0
+"""A server asks for compaction when its log outgrew the last snapshot; for a small
+database that is every few hundred changes. Compaction is for the server's storage and
+recovery time, never for safety, so it waits at least this long after the last snapshot
+(each one costs a copy inside a hook and delays the writes queued behind its end)."""
 WATCH_INTERVAL = 0.5
 
 
@@ -108,6 +113,7 @@ class ServerLink:
         self.compaction_copy: LocalCopy | None = None
         self.compaction_sent = 0
         self.compaction_retry_at = 0.0
+        self.last_snapshot_at = float("-inf")
         self.catchup_backoff = 0.0
         self.next_copy_at = 0.0
         self.last_error: str | None = None
@@ -376,6 +382,7 @@ class ServerLink:
             self.catching_up = None
         self.pos = copy.next_seq - 1
         self.held_dv = copy.data_version
+        self.last_snapshot_at = time.monotonic()
         eng.emit("info", f"server {self.name}: snapshot at data_version {copy.data_version} "
                          f"is durable ({time.monotonic() - started:.1f} s)")
         eng.changed()
@@ -411,6 +418,7 @@ class ServerLink:
                                   chunk_delay=eng.chunk_delay,
                                   on_progress=progress, before_end=before_end)
             self.wants_compaction = False
+            self.last_snapshot_at = time.monotonic()
             eng.emit("info", f"server {self.name}: compaction snapshot at data_version "
                              f"{copy.data_version} is durable "
                              f"({time.monotonic() - started:.1f} s)")
@@ -425,5 +433,7 @@ class ServerLink:
             eng.changed()
 
     def compaction_due(self) -> bool:
+        now = time.monotonic()
         return (self.wants_compaction and self.compaction is None and self.in_step()
-                and time.monotonic() >= self.compaction_retry_at)
+                and now >= self.compaction_retry_at
+                and now - self.last_snapshot_at >= COMPACTION_MIN_INTERVAL)
