@@ -199,3 +199,30 @@ def test_a_256_mib_snapshot_streams_in_bounded_memory(daemon: Target, tmp_path: 
     rebuilt = restore(daemon, keys, out)
     assert rebuilt.data_version == 42 and rebuilt.snapshot_data_version == 41
     assert content_digest(out) == content_digest(node.db_path)
+
+
+def test_after_shutdown_the_plugin_keeps_answering_then_exits(daemon: Target,
+                                                               tmp_path: Path) -> None:
+    """lightningd keeps a shutdown subscriber's hook while it waits for plugins to exit
+    and may still commit then: the plugin answers those calls (they reach the server)
+    and exits by itself once the calls stopped."""
+    name = "cln-workload"
+    trace = load_trace(name)
+    keys = new_keys()
+    node = make_node(tmp_path, keys, [daemon])
+    node.start()
+    node.run_trace(trace, stop=300)
+    plugin = node.plugin
+    assert plugin is not None
+    plugin.send({"jsonrpc": "2.0", "method": "shutdown", "params": {}})
+    node.run_trace(trace, start=300, stop=310)        # commits during the shutdown window
+    assert all(c.outcome == "committed" for c in node.calls[300:310])
+    started = time.monotonic()
+    deadline = started + 15
+    while plugin.alive() and time.monotonic() < deadline:
+        plugin.pump(0.1)
+    assert not plugin.alive(), "the plugin did not exit after shutdown"
+    assert time.monotonic() - started < 10
+    node.plugin = None
+    node.close()
+    assert server_status(daemon, keys).tip_data_version == trace[309][0]

@@ -13,8 +13,12 @@ Protocol (JSON-RPC 2.0 on stdin/stdout, see :mod:`cldcb.plugin.jsonrpc`):
 - ``db_write`` → ``{"result": "continue"}`` once ``quorum`` servers hold the
   change, else ``{"result": "fail", "error": "…"}``, which makes lightningd
   stop without committing (it accepts nothing but ``continue``);
-- ``shutdown`` (notification), SIGTERM or the end of stdin: finish the call in
-  progress, let in-flight writes land, write the status file and exit.
+- ``shutdown`` (notification): lightningd keeps the hook of a plugin that
+  subscribed to it registered while it waits (up to 30 s) for plugins to
+  exit, and it may still commit then. So the plugin goes on answering calls
+  and exits only once no call came for :data:`SHUTDOWN_QUIET` seconds;
+- SIGTERM or the end of stdin: finish the call in progress, let in-flight
+  writes land, write the status file and exit.
 
 Calls are answered one at a time, in order; lightningd never calls the hook
 again before the previous call was answered. The plugin never calls
@@ -27,6 +31,7 @@ import asyncio
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +54,8 @@ MANIFEST: dict[str, Any] = {
     "nonnumericids": True,
 }
 CONNECT_TIMEOUT = 10.0
+SHUTDOWN_QUIET = 2.0
+"""After ``shutdown``, exit once no db_write call came for this many seconds."""
 
 #: Test knobs (never secrets): slow down background snapshot uploads, smaller chunks.
 ENV_CHUNK_DELAY = "CLDCB_PLUGIN_TEST_CHUNK_DELAY"
@@ -74,6 +81,9 @@ class Plugin:
         self._stop = asyncio.Event()
         self._calls: asyncio.Queue[tuple[Any, dict[str, Any]] | None] = asyncio.Queue()
         self._gone = False
+        self._last_call = 0.0
+        self._busy = False
+        self._lingering: asyncio.Task[None] | None = None
         delay = float(os.environ.get(ENV_CHUNK_DELAY, "0") or 0)
         size = int(os.environ.get(ENV_CHUNK_SIZE, str(CHUNK_SIZE)) or CHUNK_SIZE)
         self.engine = Engine(cfg, workdir, self._connect, emit=self.log, chunk_delay=delay,
@@ -112,6 +122,7 @@ class Plugin:
         msg_id = msg.get("id")
         params = msg.get("params") or {}
         if method == "db_write" and msg_id is not None:
+            self._last_call = time.monotonic()
             self._calls.put_nowait((msg_id, params if isinstance(params, dict) else {}))
         elif method == "getmanifest":
             self._send(jsonrpc.response(msg_id, MANIFEST))
@@ -122,8 +133,10 @@ class Plugin:
         elif method == "init":
             self._send(jsonrpc.response(msg_id, {}))
         elif method == "shutdown":
-            self.log("info", "lightningd is shutting down")
-            self._stop.set()
+            self.log("info", "lightningd is shutting down; still answering db_write calls "
+                             "until they stop")
+            if self._lingering is None:
+                self._lingering = asyncio.get_running_loop().create_task(self._linger())
         elif msg_id is not None:
             self._send(jsonrpc.error_response(msg_id, -32601, f"unknown method {method!r}"))
 
@@ -133,7 +146,12 @@ class Plugin:
             if item is None:
                 return
             msg_id, params = item
-            result = await self._db_write(params)
+            self._busy = True
+            try:
+                result = await self._db_write(params)
+            finally:
+                self._busy = False
+                self._last_call = time.monotonic()
             if result.ok:
                 answer: dict[str, Any] = {"result": "continue"}
             else:
@@ -158,6 +176,15 @@ class Plugin:
                                      os.fdopen(sys.stdin.fileno(), "rb", buffering=0,
                                                closefd=False))
         await done
+
+    async def _linger(self) -> None:
+        """After ``shutdown``: stop once the queue is empty and calls stopped coming."""
+        while True:
+            quiet = time.monotonic() - self._last_call
+            if self._calls.empty() and not self._busy and quiet >= SHUTDOWN_QUIET:
+                self._stop.set()
+                return
+            await asyncio.sleep(max(0.05, SHUTDOWN_QUIET - quiet))
 
     async def _status_loop(self) -> None:
         while True:
