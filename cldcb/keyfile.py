@@ -13,12 +13,14 @@ show the private key.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from cldcb.durable import fsync_dir
 from cldcb.errors import KeyFileError, KeyFormatError
 from cldcb.ids import (
     check_privkey,
@@ -170,16 +172,8 @@ def _write_new(path: Path, data: bytes) -> None:
 
 
 def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    with contextlib.suppress(OSError):  # best effort: the key file itself is fsynced
+        fsync_dir(directory)
 
 
 def _read_text(path: Path | str, what: str) -> str:

@@ -51,6 +51,7 @@ from typing import Protocol
 
 from cldcb import wire
 from cldcb.dataversion import Kind
+from cldcb.durable import fsync_dir
 from cldcb.errors import ChainError, RecoveryError, ReplayError, SealError
 from cldcb.replay import Replayer
 from cldcb.seal import ChainVerifier, Change, EcdhKey, SnapshotOpener
@@ -105,7 +106,7 @@ def remove_stale_scratch(dest: Path) -> list[Path]:
     removed = []
     for p in dest.parent.glob(f".{glob.escape(dest.name)}.cldcb-*"):
         pid = p.name[len(dest.name) + 8:].split("-", 1)[0]
-        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+        if not pid.isdigit() or int(pid) == os.getpid() or pid_alive(int(pid)):
             continue
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
@@ -113,7 +114,8 @@ def remove_stale_scratch(dest: Path) -> list[Path]:
     return removed
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (ours or another user's)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -128,14 +130,6 @@ def discard(path: Path) -> None:
     for name in ("", *_SIDE_FILES):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(f"{path}{name}")
-
-
-def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def refuse_existing(dest: Path) -> None:

@@ -16,10 +16,10 @@ The config file grammar is lightningd's: ``name=value`` or ``name`` per line,
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from cldcb.durable import replace_file
 from cldcb.errors import CldcbError
 from cldcb.plugin.wrapper import WRAPPER_NAME
 
@@ -169,27 +169,7 @@ def _replace(path: Path, text: str) -> None:
     except OSError as exc:
         raise NodeConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        replace_file(path, text, mode=mode, owner=(uid, gid))
     except OSError as exc:
-        raise NodeConfigError(f"cannot write lightningd's config in {folder}: "
-                              f"{exc.strerror or exc}; run as the node's user or root") from None
-    try:
-        os.fchmod(fd, mode)
-        if os.geteuid() == 0:
-            os.fchown(fd, uid, gid)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            fd = -1
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        if fd >= 0:
-            os.close(fd)
-        Path(tmp).unlink(missing_ok=True)
-        raise NodeConfigError(f"cannot write {path}: {exc.strerror or exc}") from None
-    dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+        raise NodeConfigError(f"cannot write {path}: {exc.strerror or exc}; run as the "
+                              "node's user or root") from None

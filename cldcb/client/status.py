@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sqlite3
 import time
 from pathlib import Path
@@ -42,6 +41,7 @@ from cldcb.connection import Connection, ServerAddress, ServerSpec
 from cldcb.errors import CldcbError
 from cldcb.plugin.status import read_status_file
 from cldcb.plugin.wrapper import WrapperConfig, read_wrapper
+from cldcb.restore import pid_alive
 from cldcb.rpc import LightningRpc
 from cldcb.session import Role
 
@@ -66,15 +66,7 @@ def database_data_version(db: Path, timeout: float = 10.0) -> int:
 
 
 def _pid_alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return isinstance(pid, int) and pid > 0 and pid_alive(pid)
 
 
 def plugin_state(path: Path) -> dict[str, Any]:

@@ -47,10 +47,10 @@ import re
 import shlex
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cldcb.durable import replace_file
 from cldcb.errors import CldcbError, KeyFormatError, PluginError
 from cldcb.ids import (
     check_privkey,
@@ -288,30 +288,8 @@ def write_wrapper(path: Path, cfg: WrapperConfig) -> None:
     text = format_wrapper(cfg)
     folder = path.parent
     st = folder.stat()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        os.fchmod(fd, 0o700)
-        if os.geteuid() == 0 and (st.st_uid, st.st_gid) != (0, 0):
-            os.fchown(fd, st.st_uid, st.st_gid)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            fd = -1
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    owner = (st.st_uid, st.st_gid) if (st.st_uid, st.st_gid) != (0, 0) else None
+    replace_file(path, text, mode=0o700, owner=owner)
 
 
 def read_wrapper(path: Path) -> WrapperConfig:

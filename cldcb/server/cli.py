@@ -18,6 +18,7 @@ from pathlib import Path
 import click
 
 from cldcb.cli_common import cldcb_group
+from cldcb.durable import replace_file
 from cldcb.errors import KeyFileError, UsageError
 from cldcb.ids import new_privkey
 from cldcb.keyfile import read_server_key, write_key_file
@@ -134,12 +135,9 @@ def _make_data_dir(path: Path) -> None:
 
 
 def _write_json(path: Path, data: dict[str, object]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(data, indent=1) + "\n", "utf-8")
-        os.replace(tmp, path)
+        replace_file(path, json.dumps(data, indent=1) + "\n", mode=0o600)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise KeyFileError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
