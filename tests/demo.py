@@ -179,16 +179,26 @@ def run_demo(root: Path, trace: str) -> bool:
         server.init().start()
         print(f"server {server.address}, id {server.server_id}")
 
-        _step("installing the plugin on the node (a new client, registered on the server)")
-        from cldcb.nodekey import LocalNodeKey
-
-        node = LocalNodeKey.from_hsm_secret(network_dir / "hsm_secret")
-        client_priv = new_privkey()
-        client_id = client_id_from_pubkey(pubkey_of(client_priv))
+        _step("installing the plugin on the stopped node (cldcb-client newclient, "
+              "cldcb-server add, cldcb-client installplugin)")
+        key_file = root / "client.key"
+        made = client("newclient", str(key_file))
+        if made.returncode != 0:
+            print(f"demo FAILED: newclient: {made.stderr.strip()}")
+            return False
+        client_id = made.stdout.strip()
         server.add(client_id)
-        install_client(network_dir, node, [Target(server.address, server.server_id)],
-                       client_priv)
-        print(f"node {node.node_id}\nclient {client_id}\nwrapper {network_dir / WRAPPER_NAME}")
+        installed = client("installplugin", "--lightning-dir", str(lightning_dir),
+                           "--network", NETWORK, "--client-privkey", str(key_file),
+                           "--server", server.address, "--server-id", server.server_id,
+                           "--yes")
+        print(installed.stdout.rstrip())
+        if installed.returncode != 0:
+            print(f"demo FAILED: installplugin: {installed.stderr.strip()}")
+            return False
+        key_file.unlink()  # the wrapper holds the key now
+        print(f"client {client_id}; key file deleted, the wrapper "
+              f"{network_dir / WRAPPER_NAME} (mode 0700) holds it")
 
         calls = len(load_trace(trace))
         _step(f"simulated lightningd plays the real trace {trace} ({calls} db_write calls) "

@@ -34,6 +34,7 @@ from cldcb.plugin.snapshot import (
     WINDOW,
     LocalCopy,
     SnapshotAborted,
+    SnapshotTarget,
     upload_snapshot,
 )
 from cldcb.plugin.wrapper import ServerEntry
@@ -54,7 +55,7 @@ recovery time, never for safety, so it waits at least this long after the last s
 WATCH_INTERVAL = 0.5
 
 
-class ServerConnection(Protocol):
+class ServerConnection(SnapshotTarget, Protocol):
     """The part of :class:`cldcb.connection.Connection` the plugin uses."""
 
     @property
@@ -64,15 +65,6 @@ class ServerConnection(Protocol):
 
     async def write(self, data_version: int, kind: int, link: bytes,
                     sealed: bytes) -> wire.Ack | wire.NeedSnapshot: ...
-
-    async def begin_snapshot(self, snapshot_id: int, data_version: int,
-                             anchor: bytes) -> None: ...
-
-    async def send_chunk(self, snapshot_id: int, index: int,
-                         sealed: bytes) -> wire.ChunkAck: ...
-
-    async def end_snapshot(self, snapshot_id: int, chunk_count: int,
-                           manifest: bytes) -> wire.SnapshotAck: ...
 
     async def close(self) -> None: ...
 
