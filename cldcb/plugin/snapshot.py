@@ -4,9 +4,15 @@ Copy (:func:`copy_database`)
 ----------------------------
 Taken only while a ``db_write`` hook call is pending: lightningd has run the
 batch's statements in its open transaction and waits, so a reader sees the
-last committed state and nothing can commit under it. The copy uses
-SQLite's backup API from a **read-only** connection into a temporary file in
-the node's folder, then lets go of the database.
+last committed state and nothing can commit under it. The copy is made from
+a **read-only** connection into a temporary file in the node's folder, then
+the database is let go:
+
+- in rollback-journal mode (lightningd's), a read transaction holds SQLite's
+  SHARED lock, under which no writer can change the database file, and the
+  file's bytes are copied with ``copy_file_range`` (several times faster than
+  the backup API for a large database);
+- otherwise (WAL), or if that fails, SQLite's backup API copies it.
 
 The hazard: in rollback-journal mode a transaction that spilled SQLite's page
 cache holds an EXCLUSIVE lock until COMMIT, which lightningd does only after
@@ -172,6 +178,14 @@ def copy_database(db_path: Path, folder: Path, *, busy_timeout: float = 1.0,
     try:
         src = sqlite3.connect(_ro_uri(db_path), uri=True, timeout=0, isolation_level=None,
                               check_same_thread=False)
+        if _copy_file_locked(src, db_path, dest_path, busy_timeout, started, deadline):
+            src.close()
+            src = None
+            dest = sqlite3.connect(dest_path, isolation_level=None, check_same_thread=False)
+            data_version = read_data_version(dest)
+            dest.close()
+            dest = None
+            return LocalCopy(dest_path, data_version, dest_path.stat().st_size)
         dest = sqlite3.connect(dest_path, isolation_level=None, check_same_thread=False)
         dest.execute("PRAGMA journal_mode = OFF")
         dest.execute("PRAGMA synchronous = OFF")
@@ -198,6 +212,61 @@ def copy_database(db_path: Path, folder: Path, *, busy_timeout: float = 1.0,
         except FileNotFoundError:
             pass
         raise
+
+
+def _copy_file_locked(src: sqlite3.Connection, db_path: Path, dest_path: Path,
+                      busy_timeout: float, started: float, deadline: float) -> bool:
+    """Copy the database file's bytes under a SHARED lock; False where that is not safe.
+
+    Only in rollback-journal mode (in WAL mode committed pages may live in the
+    -wal file). SQLITE_BUSY for longer than ``busy_timeout`` is the hazard:
+    :class:`DatabaseBusy`. Any other problem returns False, and the caller
+    falls back to the backup API.
+    """
+    try:
+        (mode,) = src.execute("PRAGMA journal_mode").fetchone()
+    except sqlite3.Error as exc:
+        if getattr(exc, "sqlite_errorcode", None) in _BUSY or "locked" in str(exc):
+            mode = "delete"  # the busy wait below decides
+        else:
+            return False
+    if str(mode).lower() == "wal":
+        return False
+    busy_since = time.monotonic()
+    while True:
+        try:
+            src.execute("BEGIN")
+            src.execute("SELECT count(*) FROM sqlite_schema").fetchone()  # SHARED lock
+            break
+        except sqlite3.Error as exc:
+            if src.in_transaction:
+                src.execute("ROLLBACK")
+            if getattr(exc, "sqlite_errorcode", None) not in _BUSY and "locked" not in str(exc):
+                return False
+            now = time.monotonic()
+            if now - busy_since >= busy_timeout or now - started > deadline:
+                raise DatabaseBusy(
+                    "the database is exclusively locked by lightningd's open transaction "
+                    "(it spilled SQLite's page cache), so no consistent copy can be read "
+                    "now") from None
+            time.sleep(0.01)
+    try:
+        with open(db_path, "rb") as fin, open(dest_path, "wb") as fout:
+            size = os.fstat(fin.fileno()).st_size
+            copied = 0
+            while copied < size:
+                n = os.copy_file_range(fin.fileno(), fout.fileno(), min(size - copied, 1 << 30))
+                if n == 0:
+                    break
+                copied += n
+        if copied == size:
+            return True
+    except OSError:
+        pass
+    finally:
+        src.execute("ROLLBACK")
+    os.truncate(dest_path, 0)  # the backup API starts from an empty file
+    return False
 
 
 def _mkstemp(folder: Path) -> tuple[int, str]:
