@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import cldcb.plugin.snapshot as snapshot_module
 from cldcb import wire
 from cldcb.dataversion import Kind, Tip
 from cldcb.errors import PluginError, ProtocolError
@@ -266,6 +267,38 @@ def test_copy_gives_up_quickly_on_a_spilled_transaction(tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".cldcb-snapshot-*"))
     con.execute("COMMIT")
     assert copy_database(db, tmp_path).data_version == 5
+
+
+@pytest.mark.parametrize("journal_mode", ["delete", "wal"])
+def test_both_copy_paths_give_the_committed_state(tmp_path: Path, journal_mode: str,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rollback-journal mode copies the file's bytes under a SHARED lock; WAL mode (whose
+    committed pages may sit in the -wal file) goes through the backup API."""
+    db = tmp_path / "lightningd.sqlite3"
+    con = make_db(db, 7)
+    con.execute(f"PRAGMA journal_mode = {journal_mode}")
+    con.execute("BEGIN")
+    con.execute("INSERT INTO t VALUES (x'01')")
+    con.execute("UPDATE vars SET intval = 8")
+    con.execute("COMMIT")
+    con.execute("BEGIN")                       # the pending hook call's transaction
+    con.execute("UPDATE vars SET intval = 9")
+    used: list[bool] = []
+    real = snapshot_module._copy_file_locked
+
+    def spy(*args: object) -> bool:
+        used.append(real(*args))  # type: ignore[arg-type]
+        return used[-1]
+
+    monkeypatch.setattr(snapshot_module, "_copy_file_locked", spy)
+    copy = copy_database(db, tmp_path)
+    assert used == [journal_mode == "delete"]
+    c = sqlite3.connect(copy.path)
+    assert c.execute("SELECT count(*) FROM t").fetchone()[0] == 101
+    assert c.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    c.close()
+    assert copy.data_version == 8
+    con.execute("ROLLBACK")
 
 
 def test_stale_copies_are_removed(tmp_path: Path) -> None:
