@@ -23,7 +23,6 @@ import asyncio
 import json
 import os
 import socket
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -47,21 +46,6 @@ def vm_hwm_mb(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def make_database(path: Path, size_mb: int, data_version: int) -> None:
-    """A database shaped like lightningd's (``vars.data_version``), incompressible rows."""
-    con = sqlite3.connect(path, isolation_level=None)
-    con.execute("PRAGMA journal_mode = DELETE")
-    con.execute("CREATE TABLE vars (name VARCHAR(32), val VARCHAR(255), intval INTEGER, "
-                "blobval BLOB, PRIMARY KEY (name))")
-    con.execute("INSERT INTO vars (name, intval) VALUES ('data_version', ?)", (data_version,))
-    con.execute("CREATE TABLE filler (id INTEGER PRIMARY KEY, data BLOB)")
-    con.execute("BEGIN")
-    for i in range(size_mb * 16):
-        con.execute("INSERT INTO filler VALUES (?, ?)", (i, os.urandom(65536 - 200)))
-    con.execute("COMMIT")
-    con.close()
 
 
 # -- floor: stream the bytes over the same SSH transport to a sink that fsyncs -----------------
@@ -147,6 +131,7 @@ def measure_floor(folder: Path, size: int) -> float:
 def measure_plugin(folder: Path, size_mb: int) -> dict[str, float]:
     from servers import CldcbServer
     from simlightningd import SimLightningd
+    from test_plugin_harness import make_big_database
 
     from cldcb.ids import client_id_from_pubkey, new_privkey, node_id_from_pubkey, pubkey_of
     from cldcb.plugin.wrapper import ServerEntry, WrapperConfig, default_plugin_path, write_wrapper
@@ -167,7 +152,7 @@ def measure_plugin(folder: Path, size_mb: int) -> dict[str, float]:
             plugin_path=default_plugin_path()))
         node = SimLightningd(ld, wrapper)
         t = time.perf_counter()
-        make_database(node.db_path, size_mb, 41)
+        make_big_database(node.db_path, size_mb, 41)
         made = time.perf_counter() - t
         db_size = node.db_path.stat().st_size
         node.start()

@@ -9,7 +9,6 @@ be byte-identical to the real node's.
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from test_plugin_harness import (
     Target,
     assert_no_stray_copies,
     logs_matching,
+    make_big_database,
     make_node,
     new_keys,
     plugin_status,
@@ -143,22 +143,6 @@ def test_exclusive_lock_hazard_fails_a_blocking_snapshot_fast(daemon: Target,
     finally:
         node.close()
     check_final(node, [daemon], keys, name, tmp_path)
-
-
-def make_big_database(path: Path, size_mb: int, data_version: int) -> None:
-    """A database shaped like lightningd's (``vars.data_version``) of about ``size_mb`` MiB
-    of incompressible rows."""
-    con = sqlite3.connect(path, isolation_level=None)
-    con.execute("PRAGMA journal_mode = DELETE")
-    con.execute("CREATE TABLE vars (name VARCHAR(32), val VARCHAR(255), intval INTEGER, "
-                "blobval BLOB, PRIMARY KEY (name))")
-    con.execute("INSERT INTO vars (name, intval) VALUES ('data_version', ?)", (data_version,))
-    con.execute("CREATE TABLE filler (id INTEGER PRIMARY KEY, data BLOB)")
-    con.execute("BEGIN")
-    for i in range(size_mb * 16):
-        con.execute("INSERT INTO filler VALUES (?, ?)", (i, os.urandom(65536 - 200)))
-    con.execute("COMMIT")
-    con.close()
 
 
 def content_digest(path: Path) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -205,3 +206,19 @@ def assert_no_stray_copies(node: SimLightningd) -> None:
 
 def env_without_test_knobs() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("CLDCB_PLUGIN_TEST_")}
+
+
+def make_big_database(path: Path, size_mb: int, data_version: int) -> None:
+    """A database shaped like lightningd's (``vars.data_version``) of about ``size_mb`` MiB
+    of incompressible rows."""
+    con = sqlite3.connect(path, isolation_level=None)
+    con.execute("PRAGMA journal_mode = DELETE")
+    con.execute("CREATE TABLE vars (name VARCHAR(32), val VARCHAR(255), intval INTEGER, "
+                "blobval BLOB, PRIMARY KEY (name))")
+    con.execute("INSERT INTO vars (name, intval) VALUES ('data_version', ?)", (data_version,))
+    con.execute("CREATE TABLE filler (id INTEGER PRIMARY KEY, data BLOB)")
+    con.execute("BEGIN")
+    for i in range(size_mb * 16):
+        con.execute("INSERT INTO filler VALUES (?, ?)", (i, os.urandom(65536 - 200)))
+    con.execute("COMMIT")
+    con.close()
