@@ -31,9 +31,7 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,8 +42,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import asyncssh  # noqa: E402
+from sshfloor import connect, floor_server, nodelay, run_child  # noqa: E402
 
-from cldcb.connection import PREFERRED_CIPHERS  # noqa: E402
 from cldcb.seal import OVERHEAD  # noqa: E402
 
 FLOOR_SUBSYSTEM = "floor"
@@ -73,9 +71,7 @@ class _FloorSession(asyncssh.SSHServerSession[bytes]):
 
     def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:  # type: ignore[override]
         self._chan = chan
-        sock = chan.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        nodelay(chan)
 
     def subsystem_requested(self, subsystem: str) -> bool:
         return subsystem == FLOOR_SUBSYSTEM
@@ -97,32 +93,8 @@ class _FloorSession(asyncssh.SSHServerSession[bytes]):
         os.close(self._fd)
 
 
-class _FloorServer(asyncssh.SSHServer):
-    def __init__(self, path: Path) -> None:
-        self._path = path
-
-    def begin_auth(self, username: str) -> bool:
-        return False
-
-    def session_requested(self) -> _FloorSession:
-        return _FloorSession(self._path)
-
-
-async def _floor_server(folder: Path, port: int) -> None:
-    key = asyncssh.generate_private_key("ssh-ed25519")
-    server = await asyncssh.create_server(lambda: _FloorServer(folder / "floor.log"),
-                                          "127.0.0.1", port, server_host_keys=[key],
-                                          encryption_algs=PREFERRED_CIPHERS, encoding=None)
-    print("ready", flush=True)
-    await server.wait_closed()
-
-
 async def _floor_client(port: int, sizes: list[int]) -> list[float]:
-    async with asyncssh.connect("127.0.0.1", port, known_hosts=None, username="floor",
-                                client_keys=None, encryption_algs=PREFERRED_CIPHERS,
-                                preferred_auth="none") as conn:
-        sock = conn.get_extra_info("socket")
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    async with await connect(port, "floor") as conn:
         writer, reader, _ = await conn.open_session(subsystem=FLOOR_SUBSYSTEM, encoding=None)
         out = []
         for n in sizes:
@@ -136,17 +108,8 @@ async def _floor_client(port: int, sizes: list[int]) -> list[float]:
 
 
 def measure_floor(folder: Path, sizes: list[int]) -> list[float]:
-    from servers import free_port, wait_port
-
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, __file__, "--floor-server", str(folder), str(port)],
-                            stdout=subprocess.PIPE)
-    try:
-        wait_port(port, proc)
+    with floor_server(__file__, "--floor-server", folder) as port:
         return asyncio.run(_floor_client(port, sizes))
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 # -- through the plugin ------------------------------------------------------------------------
@@ -246,7 +209,8 @@ def main() -> None:
     ap.add_argument("--floor-server", nargs=2, metavar=("DIR", "PORT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.floor_server:
-        asyncio.run(_floor_server(Path(args.floor_server[0]), int(args.floor_server[1])))
+        path = Path(args.floor_server[0]) / "floor.log"
+        run_child(lambda: _FloorSession(path), int(args.floor_server[1]))
         return
     from traces import load_trace
 

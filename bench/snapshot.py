@@ -22,8 +22,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,8 +32,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import asyncssh  # noqa: E402
-
-from cldcb.connection import PREFERRED_CIPHERS  # noqa: E402
+from sshfloor import connect, floor_server, nodelay, run_child  # noqa: E402
 
 SINK = "sink"
 CHUNK = 1024 * 1024
@@ -57,9 +54,7 @@ class _SinkSession(asyncssh.SSHServerSession[bytes]):
 
     def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:  # type: ignore[override]
         self._chan = chan
-        sock = chan.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        nodelay(chan)
 
     def subsystem_requested(self, subsystem: str) -> bool:
         return subsystem == SINK
@@ -76,30 +71,9 @@ class _SinkSession(asyncssh.SSHServerSession[bytes]):
         return False
 
 
-class _SinkServer(asyncssh.SSHServer):
-    def __init__(self, path: Path) -> None:
-        self._path = path
-
-    def begin_auth(self, username: str) -> bool:
-        return False
-
-    def session_requested(self) -> _SinkSession:
-        return _SinkSession(self._path)
-
-
-async def _sink_server(folder: Path, port: int) -> None:
-    key = asyncssh.generate_private_key("ssh-ed25519")
-    server = await asyncssh.create_server(lambda: _SinkServer(folder / "sink.bin"), "127.0.0.1",
-                                          port, server_host_keys=[key],
-                                          encryption_algs=PREFERRED_CIPHERS, encoding=None)
-    await server.wait_closed()
-
-
 async def _stream(port: int, size: int) -> float:
     payload = os.urandom(CHUNK)
-    async with asyncssh.connect("127.0.0.1", port, known_hosts=None, username="sink",
-                                client_keys=None, encryption_algs=PREFERRED_CIPHERS,
-                                preferred_auth="none") as conn:
+    async with await connect(port, "sink") as conn:
         writer, reader, _ = await conn.open_session(subsystem=SINK, encoding=None)
         started = time.perf_counter()
         sent = 0
@@ -113,16 +87,10 @@ async def _stream(port: int, size: int) -> float:
 
 
 def measure_floor(folder: Path, size: int) -> float:
-    from servers import free_port, wait_port
-
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, __file__, "--sink-server", str(folder), str(port)])
     try:
-        wait_port(port, proc)
-        return asyncio.run(_stream(port, size))
+        with floor_server(__file__, "--sink-server", folder) as port:
+            return asyncio.run(_stream(port, size))
     finally:
-        proc.terminate()
-        proc.wait(10)
         (folder / "sink.bin").unlink(missing_ok=True)
 
 
@@ -182,7 +150,8 @@ def main() -> None:
     ap.add_argument("--sink-server", nargs=2, metavar=("DIR", "PORT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.sink_server:
-        asyncio.run(_sink_server(Path(args.sink_server[0]), int(args.sink_server[1])))
+        path = Path(args.sink_server[0]) / "sink.bin"
+        run_child(lambda: _SinkSession(path), int(args.sink_server[1]))
         return
     with tempfile.TemporaryDirectory(prefix="cldcb-bench-") as tmp:
         folder = Path(tmp)
