@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import asyncssh  # noqa: E402
+from measure import pct, vm_hwm_mb  # noqa: E402
 from sshfloor import connect, floor_server, nodelay, run_child  # noqa: E402
 
 from cldcb.seal import OVERHEAD  # noqa: E402
@@ -49,16 +50,8 @@ from cldcb.seal import OVERHEAD  # noqa: E402
 FLOOR_SUBSYSTEM = "floor"
 
 
-def pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(len(xs) * p))]
 
 
-def vm_hwm_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 # -- the floor: a minimal asyncssh subsystem that fsyncs each request ----------------------------

@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305  # noqa: E402
+from measure import pct  # noqa: E402
 
 from cldcb.dataversion import Kind  # noqa: E402
 from cldcb.ids import pubkey_of  # noqa: E402
@@ -33,9 +34,6 @@ def timed(fn, n: int) -> list[float]:  # noqa: ANN001
     return out
 
 
-def pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(len(xs) * p))]
 
 
 def main() -> None:

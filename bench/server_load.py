@@ -29,6 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from measure import cpu_seconds, pct, vm_hwm_mb  # noqa: E402
+
 from cldcb import wire  # noqa: E402
 from cldcb.connection import Connection, ServerAddress, ServerSpec  # noqa: E402
 from cldcb.dataversion import Kind  # noqa: E402
@@ -42,11 +44,6 @@ RECORD = ["INSERT INTO datastore VALUES (x'6b31', x'" + "ab" * 1000 + "', 0)",
           "UPDATE vars SET intval = intval + 1 WHERE name = 'data_version' AND intval = 1"]
 
 
-def pct(xs: list[float], p: float) -> float:
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(len(xs) * p))]
 
 
 def floor_loop(folder: Path, n: int) -> list[float]:
@@ -67,22 +64,8 @@ def floor_loop(folder: Path, n: int) -> list[float]:
     return out
 
 
-def cpu_seconds(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return float("nan")
 
 
-def vm_hwm_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
 
 
 class Run:

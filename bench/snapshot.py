@@ -32,17 +32,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import asyncssh  # noqa: E402
+from measure import vm_hwm_mb  # noqa: E402
 from sshfloor import connect, floor_server, nodelay, run_child  # noqa: E402
 
 SINK = "sink"
 CHUNK = 1024 * 1024
 
 
-def vm_hwm_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 # -- floor: stream the bytes over the same SSH transport to a sink that fsyncs -----------------
