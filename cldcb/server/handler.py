@@ -127,6 +127,15 @@ def _flock(path: Path):  # noqa: ANN202 - context manager
         os.close(fd)  # releases the lock
 
 
+@contextmanager
+def _flock_fd(fd: int):  # noqa: ANN202 - context manager
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        yield fd
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
 def _read_gen(fd: int) -> int:
     raw = os.pread(fd, 8, 0)
     return int.from_bytes(raw, "big") if len(raw) == 8 else 0
@@ -154,6 +163,8 @@ class SessionHandler:
         self._upload: Any = None
         self._upload_id = -1
         self._upload_dv = -1
+        self._lock_fd: int | None = None
+        self._idle = False
         self.client_id: str | None = None
         self.role = Role.READER
         self.done = asyncio.Event()
@@ -167,9 +178,55 @@ class SessionHandler:
         events = self.session.receive_data(data)
         self._flush()
         for ev in events:
+            if isinstance(ev, Received) and self._answer_inline(ev.message):
+                continue
             self._queue.put_nowait(ev)
         if self.session.closed:
             self._queue.put_nowait(None)
+
+    def _answer_inline(self, msg: wire.Message) -> bool:
+        """Answer a record append or a status right here, when nothing else is going on.
+
+        Only when this session is idle (no queued or running request, so order is
+        kept), the client's lock is free and the server is quiet (see
+        :meth:`ServerCore.quiet`): then the store call costs less than the hop to
+        the serving task would.
+        """
+        if not isinstance(msg, (wire.Write, wire.StatusRequest)) or self.client_id is None \
+                or not self._idle or not self._queue.empty() or self.core.stopping \
+                or self.core.lock(self.client_id).locked() or not self.core.quiet(self):
+            return False
+        try:
+            if isinstance(msg, wire.Write):
+                t = now_ms()
+                reply = self._locked(lambda cs: cs.append(msg.data_version, msg.kind, msg.link,
+                                                          msg.sealed, t))()
+            else:
+                reply = self._locked(lambda cs: cs.status())()
+            self.session.send(reply)
+        except Exception as exc:  # noqa: BLE001 - answered like every request
+            self._answer_error(exc)
+        self._flush()
+        if self.session.closed:
+            self._queue.put_nowait(None)
+        return True
+
+    def _answer_error(self, exc: BaseException) -> None:
+        """The ``Error`` (or the end of the session) a failed request is answered with."""
+        if isinstance(exc, Superseded):
+            self.session.refuse(ErrorCode.SUPERSEDED,
+                                "a newer session of this client took over as writer")
+        elif isinstance(exc, QuotaExceeded):
+            self.session.send(wire.Error(int(ErrorCode.QUOTA), str(exc)))
+        elif isinstance(exc, StoreError):
+            log.error("client %s: store error: %s", self.client_id, exc)
+            self.session.send(wire.Error(int(ErrorCode.STORAGE), str(exc)))
+        elif isinstance(exc, CldcbError):
+            self.session.send(wire.Error(int(ErrorCode.BAD_REQUEST), str(exc)))
+        else:
+            log.error("client %s: internal error", self.client_id, exc_info=exc)
+            self.session.send(wire.Error(int(ErrorCode.INTERNAL),
+                                         "internal server error; see the server's log"))
 
     def connection_lost(self) -> None:
         self.session.closed = True
@@ -184,7 +241,9 @@ class SessionHandler:
     async def _serve(self) -> None:
         try:
             while True:
+                self._idle = True
                 item = await self._queue.get()
+                self._idle = False
                 if item is None or self.session.closed:
                     break
                 if isinstance(item, Authenticated):
@@ -192,20 +251,8 @@ class SessionHandler:
                     continue
                 try:
                     await self._handle(item.message)
-                except Superseded:
-                    self.session.refuse(ErrorCode.SUPERSEDED,
-                                        "a newer session of this client took over as writer")
-                except QuotaExceeded as exc:
-                    self.session.send(wire.Error(int(ErrorCode.QUOTA), str(exc)))
-                except StoreError as exc:
-                    log.error("client %s: store error: %s", self.client_id, exc)
-                    self.session.send(wire.Error(int(ErrorCode.STORAGE), str(exc)))
-                except CldcbError as exc:
-                    self.session.send(wire.Error(int(ErrorCode.BAD_REQUEST), str(exc)))
-                except Exception:
-                    log.exception("client %s: internal error", self.client_id)
-                    self.session.send(wire.Error(int(ErrorCode.INTERNAL),
-                                                 "internal server error; see the server's log"))
+                except Exception as exc:  # noqa: BLE001 - every failure gets an answer
+                    self._answer_error(exc)
                 self._flush()
                 await self.sink.drain()
                 if self.session.closed:
@@ -219,6 +266,9 @@ class SessionHandler:
             up, self._upload = self._upload, None
             await self.core.run(up.abort)
         self.core.forget(self)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
         if self.client_id and self.core.writers.get(self.client_id) is self:
             del self.core.writers[self.client_id]
         self.core.handlers.discard(self)
@@ -263,11 +313,15 @@ class SessionHandler:
             self.core.store.client(self.client_id).touch(now_ms())
 
     def _locked(self, fn: Callable[[Any], Any]) -> Callable[[], Any]:
-        """Run ``fn(client_store)`` under the cross-process lock (in a worker thread)."""
-        path = self._lock_path()
+        """Run ``fn(client_store)`` under the cross-process lock (in a worker thread).
+
+        The session keeps the lock file open; calls of one session never overlap."""
+        if self._lock_fd is None:
+            self._lock_fd = os.open(self._lock_path(), os.O_RDWR | os.O_CREAT, 0o600)
+        lock_fd = self._lock_fd
 
         def call() -> Any:
-            with _flock(path) as fd:
+            with _flock_fd(lock_fd) as fd:
                 if self.role == Role.WRITER and _read_gen(fd) != self._gen:
                     raise Superseded()
                 return fn(self.core.store.client(self.client_id))

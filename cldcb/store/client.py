@@ -53,6 +53,7 @@ class ClientStore:
         self.readonly = readonly
         self.closed = False
         self.log = RecordLog(fs, folder / "log", segment_bytes)
+        self._settings_path = str(folder / SETTINGS)
         self._uploads: weakref.WeakSet[SnapshotUpload] = weakref.WeakSet()
         self._load()
 
@@ -91,7 +92,7 @@ class ClientStore:
 
     def _stat_settings(self) -> tuple[int, int, int] | None:
         try:
-            st = os.stat(self.folder / SETTINGS)
+            st = os.stat(self._settings_path)
         except FileNotFoundError:
             return None
         return (st.st_ino, st.st_mtime_ns, st.st_size)

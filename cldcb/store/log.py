@@ -69,9 +69,13 @@ class RecordLog:
         self._fd: int | None = None
         self._fd_seq = 0
         self.pending_cut: Pos | None = None
+        self._paths: dict[int, Path] = {}
 
     def path(self, seq: int) -> Path:
-        return self.folder / f"{seq:010d}.log"
+        path = self._paths.get(seq)
+        if path is None:
+            path = self._paths[seq] = self.folder / f"{seq:010d}.log"
+        return path
 
     @property
     def newest(self) -> int:

@@ -207,6 +207,10 @@ class Store:
     def client(self, client_id: str) -> ClientStore:
         """The client's store (one instance per client per Store); opening it repairs a
         torn tail and deletes abandoned uploads."""
+        with self._lock:
+            cs = self._clients.get(client_id)
+            if cs is not None and not cs.closed:
+                return cs  # the hot path: no id parsing, no stat
         cid = check_client_id(client_id)
         with self._lock:
             cs = self._clients.get(cid)
