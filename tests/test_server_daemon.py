@@ -170,3 +170,45 @@ def test_admin_commands(tmp_path: Path) -> None:
     again = run_server_cmd(data, "remove", cid, check=False)
     assert again.returncode != 0 and "not registered" in again.stderr
     assert "Traceback" not in again.stderr
+
+
+def test_a_client_locked_by_another_process_does_not_stall_the_others(tmp_path: Path) -> None:
+    """Another process (a `stdio` session on the same data dir) holding one client's
+    lock delays that client's write until it lets go, and nobody else's."""
+    import fcntl
+
+    srv = CldcbServer(tmp_path / "data").init()
+    a, b = Writer(os.urandom(32)), Writer(os.urandom(32))
+    for w in (a, b):
+        srv.add(client_id_from_pubkey(pubkey_of(w.priv)))
+    srv.start()
+    try:
+        async def body() -> tuple[float, float, float]:
+            ca = await Connection.open(srv.spec, a.priv, Role.WRITER)
+            cb = await Connection.open(srv.spec, b.priv, Role.WRITER)
+            await a.snapshot(ca, 1000)
+            await b.snapshot(cb, 1000)
+            lock_path = srv.data_dir / "locks" / f"{client_id_from_pubkey(pubkey_of(a.priv))}.lock"
+            fd = os.open(lock_path, os.O_RDWR)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            t0 = time.monotonic()
+            held = asyncio.create_task(a.write(ca))
+            await asyncio.sleep(0.3)
+            await b.write(cb)                      # the other client is not stalled
+            b_done = time.monotonic() - t0
+            assert not held.done()                 # a's write waits for the lock
+            await asyncio.sleep(0.7)
+            released = time.monotonic() - t0
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+            assert isinstance(await held, wire.Ack)
+            a_done = time.monotonic() - t0
+            await ca.close()
+            await cb.close()
+            return b_done, released, a_done
+
+        b_done, released, a_done = run(body())
+        assert b_done < 0.9 and a_done >= released
+        assert a.acked == [11] and b.acked == [11]
+    finally:
+        srv.stop()

@@ -128,8 +128,9 @@ def _flock(path: Path):  # noqa: ANN202 - context manager
 
 
 @contextmanager
-def _flock_fd(fd: int):  # noqa: ANN202 - context manager
-    fcntl.flock(fd, fcntl.LOCK_EX)
+def _flock_fd(fd: int, *, wait: bool = True):  # noqa: ANN202 - context manager
+    """Hold the exclusive lock on ``fd``; without ``wait``, BlockingIOError if it is taken."""
+    fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
     try:
         yield fd
     finally:
@@ -200,10 +201,12 @@ class SessionHandler:
             if isinstance(msg, wire.Write):
                 t = now_ms()
                 reply = self._locked(lambda cs: cs.append(msg.data_version, msg.kind, msg.link,
-                                                          msg.sealed, t))()
+                                                          msg.sealed, t), wait=False)()
             else:
-                reply = self._locked(lambda cs: cs.status())()
+                reply = self._locked(lambda cs: cs.status(), wait=False)()
             self.session.send(reply)
+        except BlockingIOError:
+            return False  # another process holds the client's lock: queue it instead
         except Exception as exc:  # noqa: BLE001 - answered like every request
             self._answer_error(exc)
         self._flush()
@@ -312,16 +315,18 @@ class SessionHandler:
         with _flock(self._lock_path()):
             self.core.store.client(self.client_id).touch(now_ms())
 
-    def _locked(self, fn: Callable[[Any], Any]) -> Callable[[], Any]:
+    def _locked(self, fn: Callable[[Any], Any], *, wait: bool = True) -> Callable[[], Any]:
         """Run ``fn(client_store)`` under the cross-process lock (in a worker thread).
 
-        The session keeps the lock file open; calls of one session never overlap."""
+        The session keeps the lock file open; calls of one session never overlap.
+        Without ``wait`` (on the event loop), a lock held by another process raises
+        BlockingIOError instead of stalling every session."""
         if self._lock_fd is None:
             self._lock_fd = os.open(self._lock_path(), os.O_RDWR | os.O_CREAT, 0o600)
         lock_fd = self._lock_fd
 
         def call() -> Any:
-            with _flock_fd(lock_fd) as fd:
+            with _flock_fd(lock_fd, wait=wait) as fd:
                 if self.role == Role.WRITER and _read_gen(fd) != self._gen:
                     raise Superseded()
                 return fn(self.core.store.client(self.client_id))
@@ -332,12 +337,14 @@ class SessionHandler:
         assert self.client_id
         core = self.core
         async with core.lock(self.client_id):
-            call = self._locked(fn)
             if quick and core.quiet(self):
-                return call()
+                try:
+                    return self._locked(fn, wait=False)()
+                except BlockingIOError:
+                    pass  # another process holds the lock: wait for it in a worker thread
             core.inflight += 1
             try:
-                return await core.run(call)
+                return await core.run(self._locked(fn))
             finally:
                 core.inflight -= 1
 
