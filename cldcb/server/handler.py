@@ -118,16 +118,6 @@ class ServerCore:
 
 
 @contextmanager
-def _flock(path: Path):  # noqa: ANN202 - context manager
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield fd
-    finally:
-        os.close(fd)  # releases the lock
-
-
-@contextmanager
 def _flock_fd(fd: int, *, wait: bool = True):  # noqa: ANN202 - context manager
     """Hold the exclusive lock on ``fd``; without ``wait``, BlockingIOError if it is taken."""
     fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -144,6 +134,14 @@ def _read_gen(fd: int) -> int:
 
 class Superseded(Exception):
     pass
+
+
+def _quick_call(msg: wire.Write | wire.StatusRequest) -> Callable[[Any], wire.Message]:
+    """The store call answering a record append or a status request."""
+    if isinstance(msg, wire.Write):
+        t = now_ms()
+        return lambda cs: cs.append(msg.data_version, msg.kind, msg.link, msg.sealed, t)
+    return lambda cs: cs.status()
 
 
 class SessionHandler:
@@ -198,13 +196,7 @@ class SessionHandler:
                 or self.core.lock(self.client_id).locked() or not self.core.quiet(self):
             return False
         try:
-            if isinstance(msg, wire.Write):
-                t = now_ms()
-                reply = self._locked(lambda cs: cs.append(msg.data_version, msg.kind, msg.link,
-                                                          msg.sealed, t), wait=False)()
-            else:
-                reply = self._locked(lambda cs: cs.status(), wait=False)()
-            self.session.send(reply)
+            self.session.send(self._locked(_quick_call(msg), wait=False)())
         except BlockingIOError:
             return False  # another process holds the client's lock: queue it instead
         except Exception as exc:  # noqa: BLE001 - answered like every request
@@ -265,9 +257,7 @@ class SessionHandler:
             await self._cleanup()
 
     async def _cleanup(self) -> None:
-        if self._upload is not None:
-            up, self._upload = self._upload, None
-            await self.core.run(up.abort)
+        await self._abort_upload()
         self.core.forget(self)
         if self._lock_fd is not None:
             os.close(self._lock_fd)
@@ -301,29 +291,30 @@ class SessionHandler:
         self._flush()
         self.connection_lost()
 
-    def _lock_path(self) -> Path:
-        assert self.client_id
-        return self.core.lock_dir / f"{self.client_id}.lock"
+    def _lock_file(self) -> int:
+        """The client's lock file, opened once per session (calls never overlap)."""
+        if self._lock_fd is None:
+            assert self.client_id
+            self._lock_fd = os.open(self.core.lock_dir / f"{self.client_id}.lock",
+                                    os.O_RDWR | os.O_CREAT, 0o600)
+        return self._lock_fd
 
     def _take_over(self) -> int:
-        with _flock(self._lock_path()) as fd:
+        with _flock_fd(self._lock_file()) as fd:
             g = _read_gen(fd) + 1
             os.pwrite(fd, g.to_bytes(8, "big"), 0)
             return g
 
     def _touch(self) -> None:
-        with _flock(self._lock_path()):
+        with _flock_fd(self._lock_file()):
             self.core.store.client(self.client_id).touch(now_ms())
 
     def _locked(self, fn: Callable[[Any], Any], *, wait: bool = True) -> Callable[[], Any]:
         """Run ``fn(client_store)`` under the cross-process lock (in a worker thread).
 
-        The session keeps the lock file open; calls of one session never overlap.
         Without ``wait`` (on the event loop), a lock held by another process raises
         BlockingIOError instead of stalling every session."""
-        if self._lock_fd is None:
-            self._lock_fd = os.open(self._lock_path(), os.O_RDWR | os.O_CREAT, 0o600)
-        lock_fd = self._lock_fd
+        lock_fd = self._lock_file()
 
         def call() -> Any:
             with _flock_fd(lock_fd, wait=wait) as fd:
@@ -361,12 +352,8 @@ class SessionHandler:
             assert self.client_id
             await self.core.run(self.core.store.put_recognition, self.client_id, msg.entry)
             s.send(wire.Ok())
-        elif isinstance(msg, wire.StatusRequest):
-            s.send(await self._store(lambda cs: cs.status(), quick=True))
-        elif isinstance(msg, wire.Write):
-            t = now_ms()
-            s.send(await self._store(lambda cs: cs.append(msg.data_version, msg.kind, msg.link,
-                                                          msg.sealed, t), quick=True))
+        elif isinstance(msg, (wire.StatusRequest, wire.Write)):
+            s.send(await self._store(_quick_call(msg), quick=True))
         elif isinstance(msg, wire.SnapshotBegin):
             await self._abort_upload()
             t = now_ms()
