@@ -284,13 +284,15 @@ class Connection:
             self._fail(TransportError(f"connection to {self.spec.address} lost: {exc}"))
             raise self._error from None  # type: ignore[misc]
 
-    async def _request(self, msg: wire.Message, expect: type[wire.Message]) -> Any:
+    async def _request(self, msg: wire.Message,
+                       *expect: type[wire.Message]) -> Any:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._send(msg)
         self._waiters.append(fut)
         reply = await fut
         if not isinstance(reply, expect):
-            raise ProtocolError(f"expected {expect.__name__}, got {type(reply).__name__}")
+            raise ProtocolError(f"expected {' or '.join(e.__name__ for e in expect)}, "
+                                f"got {type(reply).__name__}")
         return reply
 
     async def status(self) -> wire.Status:
@@ -298,13 +300,8 @@ class Connection:
 
     async def write(self, data_version: int, kind: int, link: bytes,
                     sealed: bytes) -> wire.Ack | wire.NeedSnapshot:
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._send(wire.Write(data_version, int(kind), link, sealed))
-        self._waiters.append(fut)
-        reply = await fut
-        if not isinstance(reply, (wire.Ack, wire.NeedSnapshot)):
-            raise ProtocolError(f"expected Ack, got {type(reply).__name__}")
-        return reply
+        return await self._request(wire.Write(data_version, int(kind), link, sealed),
+                                   wire.Ack, wire.NeedSnapshot)
 
     async def put_recognition(self, entry: bytes) -> None:
         await self._request(wire.PutRecognition(entry), wire.Ok)
