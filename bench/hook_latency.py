@@ -15,6 +15,11 @@ To tell where the time goes, a third row measures the same sealed changes
 written straight to the server with :class:`cldcb.connection.Connection`
 (no lightningd, no plugin): the protocol path alone.
 
+The three rows take turns over slices of the trace (``--rounds``, in a
+different order each round) against servers that all stay up, so that a
+slow stretch of the disk's fsync, which dominates every row, weighs on all
+three alike instead of on whichever ran then.
+
 The simulated node's folder (its SQLite database) is on ``/dev/shm`` when
 there is one: in production lightningd's database and the server are on
 different machines, and on one test disk the node's own COMMIT fsyncs would
@@ -36,6 +41,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -86,75 +92,82 @@ class _FloorSession(asyncssh.SSHServerSession[bytes]):
         os.close(self._fd)
 
 
-async def _floor_client(port: int, sizes: list[int]) -> list[float]:
-    async with await connect(port, "floor") as conn:
+class _FloorClient:
+    """The floor's client: one request of each size, its latency (µs)."""
+
+    def __init__(self, conn: asyncssh.SSHClientConnection,
+                 writer: asyncssh.SSHWriter[bytes], reader: asyncssh.SSHReader[bytes]) -> None:
+        self.conn, self.writer, self.reader = conn, writer, reader
+
+    @classmethod
+    async def open(cls, port: int) -> _FloorClient:
+        conn = await connect(port, "floor")
         writer, reader, _ = await conn.open_session(subsystem=FLOOR_SUBSYSTEM, encoding=None)
+        return cls(conn, writer, reader)
+
+    async def run(self, sizes: list[int]) -> list[float]:
         out = []
         for n in sizes:
             payload = os.urandom(n)
             t = time.perf_counter()
-            writer.write(struct.pack(">I", n) + payload)
-            await reader.readexactly(8)
+            self.writer.write(struct.pack(">I", n) + payload)
+            await self.reader.readexactly(8)
             out.append((time.perf_counter() - t) * 1e6)
-        writer.close()
+        return out
+
+    async def close(self) -> None:
+        self.conn.close()
+        await self.conn.wait_closed()
+
+
+class _DirectClient:
+    """The same sealed changes written straight to a cldcb server (no plugin)."""
+
+    def __init__(self, conn: Any, client: bytes, node_pub: bytes) -> None:
+        from cldcb.dataversion import Kind, Tip
+        from cldcb.ids import new_privkey
+        from cldcb.seal import RecordSealer
+
+        self.conn = conn
+        self.anchor = os.urandom(32)
+        self.tip = Tip(0, Kind.NORMAL, self.anchor, bytes(32), is_snapshot=True)
+        self.sealer = RecordSealer(node_pub, client, new_privkey())
+
+    @classmethod
+    async def open(cls, spec: Any, client: bytes, node_pub: bytes) -> _DirectClient:
+        from cldcb.connection import Connection
+        from cldcb.ids import new_privkey
+        from cldcb.seal import SnapshotSealer
+        from cldcb.session import Role
+
+        self = cls(await Connection.open(spec, client, Role.WRITER), client, node_pub)
+        snap = SnapshotSealer(node_pub, client, new_privkey(), 0, self.anchor)
+        await self.conn.begin_snapshot(1, 0, self.anchor)
+        await self.conn.send_chunk(1, 0, snap.seal_chunk(b""))
+        await self.conn.end_snapshot(1, 1, snap.seal_manifest(0))
+        return self
+
+    async def run(self, calls: list[tuple[int, list[str]]]) -> list[float]:
+        from cldcb.dataversion import advance, classify, decide
+        from cldcb.seal import item_hash
+
+        out = []
+        for dv, writes in calls:
+            kind = classify(writes)
+            d = decide(self.tip, dv, kind)
+            if d.link is None:
+                continue
+            sealed = self.sealer.seal_change(dv, kind, d.link, writes, int(time.time() * 1000))
+            t = time.perf_counter()
+            await self.conn.write(dv, int(kind), d.link, sealed)
+            out.append((time.perf_counter() - t) * 1e6)
+            self.tip = advance(self.tip, dv, kind, item_hash(sealed), decision=d)
         return out
 
 
-def measure_floor(folder: Path, sizes: list[int]) -> list[float]:
-    with floor_server(__file__, "--floor-server", folder) as port:
-        return asyncio.run(_floor_client(port, sizes))
-
-
-# -- through the plugin ------------------------------------------------------------------------
-
-async def _direct(spec: object, client: bytes, node_pub: bytes, trace_name: str) -> list[float]:
-    from traces import load_trace
-
-    from cldcb.connection import Connection
-    from cldcb.dataversion import Kind, Tip, advance, classify, decide
-    from cldcb.ids import new_privkey
-    from cldcb.seal import RecordSealer, SnapshotSealer, item_hash
-    from cldcb.session import Role
-
-    conn = await Connection.open(spec, client, Role.WRITER)  # type: ignore[arg-type]
-    anchor = os.urandom(32)
-    snap = SnapshotSealer(node_pub, client, new_privkey(), 0, anchor)
-    await conn.begin_snapshot(1, 0, anchor)
-    await conn.send_chunk(1, 0, snap.seal_chunk(b""))
-    await conn.end_snapshot(1, 1, snap.seal_manifest(0))
-    tip = Tip(0, Kind.NORMAL, anchor, bytes(32), is_snapshot=True)
-    sealer = RecordSealer(node_pub, client, new_privkey())
-    out = []
-    for dv, writes in load_trace(trace_name):
-        kind = classify(writes)
-        d = decide(tip, dv, kind)
-        if d.link is None:
-            continue
-        sealed = sealer.seal_change(dv, kind, d.link, writes, int(time.time() * 1000))
-        t = time.perf_counter()
-        await conn.write(dv, int(kind), d.link, sealed)
-        out.append((time.perf_counter() - t) * 1e6)
-        tip = advance(tip, dv, kind, item_hash(sealed), decision=d)
-    await conn.close()
-    return out[1:]
-
-
-def measure_direct(folder: Path, trace_name: str) -> list[float]:
-    from servers import CldcbServer
-
-    from cldcb.ids import client_id_from_pubkey, new_privkey, pubkey_of
-
-    server = CldcbServer(folder / "server-direct").init()
-    client = new_privkey()
-    server.add(client_id_from_pubkey(pubkey_of(client)))
-    server.start()
-    try:
-        return asyncio.run(_direct(server.spec, client, pubkey_of(new_privkey()), trace_name))
-    finally:
-        server.stop()
-
-
-def measure_plugin(folder: Path, trace_name: str) -> tuple[list[float], float, float, int]:
+def measure(folder: Path, trace_name: str, rounds: int) -> dict[str, Any]:
+    """The three rows, measured in alternating slices of the trace (so that a slow
+    stretch of the disk weighs on all three alike)."""
     from servers import CldcbServer
     from simlightningd import SimLightningd
     from traces import load_trace
@@ -162,59 +175,81 @@ def measure_plugin(folder: Path, trace_name: str) -> tuple[list[float], float, f
     from cldcb.ids import client_id_from_pubkey, new_privkey, node_id_from_pubkey, pubkey_of
     from cldcb.plugin.wrapper import ServerEntry, WrapperConfig, default_plugin_path, write_wrapper
 
-    server = CldcbServer(folder / "server").init()
-    client = new_privkey()
-    cid = client_id_from_pubkey(pubkey_of(client))
-    server.add(cid)
-    server.start()
+    trace = load_trace(trace_name)
+    sizes = [12 + sum(4 + len(w.encode()) for w in writes) + OVERHEAD for _, writes in trace]
+    node_pub = pubkey_of(new_privkey())
+    servers = []
+    for name in ("server-direct", "server"):
+        server = CldcbServer(folder / name).init()
+        client = new_privkey()
+        server.add(client_id_from_pubkey(pubkey_of(client)))
+        servers.append((server.start(), client))
+    shm = Path("/dev/shm")
+    ld = Path(tempfile.mkdtemp(prefix="cldcb-bench-node-", dir=shm if shm.is_dir()
+                               else folder)) / "lightning"
+    loop = asyncio.new_event_loop()
+    rows: dict[str, list[float]] = {"plugin": [], "direct": [], "floor": []}
     try:
-        shm = Path("/dev/shm")
-        ld = Path(tempfile.mkdtemp(prefix="cldcb-bench-node-", dir=shm if shm.is_dir()
-                                   else folder)) / "lightning"
-        (ld / "regtest").mkdir(parents=True)
-        wrapper = ld / "regtest" / "cldcb-plugin-wrapper"
-        write_wrapper(wrapper, WrapperConfig(
-            client_id=cid, client_priv=client,
-            node_id=node_id_from_pubkey(pubkey_of(new_privkey())),
-            servers=(ServerEntry(server.address, server.server_id),),
-            plugin_path=default_plugin_path()))
-        node = SimLightningd(ld, wrapper)
-        node.start()
-        trace = load_trace(trace_name)
-        try:
-            node.run_trace(trace)
-            assert node.plugin is not None and server.proc is not None
-            plugin_mb = vm_hwm_mb(node.plugin.pid)
-            server_mb = vm_hwm_mb(server.proc.pid)
-        finally:
-            node.close()
-            shutil.rmtree(ld.parent, ignore_errors=True)
-        lat = [c.latency * 1e6 for c in node.calls[1:] if c.latency is not None
-               and c.outcome == "committed"]
-        return lat, plugin_mb, server_mb, len(trace)
+        with floor_server(__file__, "--floor-server", folder) as port:
+            floor = loop.run_until_complete(_FloorClient.open(port))
+            (direct_server, direct_client), (server, client) = servers
+            direct = loop.run_until_complete(
+                _DirectClient.open(direct_server.spec, direct_client, node_pub))
+            (ld / "regtest").mkdir(parents=True)
+            wrapper = ld / "regtest" / "cldcb-plugin-wrapper"
+            write_wrapper(wrapper, WrapperConfig(
+                client_id=client_id_from_pubkey(pubkey_of(client)), client_priv=client,
+                node_id=node_id_from_pubkey(node_pub),
+                servers=(ServerEntry(server.address, server.server_id),),
+                plugin_path=default_plugin_path()))
+            node = SimLightningd(ld, wrapper)
+            node.start()
+            try:
+                node.run_trace(trace, stop=1)          # the first-contact snapshot: not counted
+                loop.run_until_complete(direct.run(trace[:1]))
+                step = max(1, -(-(len(trace) - 1) // rounds))
+                for r, i in enumerate(range(1, len(trace), step)):
+                    j = min(i + step, len(trace))
+                    for k in range(3):                 # a different order each round
+                        part = (r + k) % 3
+                        if part == 0:
+                            rows["floor"] += loop.run_until_complete(floor.run(sizes[i:j]))
+                        elif part == 1:
+                            rows["direct"] += loop.run_until_complete(direct.run(trace[i:j]))
+                        else:
+                            node.run_trace(trace, start=i, stop=j)
+                assert node.plugin is not None and server.proc is not None
+                plugin_mb = vm_hwm_mb(node.plugin.pid)
+                server_mb = vm_hwm_mb(server.proc.pid)
+            finally:
+                node.close()
+                shutil.rmtree(ld.parent, ignore_errors=True)
+            rows["plugin"] = [c.latency * 1e6 for c in node.calls[1:]
+                              if c.latency is not None and c.outcome == "committed"]
+            loop.run_until_complete(direct.conn.close())
+            loop.run_until_complete(floor.close())
     finally:
-        server.stop()
+        loop.close()
+        for server, _ in servers:
+            server.stop()
+    return {"rows": rows, "plugin_mb": plugin_mb, "server_mb": server_mb, "calls": len(trace)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--trace", default="cln-channels")
+    ap.add_argument("--rounds", type=int, default=25,
+                    help="slices of the trace; the three rows take turns slice by slice")
     ap.add_argument("--floor-server", nargs=2, metavar=("DIR", "PORT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.floor_server:
         path = Path(args.floor_server[0]) / "floor.log"
         run_child(lambda: _FloorSession(path), int(args.floor_server[1]))
         return
-    from traces import load_trace
-
-    trace = load_trace(args.trace)
-    sizes = [12 + sum(4 + len(w.encode()) for w in writes) + OVERHEAD
-             for _, writes in trace[1:]]
     with tempfile.TemporaryDirectory(prefix="cldcb-bench-") as tmp:
-        folder = Path(tmp)
-        floor = measure_floor(folder, sizes)
-        direct = measure_direct(folder, args.trace)
-        lat, plugin_mb, server_mb, n = measure_plugin(folder, args.trace)
+        m = measure(Path(tmp), args.trace, args.rounds)
+    lat, direct, floor = m["rows"]["plugin"], m["rows"]["direct"], m["rows"]["floor"]
+    plugin_mb, server_mb, n = m["plugin_mb"], m["server_mb"], m["calls"]
     rows = [("through the plugin", lat), ("cldcb write, no plugin", direct),
             ("floor: request → fsync → ack", floor)]
     print(f"db_write round trip, {args.trace}: {n} calls ({len(lat)} measured)")

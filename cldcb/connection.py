@@ -13,8 +13,11 @@ Two kinds of address, one protocol (:mod:`cldcb.session`):
 
 Requests may be issued concurrently from several tasks: each one is written
 and its waiter queued without yielding in between, and the server answers in
-order. ``TransportError`` means the connection is gone (all waiters fail with
-it); ``RemoteError`` is an ``Error`` answer; ``AuthError`` a failed hello.
+order. :meth:`Connection.write_nowait` is the callback form of ``write`` for
+the plugin's hot path: the answer is handed over synchronously from the
+receiving callback, with no task switch in between. ``TransportError``
+means the connection is gone (all waiters fail with it); ``RemoteError`` is
+an ``Error`` answer; ``AuthError`` a failed hello.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import os
 import re
 import socket
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,6 +131,17 @@ class _FetchWaiter:
         self.queue: asyncio.Queue[wire.Message | BaseException] = asyncio.Queue()
 
 
+WriteAnswer = wire.Ack | wire.NeedSnapshot | BaseException
+"""What :meth:`Connection.write_nowait` hands its callback: the answer, or the failure."""
+
+
+class _CallbackWaiter:
+    __slots__ = ("done",)
+
+    def __init__(self, done: Callable[[WriteAnswer], None]) -> None:
+        self.done = done
+
+
 class Connection:
     """One protocol session with one server. Use :meth:`open`."""
 
@@ -138,7 +152,7 @@ class Connection:
         self._ssh: asyncssh.SSHClientConnection | None = None
         self._chan: asyncssh.SSHClientChannel[bytes] | None = None
         self._hello: asyncio.Future[HelloComplete] = asyncio.get_running_loop().create_future()
-        self._waiters: deque[asyncio.Future[Any] | _FetchWaiter] = deque()
+        self._waiters: deque[asyncio.Future[Any] | _FetchWaiter | _CallbackWaiter] = deque()
         self._error: BaseException | None = None
 
     # -- opening -------------------------------------------------------------------
@@ -242,6 +256,15 @@ class Connection:
                 self._waiters.popleft()
             return
         self._waiters.popleft()
+        if isinstance(head, _CallbackWaiter):
+            if isinstance(msg, wire.Error):
+                head.done(RemoteError(msg.code, f"{self.spec.address}: {msg.text}"))
+            elif isinstance(msg, (wire.Ack, wire.NeedSnapshot)):
+                head.done(msg)
+            else:
+                head.done(ProtocolError(f"expected Ack or NeedSnapshot, got "
+                                        f"{type(msg).__name__}"))
+            return
         if head.done():
             return
         if isinstance(msg, wire.Error):
@@ -262,6 +285,8 @@ class Connection:
             w = self._waiters.popleft()
             if isinstance(w, _FetchWaiter):
                 w.queue.put_nowait(exc)
+            elif isinstance(w, _CallbackWaiter):
+                w.done(exc)
             elif not w.done():
                 w.set_exception(exc)
         if self._chan is not None:
@@ -302,6 +327,14 @@ class Connection:
                     sealed: bytes) -> wire.Ack | wire.NeedSnapshot:
         return await self._request(wire.Write(data_version, int(kind), link, sealed),
                                    wire.Ack, wire.NeedSnapshot)
+
+    def write_nowait(self, data_version: int, kind: int, link: bytes, sealed: bytes,
+                     done: Callable[[WriteAnswer], None]) -> None:
+        """Send a ``Write`` now; ``done`` gets the answer (``Ack``/``NeedSnapshot``) or the
+        exception (``RemoteError``, ``TransportError``…) later, called from the receiving
+        callback. Raises at once (and never calls ``done``) if the connection is gone."""
+        self._send(wire.Write(data_version, int(kind), link, sealed))
+        self._waiters.append(_CallbackWaiter(done))
 
     async def put_recognition(self, entry: bytes) -> None:
         await self._request(wire.PutRecognition(entry), wire.Ok)

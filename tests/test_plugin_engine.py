@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,7 @@ class FakeConn:
         self.s = server
         self.closed = False
         self._snap: tuple[int, bytes] | None = None
+        self._pending: asyncio.Future[None] | None = None
 
     @property
     def is_closed(self) -> bool:
@@ -84,6 +86,23 @@ class FakeConn:
         self.s.hashes.add(h)
         self.s.records.append((dv, Kind(kind), h))
         return wire.Ack(dv, self.s.want_snapshot)
+
+    def write_nowait(self, dv: int, kind: int, link: bytes, sealed: bytes,
+                     done: Callable[[object], None]) -> None:
+        """The callback form: answers come later, in order, like the real connection's."""
+        self._check()
+        prev = self._pending
+
+        async def answer() -> None:
+            if prev is not None:
+                await asyncio.gather(prev, return_exceptions=True)
+            try:
+                res: object = await self.write(dv, kind, link, sealed)
+            except TransportError as exc:
+                res = exc
+            done(res)
+
+        self._pending = asyncio.ensure_future(answer())
 
     async def begin_snapshot(self, snapshot_id: int, dv: int, anchor: bytes) -> None:
         self._check()

@@ -102,6 +102,45 @@ def test_quota_exceeded_is_a_clear_error_and_keeps_the_data(tmp_path: Path) -> N
         srv.stop()
 
 
+def test_admin_changes_reach_a_streaming_writer_at_its_next_record(tmp_path: Path) -> None:
+    """`add --quota` and `remove` run in other processes while a writer streams: the
+    writer's very next record sees them (its store skips re-reading the settings
+    only while the lock file's settings epoch is unchanged)."""
+    srv = CldcbServer(tmp_path / "data").init()
+    priv = os.urandom(32)
+    cid = client_id_from_pubkey(pubkey_of(priv))
+    srv.add(cid)
+    srv.start()
+    try:
+        w = Writer(priv)
+
+        async def body() -> None:
+            async with await Connection.open(srv.spec, priv, Role.WRITER) as conn:
+                await w.snapshot(conn, 20_000)
+                for _ in range(20):
+                    assert isinstance(await w.write(conn, 3000), wire.Ack)
+                used = (await conn.status()).bytes_used
+                srv.add(cid, "--quota", str(used + 1000))          # room for no 3 KB record
+                with pytest.raises(RemoteError) as err:
+                    await w.write(conn, 3000)
+                assert err.value.code == wire.ErrorCode.QUOTA
+                srv.add(cid)                                       # no quota again
+                assert isinstance(await w.write(conn, 3000), wire.Ack)
+                held = w.dv
+                run_server_cmd(srv.data_dir, "remove", cid)
+                with pytest.raises(RemoteError) as err:
+                    await w.write(conn, 3000)
+                assert "not registered" in str(err.value)
+                assert w.dv == held
+
+        run(body())
+        assert len(w.acked) == 21
+        removed = list((srv.data_dir / "removed").iterdir())
+        assert len(removed) == 1 and not (srv.data_dir / "clients" / cid).exists()
+    finally:
+        srv.stop()
+
+
 def test_sigterm_while_clients_stream_loses_no_acknowledged_record(tmp_path: Path) -> None:
     srv = CldcbServer(tmp_path / "data").init()
     privs = [os.urandom(32) for _ in range(4)]

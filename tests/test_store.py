@@ -463,6 +463,32 @@ def test_another_instance_sees_new_records_and_settings(store: Store, w: Writer)
     other.close()
 
 
+def test_a_vouched_writer_skips_the_checks_until_the_token_changes(store: Store,
+                                                                    w: Writer) -> None:
+    """vouch(token): the same token as the previous successful call spares the checks
+    for other instances' changes; another token (a takeover, a settings epoch) or none
+    brings them back."""
+    w.snapshot(3)
+    w.cs.vouch((1, 0))
+    assert isinstance(w.change(4), wire.Ack)
+    other = Store.open(store.data_dir)
+    theirs = Writer(other.client(CID))               # another process took over
+    assert isinstance(theirs.change(5), wire.Ack)
+    w.cs.vouch((1, 0))                                # the same token: not looked at
+    assert w.cs.status().tip_data_version == 4
+    w.cs.vouch((2, 0))                                # the takeover's generation
+    assert w.cs.status().tip_data_version == 5        # noticed, reloaded
+    w.tip = theirs.tip
+    w.cs.vouch((2, 0))
+    assert isinstance(w.change(6), wire.Ack)
+    other.add_client(CID, quota=10**9)                # settings.json replaced
+    w.cs.vouch((2, 0))
+    assert w.cs.status().quota == 0                   # (0: no quota)
+    w.cs.vouch((2, 1))                                # ... and the epoch bumped
+    assert w.cs.status().quota == 10**9
+    other.close()
+
+
 def test_a_live_upload_is_not_taken_for_debris(store: Store, w: Writer) -> None:
     w.snapshot(3)
     w.change(4)

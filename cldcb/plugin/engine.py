@@ -40,6 +40,16 @@ Each call ``(data_version, writes)``:
 
 The local copy is always finished before the call is answered; it is deleted
 once no upload needs it.
+
+The hot path (:meth:`Engine.db_write_now`): when every server is in step
+and idle and nothing else is due (no copy wanted, no compaction due), the
+call is handled without a task switch: sealed, appended and sent to every
+server from the caller (the plugin's stdin callback), and answered from the
+connections' receiving callbacks once ``quorum`` servers acknowledged it.
+Anything unusual (a failure, ``NeedSnapshot``, no quorum within
+:data:`HOT_PATIENCE` seconds) hands the call to the general path above,
+which waits, reconnects, copies and enforces the outage limit from the
+call's start. Both paths make the same records and the same answers.
 """
 
 from __future__ import annotations
@@ -77,6 +87,8 @@ from cldcb.seal import ZERO_HASH, RecordSealer, item_hash
 
 STARTUP_GRACE = 2.0
 LOG_LIMIT = 64 * 1024 * 1024
+HOT_PATIENCE = 1.0
+"""A hot-path call without quorum after this many seconds goes to the general path."""
 
 Emit = Callable[[str, str], None]
 
@@ -98,6 +110,19 @@ class _Hook:
     anchor: bytes = b""
     next_seq: int = 0
     expected_dv: int = 0
+
+
+@dataclass
+class _HotCall:
+    data_version: int
+    kind: Kind
+    seq: int
+    link: bytes
+    started: float
+    done: Callable[[HookResult], None]
+    finished: asyncio.Future[HookResult]
+    timer: asyncio.TimerHandle | None = None
+    handed_over: bool = False
 
 
 class Engine:
@@ -135,6 +160,14 @@ class Engine:
         self.last_hook_dv: int | None = None
         self.last_hook_result: str | None = None
         self.on_change: Callable[[], None] | None = None
+        self._hot: _HotCall | None = None
+        self._hand_over_task: asyncio.Task[None] | None = None
+        self._slow_running = False
+
+    @property
+    def busy(self) -> bool:
+        """A call is in progress (lightningd waits for its answer)."""
+        return self._hot is not None or self._slow_running
 
     # -- life --------------------------------------------------------------------------
     def start(self) -> None:
@@ -155,11 +188,23 @@ class Engine:
             c.hook_done()
         self.copies.clear()
 
+    async def wait_idle(self, timeout: float) -> None:
+        """Wait (at most ``timeout`` seconds) until no call is in progress."""
+        async with asyncio.timeout(timeout):
+            while self.busy:
+                if self._hot is not None:
+                    await asyncio.shield(self._hot.finished)
+                else:
+                    await asyncio.sleep(0.05)
+
     def changed(self) -> None:
         """Something about a server changed: wake the pending call, note the status."""
         w = self._waiter
         if w is not None and not w.done():
             w.set_result(None)
+        hot = self._hot
+        if hot is not None and not hot.handed_over and self._holders(hot.seq) >= self.quorum:
+            self._hot_end(hot, HookResult(True))
         if self.on_change is not None:
             self.on_change()
 
@@ -205,14 +250,25 @@ class Engine:
 
     # -- the hook --------------------------------------------------------------------------
     async def db_write(self, data_version: int, writes: list[str]) -> HookResult:
+        """Handle one call (the hot path if it can, see the module docstring)."""
+        while self._hot is not None:
+            await asyncio.shield(self._hot.finished)
+        answer: asyncio.Future[HookResult] = asyncio.get_running_loop().create_future()
+        if self.db_write_now(data_version, writes, answer.set_result):
+            return await answer
         started = time.monotonic()
         self.last_hook_dv = data_version
+        self._slow_running = True
         try:
             result = await self._db_write(data_version, writes, started)
-        except DataVersionError as exc:
-            result = HookResult(False, str(exc))
         except CldcbError as exc:
             result = HookResult(False, str(exc))
+        finally:
+            self._slow_running = False
+        self._ended(data_version, result)
+        return result
+
+    def _ended(self, data_version: int, result: HookResult) -> None:
         self.last_hook_result = "continue" if result.ok else f"fail: {result.message}"
         if result.ok:
             self.acked_dv = data_version
@@ -221,7 +277,73 @@ class Engine:
         self.hook_blocking = False
         self._trim()
         self.changed()
-        return result
+
+    # -- the hot path --------------------------------------------------------------------
+    def db_write_now(self, data_version: int, writes: list[str],
+                     done: Callable[[HookResult], None]) -> bool:
+        """Start a call on the hot path; ``done`` gets its result (later, from a callback).
+
+        Returns False, having done nothing, when the call needs the general path
+        (:meth:`db_write`): a call in progress, a server not in step or not idle, a
+        snapshot or compaction due, a change the chain cannot simply take."""
+        log = self.log
+        if log is None or self.busy or self.closing:
+            return False
+        if not all(link.streaming() for link in self.links):
+            return False
+        kind = classify(writes)
+        head = log.head
+        try:
+            decision = decide(head, data_version, kind)
+            if decision.action is Action.SNAPSHOT or decision.link is None:
+                return False
+            sealed = self.sealer.seal_change(data_version, kind, decision.link, writes,
+                                             int(time.time() * 1000))
+            tip = advance(head, data_version, kind, item_hash(sealed), decision=decision)
+        except DataVersionError:
+            return False
+        loop = asyncio.get_running_loop()
+        self.last_hook_dv = data_version
+        entry = log.append(data_version, kind, decision.link, sealed, tip)
+        hot = _HotCall(data_version, kind, entry.seq, decision.link, time.monotonic(), done,
+                       loop.create_future())
+        self._hot = hot
+        sent = [link.send_now(entry) for link in self.links]
+        if not all(sent):
+            self.hot_trouble()
+        elif self._hot is hot:
+            hot.timer = loop.call_later(HOT_PATIENCE, self.hot_trouble)
+        return True
+
+    def hot_trouble(self) -> None:
+        """The hot-path call cannot end by itself: hand it to the general path."""
+        hot = self._hot
+        if hot is None or hot.handed_over:
+            return
+        hot.handed_over = True
+        if hot.timer is not None:
+            hot.timer.cancel()
+        self._hand_over_task = asyncio.get_running_loop().create_task(self._hand_over(hot))
+
+    async def _hand_over(self, hot: _HotCall) -> None:
+        hook = _Hook(hot.data_version, anchor=hot.link, next_seq=hot.seq,
+                     expected_dv=hot.data_version if hot.kind is Kind.PRAGMA
+                     else hot.data_version - 1)
+        try:
+            result = await self._await_quorum(hook, hot.seq, hot.started + self.outage_limit)
+        except CldcbError as exc:
+            result = HookResult(False, str(exc))
+        finally:
+            await self._hook_cleanup(hook)
+        self._hot_end(hot, result)
+
+    def _hot_end(self, hot: _HotCall, result: HookResult) -> None:
+        if hot.timer is not None:
+            hot.timer.cancel()
+        self._hot = None
+        self._ended(hot.data_version, result)
+        hot.finished.set_result(result)
+        hot.done(result)
 
     async def _db_write(self, dv: int, writes: list[str], started: float) -> HookResult:
         kind = classify(writes)
@@ -265,13 +387,18 @@ class Engine:
             self._wake_links()
             return await self._await_quorum(hook, entry.seq, deadline)
         finally:
-            if hook.copy_task is not None and not hook.copy_task.done():
-                try:
-                    await hook.copy_task
-                except (CldcbError, OSError):
-                    pass
-            if hook.copy is not None:
-                hook.copy.hook_done()
+            await self._hook_cleanup(hook)
+
+    @staticmethod
+    async def _hook_cleanup(hook: _Hook) -> None:
+        """The call ends: let its copy finish (it must not outlive the call) and let go."""
+        if hook.copy_task is not None and not hook.copy_task.done():
+            try:
+                await hook.copy_task
+            except (CldcbError, OSError):
+                pass
+        if hook.copy is not None:
+            hook.copy.hook_done()
 
     def _holders(self, seq: int) -> int:
         log = self.log

@@ -16,6 +16,14 @@ to the plugin's record log, forever:
 
 Compaction (the server asked for a fresh snapshot) runs as a second task on
 the same connection, so records keep flowing while it uploads.
+
+The hot path (:meth:`ServerLink.streaming`, :meth:`ServerLink.send_now`):
+while the task is parked with nothing to send and the server holds the
+log's head, the engine sends a new record itself, from the hook call, and
+the answer is taken in the connection's receiving callback, so a change
+costs no task switch. The task stays parked; it only wakes when something
+needs it (a failure, ``NeedSnapshot``, or a record it must send itself),
+and it never sends while such a write is in flight (``inflight``).
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from cldcb import wire
+from cldcb.connection import WriteAnswer
 from cldcb.dataversion import Kind, Tip
 from cldcb.errors import CldcbError, TransportError
 from cldcb.plugin.recordlog import Entry
@@ -65,6 +74,9 @@ class ServerConnection(SnapshotTarget, Protocol):
 
     async def write(self, data_version: int, kind: int, link: bytes,
                     sealed: bytes) -> wire.Ack | wire.NeedSnapshot: ...
+
+    def write_nowait(self, data_version: int, kind: int, link: bytes, sealed: bytes,
+                     done: Callable[[WriteAnswer], None]) -> None: ...
 
     async def close(self) -> None: ...
 
@@ -112,6 +124,9 @@ class ServerLink:
         self.last_ack_dv: int | None = None
         self.last_ack_at: float | None = None
         self.wake = asyncio.Event()
+        self.idle = False                    # the task is parked: nothing to send
+        self.inflight = 0                    # writes sent by send_now, not answered yet
+        self.inflight_error: BaseException | None = None
         self.task: asyncio.Task[None] | None = None
         self._was_down_logged = False
 
@@ -202,6 +217,10 @@ class ServerLink:
 
     async def _drop(self) -> None:
         self.connected = False
+        if self.inflight:
+            self.inflight = 0
+            self.inflight_error = None
+            self.engine.hot_trouble()
         if self.reserved is not None:
             self.reserved.release()
             self.reserved = None
@@ -241,8 +260,14 @@ class ServerLink:
         eng = self.engine
         while True:
             self.wake.clear()
+            if self.inflight_error is not None:
+                exc, self.inflight_error = self.inflight_error, None
+                raise exc
             if conn.is_closed:
                 raise TransportError(f"connection to {self.name} lost")
+            if self.inflight:                 # send_now's answer wakes us
+                await self.wake.wait()
+                continue
             log = eng.log
             if log is None:
                 await self.wake.wait()
@@ -267,7 +292,11 @@ class ServerLink:
             assert self.pos is not None
             entries = log.after(self.pos)
             if not entries:
-                await self.wake.wait()
+                self.idle = True
+                try:
+                    await self.wake.wait()
+                finally:
+                    self.idle = False
                 continue
             if len(entries) == 1:          # the usual case: one change, no extra task
                 e = entries[0]
@@ -310,6 +339,46 @@ class ServerLink:
         eng.emit("info", f"server {self.name}: {self.last_error}")
         eng.changed()
         return False
+
+    # -- the hot path (see the module docstring) -----------------------------------------
+    def streaming(self) -> bool:
+        """True if the engine may send the next record itself (:meth:`send_now`)."""
+        log = self.engine.log
+        conn = self.conn
+        return (self.idle and self.inflight == 0 and self.connected and conn is not None
+                and not conn.is_closed and log is not None and self.pos == log.head_seq
+                and not self.needs_copy and self.catching_up is None
+                and not self.compaction_due())
+
+    def send_now(self, e: Entry) -> bool:
+        """Send ``e`` from the hook call; False (nothing sent) if the connection is gone."""
+        conn = self.conn
+        assert conn is not None
+        try:
+            conn.write_nowait(e.data_version, int(e.kind), e.link, e.sealed,
+                              lambda res: self._answer_now(conn, e, res))
+        except (CldcbError, OSError):
+            self.wake.set()                   # the task finds the broken connection
+            return False
+        self.inflight += 1
+        self.sent_seq = e.seq
+        return True
+
+    def _answer_now(self, conn: ServerConnection, e: Entry, res: WriteAnswer) -> None:
+        if conn is not self.conn:             # an answer from a connection already dropped
+            return
+        self.inflight -= 1
+        if isinstance(res, BaseException):
+            # the task raises it, as if its own write had failed (then reconnects)
+            self.inflight_error = res
+            self.wake.set()
+            self.engine.hot_trouble()
+            return
+        if not self._answered(e, res):
+            self.wake.set()
+            self.engine.hot_trouble()
+        elif not self.idle:
+            self.wake.set()
 
     async def _wait(self, until: float) -> None:
         timeout = until - time.monotonic()

@@ -82,7 +82,6 @@ class Plugin:
         self._calls: asyncio.Queue[tuple[Any, dict[str, Any]] | None] = asyncio.Queue()
         self._gone = False
         self._last_call = 0.0
-        self._busy = False
         self._lingering: asyncio.Task[None] | None = None
         delay = float(os.environ.get(ENV_CHUNK_DELAY, "0") or 0)
         size = int(os.environ.get(ENV_CHUNK_SIZE, str(CHUNK_SIZE)) or CHUNK_SIZE)
@@ -123,7 +122,12 @@ class Plugin:
         params = msg.get("params") or {}
         if method == "db_write" and msg_id is not None:
             self._last_call = time.monotonic()
-            self._calls.put_nowait((msg_id, params if isinstance(params, dict) else {}))
+            call = params if isinstance(params, dict) else {}
+            if self._calls.empty() and _well_formed(call) and self.engine.db_write_now(
+                    call["data_version"], call["writes"],
+                    lambda result: self._answer(msg_id, result)):
+                return      # the hot path: answered from a connection callback
+            self._calls.put_nowait((msg_id, call))
         elif method == "getmanifest":
             self._send(jsonrpc.response(msg_id, MANIFEST))
             self._manifest_sent = True
@@ -146,27 +150,21 @@ class Plugin:
             if item is None:
                 return
             msg_id, params = item
-            self._busy = True
-            try:
-                result = await self._db_write(params)
-            finally:
-                self._busy = False
-                self._last_call = time.monotonic()
-            if result.ok:
-                answer: dict[str, Any] = {"result": "continue"}
+            if _well_formed(params):
+                result = await self.engine.db_write(params["data_version"], params["writes"])
             else:
-                answer = {"result": "fail", "error": f"cldcb: {result.message}"}
-            self._send(jsonrpc.response(msg_id, answer))
-            self.status.dirty = True
+                result = HookResult(False, "malformed db_write call (data_version must be an "
+                                           "integer, writes a list of strings)")
+            self._answer(msg_id, result)
 
-    async def _db_write(self, params: dict[str, Any]) -> HookResult:
-        dv = params.get("data_version")
-        writes = params.get("writes")
-        if not isinstance(dv, int) or isinstance(dv, bool) or not isinstance(writes, list) \
-                or not all(isinstance(w, str) for w in writes):
-            return HookResult(False, "malformed db_write call (data_version must be an "
-                                     "integer, writes a list of strings)")
-        return await self.engine.db_write(dv, writes)
+    def _answer(self, msg_id: Any, result: HookResult) -> None:
+        self._last_call = time.monotonic()
+        if result.ok:
+            answer: dict[str, Any] = {"result": "continue"}
+        else:
+            answer = {"result": "fail", "error": f"cldcb: {result.message}"}
+        self._send(jsonrpc.response(msg_id, answer))
+        self.status.dirty = True
 
     async def _read_stdin(self) -> None:
         """Parse stdin as it arrives (in the protocol callback: no extra hop); return at EOF."""
@@ -181,7 +179,7 @@ class Plugin:
         """After ``shutdown``: stop once the queue is empty and calls stopped coming."""
         while True:
             quiet = time.monotonic() - self._last_call
-            if self._calls.empty() and not self._busy and quiet >= SHUTDOWN_QUIET:
+            if self._calls.empty() and not self.engine.busy and quiet >= SHUTDOWN_QUIET:
                 self._stop.set()
                 return
             await asyncio.sleep(max(0.05, SHUTDOWN_QUIET - quiet))
@@ -225,12 +223,20 @@ class Plugin:
             self._calls.put_nowait(None)
             try:
                 await asyncio.wait_for(worker, timeout=self.cfg.outage_limit + 5)
+                await self.engine.wait_idle(self.cfg.outage_limit + 5)
             except (TimeoutError, asyncio.CancelledError):
                 worker.cancel()
             await self.engine.close()
             status.cancel()
             self.status.write(self.engine.describe())
         return code
+
+
+def _well_formed(params: dict[str, Any]) -> bool:
+    dv = params.get("data_version")
+    writes = params.get("writes")
+    return (isinstance(dv, int) and not isinstance(dv, bool) and isinstance(writes, list)
+            and all(isinstance(w, str) for w in writes))
 
 
 class _StdinProtocol(asyncio.Protocol):

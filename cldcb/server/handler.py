@@ -8,16 +8,18 @@ runs under that client's lock:
 
 - in-process, an :class:`asyncio.Lock` per client;
 - across processes (several ``stdio`` sessions under sshd, or a daemon and
-  sshd on one data directory), an ``flock`` on ``locks/<client_id>.lock``.
+  sshd on one data directory), an ``flock`` on ``locks/<client_id>.lock``
+  (:mod:`cldcb.store.locks`).
 
 One writer per client: a writing session that authenticates bumps the
-client's writer generation (8 bytes in ``locks/<client_id>.lock``, read and
-written under the lock) and closes the older
-writer of this process with ``Error(SUPERSEDED)``; a writer of another process
-notices the bumped generation at its next store call and is closed the same
-way. Readers never take over. Each process keeps one
+client's writer generation (in the lock file, under the lock) and closes the
+older writer of this process with ``Error(SUPERSEDED)``; a writer of another
+process notices the bumped generation at its next store call and is closed
+the same way. Readers never take over. Each process keeps one
 :class:`~cldcb.store.ClientStore` per client, which notices before each call
-when another process changed the client's files and reloads them.
+when another process changed the client's files and reloads them; a writer
+whose generation and settings epoch are unchanged vouches that nobody did
+(:meth:`~cldcb.store.ClientStore.vouch`), which spares those checks.
 
 An ``Ack`` is sent only after the store returned from ``append``, which
 returns only once the record is fsynced; a ``SnapshotAck`` only after the
@@ -34,13 +36,11 @@ the kernel runs in parallel.
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import logging
 import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -48,6 +48,7 @@ from cldcb import wire
 from cldcb.errors import CldcbError, QuotaExceeded, StoreError
 from cldcb.session import Authenticated, Received, Role, ServerSession
 from cldcb.store import Store
+from cldcb.store.locks import bump_generation, flocked, open_lock, read_counters
 from cldcb.wire import ErrorCode
 
 log = logging.getLogger("cldcb.server")
@@ -80,8 +81,6 @@ class ServerCore:
         self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="store")
         self._locks: dict[str, asyncio.Lock] = {}
         self.writers: dict[str, SessionHandler] = {}
-        self.lock_dir = data_dir / "locks"
-        self.lock_dir.mkdir(mode=0o700, exist_ok=True)
         self.handlers: set[SessionHandler] = set()
         self.stopping = False
         self.inflight = 0
@@ -115,21 +114,6 @@ class ServerCore:
     def close(self) -> None:
         self.executor.shutdown(wait=True)
         self.store.close()
-
-
-@contextmanager
-def _flock_fd(fd: int, *, wait: bool = True):  # noqa: ANN202 - context manager
-    """Hold the exclusive lock on ``fd``; without ``wait``, BlockingIOError if it is taken."""
-    fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-    try:
-        yield fd
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-
-
-def _read_gen(fd: int) -> int:
-    raw = os.pread(fd, 8, 0)
-    return int.from_bytes(raw, "big") if len(raw) == 8 else 0
 
 
 class Superseded(Exception):
@@ -295,18 +279,15 @@ class SessionHandler:
         """The client's lock file, opened once per session (calls never overlap)."""
         if self._lock_fd is None:
             assert self.client_id
-            self._lock_fd = os.open(self.core.lock_dir / f"{self.client_id}.lock",
-                                    os.O_RDWR | os.O_CREAT, 0o600)
+            self._lock_fd = open_lock(self.core.store.data_dir, self.client_id)
         return self._lock_fd
 
     def _take_over(self) -> int:
-        with _flock_fd(self._lock_file()) as fd:
-            g = _read_gen(fd) + 1
-            os.pwrite(fd, g.to_bytes(8, "big"), 0)
-            return g
+        with flocked(self._lock_file()) as fd:
+            return bump_generation(fd)
 
     def _touch(self) -> None:
-        with _flock_fd(self._lock_file()):
+        with flocked(self._lock_file()):
             self.core.store.client(self.client_id).touch(now_ms())
 
     def _locked(self, fn: Callable[[Any], Any], *, wait: bool = True) -> Callable[[], Any]:
@@ -317,10 +298,14 @@ class SessionHandler:
         lock_fd = self._lock_file()
 
         def call() -> Any:
-            with _flock_fd(lock_fd, wait=wait) as fd:
-                if self.role == Role.WRITER and _read_gen(fd) != self._gen:
-                    raise Superseded()
-                return fn(self.core.store.client(self.client_id))
+            with flocked(lock_fd, wait=wait) as fd:
+                counters = read_counters(fd)
+                cs = self.core.store.client(self.client_id)
+                if self.role == Role.WRITER:
+                    if counters[0] != self._gen:
+                        raise Superseded()
+                    cs.vouch(counters)
+                return fn(cs)
         return call
 
     async def _store(self, fn: Callable[[Any], Any], *, quick: bool = False) -> Any:

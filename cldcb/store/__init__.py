@@ -166,9 +166,13 @@ names every step so tests kill the process there.
 Concurrency
 -----------
 One writing instance per client at a time (the caller's per-client lock,
-across processes too). Each call first checks ``settings.json`` (reloaded if
-changed; gone means the client was removed) and whether the newest segment
-changed size or a newer one appeared (then the instance reloads from disk).
+across processes too: :mod:`cldcb.store.locks`). Each call first checks
+``settings.json`` (reloaded if changed; gone means the client was removed)
+and whether the newest segment changed size or a newer one appeared (then
+the instance reloads from disk). A writer may skip these checks by vouching
+(:meth:`ClientStore.vouch`) with its generation and the settings epoch of the
+lock file: ``add`` and ``remove`` bump that epoch under the lock, and no
+other process writes a client's files without taking over as its writer.
 :meth:`Store.list_clients` opens clients read-only: it repairs nothing, so it
 is safe while a daemon writes.
 """

@@ -15,6 +15,7 @@ from cldcb.errors import CldcbError, StoreError
 from cldcb.ids import parse_client_id
 from cldcb.store.client import ClientStore
 from cldcb.store.fs import FileLayer, OsFileLayer, ensure_dir, io_error, replace_file
+from cldcb.store.locks import settings_change
 from cldcb.store.settings import SETTINGS, Settings, read_settings
 
 log = logging.getLogger("cldcb.store")
@@ -95,7 +96,8 @@ class Store:
         try:
             ensure_dir(self.fs, folder, "client")
             if read_settings(folder) != settings:
-                replace_file(self.fs, folder / SETTINGS, settings.encode(), "settings")
+                with settings_change(self.data_dir, cid):
+                    replace_file(self.fs, folder / SETTINGS, settings.encode(), "settings")
                 log.info("client %s registered: %s", cid, settings)
         except OSError as exc:
             raise io_error(exc, f"registering client {cid}") from None
@@ -121,7 +123,8 @@ class Store:
         entry = self.recognitions_dir / f"{cid}.entry"
         try:
             crashpoint("remove.before_rename")
-            self.fs.rename(folder, dest)
+            with settings_change(self.data_dir, cid):
+                self.fs.rename(folder, dest)
             crashpoint("remove.after_rename")
             self.fs.fsync_dir(self.clients_dir)
             self.fs.fsync_dir(self.removed_dir)

@@ -1,0 +1,81 @@
+"""A client's lock file: ``DATA_DIR/locks/<client_id>.lock`` (see :mod:`cldcb.store`).
+
+Every store call on a client runs under an exclusive ``flock`` of this file,
+in whatever process it runs (the daemon, ``stdio`` sessions under sshd, the
+``add``/``remove`` commands). The file holds two big-endian u64 counters,
+read and written only under the lock:
+
+- bytes 0–8, the **writer generation**: bumped by each writing session that
+  authenticates; a writer whose generation is no longer the file's was taken
+  over and must stop;
+- bytes 8–16, the **settings epoch**: bumped by ``add`` (when the settings
+  change) and ``remove``.
+
+A writer that finds both counters as they were at its previous call knows no
+other process changed the client's files in between, and the store skips the
+checks that look for such changes (:meth:`~cldcb.store.ClientStore.vouch`).
+A short or missing file reads as zeros.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+LOCKS = "locks"
+
+
+def lock_path(data_dir: Path, client_id: str) -> Path:
+    return data_dir / LOCKS / f"{client_id}.lock"
+
+
+def open_lock(data_dir: Path, client_id: str) -> int:
+    """Open (creating it and its folder if needed) the client's lock file."""
+    path = lock_path(data_dir, client_id)
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+
+@contextmanager
+def flocked(fd: int, *, wait: bool = True) -> Iterator[int]:
+    """Hold the exclusive lock on ``fd``; without ``wait``, BlockingIOError if it is taken."""
+    fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        yield fd
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def read_counters(fd: int) -> tuple[int, int]:
+    """``(writer generation, settings epoch)``; call under the lock."""
+    raw = os.pread(fd, 16, 0)
+    gen = int.from_bytes(raw[:8], "big") if len(raw) >= 8 else 0
+    epoch = int.from_bytes(raw[8:16], "big") if len(raw) >= 16 else 0
+    return gen, epoch
+
+
+def bump_generation(fd: int) -> int:
+    """A new writer: the next generation, written; call under the lock."""
+    gen, epoch = read_counters(fd)
+    gen += 1
+    os.pwrite(fd, gen.to_bytes(8, "big") + epoch.to_bytes(8, "big"), 0)
+    return gen
+
+
+@contextmanager
+def settings_change(data_dir: Path, client_id: str) -> Iterator[None]:
+    """Change a client's settings or folder under its lock, then bump the settings epoch,
+    so that every process's writer checks the files again at its next call."""
+    fd = open_lock(data_dir, client_id)
+    try:
+        with flocked(fd):
+            try:
+                yield
+            finally:
+                gen, epoch = read_counters(fd)
+                os.pwrite(fd, gen.to_bytes(8, "big") + (epoch + 1).to_bytes(8, "big"), 0)
+    finally:
+        os.close(fd)
