@@ -187,6 +187,47 @@ def test_sigterm_while_clients_stream_loses_no_acknowledged_record(tmp_path: Pat
         srv.stop()
 
 
+def test_pipelined_writes_of_busy_clients_are_answered_in_order(tmp_path: Path) -> None:
+    """Several clients at once (the server is busy, so appends go to worker threads and
+    are answered from callbacks), each sending 40 writes without waiting for the acks:
+    every write gets its own Ack, in order, and the server holds exactly those records;
+    a status pipelined behind them reports the last one."""
+    srv = CldcbServer(tmp_path / "data").init()
+    privs = [os.urandom(32) for _ in range(6)]
+    for p in privs:
+        srv.add(client_id_from_pubkey(pubkey_of(p)))
+    srv.start()
+    writers = [Writer(p) for p in privs]
+
+    async def burst(w: Writer) -> None:
+        async with await Connection.open(srv.spec, w.priv, Role.WRITER) as conn:
+            await w.snapshot(conn, 5000)
+            for _ in range(3):
+                sent = []
+                for _ in range(40):
+                    dv = w.dv + 1 + len(sent)
+                    link = item_hash(sent[-1][2]) if sent else w.link
+                    rec = w.sealer.seal_change(dv, Kind.NORMAL, link, ["y" * 1500], 0)
+                    sent.append((dv, link, rec))
+                replies = await asyncio.gather(*(conn.write(dv, Kind.NORMAL, link, rec)
+                                                 for dv, link, rec in sent), conn.status())
+                assert [r.data_version for r in replies[:-1]] == [d for d, _, _ in sent]
+                assert all(isinstance(r, wire.Ack) for r in replies[:-1])
+                w.acked += [d for d, _, _ in sent]
+                w.dv, w.link = sent[-1][0], item_hash(sent[-1][2])
+                assert replies[-1].tip_data_version == w.dv
+
+    async def all_bursts() -> None:
+        await asyncio.gather(*(burst(w) for w in writers))
+
+    try:
+        run(all_bursts())
+        for w in writers:
+            assert run(fetched_data_versions(srv, w.priv)) == w.acked == list(range(11, 131))
+    finally:
+        srv.stop()
+
+
 def test_admin_commands(tmp_path: Path) -> None:
     data = tmp_path / "data"
     r = run_server_cmd(data, "id", check=False)

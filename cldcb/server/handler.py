@@ -29,8 +29,11 @@ Latency: a hop to a worker thread and back costs about 200 µs, as much as
 the fsync itself. When the server is quiet (no store call in flight and no
 other session made a request in the last :data:`QUIET_SECONDS`) a record
 append or a status runs on the event loop thread instead; as soon as several
-sessions are busy every store call goes to the worker threads, whose fsyncs
-the kernel runs in parallel.
+sessions are busy every store call goes to the worker threads
+(:class:`~cldcb.server.workers.StorePool`), whose fsyncs the kernel runs in
+parallel. An idle session's append or status goes there straight from the
+receiving callback and is answered from the pool's completion callback (no
+task switch); requests that arrive meanwhile wait, in order, behind it.
 """
 
 from __future__ import annotations
@@ -40,12 +43,12 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
 from cldcb import wire
 from cldcb.errors import CldcbError, QuotaExceeded, StoreError
+from cldcb.server.workers import ClientLock, StorePool
 from cldcb.session import Authenticated, Received, Role, ServerSession
 from cldcb.store import Store
 from cldcb.store.locks import bump_generation, flocked, open_lock, read_counters
@@ -78,8 +81,8 @@ class ServerCore:
         self.data_dir = data_dir
         self.server_priv = server_priv
         self.store = Store.open(data_dir)
-        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="store")
-        self._locks: dict[str, asyncio.Lock] = {}
+        self.pool = StorePool(asyncio.get_running_loop(), threads)
+        self._locks: dict[str, ClientLock] = {}
         self.writers: dict[str, SessionHandler] = {}
         self.handlers: set[SessionHandler] = set()
         self.stopping = False
@@ -99,20 +102,20 @@ class ServerCore:
         self._last = (id(session), now)
         return self.inflight == 0 and now - self._last_other.get(id(session), 0.0) > QUIET_SECONDS
 
-    def lock(self, client_id: str) -> asyncio.Lock:
+    def lock(self, client_id: str) -> ClientLock:
         lk = self._locks.get(client_id)
         if lk is None:
-            lk = self._locks[client_id] = asyncio.Lock()
+            lk = self._locks[client_id] = ClientLock()
         return lk
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        return await self.pool.run(fn, *args)
 
     def is_registered(self, client_id: str) -> bool:
         return self.store.is_registered(client_id)
 
     def close(self) -> None:
-        self.executor.shutdown(wait=True)
+        self.pool.close()
         self.store.close()
 
 
@@ -148,6 +151,8 @@ class SessionHandler:
         self._upload_dv = -1
         self._lock_fd: int | None = None
         self._idle = False
+        self._held: list[wire.Message] | None = None    # behind a call in a worker
+        self._in_worker: asyncio.Future[None] | None = None
         self.client_id: str | None = None
         self.role = Role.READER
         self.done = asyncio.Event()
@@ -168,27 +173,63 @@ class SessionHandler:
             self._queue.put_nowait(None)
 
     def _answer_inline(self, msg: wire.Message) -> bool:
-        """Answer a record append or a status right here, when nothing else is going on.
+        """Answer a record append or a status without the serving task; True if taken.
 
         Only when this session is idle (no queued or running request, so order is
-        kept), the client's lock is free and the server is quiet (see
-        :meth:`ServerCore.quiet`): then the store call costs less than the hop to
-        the serving task would.
+        kept) and the client's lock is free. When the server is quiet (see
+        :meth:`ServerCore.quiet`) the store call runs right here: it costs less than
+        any hop. Otherwise it goes to a worker thread and is answered from the
+        pool's callback; requests arriving meanwhile are held behind it.
         """
+        if self._held is not None:
+            self._held.append(msg)
+            return True
+        core = self.core
         if not isinstance(msg, (wire.Write, wire.StatusRequest)) or self.client_id is None \
-                or not self._idle or not self._queue.empty() or self.core.stopping \
-                or self.core.lock(self.client_id).locked() or not self.core.quiet(self):
+                or not self._idle or not self._queue.empty() or core.stopping:
             return False
-        try:
-            self.session.send(self._locked(_quick_call(msg), wait=False)())
-        except BlockingIOError:
-            return False  # another process holds the client's lock: queue it instead
-        except Exception as exc:  # noqa: BLE001 - answered like every request
-            self._answer_error(exc)
+        lock = core.lock(self.client_id)
+        if not lock.try_acquire():
+            return False
+        if core.quiet(self):
+            try:
+                self.session.send(self._locked(_quick_call(msg), wait=False)())
+            except BlockingIOError:
+                lock.release()
+                return False  # another process holds the client's lock: queue it instead
+            except Exception as exc:  # noqa: BLE001 - answered like every request
+                self._answer_error(exc)
+            lock.release()
+            self._answered()
+            return True
+        core.inflight += 1
+        self._held = []
+        self._in_worker = asyncio.get_running_loop().create_future()
+        core.pool.submit(self._locked(_quick_call(msg)), self._worker_done)
+        return True
+
+    def _worker_done(self, ok: bool, value: Any) -> None:
+        assert self.client_id and self._held is not None and self._in_worker is not None
+        self.core.inflight -= 1
+        self.core.lock(self.client_id).release()
+        if ok:
+            self.session.send(value)
+        else:
+            self._answer_error(value)
+        held, self._held = self._held, None
+        self._in_worker.set_result(None)
+        self._in_worker = None
+        self._answered()
+        for msg in held:
+            if self.session.closed:
+                break
+            if not self._answer_inline(msg):
+                self._queue.put_nowait(Received(msg))
+
+    def _answered(self) -> None:
         self._flush()
         if self.session.closed:
             self._queue.put_nowait(None)
-        return True
 
     def _answer_error(self, exc: BaseException) -> None:
         """The ``Error`` (or the end of the session) a failed request is answered with."""
@@ -241,6 +282,8 @@ class SessionHandler:
             await self._cleanup()
 
     async def _cleanup(self) -> None:
+        if self._in_worker is not None:      # its worker still uses the lock file
+            await asyncio.shield(self._in_worker)
         await self._abort_upload()
         self.core.forget(self)
         if self._lock_fd is not None:
