@@ -142,10 +142,77 @@ class Message:
     SPEC: ClassVar[tuple[tuple[str, int], ...]] = ()
 
     def body(self) -> bytes:
+        fast = _FAST.get(self.TYPE)
+        if fast is not None:
+            return fast.encode(self)
         out: list[bytes] = []
         for f, spec in zip(fields(self), self.SPEC, strict=True):
             _encode_field(spec, getattr(self, f.name), out)
         return b"".join(out)
+
+
+class _FastCodec:
+    """One ``struct`` for a message whose fields are all fixed-size, but perhaps a last
+    ``BYTES`` one (Write, Ack, chunks…): the same bytes and the same errors as the
+    field-by-field codec, in a fraction of the time (these are the per-change ones)."""
+
+    def __init__(self, cls: type[Message], spec: tuple[tuple[str, int], ...]) -> None:
+        self.cls = cls
+        self.tail = bool(spec) and spec[-1] == BYTES
+        head = spec[:-1] if self.tail else spec
+        self.names = [f.name for f in fields(cls)]
+        self.struct = struct.Struct(">" + "".join(f"{n}s" if k == "fixed" else k
+                                                  for k, n in head))
+        self.fixed = [(i, n) for i, (k, n) in enumerate(head) if k == "fixed"]
+        offsets, pos = [], 0
+        for _kind, n in head:
+            offsets.append(pos)
+            pos += n
+        self.bools = [offsets[i] for i, (k, _) in enumerate(head) if k == "?"]
+        self.nhead = len(head)
+
+    @staticmethod
+    def fits(spec: tuple[tuple[str, int], ...]) -> bool:
+        head = spec[:-1] if spec and spec[-1] == BYTES else spec
+        return all(k == "fixed" or k in "BHIQq?" for k, _ in head)
+
+    def encode(self, msg: Message) -> bytes:
+        values = [getattr(msg, name) for name in self.names]
+        for i, n in self.fixed:
+            if not isinstance(values[i], bytes) or len(values[i]) != n:
+                raise ProtocolError(f"field must be {n} bytes")
+        try:
+            head = self.struct.pack(*values[:self.nhead])
+        except struct.error as exc:
+            raise ProtocolError(f"field out of range: {exc}") from None
+        if not self.tail:
+            return head
+        tail = bytes(values[-1])
+        return head + struct.pack(">I", len(tail)) + tail
+
+    def decode(self, body: bytes | memoryview) -> Message:
+        size = self.struct.size
+        for off in self.bools:         # in field order, as the field-by-field codec
+            if off < len(body) and body[off] > 1:
+                raise ProtocolError("boolean field is neither 0 nor 1")
+        if len(body) < size:
+            raise ProtocolError("message is truncated")
+        values = list(self.struct.unpack_from(body, 0))
+        end = size
+        if self.tail:
+            if len(body) < size + 4:
+                raise ProtocolError("message is truncated")
+            (n,) = struct.unpack_from(">I", body, size)
+            end = size + 4 + n
+            if end > len(body):
+                raise ProtocolError("message is truncated")
+            values.append(bytes(body[size + 4:end]))
+        if end != len(body):
+            raise ProtocolError(f"{self.cls.__name__} has {len(body) - end} trailing bytes")
+        return self.cls(*values)
+
+
+_FAST: dict[int, _FastCodec] = {}
 
 
 def message(type_: int, *spec: tuple[str, int]):  # noqa: ANN201 - class decorator
@@ -158,6 +225,8 @@ def message(type_: int, *spec: tuple[str, int]):  # noqa: ANN201 - class decorat
         if type_ in MESSAGES:
             raise TypeError(f"message type {type_} used twice")
         MESSAGES[type_] = cls
+        if _FastCodec.fits(spec):
+            _FAST[type_] = _FastCodec(cls, spec)
         return cls
     return wrap
 
@@ -341,6 +410,9 @@ def encode(msg: Message) -> bytes:
 
 def decode(type_: int, body: bytes | memoryview) -> Message:
     """The message of one frame's type and body; only ever raises ProtocolError."""
+    fast = _FAST.get(type_)
+    if fast is not None:
+        return fast.decode(body)
     cls = MESSAGES.get(type_)
     if cls is None:
         raise ProtocolError(f"unknown message type {type_}")

@@ -144,6 +144,12 @@ class PluginProcess:
         if self._in_closed:
             return False
         data = memoryview(encode(message))
+        try:                      # the usual case: the pipe has room for all of it
+            data = data[os.write(self._in, data):]
+        except BlockingIOError:
+            pass
+        except (BrokenPipeError, OSError):
+            return False
         while data:
             if self._eof:
                 return False

@@ -50,7 +50,8 @@ from cldcb.ids import client_id_from_pubkey, new_privkey, pubkey_of
 from cldcb.nodekey import LocalNodeKey
 from cldcb.plugin.wrapper import WRAPPER_NAME, read_wrapper
 from cldcb.store import Store
-from cldcb.store.frames import RECORD_MAGIC, decode_record, encode_record, iter_frames
+from cldcb.store.frames import encode_record
+from cldcb.store.log import segment_records
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -320,9 +321,7 @@ def edit_log(data_dir: Path, client_id: str, how: str) -> list[tuple[int, bytes]
     assert len(records) >= 8
     middle = records[len(records) // 2][1]
     for seg in sorted((data_dir / "clients" / client_id / "log").glob("*.log")):
-        with open(seg, "rb") as f:
-            frames = [decode_record(body) for _, body in
-                      iter_frames(f, 0, seg.stat().st_size, RECORD_MAGIC)]
+        frames, _ = segment_records(seg)
         at = next((i for i, fr in enumerate(frames) if fr.sealed == middle), None)
         if how == "withheld":
             if seg != max((data_dir / "clients" / client_id / "log").glob("*.log")):
@@ -483,7 +482,9 @@ def test_reinstalled_node_uses_the_client_that_reaches_furthest(tmp_path: Path) 
         # A server that claims far more for the old client than it can deliver (a forged
         # newest record) cannot make recovery pick the old client.
         seg = max((server.data_dir / "clients" / old_id / "log").glob("*.log"))
-        with open(seg, "ab") as f:
+        _, end = segment_records(seg)
+        with open(seg, "r+b") as f:                  # where its records end
+            f.seek(end)
             f.write(encode_record(1_000_000, 0, bytes(32), 0, bytes(200)))
         server.start()
         lost = fresh_node(tmp_path / "lost2", "mn_nopass")

@@ -44,6 +44,7 @@ CRASH_POINTS = [
     "snapshot.before_rename", "snapshot.after_rename", "snapshot.after_fsync_dir",
     "snapshot.after_commit", "snapshot.before_abort_unlink", "snapshot.after_abort_unlink",
     "segment.before_create", "segment.after_create", "segment.after_fsync_dir",
+    "segment.before_zero", "segment.after_zero", "segment.before_trim", "segment.after_trim",
     "record.before_write", "record.after_write", "record.after_fsync",
     "prune.before", "prune.before_unlink_snapshot", "prune.after_unlink_snapshot",
     "prune.after_fsync_snapshot_dir", "prune.before_unlink_segment",

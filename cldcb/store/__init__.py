@@ -52,6 +52,15 @@ A position in the log is ``(segment, offset)``. Only the newest segment is
 written; it is rolled at 16 MiB (``segment_bytes``) and when a fresh snapshot
 is committed.
 
+The newest segment has a **zero-filled tail**: zeros are written (and
+fsynced) 1 MiB at a time ahead of the records, so that appending a record
+overwrites blocks the file already has and its ``fdatasync`` flushes only
+that data, with no journal commit for a new file size. A segment's records
+end where its frames end; zeros from there to the end of the file are the
+tail. A segment is truncated to its records (and fsynced) before it stops
+being the newest, so only the newest one ever has a tail. Sizes, quota and
+``bytes_used`` count records, not the tail.
+
 The *tip* is the newest thing held: the newest record (``Tip(data_version,
 kind, hash, link)``) or, when a fresh snapshot has no record after it yet,
 that snapshot's anchor (``Tip(data_version, NORMAL, anchor, link=32 zero
@@ -63,7 +72,8 @@ link is). :meth:`ClientStore.append` asks
   the decision names → ``NeedSnapshot(data_version, reason)``; nothing stored;
 - the record equal to the tip (same data_version, kind, link and hash: a
   resend after a lost ack) → ``Ack`` without storing it twice;
-- otherwise quota check, write the frame, **fsync**, and only then ``Ack``;
+- otherwise quota check, write the frame, **fdatasync** (the data and, when
+  the file grew, its size), and only then ``Ack``;
   the tip becomes :func:`cldcb.dataversion.advance` of the old one.
 
 ``Ack.want_snapshot`` and ``Status.want_snapshot`` are true when there is no
@@ -137,6 +147,8 @@ Every acknowledged record and snapshot was fsynced (and its folder entry
 fsynced) before the acknowledgement, so a crash at any point leaves them
 readable. Opening a client's store (:meth:`Store.client`):
 
+- zeros after the newest segment's last frame, to the end of the file, are
+  its zero-filled tail: nothing to repair;
 - a **torn tail** of the newest segment (a short frame, a bad checksum at
   the end, garbage after the last good frame: anything that has no valid
   frame after it, since the store only appends) is copied to
@@ -168,8 +180,9 @@ Concurrency
 One writing instance per client at a time (the caller's per-client lock,
 across processes too: :mod:`cldcb.store.locks`). Each call first checks
 ``settings.json`` (reloaded if changed; gone means the client was removed)
-and whether the newest segment changed size or a newer one appeared (then
-the instance reloads from disk). A writer may skip these checks by vouching
+and whether the newest segment changed size, holds a frame where this
+instance's records end, or a newer one appeared (then the instance reloads
+from disk). A writer may skip these checks by vouching
 (:meth:`ClientStore.vouch`) with its generation and the settings epoch of the
 lock file: ``add`` and ``remove`` bump that epoch under the lock, and no
 other process writes a client's files without taking over as its writer.

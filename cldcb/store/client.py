@@ -136,11 +136,9 @@ class ClientStore:
             self._settings_key = key
             self.settings = read_settings(self.folder) or self.settings
         self.log.retry_cut()
-        newest = self.log.newest
         if not self._stale:
             try:
-                self._stale = self.fs.exists(self.log.path(newest + 1)) or bool(
-                    newest and self.fs.size(self.log.path(newest)) != self.log.sizes[newest])
+                self._stale = self.log.changed_underneath()
             except OSError:
                 self._stale = True
         if self._stale:

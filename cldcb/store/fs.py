@@ -28,7 +28,7 @@ class FileLayer(Protocol):
 
     def pwrite(self, fd: int, data: bytes | memoryview, offset: int) -> int: ...
 
-    def fsync(self, fd: int) -> None: ...
+    def fsync(self, fd: int, *, data_only: bool = False) -> None: ...
 
     def truncate(self, fd: int, size: int) -> None: ...
 
@@ -69,8 +69,12 @@ class OsFileLayer:
     def pwrite(self, fd: int, data: bytes | memoryview, offset: int) -> int:
         return os.pwrite(fd, data, offset)
 
-    def fsync(self, fd: int) -> None:
-        os.fsync(fd)
+    def fsync(self, fd: int, *, data_only: bool = False) -> None:
+        """``data_only``: fdatasync (data, and the size if it changed; not the times)."""
+        if data_only:
+            os.fdatasync(fd)
+        else:
+            os.fsync(fd)
 
     def truncate(self, fd: int, size: int) -> None:
         os.ftruncate(fd, size)
