@@ -58,6 +58,13 @@ SUBSYSTEM = "cldcb"
 PREFERRED_CIPHERS = ["aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com",
                      "aes256-gcm@openssh.com", "aes128-ctr", "aes256-ctr"]
 
+SSH_WINDOW = 8 << 20
+SSH_MAX_PACKET = 256 << 10
+"""Channel window and largest packet this end accepts (asyncssh's defaults: 2 MiB and
+32 KiB). Snapshot chunks are 1 MiB: bigger packets mean 8 times fewer of them to
+encrypt, frame and parse at each end. OpenSSH's sshd keeps its own (smaller) limits
+for what it receives; the protocol works with any."""
+
 _HOSTPORT = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:/@\s\[\]]+))"
                        r"(?::(?P<port>\d+))?$")
 
@@ -173,7 +180,7 @@ class Connection:
         opts: dict[str, Any] = dict(
             encryption_algs=PREFERRED_CIPHERS, keepalive_interval=30, keepalive_count_max=4,
             connect_timeout=timeout, agent_forwarding=False, x11_forwarding=False,
-            request_pty=False)
+            request_pty=False, window=SSH_WINDOW, max_pktsize=SSH_MAX_PACKET)
         if addr.scheme == "cldcb":
             opts.update(
                 username=SSH_USER if client_priv is not None else RECOVER_USER,

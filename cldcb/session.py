@@ -138,18 +138,18 @@ Event = HelloComplete | Authenticated | Received
 class _Base:
     def __init__(self) -> None:
         self._decoder = wire.FrameDecoder()
-        self._out = bytearray()
+        self._out: list[bytes] = []
         self.closed = False
 
     def data_to_send(self) -> bytes:
         """Bytes the transport must write now (then the buffer is empty)."""
-        out = bytes(self._out)
+        out = b"".join(self._out)       # one frame: that frame itself, not a copy
         self._out.clear()
         return out
 
     def _emit(self, msg: wire.Message) -> bytes:
         frame = wire.encode(msg)
-        self._out += frame
+        self._out.append(frame)
         return frame
 
 

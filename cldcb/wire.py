@@ -178,17 +178,35 @@ class _FastCodec:
 
     def encode(self, msg: Message) -> bytes:
         values = [getattr(msg, name) for name in self.names]
+        head = self.encode_head(values)
+        if not self.tail:
+            return head
+        tail = values[-1]
+        return b"".join((head, struct.pack(">I", len(tail)), tail))
+
+    def frame(self, msg: Message) -> bytes:
+        """The whole frame in one piece (one copy of a chunk's bytes, not three)."""
+        values = [getattr(msg, name) for name in self.names]
+        if not self.tail:
+            body = self.encode(msg)
+            return struct.pack(">IB", len(body) + 1, msg.TYPE) + body
+        head = self.encode_head(values)
+        tail = values[-1]
+        length = len(head) + 4 + len(tail) + 1
+        if length > MAX_FRAME:
+            raise ProtocolError(f"{type(msg).__name__} of {length - 1} bytes exceeds the "
+                                f"frame limit of {MAX_FRAME}")
+        return b"".join((struct.pack(">IB", length, msg.TYPE), head,
+                         struct.pack(">I", len(tail)), tail))
+
+    def encode_head(self, values: list[object]) -> bytes:
         for i, n in self.fixed:
             if not isinstance(values[i], bytes) or len(values[i]) != n:
                 raise ProtocolError(f"field must be {n} bytes")
         try:
-            head = self.struct.pack(*values[:self.nhead])
+            return self.struct.pack(*values[:self.nhead])
         except struct.error as exc:
             raise ProtocolError(f"field out of range: {exc}") from None
-        if not self.tail:
-            return head
-        tail = bytes(values[-1])
-        return head + struct.pack(">I", len(tail)) + tail
 
     def decode(self, body: bytes | memoryview) -> Message:
         size = self.struct.size
@@ -401,6 +419,9 @@ class Error(Message):
 
 def encode(msg: Message) -> bytes:
     """One frame holding ``msg``."""
+    fast = _FAST.get(msg.TYPE)
+    if fast is not None and type(msg) is fast.cls:
+        return fast.frame(msg)
     body = msg.body()
     if len(body) + 1 > MAX_FRAME:
         raise ProtocolError(f"{type(msg).__name__} of {len(body)} bytes exceeds the frame "
@@ -442,7 +463,8 @@ class FrameDecoder:
             if len(self._buf) < 4 + length:
                 break
             type_ = self._buf[4]
-            body = bytes(self._buf[5:4 + length])
+            with memoryview(self._buf) as view:
+                body = bytes(view[5:4 + length])
             del self._buf[:4 + length]
             out.append(decode(type_, body))
         return out

@@ -228,6 +228,37 @@ def test_pipelined_writes_of_busy_clients_are_answered_in_order(tmp_path: Path) 
         srv.stop()
 
 
+def test_a_client_that_never_waits_is_held_back_not_buffered(tmp_path: Path) -> None:
+    """A client sends 400 chunks of 1 MiB without waiting for a single answer: the
+    server stops reading it while its backlog is full (the SSH window then holds the
+    client back), so its memory stays bounded, and every chunk is still answered, in
+    order, and the snapshot completes."""
+    from test_plugin_harness import vm_hwm_mb
+
+    srv = CldcbServer(tmp_path / "data").init()
+    priv = os.urandom(32)
+    srv.add(client_id_from_pubkey(pubkey_of(priv)))
+    srv.start()
+    try:
+        async def flood() -> tuple[list[int], int]:
+            async with await Connection.open(srv.spec, priv, Role.WRITER) as conn:
+                anchor = os.urandom(32)
+                s = SnapshotSealer(NODE.pubkey, priv, os.urandom(32), 10, anchor)
+                await conn.begin_snapshot(7, 10, anchor)
+                chunk = os.urandom(1 << 20)
+                acks = await asyncio.gather(*(conn.send_chunk(7, i, s.seal_chunk(chunk))
+                                              for i in range(400)))
+                end = await conn.end_snapshot(7, s.chunk_count, s.seal_manifest(0))
+                return [a.index for a in acks], end.data_version
+
+        indexes, dv = run(flood())
+        assert indexes == list(range(400)) and dv == 10
+        assert srv.proc is not None
+        assert vm_hwm_mb(srv.proc.pid) < 160      # not 400 MiB of queued chunks
+    finally:
+        srv.stop()
+
+
 def test_admin_commands(tmp_path: Path) -> None:
     data = tmp_path / "data"
     r = run_server_cmd(data, "id", check=False)

@@ -27,7 +27,8 @@ is tried again at a later call).
 Upload (:func:`upload_snapshot`)
 --------------------------------
 The copy is read in chunks (1 MiB), each sealed with a
-:class:`~cldcb.seal.SnapshotSealer` (a fresh ephemeral key per snapshot),
+:class:`~cldcb.seal.SnapshotSealer` (a fresh ephemeral key per snapshot; the
+next chunk is read and sealed in a thread while one is sent),
 with at most ``window`` chunks awaiting their ``ChunkAck``: memory stays
 bounded whatever the database's size, and writes interleaved on the same
 connection are never queued behind much. ``SnapshotEnd`` carries the sealed
@@ -313,17 +314,24 @@ async def upload_snapshot(conn: SnapshotTarget, copy: LocalCopy, *, node_pub: by
                             copy.anchor)
     await conn.begin_snapshot(snapshot_id, copy.data_version, copy.anchor)
     pending: deque[asyncio.Task[wire.ChunkAck]] = deque()
+    ahead: asyncio.Future[tuple[bytes | None, int]] | None = None
     sent = 0
     try:
         with open(copy.path, "rb") as f:
             index = 0
+            # the next chunk is read and sealed (in a thread) while this one is sent
+            ahead = asyncio.ensure_future(asyncio.to_thread(_read_and_seal, f, sealer,
+                                                            chunk_size, True))
             while True:
                 if still_wanted is not None and not still_wanted():
                     raise SnapshotAborted("the snapshot is no longer needed")
-                sealed, n = await asyncio.to_thread(_read_and_seal, f, sealer, chunk_size,
-                                                    index == 0)
+                sealed, n = await ahead
+                ahead = None
                 if sealed is None:
                     break
+                if n == chunk_size:
+                    ahead = asyncio.ensure_future(asyncio.to_thread(
+                        _read_and_seal, f, sealer, chunk_size, False))
                 pending.append(asyncio.ensure_future(conn.send_chunk(snapshot_id, index,
                                                                      sealed)))
                 del sealed
@@ -342,7 +350,8 @@ async def upload_snapshot(conn: SnapshotTarget, copy: LocalCopy, *, node_pub: by
     except BaseException:
         for t in pending:
             t.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        await asyncio.gather(*pending, *([ahead] if ahead is not None else []),
+                             return_exceptions=True)
         raise
     manifest = sealer.seal_manifest(int(time.time() * 1000))
     if before_end is not None:

@@ -23,7 +23,13 @@ from pathlib import Path
 
 import asyncssh
 
-from cldcb.connection import PREFERRED_CIPHERS, RECOVER_USER, SUBSYSTEM
+from cldcb.connection import (
+    PREFERRED_CIPHERS,
+    RECOVER_USER,
+    SSH_MAX_PACKET,
+    SSH_WINDOW,
+    SUBSYSTEM,
+)
 from cldcb.ids import client_id_from_pubkey
 from cldcb.server.handler import ServerCore, SessionHandler
 from cldcb.sshkeys import compressed_point, secp256k1_ssh_key
@@ -48,6 +54,14 @@ class _ChannelSink:
     def close(self) -> None:
         if not self._chan.is_closing():
             self._chan.exit(0)
+
+    def pause_reading(self) -> None:
+        if not self._chan.is_closing():
+            self._chan.pause_reading()
+
+    def resume_reading(self) -> None:
+        if not self._chan.is_closing():
+            self._chan.resume_reading()
 
     def pause(self) -> None:
         self._writable.clear()
@@ -167,7 +181,8 @@ async def serve(data_dir: Path, server_priv: bytes, host: str, port: int,
         encryption_algs=PREFERRED_CIPHERS,
         agent_forwarding=False, x11_forwarding=False, allow_pty=False,
         keepalive_interval=30, keepalive_count_max=4, login_timeout=30,
-        line_editor=False, allow_scp=False, encoding=None)
+        line_editor=False, allow_scp=False, encoding=None, window=SSH_WINDOW,
+        max_pktsize=SSH_MAX_PACKET)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -58,6 +58,10 @@ log = logging.getLogger("cldcb.server")
 
 QUIET_SECONDS = 0.02
 """A quick call runs inline if no other session made a request for this long."""
+BACKLOG = 16
+"""Requests of one session waiting to be served before its reading is paused: a client
+that sends without waiting for answers is held back by the transport, so what the
+server buffers for it stays bounded."""
 
 
 class Sink(Protocol):
@@ -68,6 +72,11 @@ class Sink(Protocol):
     async def drain(self) -> None: ...
 
     def close(self) -> None: ...
+
+    def pause_reading(self) -> None:
+        """Stop delivering received bytes (the client then waits on the SSH window)."""
+
+    def resume_reading(self) -> None: ...
 
 
 def now_ms() -> int:
@@ -152,6 +161,7 @@ class SessionHandler:
         self._lock_fd: int | None = None
         self._idle = False
         self._held: list[wire.Message] | None = None    # behind a call in a worker
+        self._paused = False
         self._in_worker: asyncio.Future[None] | None = None
         self.client_id: str | None = None
         self.role = Role.READER
@@ -171,6 +181,16 @@ class SessionHandler:
             self._queue.put_nowait(ev)
         if self.session.closed:
             self._queue.put_nowait(None)
+        self._backlog_check()
+
+    def _backlog_check(self) -> None:
+        waiting = self._queue.qsize() + len(self._held or ())
+        if not self._paused and waiting >= BACKLOG:
+            self._paused = True
+            self.sink.pause_reading()
+        elif self._paused and waiting <= BACKLOG // 2:
+            self._paused = False
+            self.sink.resume_reading()
 
     def _answer_inline(self, msg: wire.Message) -> bool:
         """Answer a record append or a status without the serving task; True if taken.
@@ -225,6 +245,8 @@ class SessionHandler:
                 break
             if not self._answer_inline(msg):
                 self._queue.put_nowait(Received(msg))
+        if self._paused:
+            self._backlog_check()
 
     def _answered(self) -> None:
         self._flush()
@@ -264,6 +286,8 @@ class SessionHandler:
                 self._idle = True
                 item = await self._queue.get()
                 self._idle = False
+                if self._paused:
+                    self._backlog_check()
                 if item is None or self.session.closed:
                     break
                 if isinstance(item, Authenticated):

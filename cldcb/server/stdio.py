@@ -52,6 +52,16 @@ class _StdoutSink:
         if not self._transport.is_closing():
             self._transport.close()
 
+    reader: asyncio.ReadTransport | None = None
+
+    def pause_reading(self) -> None:
+        if self.reader is not None and not self.reader.is_closing():
+            self.reader.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.reader is not None and not self.reader.is_closing():
+            self.reader.resume_reading()
+
 
 async def run_stdio(data_dir: Path, server_priv: bytes, forced_client_id: str | None) -> None:
     """Serve one session on stdin/stdout until EOF."""
@@ -76,7 +86,8 @@ async def run_stdio(data_dir: Path, server_priv: bytes, forced_client_id: str | 
         def connection_lost(self, exc: Exception | None) -> None:
             handler.connection_lost()
 
-    await loop.connect_read_pipe(_Reader, os.fdopen(sys.stdin.fileno(), "rb", closefd=False))
+    sink.reader, _ = await loop.connect_read_pipe(
+        _Reader, os.fdopen(sys.stdin.fileno(), "rb", closefd=False))
     await handler.done.wait()
     core.close()
 

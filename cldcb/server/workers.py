@@ -68,6 +68,7 @@ class StorePool:
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
                 outcome = (done, False, exc)
             self._done.append(outcome)
+            del job, fn, done, outcome      # an idle worker holds no request's bytes
             # Appended before the flag is read, and _deliver clears the flag before
             # it drains: a result is never left behind without a wake-up on its way.
             if not self._wake_pending:
