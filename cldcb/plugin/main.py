@@ -28,6 +28,7 @@ lightningd's RPC (inside the hook that would deadlock lightningd).
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import sys
@@ -206,6 +207,7 @@ class Plugin:
         if removed:
             self.log("info", f"removed {removed} snapshot copies left by an earlier run")
         self.engine.start()
+        gc.freeze()    # what was loaded so far lives as long as the plugin: GC skips it
         worker = loop.create_task(self._hook_worker())
         reader = loop.create_task(self._read_stdin())
         status = loop.create_task(self._status_loop())

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from pathlib import Path
@@ -187,6 +188,7 @@ async def serve(data_dir: Path, server_priv: bytes, host: str, port: int,
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    gc.freeze()    # modules and keys live as long as the server: the GC skips them
     addrs = ", ".join(f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in server.sockets)
     log.info("cldcb-server listening on %s", addrs)
     print(f"listening on {addrs}", flush=True)
