@@ -13,12 +13,15 @@ the sealed changes, on the same disk.
 
 To tell where the time goes, a third row measures the same sealed changes
 written straight to the server with :class:`cldcb.connection.Connection`
-(no lightningd, no plugin): the protocol path alone.
+(no lightningd, no plugin): the protocol path alone; a fourth, the same calls
+through a second simulated lightningd to a plugin that answers ``continue``
+at once (``--echo-plugin``): what the lightningd ↔ plugin pipes cost by
+themselves on this machine (two more process wake-ups than the floor has).
 
-The three rows take turns over slices of the trace (``--rounds``, in a
-different order each round) against servers that all stay up, so that a
-slow stretch of the disk's fsync, which dominates every row, weighs on all
-three alike instead of on whichever ran then.
+The rows take turns over slices of the trace (``--rounds``, in a different
+order each round) against servers that all stay up, so that a slow stretch
+of the disk's fsync, which dominates every row, weighs on all of them alike
+instead of on whichever ran then.
 
 The simulated node's folder (its SQLite database) is on ``/dev/shm`` when
 there is one: in production lightningd's database and the server are on
@@ -35,6 +38,7 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import shutil
 import struct
 import sys
@@ -165,6 +169,20 @@ class _DirectClient:
         return out
 
 
+def echo_plugin() -> None:
+    """A plugin that answers every db_write ``continue`` at once (the pipes' cost)."""
+    from cldcb.plugin import jsonrpc
+    from cldcb.plugin.main import MANIFEST
+
+    decoder = jsonrpc.MessageDecoder()
+    out = jsonrpc.StdoutWriter(sys.stdout.fileno())
+    answers = {"getmanifest": MANIFEST, "init": {}, "db_write": {"result": "continue"}}
+    while data := os.read(sys.stdin.fileno(), 1 << 20):
+        for msg in decoder.feed(data):
+            if msg.get("method") in answers and "id" in msg:
+                out.send(jsonrpc.response(msg["id"], answers[msg["method"]]))
+
+
 def measure(folder: Path, trace_name: str, rounds: int) -> dict[str, Any]:
     """The three rows, measured in alternating slices of the trace (so that a slow
     stretch of the disk weighs on all three alike)."""
@@ -188,7 +206,13 @@ def measure(folder: Path, trace_name: str, rounds: int) -> dict[str, Any]:
     ld = Path(tempfile.mkdtemp(prefix="cldcb-bench-node-", dir=shm if shm.is_dir()
                                else folder)) / "lightning"
     loop = asyncio.new_event_loop()
-    rows: dict[str, list[float]] = {"plugin": [], "direct": [], "floor": []}
+    rows: dict[str, list[float]] = {"plugin": [], "direct": [], "floor": [], "pipes": []}
+    (ld.parent / "echo" / "regtest").mkdir(parents=True)
+    echo_wrapper = ld.parent / "echo" / "regtest" / "echo-wrapper"
+    echo_wrapper.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} "
+                            f"{shlex.quote(__file__)} --echo-plugin\n")
+    echo_wrapper.chmod(0o700)
+    echo = SimLightningd(ld.parent / "echo", echo_wrapper)
     try:
         with floor_server(__file__, "--floor-server", folder) as port:
             floor = loop.run_until_complete(_FloorClient.open(port))
@@ -204,27 +228,33 @@ def measure(folder: Path, trace_name: str, rounds: int) -> dict[str, Any]:
                 plugin_path=default_plugin_path()))
             node = SimLightningd(ld, wrapper)
             node.start()
+            echo.start()
             try:
                 node.run_trace(trace, stop=1)          # the first-contact snapshot: not counted
+                echo.run_trace(trace, stop=1)
                 loop.run_until_complete(direct.run(trace[:1]))
                 step = max(1, -(-(len(trace) - 1) // rounds))
                 for r, i in enumerate(range(1, len(trace), step)):
                     j = min(i + step, len(trace))
-                    for k in range(3):                 # a different order each round
-                        part = (r + k) % 3
+                    for k in range(4):                 # a different order each round
+                        part = (r + k) % 4
                         if part == 0:
                             rows["floor"] += loop.run_until_complete(floor.run(sizes[i:j]))
                         elif part == 1:
                             rows["direct"] += loop.run_until_complete(direct.run(trace[i:j]))
-                        else:
+                        elif part == 2:
                             node.run_trace(trace, start=i, stop=j)
+                        else:
+                            echo.run_trace(trace, start=i, stop=j)
                 assert node.plugin is not None and server.proc is not None
                 plugin_mb = vm_hwm_mb(node.plugin.pid)
                 server_mb = vm_hwm_mb(server.proc.pid)
             finally:
                 node.close()
+                echo.close()
                 shutil.rmtree(ld.parent, ignore_errors=True)
-            rows["plugin"] = [c.latency * 1e6 for c in node.calls[1:]
+            for name, sim in (("plugin", node), ("pipes", echo)):
+                rows[name] = [c.latency * 1e6 for c in sim.calls[1:]
                               if c.latency is not None and c.outcome == "committed"]
             loop.run_until_complete(direct.conn.close())
             loop.run_until_complete(floor.close())
@@ -241,7 +271,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=25,
                     help="slices of the trace; the three rows take turns slice by slice")
     ap.add_argument("--floor-server", nargs=2, metavar=("DIR", "PORT"), help=argparse.SUPPRESS)
+    ap.add_argument("--echo-plugin", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.echo_plugin:
+        echo_plugin()
+        return
     if args.floor_server:
         path = Path(args.floor_server[0]) / "floor.log"
         run_child(lambda: _FloorSession(path), int(args.floor_server[1]))
@@ -250,8 +284,9 @@ def main() -> None:
         m = measure(Path(tmp), args.trace, args.rounds)
     lat, direct, floor = m["rows"]["plugin"], m["rows"]["direct"], m["rows"]["floor"]
     plugin_mb, server_mb, n = m["plugin_mb"], m["server_mb"], m["calls"]
+    pipes = m["rows"]["pipes"]
     rows = [("through the plugin", lat), ("cldcb write, no plugin", direct),
-            ("floor: request → fsync → ack", floor)]
+            ("floor: request → fsync → ack", floor), ("pipes: plugin answers at once", pipes)]
     print(f"db_write round trip, {args.trace}: {n} calls ({len(lat)} measured)")
     print(f"{'':32} {'p50 µs':>10} {'p90 µs':>10} {'p99 µs':>10} {'max µs':>10}")
     for name, xs in rows:
@@ -266,6 +301,7 @@ def main() -> None:
         "p50_us": round(pct(lat, .5)), "p99_us": round(pct(lat, .99)),
         "floor_p50_us": round(pct(floor, .5)), "floor_p99_us": round(pct(floor, .99)),
         "direct_p50_us": round(pct(direct, .5)), "direct_p99_us": round(pct(direct, .99)),
+        "pipes_p50_us": round(pct(pipes, .5)), "pipes_p99_us": round(pct(pipes, .99)),
         "ratio": round(ratio, 3), "ratio_p99": round(ratio99, 3),
         "peak_rss_mb": round(plugin_mb, 1), "server_peak_rss_mb": round(server_mb, 1),
         "target_met": ratio <= 1.5 and ratio99 <= 3.0}))
