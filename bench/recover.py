@@ -63,7 +63,7 @@ marks: dict[bytes, float] = {}
 class NoSync(OsFileLayer):
     """The real file system without fsync: for building the server's store quickly."""
 
-    def fsync(self, fd: int) -> None:
+    def fsync(self, fd: int, *, data_only: bool = False) -> None:
         pass
 
     def fsync_dir(self, path: Path) -> None:

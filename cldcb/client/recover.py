@@ -55,6 +55,7 @@ from cldcb.connection import Connection, ServerAddress, ServerSpec
 from cldcb.errors import CldcbError, HsmSecretError, RecoveryError, UsageError
 from cldcb.hsm_secret import needs_passphrase
 from cldcb.ids import client_id_from_pubkey, parse_server_id
+from cldcb.malloc import keep_freed_memory
 from cldcb.nodekey import NodeKey, read_hsm_secret_file, with_path
 from cldcb.plugin.wrapper import (
     ServerEntry,
@@ -521,6 +522,7 @@ def recover(lightning_dir: Path, network: str, servers: tuple[str, ...],
                             "hsm_secret in it (or give --hsm-secret)")
     specs = server_specs(servers, server_ids, host_keys)
     plugin_path = default_plugin_path()
+    keep_freed_memory()                 # megabyte chunks, fetched and opened one by one
     for stale in restore.remove_stale_scratch(dest):
         _say(f"removed {stale.name}, left by an interrupted recovery")
     with open_node_key(lightning_dir, network, hsm_secret, passphrase_file, alt_hsmd) as node:

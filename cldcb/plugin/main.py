@@ -38,6 +38,7 @@ from typing import Any
 
 from cldcb.connection import Connection, ServerAddress, ServerSpec
 from cldcb.errors import CldcbError, PluginError
+from cldcb.malloc import keep_freed_memory
 from cldcb.plugin import jsonrpc
 from cldcb.plugin.engine import Engine, HookResult
 from cldcb.plugin.links import ServerConnection
@@ -270,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
               "installplugin`); it is not meant to be run by hand.", file=sys.stderr)
         return 2
     wrapper = Path(args[0])
+    keep_freed_memory()
     try:
         cfg = read_wrapper(wrapper)
         for e in cfg.servers:

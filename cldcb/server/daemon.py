@@ -32,6 +32,7 @@ from cldcb.connection import (
     SUBSYSTEM,
 )
 from cldcb.ids import client_id_from_pubkey
+from cldcb.malloc import keep_freed_memory
 from cldcb.server.handler import ServerCore, SessionHandler
 from cldcb.sshkeys import compressed_point, secp256k1_ssh_key
 
@@ -175,6 +176,7 @@ class _Server(asyncssh.SSHServer):
 async def serve(data_dir: Path, server_priv: bytes, host: str, port: int,
                 *, ready: asyncio.Event | None = None) -> None:
     """Run the daemon until SIGTERM/SIGINT."""
+    keep_freed_memory()
     core = ServerCore(data_dir, server_priv)
     host_key = secp256k1_ssh_key(server_priv)
     server = await asyncssh.create_server(

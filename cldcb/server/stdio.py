@@ -25,6 +25,7 @@ from pathlib import Path
 
 from cldcb.errors import UsageError
 from cldcb.ids import parse_client_id
+from cldcb.malloc import keep_freed_memory
 from cldcb.server.handler import ServerCore, SessionHandler
 
 FORCED_VERBS = ("add",)
@@ -66,6 +67,7 @@ class _StdoutSink:
 async def run_stdio(data_dir: Path, server_priv: bytes, forced_client_id: str | None) -> None:
     """Serve one session on stdin/stdout until EOF."""
     loop = asyncio.get_running_loop()
+    keep_freed_memory()
     core = ServerCore(data_dir, server_priv, threads=4)
     w_transport, w_protocol = await loop.connect_write_pipe(
         asyncio.streams.FlowControlMixin, os.fdopen(sys.stdout.fileno(), "wb", closefd=False))
