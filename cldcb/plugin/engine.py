@@ -308,11 +308,10 @@ class Engine:
         hot = _HotCall(data_version, kind, entry.seq, decision.link, time.monotonic(), done,
                        loop.create_future())
         self._hot = hot
-        sent = [link.send_now(entry) for link in self.links]
-        if not all(sent):
+        hot.timer = loop.call_later(HOT_PATIENCE, self.hot_trouble)
+        # the sends come last: whatever runs after them delays the servers' wake-up
+        if not all([link.send_now(entry) for link in self.links]):
             self.hot_trouble()
-        elif self._hot is hot:
-            hot.timer = loop.call_later(HOT_PATIENCE, self.hot_trouble)
         return True
 
     def hot_trouble(self) -> None:
@@ -341,9 +340,9 @@ class Engine:
         if hot.timer is not None:
             hot.timer.cancel()
         self._hot = None
+        hot.done(result)             # answer lightningd first; the bookkeeping can wait
         self._ended(hot.data_version, result)
         hot.finished.set_result(result)
-        hot.done(result)
 
     async def _db_write(self, dv: int, writes: list[str], started: float) -> HookResult:
         kind = classify(writes)
