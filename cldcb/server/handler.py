@@ -132,11 +132,14 @@ class Superseded(Exception):
     pass
 
 
-def _quick_call(msg: wire.Write | wire.StatusRequest) -> Callable[[Any], wire.Message]:
-    """The store call answering a record append or a status request."""
+def _quick_call(msg: wire.Write | wire.StatusRequest, *,
+                inline: bool = False) -> Callable[[Any], wire.Message]:
+    """The store call answering a record append or a status request. ``inline`` (on the
+    event loop): BlockingIOError, nothing done, if the append would grow the log."""
     if isinstance(msg, wire.Write):
         t = now_ms()
-        return lambda cs: cs.append(msg.data_version, msg.kind, msg.link, msg.sealed, t)
+        return lambda cs: cs.append(msg.data_version, msg.kind, msg.link, msg.sealed, t,
+                                    quick_only=inline)
     return lambda cs: cs.status()
 
 
@@ -213,10 +216,10 @@ class SessionHandler:
             return False
         if core.quiet(self):
             try:
-                self.session.send(self._locked(_quick_call(msg), wait=False)())
+                self.session.send(self._locked(_quick_call(msg, inline=True), wait=False)())
             except BlockingIOError:
                 lock.release()
-                return False  # another process holds the client's lock: queue it instead
+                return False  # the lock is another process's, or the log must grow: queue it
             except Exception as exc:  # noqa: BLE001 - answered like every request
                 self._answer_error(exc)
             lock.release()
@@ -375,16 +378,18 @@ class SessionHandler:
                 return fn(cs)
         return call
 
-    async def _store(self, fn: Callable[[Any], Any], *, quick: bool = False) -> Any:
-        """``fn(client_store)`` under the client's locks; inline if quick and quiet."""
+    async def _store(self, fn: Callable[[Any], Any], *,
+                     inline: Callable[[Any], Any] | None = None) -> Any:
+        """``fn(client_store)`` under the client's locks; ``inline`` instead, on the event
+        loop, if given and the server is quiet (BlockingIOError from it: ``fn`` then)."""
         assert self.client_id
         core = self.core
         async with core.lock(self.client_id):
-            if quick and core.quiet(self):
+            if inline is not None and core.quiet(self):
                 try:
-                    return self._locked(fn, wait=False)()
+                    return self._locked(inline, wait=False)()
                 except BlockingIOError:
-                    pass  # another process holds the lock: wait for it in a worker thread
+                    pass  # another process holds the lock, or the log must grow
             core.inflight += 1
             try:
                 return await core.run(self._locked(fn))
@@ -405,7 +410,7 @@ class SessionHandler:
             await self.core.run(self.core.store.put_recognition, self.client_id, msg.entry)
             s.send(wire.Ok())
         elif isinstance(msg, (wire.StatusRequest, wire.Write)):
-            s.send(await self._store(_quick_call(msg), quick=True))
+            s.send(await self._store(_quick_call(msg), inline=_quick_call(msg, inline=True)))
         elif isinstance(msg, wire.SnapshotBegin):
             await self._abort_upload()
             t = now_ms()

@@ -194,8 +194,11 @@ class ClientStore:
 
     # -- records -----------------------------------------------------------------------
     def append(self, data_version: int, kind: int, link: bytes, sealed: bytes,
-               now_ms: int) -> wire.Ack | wire.NeedSnapshot:
-        """Store a record if it continues the chain; Ack only once it is fsynced."""
+               now_ms: int, *, quick_only: bool = False) -> wire.Ack | wire.NeedSnapshot:
+        """Store a record if it continues the chain; Ack only once it is fsynced.
+
+        ``quick_only`` (a caller on an event loop): raise BlockingIOError, having
+        changed nothing, if the log must grow first (see :meth:`RecordLog.must_grow`)."""
         self._ready(write=True)
         check_data_version(data_version)
         try:
@@ -219,6 +222,8 @@ class ClientStore:
                 f"it is {link.hex()[:16]}…")
         frame = encode_record(data_version, k, link, now_ms, sealed)
         self._check_quota(len(frame), "a record")
+        if quick_only and self.log.must_grow(len(frame)):
+            raise BlockingIOError("the log must grow first: not a quick append")
         pos = self.log.append(frame)
         self.tip = advance(tip, data_version, k, h, decision=decision)
         self.tip_time = now_ms

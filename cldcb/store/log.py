@@ -294,6 +294,13 @@ class RecordLog:
         self.file_end = 0
         return seq
 
+    def must_grow(self, frame_len: int) -> bool:
+        """Whether appending ``frame_len`` bytes would first create or roll a segment, or
+        zero-fill more of its tail (a megabyte and an fsync: not for an event loop)."""
+        seq = self.newest
+        return (seq == 0 or self.pending_cut is not None or self.sizes[seq] >= self.segment_bytes
+                or self.sizes[seq] + frame_len > self.file_end)
+
     def append(self, frame: bytes) -> Pos:
         """Write and fsync one record frame; its position. Raises StoreError."""
         self.retry_cut()
