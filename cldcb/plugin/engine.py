@@ -66,6 +66,7 @@ from typing import Any
 from cldcb.dataversion import (
     Action,
     DataVersionError,
+    Decision,
     Kind,
     Tip,
     advance,
@@ -75,7 +76,7 @@ from cldcb.dataversion import (
 from cldcb.errors import CldcbError, PluginError
 from cldcb.ids import new_privkey, parse_node_id
 from cldcb.plugin.links import Connector, ServerLink
-from cldcb.plugin.recordlog import RecordLog
+from cldcb.plugin.recordlog import Entry, RecordLog
 from cldcb.plugin.snapshot import (
     CHUNK_SIZE,
     DatabaseBusy,
@@ -292,20 +293,16 @@ class Engine:
         if not all(link.streaming() for link in self.links):
             return False
         kind = classify(writes)
-        head = log.head
         try:
-            decision = decide(head, data_version, kind)
+            decision = decide(log.head, data_version, kind)
             if decision.action is Action.SNAPSHOT or decision.link is None:
                 return False
-            sealed = self.sealer.seal_change(data_version, kind, decision.link, writes,
-                                             int(time.time() * 1000))
-            tip = advance(head, data_version, kind, item_hash(sealed), decision=decision)
+            entry = self._append(data_version, kind, decision, writes)
         except DataVersionError:
             return False
         loop = asyncio.get_running_loop()
         self.last_hook_dv = data_version
-        entry = log.append(data_version, kind, decision.link, sealed, tip)
-        hot = _HotCall(data_version, kind, entry.seq, decision.link, time.monotonic(), done,
+        hot = _HotCall(data_version, kind, entry.seq, entry.link, time.monotonic(), done,
                        loop.create_future())
         self._hot = hot
         hot.timer = loop.call_later(HOT_PATIENCE, self.hot_trouble)
@@ -313,6 +310,15 @@ class Engine:
         if not all([link.send_now(entry) for link in self.links]):
             self.hot_trouble()
         return True
+
+    def _append(self, dv: int, kind: Kind, decision: Decision, writes: list[str]) -> Entry:
+        """Seal the change once and append it to the record log as the chain's next tip
+        (DataVersionError, nothing appended, if the chain cannot take it)."""
+        log = self.log
+        assert log is not None and decision.link is not None
+        sealed = self.sealer.seal_change(dv, kind, decision.link, writes, int(time.time() * 1000))
+        tip = advance(log.head, dv, kind, item_hash(sealed), decision=decision)
+        return log.append(dv, kind, decision.link, sealed, tip)
 
     def hot_trouble(self) -> None:
         """The hot-path call cannot end by itself: hand it to the general path."""
@@ -376,13 +382,8 @@ class Engine:
                     if server.connected:
                         server.reserve(copy)
                 self._wake_links()
-            assert decision.link is not None
-            link = decision.link
-            sealed = self.sealer.seal_change(dv, kind, link, writes, int(time.time() * 1000))
-            head = log.head
-            tip = advance(head, dv, kind, item_hash(sealed), decision=decision)
-            entry = log.append(dv, kind, link, sealed, tip)
-            hook.anchor, hook.next_seq = link, entry.seq
+            entry = self._append(dv, kind, decision, writes)
+            hook.anchor, hook.next_seq = entry.link, entry.seq
             self._wake_links()
             return await self._await_quorum(hook, entry.seq, deadline)
         finally:
