@@ -57,12 +57,15 @@ def read_counters(fd: int) -> tuple[int, int]:
     return gen, epoch
 
 
+def _write_counters(fd: int, gen: int, epoch: int) -> None:
+    os.pwrite(fd, gen.to_bytes(8, "big") + epoch.to_bytes(8, "big"), 0)
+
+
 def bump_generation(fd: int) -> int:
     """A new writer: the next generation, written; call under the lock."""
     gen, epoch = read_counters(fd)
-    gen += 1
-    os.pwrite(fd, gen.to_bytes(8, "big") + epoch.to_bytes(8, "big"), 0)
-    return gen
+    _write_counters(fd, gen + 1, epoch)
+    return gen + 1
 
 
 @contextmanager
@@ -76,6 +79,6 @@ def settings_change(data_dir: Path, client_id: str) -> Iterator[None]:
                 yield
             finally:
                 gen, epoch = read_counters(fd)
-                os.pwrite(fd, gen.to_bytes(8, "big") + (epoch + 1).to_bytes(8, "big"), 0)
+                _write_counters(fd, gen, epoch + 1)
     finally:
         os.close(fd)

@@ -39,10 +39,10 @@ from cldcb.store.frames import (
     read_frame,
 )
 from cldcb.store.fs import FileLayer, write_all
+from cldcb.store.log import Pos
 
 log = logging.getLogger("cldcb.store")
 
-Pos = tuple[int, int]
 _SNAP = re.compile(r"^(\d{10})\.snap(\.damaged)?$")
 _PART = re.compile(r"^upload-.*\.part$")
 
