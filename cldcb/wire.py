@@ -187,10 +187,9 @@ class _FastCodec:
     def frame(self, msg: Message) -> bytes:
         """The whole frame in one piece (one copy of a chunk's bytes, not three)."""
         values = [getattr(msg, name) for name in self.names]
-        if not self.tail:
-            body = self.encode(msg)
-            return struct.pack(">IB", len(body) + 1, msg.TYPE) + body
         head = self.encode_head(values)
+        if not self.tail:
+            return struct.pack(">IB", len(head) + 1, msg.TYPE) + head
         tail = values[-1]
         length = len(head) + 4 + len(tail) + 1
         if length > MAX_FRAME:
