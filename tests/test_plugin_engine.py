@@ -275,12 +275,31 @@ def test_quorum_one_goes_on_and_catches_up_a_lagging_server(tmp_path: Path) -> N
     assert b.snapshots and b.snapshots[-1][1] in a.hashes     # anchored at a record
 
 
-def test_need_snapshot_is_a_blocking_catch_up_when_quorum_needs_it(tmp_path: Path) -> None:
+def test_need_snapshot_is_a_blocking_catch_up_when_quorum_needs_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Also the hot path: once the server is in step and idle, a call is handled by
+    db_write_now (sealed, sent and answered from callbacks); the one that meets
+    NeedSnapshot is handed to the general path, which takes a copy, catches the server
+    up and still answers ``continue``."""
     s = FakeServer("a")
     node = Node(tmp_path / "lightningd.sqlite3")
+    hot: list[bool] = []
+    handed: list[int] = []
 
     async def go() -> None:
         eng = make_engine(tmp_path, [s])
+        real_now, real_trouble = eng.db_write_now, eng.hot_trouble
+
+        def now(dv: int, writes: list[str], done: Callable[[object], None]) -> bool:
+            hot.append(real_now(dv, writes, done))
+            return hot[-1]
+
+        def trouble() -> None:
+            handed.append(eng.last_hook_dv or 0)
+            real_trouble()
+
+        monkeypatch.setattr(eng, "db_write_now", now)
+        monkeypatch.setattr(eng, "hot_trouble", trouble)
         eng.start()
         assert await step(eng, node)
         assert await step(eng, node)
@@ -292,6 +311,8 @@ def test_need_snapshot_is_a_blocking_catch_up_when_quorum_needs_it(tmp_path: Pat
     asyncio.run(go())
     assert len(s.snapshots) == 2 and s.snapshots[1][0] == 2
     assert s.tip is not None and s.tip.data_version == 3
+    assert hot == [False, True, True]             # the first contact is no hot call
+    assert handed == [3]                          # the call that met NeedSnapshot
 
 
 def test_compaction_is_uploaded_in_the_background(tmp_path: Path,
@@ -363,44 +384,3 @@ def test_a_gap_takes_a_fresh_snapshot(tmp_path: Path, kind_first: Kind) -> None:
     asyncio.run(go())
     assert len(s.snapshots) == 2 and s.snapshots[1][0] == 4
     assert s.snapshots[1][1] not in s.hashes        # a fresh anchor
-
-
-def test_steady_calls_take_the_hot_path_and_trouble_hands_them_over(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Once the server is in step and idle, a call is handled by db_write_now (sealed,
-    sent and answered from callbacks); a server that lost its chain answers
-    NeedSnapshot to a hot call, which is handed to the general path: it takes a copy,
-    catches the server up and still answers ``continue``."""
-    s = FakeServer("a")
-    node = Node(tmp_path / "lightningd.sqlite3")
-    hot: list[bool] = []
-    handed: list[int] = []
-
-    async def go() -> None:
-        eng = make_engine(tmp_path, [s])
-        real_now, real_trouble = eng.db_write_now, eng.hot_trouble
-
-        def now(dv: int, writes: list[str], done: Callable[[object], None]) -> bool:
-            hot.append(real_now(dv, writes, done))
-            return hot[-1]
-
-        def trouble() -> None:
-            handed.append(eng.last_hook_dv or 0)
-            real_trouble()
-
-        monkeypatch.setattr(eng, "db_write_now", now)
-        monkeypatch.setattr(eng, "hot_trouble", trouble)
-        eng.start()
-        for _ in range(6):
-            assert await step(eng, node)
-        s.tip = None                       # the server lost everything it held
-        s.hashes.clear()
-        assert await step(eng, node)
-        assert await step(eng, node)
-        await eng.close()
-
-    asyncio.run(go())
-    assert hot[0] is False and all(hot[2:6])       # the first contact is no hot call
-    assert handed == [7]                           # the call that met NeedSnapshot
-    assert len(s.snapshots) == 2 and s.tip is not None and s.tip.data_version == 8
-    assert [r[0] for r in s.records][-1] == 8

@@ -71,12 +71,18 @@ async def fetched_data_versions(srv: CldcbServer, priv: bytes) -> list[int]:
             for m in msgs if isinstance(m, wire.FetchRecord)]
 
 
-def test_quota_exceeded_is_a_clear_error_and_keeps_the_data(tmp_path: Path) -> None:
+def serving(tmp_path: Path, clients: int = 1, *add_args: str) -> tuple[CldcbServer, list[bytes]]:
+    """A started daemon with ``clients`` new clients registered (``add_args`` for each)."""
     srv = CldcbServer(tmp_path / "data").init()
-    priv = os.urandom(32)
+    privs = [os.urandom(32) for _ in range(clients)]
+    for p in privs:
+        srv.add(client_id_from_pubkey(pubkey_of(p)), *add_args)
+    return srv.start(), privs
+
+
+def test_quota_exceeded_is_a_clear_error_and_keeps_the_data(tmp_path: Path) -> None:
+    srv, (priv,) = serving(tmp_path, 1, "--quota", "60KiB")
     cid = client_id_from_pubkey(pubkey_of(priv))
-    srv.add(cid, "--quota", "60KiB")
-    srv.start()
     try:
         w = Writer(priv)
 
@@ -106,11 +112,8 @@ def test_admin_changes_reach_a_streaming_writer_at_its_next_record(tmp_path: Pat
     """`add --quota` and `remove` run in other processes while a writer streams: the
     writer's very next record sees them (its store skips re-reading the settings
     only while the lock file's settings epoch is unchanged)."""
-    srv = CldcbServer(tmp_path / "data").init()
-    priv = os.urandom(32)
+    srv, (priv,) = serving(tmp_path)
     cid = client_id_from_pubkey(pubkey_of(priv))
-    srv.add(cid)
-    srv.start()
     try:
         w = Writer(priv)
 
@@ -142,11 +145,7 @@ def test_admin_changes_reach_a_streaming_writer_at_its_next_record(tmp_path: Pat
 
 
 def test_sigterm_while_clients_stream_loses_no_acknowledged_record(tmp_path: Path) -> None:
-    srv = CldcbServer(tmp_path / "data").init()
-    privs = [os.urandom(32) for _ in range(4)]
-    for p in privs:
-        srv.add(client_id_from_pubkey(pubkey_of(p)))
-    srv.start()
+    srv, privs = serving(tmp_path, 4)
     writers = [Writer(p) for p in privs]
 
     async def stream(w: Writer, stop: asyncio.Event) -> str:
@@ -192,11 +191,7 @@ def test_pipelined_writes_of_busy_clients_are_answered_in_order(tmp_path: Path) 
     are answered from callbacks), each sending 40 writes without waiting for the acks:
     every write gets its own Ack, in order, and the server holds exactly those records;
     a status pipelined behind them reports the last one."""
-    srv = CldcbServer(tmp_path / "data").init()
-    privs = [os.urandom(32) for _ in range(6)]
-    for p in privs:
-        srv.add(client_id_from_pubkey(pubkey_of(p)))
-    srv.start()
+    srv, privs = serving(tmp_path, 6)
     writers = [Writer(p) for p in privs]
 
     async def burst(w: Writer) -> None:
@@ -235,10 +230,7 @@ def test_a_client_that_never_waits_is_held_back_not_buffered(tmp_path: Path) -> 
     order, and the snapshot completes."""
     from test_plugin_harness import vm_hwm_mb
 
-    srv = CldcbServer(tmp_path / "data").init()
-    priv = os.urandom(32)
-    srv.add(client_id_from_pubkey(pubkey_of(priv)))
-    srv.start()
+    srv, (priv,) = serving(tmp_path)
     try:
         async def flood() -> tuple[list[int], int]:
             async with await Connection.open(srv.spec, priv, Role.WRITER) as conn:
