@@ -66,47 +66,15 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import asyncssh  # noqa: E402
 from measure import pct, vm_hwm_mb  # noqa: E402
-from sshfloor import connect, floor_server, nodelay, run_child  # noqa: E402
+from sshfloor import (  # noqa: E402
+    FLOOR_SUBSYSTEM,
+    RequestSession,
+    connect,
+    floor_server,
+    run_child,
+)
 
 from cldcb.seal import OVERHEAD  # noqa: E402
-
-FLOOR_SUBSYSTEM = "floor"
-
-
-
-
-
-
-# -- the floor: a minimal asyncssh subsystem that fsyncs each request ----------------------------
-
-class _FloorSession(asyncssh.SSHServerSession[bytes]):
-    def __init__(self, path: Path) -> None:
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self._buf = bytearray()
-        self._chan: asyncssh.SSHServerChannel[bytes] | None = None
-
-    def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:  # type: ignore[override]
-        self._chan = chan
-        nodelay(chan)
-
-    def subsystem_requested(self, subsystem: str) -> bool:
-        return subsystem == FLOOR_SUBSYSTEM
-
-    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
-        self._buf += data
-        while len(self._buf) >= 4:
-            (n,) = struct.unpack_from(">I", self._buf)
-            if len(self._buf) < 4 + n:
-                return
-            payload = bytes(self._buf[4:4 + n])
-            del self._buf[:4 + n]
-            os.write(self._fd, payload)
-            os.fsync(self._fd)
-            assert self._chan is not None
-            self._chan.write(b"ack:" + struct.pack(">I", n))
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        os.close(self._fd)
 
 
 class Pacer:
@@ -324,7 +292,7 @@ def main() -> None:
         return
     if args.floor_server:
         path = Path(args.floor_server[0]) / "floor.log"
-        run_child(lambda: _FloorSession(path), int(args.floor_server[1]))
+        run_child(lambda: RequestSession(path), int(args.floor_server[1]))
         return
     with tempfile.TemporaryDirectory(prefix="cldcb-bench-") as tmp:
         m = measure(Path(tmp), args.trace, args.rounds, pacing=not args.no_pacing)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import itertools
 import json
 import os
 import resource
@@ -33,15 +34,21 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-import asyncssh  # noqa: E402
 from measure import cpu_seconds, pct, vm_hwm_mb  # noqa: E402
-from sshfloor import connect, floor_server, nodelay, run_child  # noqa: E402
+from sshfloor import (  # noqa: E402
+    FLOOR_SUBSYSTEM,
+    RequestSession,
+    connect,
+    floor_server,
+    run_child,
+)
 
 from cldcb import wire  # noqa: E402
 from cldcb.connection import Connection, ServerAddress, ServerSpec  # noqa: E402
@@ -78,52 +85,6 @@ def floor_loop(folder: Path, n: int) -> list[float]:
 
 
 
-
-
-class _FloorSession(asyncssh.SSHServerSession[bytes]):
-    """The bare server: append + fsync each request in a worker thread, then answer."""
-
-    executor = None
-
-    def __init__(self, folder: Path) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        if _FloorSession.executor is None:
-            _FloorSession.executor = ThreadPoolExecutor(16)
-        self._fd = os.open(folder / f"floor-{id(self)}.log",
-                           os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self._buf = bytearray()
-        self._chan: asyncssh.SSHServerChannel[bytes] | None = None
-        self._queue: asyncio.Queue[bytes] = asyncio.Queue()
-        asyncio.get_running_loop().create_task(self._serve())
-
-    def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:  # type: ignore[override]
-        self._chan = chan
-        nodelay(chan)
-
-    def subsystem_requested(self, subsystem: str) -> bool:
-        return True
-
-    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
-        self._buf += data
-        while len(self._buf) >= 4:
-            n = int.from_bytes(self._buf[:4], "big")
-            if len(self._buf) < 4 + n:
-                return
-            self._queue.put_nowait(bytes(self._buf[4:4 + n]))
-            del self._buf[:4 + n]
-
-    def _append(self, payload: bytes) -> None:
-        os.write(self._fd, payload)
-        os.fsync(self._fd)
-
-    async def _serve(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            payload = await self._queue.get()
-            await loop.run_in_executor(self.executor, self._append, payload)
-            assert self._chan is not None
-            self._chan.write(b"ack:" + len(payload).to_bytes(4, "big"))
 
 
 class Run:
@@ -194,7 +155,7 @@ async def floor_client(port: int, rate: float, run: Run) -> None:
     """The same pacing against the bare server: one request of a sealed record's size."""
     try:
         conn = await connect(port, "floor")
-        writer, reader, _ = await conn.open_session(subsystem="floor", encoding=None)
+        writer, reader, _ = await conn.open_session(subsystem=FLOOR_SUBSYSTEM, encoding=None)
     except Exception as exc:  # noqa: BLE001 - counted, reported
         run.errors.append(f"connect: {exc}")
         return
@@ -250,7 +211,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.floor_server:
         folder = Path(args.floor_server[0])
-        run_child(lambda: _FloorSession(folder), int(args.floor_server[1]))
+        executor = ThreadPoolExecutor(16)
+        sessions = itertools.count()
+        run_child(lambda: RequestSession(folder / f"floor-{next(sessions)}.log", executor),
+                  int(args.floor_server[1]))
         return
 
     tmp = Path(tempfile.mkdtemp(prefix="cldcb-bench-"))
