@@ -180,11 +180,17 @@ class Change:
 
 
 def encode_change(writes: Sequence[str], time_ms: int) -> bytes:
+    """The plaintext of a record; SealError if a statement is not text that UTF-8 can
+    carry (lightningd never sends one: the call is malformed)."""
     parts = [struct.pack(">QI", time_ms, len(writes))]
-    for w in writes:
-        b = w.encode("utf-8")
-        parts.append(struct.pack(">I", len(b)))
-        parts.append(b)
+    try:
+        for w in writes:
+            b = w.encode("utf-8")
+            parts.append(struct.pack(">I", len(b)))
+            parts.append(b)
+    except (AttributeError, UnicodeEncodeError):
+        raise SealError("a db_write statement is not valid text (a string that UTF-8 can "
+                        "encode); the call is malformed and cannot be backed up") from None
     return b"".join(parts)
 
 

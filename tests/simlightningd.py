@@ -141,9 +141,13 @@ class PluginProcess:
 
     def send(self, message: dict[str, Any]) -> bool:
         """Write a whole message (reading meanwhile); False if the plugin is gone."""
+        return self.send_raw(encode(message))
+
+    def send_raw(self, encoded: bytes) -> bool:
+        """:meth:`send` for bytes already encoded (also bytes no lightningd would send)."""
         if self._in_closed:
             return False
-        data = memoryview(encode(message))
+        data = memoryview(encoded)
         try:                      # the usual case: the pipe has room for all of it
             data = data[os.write(self._in, data):]
         except BlockingIOError:

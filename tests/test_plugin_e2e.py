@@ -90,6 +90,41 @@ def test_trace_through_sshd(name: str, sshd: Target, tmp_path: Path) -> None:
     assert len(logs_matching(node, "blocking snapshot")) == 1, node.log_messages()
 
 
+def test_malformed_calls_are_refused_and_the_chain_goes_on(daemon: Target,
+                                                          tmp_path: Path) -> None:
+    """A call no lightningd would send (a data_version that is not an integer, a statement
+    that is not a string, or not text UTF-8 can carry) is answered ``fail`` with the
+    reason, at once; the plugin goes on, and the next well-formed call continues the
+    chain without a snapshot."""
+    name = "cln-workload"
+    trace = load_trace(name)
+    keys = new_keys()
+    node = make_node(tmp_path, keys, [daemon])
+    node.start()
+    try:
+        node.run_trace(trace, stop=20)
+        plugin = node.plugin
+        assert plugin is not None
+        dv = trace[20][0]
+        bad = [(f'"{dv}"', '["UPDATE vars SET intval=1"]', "data_version must be an integer"),
+               (str(dv), '["UPDATE vars SET intval=1", 7]', "writes a list of strings"),
+               (str(dv), '["UPDATE vars SET val=\'\\ud800\'"]', "not valid text")]
+        for i, (dv_json, writes_json, reason) in enumerate(bad):
+            req_id = f"cln:db_write#bad{i}"
+            assert plugin.send_raw(
+                f'{{"jsonrpc":"2.0","id":"{req_id}","method":"db_write",'
+                f'"params":{{"data_version":{dv_json},"writes":{writes_json}}}}}\n\n'.encode())
+            answer = plugin.wait_response(req_id, timeout=30)
+            assert answer is not None, "the plugin died"
+            assert answer["result"]["result"] == "fail"
+            assert reason in answer["result"]["error"], answer
+        node.run_trace(trace, start=20)
+    finally:
+        node.close()
+    assert len(logs_matching(node, "blocking snapshot")) == 1, node.log_messages()
+    check_final(node, [daemon], keys, name, tmp_path)
+
+
 def test_an_existing_database_gets_the_plugin(daemon: Target, tmp_path: Path) -> None:
     name = "cln-workload"
     trace = load_trace(name)

@@ -172,6 +172,14 @@ def test_decoder_handles_any_split_and_blank_line_separators() -> None:
         assert d.pending == 0
 
 
+@pytest.mark.parametrize("request_id", ["cln:db_write#64", 'odd "id" é\n', 7, None])
+def test_the_quick_continue_answer_is_the_encoded_response(request_id: object) -> None:
+    quick = jsonrpc.encode_continue(request_id)
+    assert quick.endswith(b"\n\n")
+    assert jsonrpc.MessageDecoder().feed(quick) == [
+        jsonrpc.response(request_id, {"result": "continue"})]
+
+
 def test_decoder_rejects_garbage() -> None:
     with pytest.raises(ProtocolError):
         jsonrpc.MessageDecoder().feed(b"[1, 2]\n\n")

@@ -43,9 +43,10 @@ once no upload needs it.
 
 The hot path (:meth:`Engine.db_write_now`): when every server is in step
 and idle and nothing else is due (no copy wanted, no compaction due), the
-call is handled without a task switch: sealed, appended and sent to every
-server from the caller (the plugin's stdin callback), and answered from the
-connections' receiving callbacks once ``quorum`` servers acknowledged it.
+call is handled without a task switch: sealed and sent to every server from
+the caller (the plugin's stdin callback), appended to the record log while the
+servers store it, and answered from the connections' receiving callbacks once
+``quorum`` servers acknowledged it.
 Anything unusual (a failure, ``NeedSnapshot``, no quorum within
 :data:`HOT_PATIENCE` seconds) hands the call to the general path above,
 which waits, reconnects, copies and enforces the outage limit from the
@@ -73,7 +74,7 @@ from cldcb.dataversion import (
     classify,
     decide,
 )
-from cldcb.errors import CldcbError, PluginError
+from cldcb.errors import CldcbError, PluginError, SealError
 from cldcb.ids import new_privkey, parse_node_id
 from cldcb.plugin.links import Connector, ServerLink
 from cldcb.plugin.recordlog import Entry, RecordLog
@@ -295,19 +296,31 @@ class Engine:
         kind = classify(writes)
         try:
             decision = decide(log.head, data_version, kind)
-            if decision.action is Action.SNAPSHOT or decision.link is None:
-                return False
-            entry = self._append(data_version, kind, decision, writes)
         except DataVersionError:
             return False
+        link = decision.link
+        if decision.action is Action.SNAPSHOT or link is None:
+            return False
+        started = time.monotonic()
+        try:
+            sealed = self.sealer.seal_change(data_version, kind, link, writes,
+                                             int(time.time() * 1000))
+        except SealError:
+            return False                      # the general path answers the malformed call
+        seq = log.next_seq
+        # The sends come first: the servers start on the change at once, and the
+        # bookkeeping below runs while they store it (no callback of theirs can run
+        # before this method returns to the event loop).
+        sent = all([server.send_now(seq, data_version, kind, link, sealed)
+                    for server in self.links])
+        log.append(data_version, kind, link, sealed,
+                   advance(log.head, data_version, kind, item_hash(sealed), decision=decision))
         loop = asyncio.get_running_loop()
         self.last_hook_dv = data_version
-        hot = _HotCall(data_version, kind, entry.seq, entry.link, time.monotonic(), done,
-                       loop.create_future())
+        hot = _HotCall(data_version, kind, seq, link, started, done, loop.create_future())
         self._hot = hot
         hot.timer = loop.call_later(HOT_PATIENCE, self.hot_trouble)
-        # the sends come last: whatever runs after them delays the servers' wake-up
-        if not all([link.send_now(entry) for link in self.links]):
+        if not sent:
             self.hot_trouble()
         return True
 

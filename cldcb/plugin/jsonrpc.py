@@ -100,6 +100,13 @@ def encode(message: dict[str, Any]) -> bytes:
         + b"\n\n"
 
 
+def encode_continue(request_id: Any) -> bytes:
+    """``encode(response(request_id, {"result": "continue"}))``, the hook's usual answer,
+    without building and encoding the whole object each time."""
+    return b'{"jsonrpc":"2.0","id":' + json.dumps(request_id).encode() \
+        + b',"result":{"result":"continue"}}\n\n'
+
+
 def response(request_id: Any, result: Any) -> dict[str, Any]:
     return {"jsonrpc": "2.0", "id": request_id, "result": result}
 
@@ -127,7 +134,11 @@ class StdoutWriter:
         self._fd = fd
 
     def send(self, message: dict[str, Any]) -> None:
-        data = memoryview(encode(message))
+        self.write(encode(message))
+
+    def write(self, encoded: bytes) -> None:
+        """Write one message already encoded (:func:`encode`, :func:`encode_continue`)."""
+        data = memoryview(encoded)
         while data:
             written = os.write(self._fd, data)
             data = data[written:]

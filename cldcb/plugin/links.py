@@ -37,7 +37,6 @@ from cldcb import wire
 from cldcb.connection import WriteAnswer
 from cldcb.dataversion import Kind, Tip
 from cldcb.errors import CldcbError, TransportError
-from cldcb.plugin.recordlog import Entry
 from cldcb.plugin.snapshot import (
     BACKGROUND_WINDOW,
     WINDOW,
@@ -301,15 +300,15 @@ class ServerLink:
             if len(entries) == 1:          # the usual case: one change, no extra task
                 e = entries[0]
                 self.sent_seq = e.seq
-                self._answered(e, await conn.write(e.data_version, int(e.kind), e.link,
-                                                   e.sealed))
+                res = await conn.write(e.data_version, int(e.kind), e.link, e.sealed)
+                self._answered(e.seq, e.data_version, res)
                 continue
             tasks = [(e, asyncio.ensure_future(conn.write(e.data_version, int(e.kind), e.link,
                                                           e.sealed))) for e in entries]
             self.sent_seq = entries[-1].seq
             try:
                 for e, t in tasks:
-                    if not self._answered(e, await t):
+                    if not self._answered(e.seq, e.data_version, await t):
                         break
             finally:
                 rest = [t for _, t in tasks if not t.done()]
@@ -319,17 +318,18 @@ class ServerLink:
                     if t.done() and not t.cancelled():
                         t.exception()
 
-    def _answered(self, e: Entry, res: wire.Ack | wire.NeedSnapshot) -> bool:
-        """Take the server's answer to the write of ``e``; False on NeedSnapshot."""
+    def _answered(self, seq: int, data_version: int,
+                  res: wire.Ack | wire.NeedSnapshot) -> bool:
+        """Take the server's answer to the write of record ``seq``; False on NeedSnapshot."""
         eng = self.engine
         if isinstance(res, wire.Ack):
-            self.pos = e.seq
-            self.held_dv = e.data_version
-            self.last_ack_dv = e.data_version
+            self.pos = seq
+            self.held_dv = data_version
+            self.last_ack_dv = data_version
             self.last_ack_at = time.time()
             self.catchup_backoff = 0.0
             self.next_copy_at = 0.0
-            if res.want_snapshot and self.compaction is None and e.seq > self.want_ignored_until:
+            if res.want_snapshot and self.compaction is None and seq > self.want_ignored_until:
                 self.wants_compaction = True
             eng.changed()
             return True
@@ -350,21 +350,24 @@ class ServerLink:
                 and not self.needs_copy and self.catching_up is None
                 and not self.compaction_due())
 
-    def send_now(self, e: Entry) -> bool:
-        """Send ``e`` from the hook call; False (nothing sent) if the connection is gone."""
+    def send_now(self, seq: int, data_version: int, kind: Kind, link: bytes,
+                 sealed: bytes) -> bool:
+        """Send the record the engine is about to append at position ``seq`` from the hook
+        call; False (nothing sent) if the connection is gone."""
         conn = self.conn
         assert conn is not None
         try:
-            conn.write_nowait(e.data_version, int(e.kind), e.link, e.sealed,
-                              lambda res: self._answer_now(conn, e, res))
+            conn.write_nowait(data_version, int(kind), link, sealed,
+                              lambda res: self._answer_now(conn, seq, data_version, res))
         except (CldcbError, OSError):
             self.wake.set()                   # the task finds the broken connection
             return False
         self.inflight += 1
-        self.sent_seq = e.seq
+        self.sent_seq = seq
         return True
 
-    def _answer_now(self, conn: ServerConnection, e: Entry, res: WriteAnswer) -> None:
+    def _answer_now(self, conn: ServerConnection, seq: int, data_version: int,
+                    res: WriteAnswer) -> None:
         if conn is not self.conn:             # an answer from a connection already dropped
             return
         self.inflight -= 1
@@ -374,7 +377,7 @@ class ServerLink:
             self.wake.set()
             self.engine.hot_trouble()
             return
-        if not self._answered(e, res):
+        if not self._answered(seq, data_version, res):
             self.wake.set()
             self.engine.hot_trouble()
         elif not self.idle:

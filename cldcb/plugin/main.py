@@ -98,11 +98,11 @@ class Plugin:
                                      timeout=CONNECT_TIMEOUT)
 
     # -- output -----------------------------------------------------------------------------
-    def _send(self, message: dict[str, Any]) -> None:
+    def _send(self, message: dict[str, Any] | bytes) -> None:
         if self._gone:
             return
         try:
-            self.out.send(message)
+            self.out.write(message if isinstance(message, bytes) else jsonrpc.encode(message))
         except (BrokenPipeError, OSError):
             self._gone = True
             self._stop.set()
@@ -162,10 +162,10 @@ class Plugin:
     def _answer(self, msg_id: Any, result: HookResult) -> None:
         self._last_call = time.monotonic()
         if result.ok:
-            answer: dict[str, Any] = {"result": "continue"}
+            self._send(jsonrpc.encode_continue(msg_id))
         else:
-            answer = {"result": "fail", "error": f"cldcb: {result.message}"}
-        self._send(jsonrpc.response(msg_id, answer))
+            self._send(jsonrpc.response(msg_id, {"result": "fail",
+                                                 "error": f"cldcb: {result.message}"}))
         self.status.dirty = True
 
     async def _read_stdin(self) -> None:

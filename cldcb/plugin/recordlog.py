@@ -63,6 +63,11 @@ class RecordLog:
         return self._entries[-1].seq if self._entries else self.base_seq
 
     @property
+    def next_seq(self) -> int:
+        """The position :meth:`append` gives the next record."""
+        return self._next
+
+    @property
     def size_bytes(self) -> int:
         return self._bytes
 
