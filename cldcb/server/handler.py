@@ -216,7 +216,7 @@ class SessionHandler:
             return False
         if core.quiet(self):
             try:
-                self.session.send(self._locked(_quick_call(msg, inline=True), wait=False)())
+                self._locked(_quick_call(msg, inline=True), wait=False, then=self._send_now)()
             except BlockingIOError:
                 lock.release()
                 return False  # the lock is another process's, or the log must grow: queue it
@@ -360,11 +360,13 @@ class SessionHandler:
         with flocked(self._lock_file()):
             self.core.store.client(self.client_id).touch(now_ms())
 
-    def _locked(self, fn: Callable[[Any], Any], *, wait: bool = True) -> Callable[[], Any]:
+    def _locked(self, fn: Callable[[Any], Any], *, wait: bool = True,
+                then: Callable[[Any], None] | None = None) -> Callable[[], Any]:
         """Run ``fn(client_store)`` under the cross-process lock (in a worker thread).
 
         Without ``wait`` (on the event loop), a lock held by another process raises
-        BlockingIOError instead of stalling every session."""
+        BlockingIOError instead of stalling every session. ``then`` (on the event loop)
+        takes the result before the lock is let go: the answer leaves first."""
         lock_fd = self._lock_file()
 
         def call() -> Any:
@@ -375,8 +377,15 @@ class SessionHandler:
                     if counters[0] != self._gen:
                         raise Superseded()
                     cs.vouch(counters)
-                return fn(cs)
+                result = fn(cs)
+                if then is not None:
+                    then(result)
+                return result
         return call
+
+    def _send_now(self, answer: wire.Message) -> None:
+        self.session.send(answer)
+        self._flush()
 
     async def _store(self, fn: Callable[[Any], Any], *,
                      inline: Callable[[Any], Any] | None = None) -> Any:

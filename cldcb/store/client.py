@@ -224,8 +224,9 @@ class ClientStore:
         self._check_quota(len(frame), "a record")
         if quick_only and self.log.must_grow(len(frame)):
             raise BlockingIOError("the log must grow first: not a quick append")
+        new_tip = advance(tip, data_version, k, h, decision=decision)
         pos = self.log.append(frame)
-        self.tip = advance(tip, data_version, k, h, decision=decision)
+        self.tip = new_tip
         self.tip_time = now_ms
         if self._index is not None:
             self._index[h] = (pos, (pos[0], pos[1] + len(frame)), data_version)
