@@ -43,6 +43,7 @@ from cldcb.errors import (
     UsageError,
 )
 from cldcb.ids import parse_server_id
+from cldcb.keepalive import Keepalive
 from cldcb.session import ClientSession, HelloComplete, Received, Role
 from cldcb.sshkeys import (
     SECP256K1_SSH_ALG,
@@ -161,6 +162,7 @@ class Connection:
         self._hello: asyncio.Future[HelloComplete] = asyncio.get_running_loop().create_future()
         self._waiters: deque[asyncio.Future[Any] | _FetchWaiter | _CallbackWaiter] = deque()
         self._error: BaseException | None = None
+        self._keepalive: Keepalive | None = None
 
     # -- opening -------------------------------------------------------------------
     @classmethod
@@ -178,7 +180,7 @@ class Connection:
         self = cls(spec, session)
         addr = spec.address
         opts: dict[str, Any] = dict(
-            encryption_algs=PREFERRED_CIPHERS, keepalive_interval=30, keepalive_count_max=4,
+            encryption_algs=PREFERRED_CIPHERS, keepalive_interval=0,  # see cldcb.keepalive
             connect_timeout=timeout, agent_forwarding=False, x11_forwarding=False,
             request_pty=False, window=SSH_WINDOW, max_pktsize=SSH_MAX_PACKET)
         if addr.scheme == "cldcb":
@@ -203,6 +205,7 @@ class Connection:
             async with asyncio.timeout(timeout):
                 self._ssh = await asyncssh.connect(addr.host, addr.port, **opts)
                 _set_nodelay(self._ssh)
+                self._keepalive = Keepalive(self._ssh)
                 self._chan, _ = await self._ssh.create_session(
                     lambda: _Channel(self), subsystem=SUBSYSTEM, encoding=None)
                 self._chan.write(session.start())
@@ -237,6 +240,8 @@ class Connection:
 
     # -- callbacks -----------------------------------------------------------------
     def _on_data(self, data: bytes) -> None:
+        if self._keepalive is not None:
+            self._keepalive.received += 1
         try:
             events = self._session.receive_data(data)
         except CldcbError as exc:
@@ -284,6 +289,8 @@ class Connection:
                                   + (f": {_reason(exc)}" if exc else "")))
 
     def _fail(self, exc: BaseException) -> None:
+        if self._keepalive is not None:
+            self._keepalive.stop()
         if self._error is None:
             self._error = exc
         if not self._hello.done():
@@ -376,6 +383,8 @@ class Connection:
                 return
 
     async def close(self) -> None:
+        if self._keepalive is not None:
+            self._keepalive.stop()
         if self._error is None:
             self._error = TransportError("connection closed")
         if self._chan is not None:

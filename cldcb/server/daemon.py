@@ -8,7 +8,8 @@
   anonymous and can only list recognition entries.
 - No password or keyboard-interactive auth, no shell, exec, pty, X11, agent or
   port forwarding: the only thing offered is the ``cldcb`` subsystem.
-- SSH keepalives detect dead peers.
+- SSH keepalives, armed while a connection is quiet (:mod:`cldcb.keepalive`),
+  detect dead peers.
 - On SIGTERM/SIGINT it stops accepting, lets in-flight store calls (fsyncs)
   finish, refuses new writes with ``Error(SHUTTING_DOWN)``, and exits; it never
   acknowledges anything unsynced.
@@ -32,6 +33,7 @@ from cldcb.connection import (
     SUBSYSTEM,
 )
 from cldcb.ids import client_id_from_pubkey
+from cldcb.keepalive import Keepalive
 from cldcb.malloc import keep_freed_memory
 from cldcb.server.handler import ServerCore, SessionHandler
 from cldcb.sshkeys import compressed_point, secp256k1_ssh_key
@@ -73,9 +75,11 @@ class _ChannelSink:
 
 
 class _Session(asyncssh.SSHServerSession[bytes]):
-    def __init__(self, core: ServerCore, conn_info: dict[str, object]) -> None:
+    def __init__(self, core: ServerCore, conn_info: dict[str, object],
+                 keepalive: Keepalive) -> None:
         self._core = core
         self._info = conn_info
+        self._keepalive = keepalive
         self._handler: SessionHandler | None = None
         self._sink: _ChannelSink | None = None
 
@@ -107,6 +111,7 @@ class _Session(asyncssh.SSHServerSession[bytes]):
             self._handler.start()
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        self._keepalive.received += 1
         if self._handler is not None:
             self._handler.data_received(data)
 
@@ -136,6 +141,10 @@ class _Server(asyncssh.SSHServer):
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.info["peer"] = conn.get_extra_info("peername")
         self._conn = conn
+        self._keepalive = Keepalive(conn)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._keepalive.stop()
 
     def begin_auth(self, username: str) -> bool:
         if username == RECOVER_USER:
@@ -170,7 +179,7 @@ class _Server(asyncssh.SSHServer):
         return True
 
     def session_requested(self) -> asyncssh.SSHServerSession[bytes]:
-        return _Session(self._core, self.info)
+        return _Session(self._core, self.info, self._keepalive)
 
 
 async def serve(data_dir: Path, server_priv: bytes, host: str, port: int,
@@ -183,7 +192,7 @@ async def serve(data_dir: Path, server_priv: bytes, host: str, port: int,
         lambda: _Server(core), host, port, server_host_keys=[host_key],
         encryption_algs=PREFERRED_CIPHERS,
         agent_forwarding=False, x11_forwarding=False, allow_pty=False,
-        keepalive_interval=30, keepalive_count_max=4, login_timeout=30,
+        keepalive_interval=0, login_timeout=30,      # keepalive: see cldcb.keepalive
         line_editor=False, allow_scp=False, encoding=None, window=SSH_WINDOW,
         max_pktsize=SSH_MAX_PACKET)
     stop = asyncio.Event()
