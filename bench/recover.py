@@ -66,6 +66,9 @@ class NoSync(OsFileLayer):
     def fsync(self, fd: int, *, data_only: bool = False) -> None:
         pass
 
+    def pwrite_durable(self, fd: int, data: bytes | memoryview, offset: int) -> int:
+        return self.pwrite(fd, data, offset)
+
     def fsync_dir(self, path: Path) -> None:
         pass
 

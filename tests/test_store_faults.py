@@ -51,6 +51,12 @@ class Recorder(OsFileLayer):
             data = data[:self.max_write]
         return super().pwrite(fd, data, offset)
 
+    def pwrite_durable(self, fd: int, data: bytes | memoryview, offset: int) -> int:
+        """As a write then its fsync (recorded, and failing, as those two)."""
+        n = self.pwrite(fd, data, offset)
+        self.fsync(fd, data_only=True)
+        return n
+
     def fsync(self, fd: int, *, data_only: bool = False) -> None:
         self._op("fsync", self.paths[fd])
         super().fsync(fd, data_only=data_only)
@@ -289,3 +295,25 @@ def test_failed_recognition_write_keeps_the_old_entry(tmp_path: Path, rec: Recor
     ops = [op for op, _ in rec.ops[mark:]]
     assert ops == ["create", "write", "fsync", "rename", "fsync_dir"]
     assert Store.open(tmp_path).list_recognitions() == [b"new"]
+
+
+@pytest.mark.parametrize("rwf_dsync", [True, False])
+def test_the_real_durable_write(tmp_path: Path, rwf_dsync: bool,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """OsFileLayer.pwrite_durable writes at the offset, with RWF_DSYNC (one call) and with
+    the pwrite + fdatasync fallback of kernels without it."""
+    from cldcb.store import fs as fsmod
+
+    if not rwf_dsync:
+        monkeypatch.setattr(fsmod, "_RWF_DSYNC", 0)
+    elif not fsmod._RWF_DSYNC:
+        pytest.fail("this Linux has no RWF_DSYNC: the durable write is two calls")
+    layer = OsFileLayer()
+    path = tmp_path / "f"
+    fd = layer.open_write(path, create=True)
+    try:
+        layer.pwrite(fd, bytes(100), 0)
+        assert layer.pwrite_durable(fd, b"record", 10) == 6
+    finally:
+        layer.close(fd)
+    assert path.read_bytes() == bytes(10) + b"record" + bytes(84)

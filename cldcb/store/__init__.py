@@ -54,7 +54,7 @@ is committed.
 
 The newest segment has a **zero-filled tail**: zeros are written (and
 fsynced) 1 MiB at a time ahead of the records, so that appending a record
-overwrites blocks the file already has and its ``fdatasync`` flushes only
+overwrites blocks the file already has and its data sync flushes only
 that data, with no journal commit for a new file size. A segment's records
 end where its frames end; zeros from there to the end of the file are the
 tail. A segment is truncated to its records (and fsynced) before it stops
@@ -72,8 +72,9 @@ link is). :meth:`ClientStore.append` asks
   the decision names → ``NeedSnapshot(data_version, reason)``; nothing stored;
 - the record equal to the tip (same data_version, kind, link and hash: a
   resend after a lost ack) → ``Ack`` without storing it twice;
-- otherwise quota check, write the frame, **fdatasync** (the data and, when
-  the file grew, its size), and only then ``Ack``;
+- otherwise quota check, write the frame **data-synced** (one
+  ``pwritev(RWF_DSYNC)`` on Linux, else ``pwrite`` then ``fdatasync``: the
+  data and, when the file grew, its size), and only then ``Ack``;
   the tip becomes :func:`cldcb.dataversion.advance` of the old one.
 
 ``Ack.want_snapshot`` and ``Status.want_snapshot`` are true when there is no

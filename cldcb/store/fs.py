@@ -28,6 +28,10 @@ class FileLayer(Protocol):
 
     def pwrite(self, fd: int, data: bytes | memoryview, offset: int) -> int: ...
 
+    def pwrite_durable(self, fd: int, data: bytes | memoryview, offset: int) -> int:
+        """``pwrite``, its data on stable storage when it returns (as with fdatasync)."""
+        ...
+
     def fsync(self, fd: int, *, data_only: bool = False) -> None: ...
 
     def truncate(self, fd: int, size: int) -> None: ...
@@ -49,6 +53,9 @@ class FileLayer(Protocol):
     def exists(self, path: Path) -> bool: ...
 
 
+_RWF_DSYNC: int = getattr(os, "RWF_DSYNC", 0)
+
+
 class OsFileLayer:
     """The real file system (POSIX)."""
 
@@ -68,6 +75,21 @@ class OsFileLayer:
 
     def pwrite(self, fd: int, data: bytes | memoryview, offset: int) -> int:
         return os.pwrite(fd, data, offset)
+
+    def pwrite_durable(self, fd: int, data: bytes | memoryview, offset: int) -> int:
+        """One ``pwritev(RWF_DSYNC)`` where the kernel has it (Linux ≥ 4.7): the write and
+        its data sync in one call, measurably quicker than pwrite then fdatasync."""
+        global _RWF_DSYNC
+        if _RWF_DSYNC:
+            try:
+                return os.pwritev(fd, [data], offset, _RWF_DSYNC)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                    raise
+                _RWF_DSYNC = 0            # an old kernel or a file system without it
+        n = os.pwrite(fd, data, offset)
+        os.fdatasync(fd)
+        return n
 
     def fsync(self, fd: int, *, data_only: bool = False) -> None:
         """``data_only``: fdatasync (data, and the size if it changed; not the times)."""
@@ -108,12 +130,15 @@ class OsFileLayer:
         return os.path.exists(path)
 
 
-def write_all(fs: FileLayer, fd: int, data: bytes, offset: int) -> None:
-    """Write all of ``data`` at ``offset``, going on after short writes."""
+def write_all(fs: FileLayer, fd: int, data: bytes, offset: int, *,
+              durable: bool = False) -> None:
+    """Write all of ``data`` at ``offset``, going on after short writes; ``durable``: on
+    stable storage when this returns (:meth:`FileLayer.pwrite_durable`)."""
+    write = fs.pwrite_durable if durable else fs.pwrite
     view = memoryview(data)
     done = 0
     while done < len(view):
-        n = fs.pwrite(fd, view[done:], offset + done)
+        n = write(fd, view[done:], offset + done)
         if n <= 0:
             raise OSError(errno.EIO, "a write made no progress")
         done += n

@@ -7,7 +7,7 @@ limit and before a snapshot that starts a new chain.
 
 Zero-filled tail: the newest segment is extended with zeros (written and
 fsynced, :data:`PREALLOC` at a time) ahead of the records, so that a record
-overwrites blocks the file already has and its ``fdatasync`` flushes just
+overwrites blocks the file already has and its data sync flushes just
 that data, not a journal commit for a new file size (about half the cost of
 an append + fsync). A segment's records end where its frames end; zeros after
 the last frame, up to the end of the file, are that tail and not damage.
@@ -315,9 +315,8 @@ class RecordLog:
         try:
             if off + len(frame) > self.file_end:
                 self._prealloc(fd, seq, off + len(frame))
-            write_all(self.fs, fd, frame, off)
+            write_all(self.fs, fd, frame, off, durable=True)    # written and data-synced
             crashpoint("record.after_write")
-            self.fs.fsync(fd, data_only=True)
         except OSError as exc:
             self._undo(seq, off)
             raise io_error(exc, f"writing a record to {self.path(seq)}",
