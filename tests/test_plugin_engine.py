@@ -250,6 +250,48 @@ def test_quorum_all_waits_and_fails_after_the_outage_limit(tmp_path: Path) -> No
     assert a.tip == b.tip and a.tip is not None and a.tip.data_version == 2
 
 
+def test_a_silent_server_fails_a_hot_call_at_the_outage_limit(tmp_path: Path) -> None:
+    """A server that takes a record and never answers: the hot-path call is handed to the
+    general path after HOT_PATIENCE and fails at the outage limit, counted from its start
+    (also after a run of calls that kept the one patience timer re-arming)."""
+    a = FakeServer("a")
+    node = Node(tmp_path / "lightningd.sqlite3")
+    hot_calls = 0
+
+    async def go() -> float:
+        nonlocal hot_calls
+        eng = make_engine(tmp_path, [a], outage=1.5)
+        real_now = eng.db_write_now
+
+        def counting(*args: object, **kw: object) -> bool:
+            nonlocal hot_calls
+            taken = real_now(*args, **kw)  # type: ignore[arg-type]
+            hot_calls += taken
+            return taken
+
+        eng.db_write_now = counting  # type: ignore[method-assign]
+        eng.start()
+        loop = asyncio.get_running_loop()
+        until = loop.time() + 1.3                  # past the patience timer's first round
+        while loop.time() < until:
+            assert await step(eng, node)
+            await asyncio.sleep(0.01)
+        a.write_delay = 3600
+        started = loop.time()
+        result = await asyncio.wait_for(eng.db_write(*node.change()), 30)
+        took = loop.time() - started
+        node.rollback()
+        assert not result.ok and "not held by 1 server(s)" in result.message, result
+        a.write_delay = 0
+        a.drop()
+        await eng.close()
+        return took
+
+    took = asyncio.run(go())
+    assert hot_calls > 20
+    assert 1.4 <= took <= 3.0, took
+
+
 def test_quorum_one_goes_on_and_catches_up_a_lagging_server(tmp_path: Path) -> None:
     a, b = FakeServer("a"), FakeServer("b")
     node = Node(tmp_path / "lightningd.sqlite3")

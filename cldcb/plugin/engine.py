@@ -123,7 +123,6 @@ class _HotCall:
     started: float
     done: Callable[[HookResult], None]
     finished: asyncio.Future[HookResult]
-    timer: asyncio.TimerHandle | None = None
     handed_over: bool = False
 
 
@@ -163,6 +162,7 @@ class Engine:
         self.last_hook_result: str | None = None
         self.on_change: Callable[[], None] | None = None
         self._hot: _HotCall | None = None
+        self._patience: asyncio.TimerHandle | None = None
         self._hand_over_task: asyncio.Task[None] | None = None
         self._slow_running = False
 
@@ -184,6 +184,9 @@ class Engine:
                 and link.pos != self.log.head_seq for link in self.links):
             await self._wait_change(0.05)
         self.closing = True
+        if self._patience is not None:
+            self._patience.cancel()
+            self._patience = None
         await asyncio.gather(*(link.stop() for link in self.links), return_exceptions=True)
         for c in self.copies:
             c.users = 0
@@ -256,7 +259,8 @@ class Engine:
         while self._hot is not None:
             await asyncio.shield(self._hot.finished)
         answer: asyncio.Future[HookResult] = asyncio.get_running_loop().create_future()
-        if self.db_write_now(data_version, writes, answer.set_result):
+        if self.db_write_now(data_version, writes,
+                             lambda r: None if answer.done() else answer.set_result(r)):
             return await answer
         started = time.monotonic()
         self.last_hook_dv = data_version
@@ -319,7 +323,8 @@ class Engine:
         self.last_hook_dv = data_version
         hot = _HotCall(data_version, kind, seq, link, started, done, loop.create_future())
         self._hot = hot
-        hot.timer = loop.call_later(HOT_PATIENCE, self.hot_trouble)
+        if self._patience is None:
+            self._patience = loop.call_later(HOT_PATIENCE, self._patience_check)
         if not sent:
             self.hot_trouble()
         return True
@@ -333,14 +338,26 @@ class Engine:
         tip = advance(log.head, dv, kind, item_hash(sealed), decision=decision)
         return log.append(dv, kind, decision.link, sealed, tip)
 
+    def _patience_check(self) -> None:
+        """A hot-path call without quorum after :data:`HOT_PATIENCE` goes to the general
+        path. One timer serves call after call (re-armed for the current call's remaining
+        time), rather than a timer made and cancelled per call."""
+        self._patience = None
+        hot = self._hot
+        if hot is None or hot.handed_over:
+            return
+        left = hot.started + HOT_PATIENCE - time.monotonic()
+        if left <= 0:
+            self.hot_trouble()
+        else:
+            self._patience = asyncio.get_running_loop().call_later(left, self._patience_check)
+
     def hot_trouble(self) -> None:
         """The hot-path call cannot end by itself: hand it to the general path."""
         hot = self._hot
         if hot is None or hot.handed_over:
             return
         hot.handed_over = True
-        if hot.timer is not None:
-            hot.timer.cancel()
         self._hand_over_task = asyncio.get_running_loop().create_task(self._hand_over(hot))
 
     async def _hand_over(self, hot: _HotCall) -> None:
@@ -356,8 +373,6 @@ class Engine:
         self._hot_end(hot, result)
 
     def _hot_end(self, hot: _HotCall, result: HookResult) -> None:
-        if hot.timer is not None:
-            hot.timer.cancel()
         self._hot = None
         hot.done(result)             # answer lightningd first; the bookkeeping can wait
         self._ended(hot.data_version, result)
