@@ -122,8 +122,8 @@ class _HotCall:
     link: bytes
     started: float
     done: Callable[[HookResult], None]
-    finished: asyncio.Future[HookResult]
     handed_over: bool = False
+    finished: asyncio.Future[HookResult] | None = None    # made for whoever waits
 
 
 class Engine:
@@ -163,6 +163,7 @@ class Engine:
         self.on_change: Callable[[], None] | None = None
         self._hot: _HotCall | None = None
         self._patience: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._hand_over_task: asyncio.Task[None] | None = None
         self._slow_running = False
 
@@ -173,6 +174,7 @@ class Engine:
 
     # -- life --------------------------------------------------------------------------
     def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         for link in self.links:
             link.start()
 
@@ -198,7 +200,7 @@ class Engine:
         async with asyncio.timeout(timeout):
             while self.busy:
                 if self._hot is not None:
-                    await asyncio.shield(self._hot.finished)
+                    await asyncio.shield(self._hot_finished(self._hot))
                 else:
                     await asyncio.sleep(0.05)
 
@@ -257,7 +259,7 @@ class Engine:
     async def db_write(self, data_version: int, writes: list[str]) -> HookResult:
         """Handle one call (the hot path if it can, see the module docstring)."""
         while self._hot is not None:
-            await asyncio.shield(self._hot.finished)
+            await asyncio.shield(self._hot_finished(self._hot))
         answer: asyncio.Future[HookResult] = asyncio.get_running_loop().create_future()
         if self.db_write_now(data_version, writes,
                              lambda r: None if answer.done() else answer.set_result(r)):
@@ -292,8 +294,8 @@ class Engine:
         Returns False, having done nothing, when the call needs the general path
         (:meth:`db_write`): a call in progress, a server not in step or not idle, a
         snapshot or compaction due, a change the chain cannot simply take."""
-        log = self.log
-        if log is None or self.busy or self.closing:
+        log, loop = self.log, self._loop
+        if log is None or loop is None or self.busy or self.closing:
             return False
         if not all(link.streaming() for link in self.links):
             return False
@@ -319,9 +321,8 @@ class Engine:
                     for server in self.links])
         log.append(data_version, kind, link, sealed,
                    advance(log.head, data_version, kind, item_hash(sealed), decision=decision))
-        loop = asyncio.get_running_loop()
         self.last_hook_dv = data_version
-        hot = _HotCall(data_version, kind, seq, link, started, done, loop.create_future())
+        hot = _HotCall(data_version, kind, seq, link, started, done)
         self._hot = hot
         if self._patience is None:
             self._patience = loop.call_later(HOT_PATIENCE, self._patience_check)
@@ -376,7 +377,14 @@ class Engine:
         self._hot = None
         hot.done(result)             # answer lightningd first; the bookkeeping can wait
         self._ended(hot.data_version, result)
-        hot.finished.set_result(result)
+        if hot.finished is not None:
+            hot.finished.set_result(result)
+
+    @staticmethod
+    def _hot_finished(hot: _HotCall) -> asyncio.Future[HookResult]:
+        if hot.finished is None:
+            hot.finished = asyncio.get_running_loop().create_future()
+        return hot.finished
 
     async def _db_write(self, dv: int, writes: list[str], started: float) -> HookResult:
         kind = classify(writes)

@@ -325,13 +325,13 @@ class ServerLink:
         if isinstance(res, wire.Ack):
             self.pos = seq
             self.held_dv = data_version
+            if res.want_snapshot and self.compaction is None and seq > self.want_ignored_until:
+                self.wants_compaction = True
+            eng.changed()                  # a hot-path call this completes is answered here
             self.last_ack_dv = data_version
             self.last_ack_at = time.time()
             self.catchup_backoff = 0.0
             self.next_copy_at = 0.0
-            if res.want_snapshot and self.compaction is None and seq > self.want_ignored_until:
-                self.wants_compaction = True
-            eng.changed()
             return True
         self.pos = None
         self.last_error = (f"asked for a snapshot at data_version {res.data_version}: "

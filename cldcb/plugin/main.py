@@ -160,12 +160,12 @@ class Plugin:
             self._answer(msg_id, result)
 
     def _answer(self, msg_id: Any, result: HookResult) -> None:
-        self._last_call = time.monotonic()
         if result.ok:
             self._send(jsonrpc.encode_continue(msg_id))
         else:
             self._send(jsonrpc.response(msg_id, {"result": "fail",
                                                  "error": f"cldcb: {result.message}"}))
+        self._last_call = time.monotonic()
         self.status.dirty = True
 
     async def _read_stdin(self) -> None:
