@@ -143,6 +143,8 @@ class _Base:
 
     def data_to_send(self) -> bytes:
         """Bytes the transport must write now (then the buffer is empty)."""
+        if not self._out:
+            return b""
         out = b"".join(self._out)       # one frame: that frame itself, not a copy
         self._out.clear()
         return out

@@ -33,6 +33,7 @@ from cldcb.store.snapshots import (
 log = logging.getLogger("cldcb.store")
 
 ZERO = bytes(32)
+_KINDS = {int(k): k for k in Kind}      # a wire kind → Kind, without Enum's slow call
 SEEN = "last_seen"
 
 
@@ -201,10 +202,9 @@ class ClientStore:
         changed nothing, if the log must grow first (see :meth:`RecordLog.must_grow`)."""
         self._ready(write=True)
         check_data_version(data_version)
-        try:
-            k = Kind(kind)
-        except ValueError:
-            raise StoreError(f"record kind {kind} is unknown (0 normal, 1 PRAGMA-only)") from None
+        k = _KINDS.get(kind)
+        if k is None:
+            raise StoreError(f"record kind {kind} is unknown (0 normal, 1 PRAGMA-only)")
         if len(link) != 32:
             raise StoreError("a record's link must be 32 bytes")
         h = item_hash(sealed)

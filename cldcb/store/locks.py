@@ -39,14 +39,22 @@ def open_lock(data_dir: Path, client_id: str) -> int:
     return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
 
-@contextmanager
-def flocked(fd: int, *, wait: bool = True) -> Iterator[int]:
-    """Hold the exclusive lock on ``fd``; without ``wait``, BlockingIOError if it is taken."""
-    fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-    try:
-        yield fd
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
+class flocked:  # noqa: N801 - used like a function: ``with flocked(fd) as fd:``
+    """Hold the exclusive lock on ``fd``; without ``wait``, BlockingIOError if it is taken.
+    (A class rather than a generator context manager: it is taken for every record.)"""
+
+    __slots__ = ("_fd", "_op")
+
+    def __init__(self, fd: int, *, wait: bool = True) -> None:
+        self._fd = fd
+        self._op = fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB
+
+    def __enter__(self) -> int:
+        fcntl.flock(self._fd, self._op)
+        return self._fd
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
 
 
 def read_counters(fd: int) -> tuple[int, int]:
