@@ -18,6 +18,13 @@ through a second simulated lightningd to a plugin that answers ``continue``
 at once (``--echo-plugin``): what the lightningd ↔ plugin pipes cost by
 themselves on this machine (two more process wake-ups than the floor has).
 
+A fifth row is the same chain with a plugin that does nothing but forward:
+each call becomes one request of the sealed change's size to the floor's
+server, and the call is answered when that request is acknowledged
+(``--forward-plugin``): asyncio, asyncssh and the two extra processes, with
+no cldcb code at all. It is what any plugin built this way costs on this
+machine; the distance from it to the first row is cldcb's own share.
+
 The rows take turns over slices of the trace (``--rounds``, in a different
 order each round) against servers that all stay up, so that a slow stretch
 of the disk's fsync, which dominates every row, weighs on all of them alike
@@ -65,7 +72,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import asyncssh  # noqa: E402
-from measure import pct, vm_hwm_mb  # noqa: E402
+from measure import cpu_ns, pct, vm_hwm_mb  # noqa: E402
 from sshfloor import (  # noqa: E402
     FLOOR_SUBSYSTEM,
     RequestSession,
@@ -188,8 +195,70 @@ def echo_plugin() -> None:
                 out.send(jsonrpc.response(msg["id"], answers[msg["method"]]))
 
 
+def forward_plugin(port: int) -> None:
+    """A plugin that forwards each db_write as one request of the sealed change's size to
+    the floor server, and answers ``continue`` when that request is acknowledged."""
+    from cldcb.malloc import keep_freed_memory
+    from cldcb.plugin import jsonrpc
+    from cldcb.plugin.main import MANIFEST
+
+    keep_freed_memory()
+    out = jsonrpc.StdoutWriter(sys.stdout.fileno())
+    waiting: list[Any] = []
+
+    class Acks(asyncssh.SSHClientSession[bytes]):
+        def __init__(self) -> None:
+            self.buf = bytearray()
+
+        def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+            self.buf += data
+            while len(self.buf) >= 8:
+                del self.buf[:8]
+                out.write(jsonrpc.encode_continue(waiting.pop(0)))
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        conn = await connect(port, "forward")
+        chan, _ = await conn.create_session(Acks, subsystem=FLOOR_SUBSYSTEM, encoding=None)
+        decoder = jsonrpc.MessageDecoder()
+        eof: asyncio.Future[None] = loop.create_future()
+
+        class Stdin(asyncio.Protocol):
+            def data_received(self, data: bytes) -> None:
+                for msg in decoder.feed(data):
+                    method = msg.get("method")
+                    if method == "db_write":
+                        writes = msg["params"]["writes"]
+                        n = 12 + sum(4 + len(w.encode()) for w in writes) + OVERHEAD
+                        waiting.append(msg["id"])
+                        chan.write(struct.pack(">I", n) + bytes(n))
+                    elif method in ("getmanifest", "init"):
+                        out.send(jsonrpc.response(msg["id"],
+                                                  MANIFEST if method == "getmanifest" else {}))
+
+            def connection_lost(self, exc: Exception | None) -> None:
+                eof.set_result(None)
+
+        await loop.connect_read_pipe(Stdin, os.fdopen(sys.stdin.fileno(), "rb", buffering=0,
+                                                      closefd=False))
+        await eof
+        conn.close()
+
+    asyncio.run(run())
+
+
+def _plugin_wrapper(folder: Path, args: str) -> Path:
+    """A wrapper that runs this script as a stand-in plugin (``args``), in ``folder``."""
+    (folder / "regtest").mkdir(parents=True)
+    wrapper = folder / "regtest" / "plugin-wrapper"
+    wrapper.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} "
+                       f"{shlex.quote(__file__)} {args}\n")
+    wrapper.chmod(0o700)
+    return wrapper
+
+
 def measure(folder: Path, trace_name: str, rounds: int, pacing: bool = True) -> dict[str, Any]:
-    """The three rows, measured in alternating slices of the trace (so that a slow
+    """The rows, measured in alternating slices of the trace (so that a slow
     stretch of the disk weighs on all three alike)."""
     from servers import CldcbServer
     from simlightningd import SimLightningd
@@ -211,15 +280,14 @@ def measure(folder: Path, trace_name: str, rounds: int, pacing: bool = True) -> 
     ld = Path(tempfile.mkdtemp(prefix="cldcb-bench-node-", dir=shm if shm.is_dir()
                                else folder)) / "lightning"
     loop = asyncio.new_event_loop()
-    rows: dict[str, list[float]] = {"plugin": [], "direct": [], "floor": [], "pipes": []}
-    (ld.parent / "echo" / "regtest").mkdir(parents=True)
-    echo_wrapper = ld.parent / "echo" / "regtest" / "echo-wrapper"
-    echo_wrapper.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} "
-                            f"{shlex.quote(__file__)} --echo-plugin\n")
-    echo_wrapper.chmod(0o700)
-    echo = SimLightningd(ld.parent / "echo", echo_wrapper)
+    rows: dict[str, list[float]] = {"plugin": [], "direct": [], "floor": [], "pipes": [],
+                                    "forward": []}
+    echo = SimLightningd(ld.parent / "echo", _plugin_wrapper(ld.parent / "echo", "--echo-plugin"))
+    cpu: dict[str, float] = {}
     try:
         with floor_server(__file__, "--floor-server", folder) as port:
+            forward = SimLightningd(ld.parent / "forward", _plugin_wrapper(
+                ld.parent / "forward", f"--forward-plugin {port}"))
             floor = loop.run_until_complete(_FloorClient.open(port))
             (direct_server, direct_client), (server, client) = servers
             direct = loop.run_until_complete(
@@ -234,16 +302,20 @@ def measure(folder: Path, trace_name: str, rounds: int, pacing: bool = True) -> 
             node = SimLightningd(ld, wrapper)
             node.start()
             echo.start()
+            forward.start()
             try:
                 node.run_trace(trace, stop=1)          # the first-contact snapshot: not counted
                 echo.run_trace(trace, stop=1)
+                forward.run_trace(trace, stop=1)
+                assert node.plugin is not None and server.proc is not None
+                cpu0 = (cpu_ns(node.plugin.pid), cpu_ns(server.proc.pid))
                 loop.run_until_complete(direct.run(trace[:1], Pacer(0.0)))
                 step = max(1, -(-(len(trace) - 1) // rounds))
                 pacer = Pacer(0.0)
                 for r, i in enumerate(range(1, len(trace), step)):
                     j = min(i + step, len(trace))
-                    for k in range(4):     # a different order each round; the plugin first
-                        part = (r + k) % 4
+                    for k in range(5):     # a different order each round; the plugin first
+                        part = (r + k) % 5
                         if part == 0:
                             node.run_trace(trace, start=i, stop=j)
                             if pacing:
@@ -254,16 +326,21 @@ def measure(folder: Path, trace_name: str, rounds: int, pacing: bool = True) -> 
                         elif part == 2:
                             rows["direct"] += loop.run_until_complete(
                                 direct.run(trace[i:j], pacer))
-                        else:
+                        elif part == 3:
                             echo.run_trace(trace, start=i, stop=j)
-                assert node.plugin is not None and server.proc is not None
+                        else:
+                            forward.run_trace(trace, start=i, stop=j)
+                calls = len(node.calls) - 1
+                cpu["plugin"] = (cpu_ns(node.plugin.pid) - cpu0[0]) / 1e3 / calls
+                cpu["server"] = (cpu_ns(server.proc.pid) - cpu0[1]) / 1e3 / calls
                 plugin_mb = vm_hwm_mb(node.plugin.pid)
                 server_mb = vm_hwm_mb(server.proc.pid)
             finally:
                 node.close()
                 echo.close()
+                forward.close()
                 shutil.rmtree(ld.parent, ignore_errors=True)
-            for name, sim in (("plugin", node), ("pipes", echo)):
+            for name, sim in (("plugin", node), ("pipes", echo), ("forward", forward)):
                 rows[name] = [c.latency * 1e6 for c in sim.calls[1:]
                               if c.latency is not None and c.outcome == "committed"]
             loop.run_until_complete(direct.conn.close())
@@ -273,22 +350,26 @@ def measure(folder: Path, trace_name: str, rounds: int, pacing: bool = True) -> 
         for server, _ in servers:
             server.stop()
     return {"rows": rows, "plugin_mb": plugin_mb, "server_mb": server_mb, "calls": len(trace),
-            "period_us": pacer.period * 1e6}
+            "period_us": pacer.period * 1e6, "cpu_us": cpu}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--trace", default="cln-channels")
     ap.add_argument("--rounds", type=int, default=25,
-                    help="slices of the trace; the three rows take turns slice by slice")
+                    help="slices of the trace; the rows take turns slice by slice")
     ap.add_argument("--floor-server", nargs=2, metavar=("DIR", "PORT"), help=argparse.SUPPRESS)
     ap.add_argument("--echo-plugin", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--forward-plugin", type=int, metavar="PORT", help=argparse.SUPPRESS)
     ap.add_argument("--no-pacing", action="store_true",
                     help="send the floor's and the direct row's requests back to back, "
                          "not at the rate of the simulated lightningd's calls")
     args = ap.parse_args()
     if args.echo_plugin:
         echo_plugin()
+        return
+    if args.forward_plugin:
+        forward_plugin(args.forward_plugin)
         return
     if args.floor_server:
         path = Path(args.floor_server[0]) / "floor.log"
@@ -298,9 +379,10 @@ def main() -> None:
         m = measure(Path(tmp), args.trace, args.rounds, pacing=not args.no_pacing)
     lat, direct, floor = m["rows"]["plugin"], m["rows"]["direct"], m["rows"]["floor"]
     plugin_mb, server_mb, n = m["plugin_mb"], m["server_mb"], m["calls"]
-    pipes = m["rows"]["pipes"]
+    pipes, forward = m["rows"]["pipes"], m["rows"]["forward"]
     rows = [("through the plugin", lat), ("cldcb write, no plugin", direct),
-            ("floor: request → fsync → ack", floor), ("pipes: plugin answers at once", pipes)]
+            ("floor: request → fsync → ack", floor), ("pipes: plugin answers at once", pipes),
+            ("plugin that only forwards", forward)]
     print(f"db_write round trip, {args.trace}: {n} calls ({len(lat)} measured); floor and "
           f"direct requests paced like the simulated lightningd's calls: one every "
           f"{m['period_us']:.0f} µs")
@@ -311,13 +393,20 @@ def main() -> None:
     ratio = pct(lat, .5) / pct(floor, .5)
     ratio99 = pct(lat, .99) / pct(floor, .99)
     print(f"p50 ratio {ratio:.2f} (target ≤ 1.5), p99 ratio {ratio99:.2f} (target ≤ 3); "
+          f"a plugin that only forwards: {pct(forward, .5) / pct(floor, .5):.2f}; "
           f"peak RSS plugin {plugin_mb:.0f} MB, server {server_mb:.0f} MB")
+    print(f"CPU per call (all threads): plugin {m['cpu_us']['plugin']:.0f} µs, "
+          f"server {m['cpu_us']['server']:.0f} µs")
     print(json.dumps({
         "bench": "hook_latency", "trace": args.trace, "changes": len(lat),
         "p50_us": round(pct(lat, .5)), "p99_us": round(pct(lat, .99)),
         "floor_p50_us": round(pct(floor, .5)), "floor_p99_us": round(pct(floor, .99)),
         "direct_p50_us": round(pct(direct, .5)), "direct_p99_us": round(pct(direct, .99)),
         "pipes_p50_us": round(pct(pipes, .5)), "pipes_p99_us": round(pct(pipes, .99)),
+        "forward_p50_us": round(pct(forward, .5)), "forward_p99_us": round(pct(forward, .99)),
+        "forward_ratio": round(pct(forward, .5) / pct(floor, .5), 3),
+        "plugin_cpu_us_per_call": round(m["cpu_us"]["plugin"]),
+        "server_cpu_us_per_call": round(m["cpu_us"]["server"]),
         "period_us": round(m["period_us"]),
         "ratio": round(ratio, 3), "ratio_p99": round(ratio99, 3),
         "peak_rss_mb": round(plugin_mb, 1), "server_peak_rss_mb": round(server_mb, 1),
