@@ -309,8 +309,7 @@ class Engine:
             return False
         started = time.monotonic()
         try:
-            sealed = self.sealer.seal_change(data_version, kind, link, writes,
-                                             int(time.time() * 1000))
+            sealed = self._seal(data_version, kind, link, writes)
         except SealError:
             return False                      # the general path answers the malformed call
         seq = log.next_seq
@@ -319,8 +318,7 @@ class Engine:
         # before this method returns to the event loop).
         sent = all([server.send_now(seq, data_version, kind, link, sealed)
                     for server in self.links])
-        log.append(data_version, kind, link, sealed,
-                   advance(log.head, data_version, kind, item_hash(sealed), decision=decision))
+        self._record(data_version, kind, decision, sealed)
         self.last_hook_dv = data_version
         hot = _HotCall(data_version, kind, seq, link, started, done)
         self._hot = hot
@@ -330,12 +328,15 @@ class Engine:
             self.hot_trouble()
         return True
 
-    def _append(self, dv: int, kind: Kind, decision: Decision, writes: list[str]) -> Entry:
-        """Seal the change once and append it to the record log as the chain's next tip
-        (DataVersionError, nothing appended, if the chain cannot take it)."""
+    def _seal(self, dv: int, kind: Kind, link: bytes, writes: list[str]) -> bytes:
+        """The change sealed once (the same bytes go to every server); SealError if a
+        statement is not text."""
+        return self.sealer.seal_change(dv, kind, link, writes, int(time.time() * 1000))
+
+    def _record(self, dv: int, kind: Kind, decision: Decision, sealed: bytes) -> Entry:
+        """Append the sealed change to the record log as the chain's next tip."""
         log = self.log
         assert log is not None and decision.link is not None
-        sealed = self.sealer.seal_change(dv, kind, decision.link, writes, int(time.time() * 1000))
         tip = advance(log.head, dv, kind, item_hash(sealed), decision=decision)
         return log.append(dv, kind, decision.link, sealed, tip)
 
@@ -418,7 +419,9 @@ class Engine:
                     if server.connected:
                         server.reserve(copy)
                 self._wake_links()
-            entry = self._append(dv, kind, decision, writes)
+            assert decision.link is not None
+            entry = self._record(dv, kind, decision,
+                                 self._seal(dv, kind, decision.link, writes))
             hook.anchor, hook.next_seq = entry.link, entry.seq
             self._wake_links()
             return await self._await_quorum(hook, entry.seq, deadline)
