@@ -408,7 +408,6 @@ class RecordLog:
             raise io_error(exc, f"opening the log of {self.folder.parent.name}") from None
         return out
 
-
     def changed_underneath(self) -> bool:
         """Whether another instance wrote the log since this one last looked: a newer
         segment, another file size, or a frame where this instance's records end."""
