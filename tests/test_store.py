@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from store_crash_child import (
     CLIENT_PRIV,
     NODE,
@@ -23,6 +26,7 @@ from cldcb.dataversion import Kind, Tip
 from cldcb.errors import KeyFormatError, QuotaExceeded, StoreError
 from cldcb.seal import ChainVerifier, SnapshotSealer
 from cldcb.store import ClientInfo, ClientStore, Store
+from cldcb.store.frames import RECORD_HEAD, RECORD_MAGIC, encode_frame, encode_record, read_frame
 
 CID = client_id()
 OTHER = client_id(OTHER_PRIV)
@@ -521,3 +525,16 @@ def test_a_live_upload_is_not_taken_for_debris(store: Store, w: Writer) -> None:
     up.commit(1, s.seal_manifest(0), w.now())
     assert w.cs.status().snapshot_data_version == 4
     other.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(0, 1), st.binary(min_size=32, max_size=32),
+       st.integers(0, 2**63 - 1), st.binary(max_size=5000))
+def test_a_record_frame_is_the_generic_frame_of_its_body(dv: int, kind: int, link: bytes,
+                                                         t: int, sealed: bytes) -> None:
+    """encode_record (one copy of the sealed bytes, running checksums) writes the very
+    frame encode_frame makes of the record's body, and read_frame gives the body back."""
+    frame = encode_record(dv, kind, link, t, sealed)
+    body = RECORD_HEAD.pack(dv, kind, link, t) + sealed
+    assert frame == encode_frame(RECORD_MAGIC, body)
+    assert read_frame(io.BytesIO(frame), 0, len(frame), RECORD_MAGIC) == (body, len(frame))

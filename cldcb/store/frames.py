@@ -21,6 +21,8 @@ from typing import BinaryIO
 
 HEADER = struct.Struct(">4sIII")
 HEADER_LEN = HEADER.size
+_FIRST12 = struct.Struct(">4sII")
+_U32 = struct.Struct(">I")
 MAX_BODY = 64 * 1024 * 1024
 
 RECORD_MAGIC = b"cbR1"
@@ -43,8 +45,8 @@ _WINDOW = 1 << 20
 
 
 def encode_frame(magic: bytes, body: bytes) -> bytes:
-    head = struct.pack(">4sII", magic, len(body), zlib.crc32(body))
-    return head + struct.pack(">I", zlib.crc32(head)) + body
+    head = _FIRST12.pack(magic, len(body), zlib.crc32(body))
+    return head + _U32.pack(zlib.crc32(head)) + body
 
 
 def frame_len(body_len: int) -> int:
@@ -122,8 +124,12 @@ class RecordFrame:
 
 def encode_record(data_version: int, kind: int, link: bytes, time_ms: int,
                   sealed: bytes) -> bytes:
-    return encode_frame(RECORD_MAGIC, RECORD_HEAD.pack(data_version, kind, link, time_ms)
-                        + sealed)
+    """``encode_frame(RECORD_MAGIC, record head + sealed)``, with the sealed bytes copied
+    once (this runs for every record)."""
+    head = RECORD_HEAD.pack(data_version, kind, link, time_ms)
+    first = _FIRST12.pack(RECORD_MAGIC, len(head) + len(sealed),
+                          zlib.crc32(sealed, zlib.crc32(head)))
+    return b"".join((first, _U32.pack(zlib.crc32(first)), head, sealed))
 
 
 def decode_record(body: bytes) -> RecordFrame:

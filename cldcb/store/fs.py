@@ -135,8 +135,12 @@ def write_all(fs: FileLayer, fd: int, data: bytes, offset: int, *,
     """Write all of ``data`` at ``offset``, going on after short writes; ``durable``: on
     stable storage when this returns (:meth:`FileLayer.pwrite_durable`)."""
     write = fs.pwrite_durable if durable else fs.pwrite
+    done = write(fd, data, offset)
+    if done == len(data):
+        return                                        # the usual case: all at once
+    if done <= 0:
+        raise OSError(errno.EIO, "a write made no progress")
     view = memoryview(data)
-    done = 0
     while done < len(view):
         n = write(fd, view[done:], offset + done)
         if n <= 0:
