@@ -242,6 +242,12 @@ class Connection:
     def _on_data(self, data: bytes) -> None:
         if self._keepalive is not None:
             self._keepalive.received += 1
+        waiters = self._waiters
+        if waiters and type(waiters[0]) is _CallbackWaiter:
+            ack = self._session.ack_in(data)        # the answer to nearly every Write
+            if ack is not None:
+                waiters.popleft().done(ack)
+                return
         try:
             events = self._session.receive_data(data)
         except CldcbError as exc:
@@ -311,14 +317,20 @@ class Connection:
     def is_closed(self) -> bool:
         return self._error is not None
 
-    def _send(self, msg: wire.Message) -> None:
+    def _raise_if_broken(self) -> None:
         if self._error is not None:
             raise self._error if isinstance(self._error, CldcbError) else TransportError(
                 str(self._error))
-        assert self._chan is not None
+
+    def _send(self, msg: wire.Message) -> None:
+        self._raise_if_broken()
         self._session.send(msg)
+        self._write(self._session.data_to_send())
+
+    def _write(self, data: bytes) -> None:
+        assert self._chan is not None
         try:
-            self._chan.write(self._session.data_to_send())
+            self._chan.write(data)
         except OSError as exc:
             self._fail(TransportError(f"connection to {self.spec.address} lost: {exc}"))
             raise self._error from None  # type: ignore[misc]
@@ -347,7 +359,8 @@ class Connection:
         """Send a ``Write`` now; ``done`` gets the answer (``Ack``/``NeedSnapshot``) or the
         exception (``RemoteError``, ``TransportError``…) later, called from the receiving
         callback. Raises at once (and never calls ``done``) if the connection is gone."""
-        self._send(wire.Write(data_version, int(kind), link, sealed))
+        self._raise_if_broken()
+        self._write(self._session.write_frame(data_version, int(kind), link, sealed))
         self._waiters.append(_CallbackWaiter(done))
 
     async def put_recognition(self, entry: bytes) -> None:

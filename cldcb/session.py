@@ -200,6 +200,23 @@ class ClientSession(_Base):
             raise ProtocolError("an anonymous session can only list recognition entries")
         return self._emit(msg)
 
+    def write_frame(self, data_version: int, kind: int, link: bytes, sealed: bytes) -> bytes:
+        """The bytes to write for ``Write(data_version, kind, link, sealed)``: what
+        :meth:`send` then :meth:`data_to_send` give, without the message object (every
+        change goes through here). Raises as :meth:`send`."""
+        if self._state != "open" or self._priv is None:
+            self.send(wire.Write(data_version, kind, link, sealed))   # raises the reason
+        frame = wire.write_frame(data_version, kind, link, sealed)
+        return self.data_to_send() + frame if self._out else frame
+
+    def ack_in(self, data: bytes) -> wire.Ack | None:
+        """The Ack that ``data`` is, when it is exactly one whole Ack frame and nothing
+        else was received before it: the event :meth:`receive_data` would give, without
+        the decoder (the answer to nearly every Write). None: feed :meth:`receive_data`."""
+        if self._state != "open" or self.closed or self._decoder.pending:
+            return None
+        return wire.ack_in(data)
+
     def receive_data(self, data: bytes) -> list[Event]:
         if self.closed:
             raise ProtocolError("the session is closed")
@@ -305,6 +322,21 @@ class ServerSession(_Base):
         if isinstance(msg, wire.Error) and msg.code in FATAL_CODES:
             self.closed = True
         self._emit(msg)
+
+    def write_in(self, data: bytes) -> wire.Write | None:
+        """The Write that ``data`` is, when this is an open writing session, ``data`` is
+        exactly one whole Write frame and nothing else was received before it: the
+        request :meth:`receive_data` would give, without the decoder (nearly every
+        request of a streaming writer). None: feed :meth:`receive_data`."""
+        if self.role is not Role.WRITER or self.closed or self._decoder.pending:
+            return None
+        return wire.write_in(data)
+
+    def ack(self, data_version: int, want_snapshot: bool) -> bytes:
+        """The bytes to write for ``Ack(data_version, want_snapshot)``: what :meth:`send`
+        then :meth:`data_to_send` give, without the message object."""
+        frame = wire.ack_frame(data_version, want_snapshot)
+        return self.data_to_send() + frame if self._out else frame
 
     def refuse(self, code: ErrorCode, text: str) -> None:
         """Answer with a fatal error and close (e.g. a writer was superseded)."""

@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 from cldcb.errors import ProtocolError
 
 MAX_FRAME = 16 * 1024 * 1024
+_U32 = struct.Struct(">I")
 """Largest frame (type + body) either side accepts."""
 
 MAX_LIST = 100_000
@@ -209,24 +210,24 @@ class _FastCodec:
 
     def decode(self, body: bytes | memoryview) -> Message:
         size = self.struct.size
+        have = len(body)
         for off in self.bools:         # in field order, as the field-by-field codec
-            if off < len(body) and body[off] > 1:
+            if off < have and body[off] > 1:
                 raise ProtocolError("boolean field is neither 0 nor 1")
-        if len(body) < size:
+        if have < size:
             raise ProtocolError("message is truncated")
-        values = list(self.struct.unpack_from(body, 0))
         end = size
         if self.tail:
-            if len(body) < size + 4:
+            if have < size + 4:
                 raise ProtocolError("message is truncated")
-            (n,) = struct.unpack_from(">I", body, size)
-            end = size + 4 + n
-            if end > len(body):
+            end = size + 4 + _U32.unpack_from(body, size)[0]
+            if end > have:
                 raise ProtocolError("message is truncated")
-            values.append(bytes(body[size + 4:end]))
-        if end != len(body):
-            raise ProtocolError(f"{self.cls.__name__} has {len(body) - end} trailing bytes")
-        return self.cls(*values)
+        if end != have:
+            raise ProtocolError(f"{self.cls.__name__} has {have - end} trailing bytes")
+        if self.tail:
+            return self.cls(*self.struct.unpack_from(body, 0), bytes(body[size + 4:end]))
+        return self.cls(*self.struct.unpack_from(body, 0))
 
 
 _FAST: dict[int, _FastCodec] = {}
@@ -443,6 +444,59 @@ def decode(type_: int, body: bytes | memoryview) -> Message:
     return cls(*values)
 
 
+# --- the per-change frames in one piece --------------------------------------------
+# A streaming writer's requests are nearly all Writes and their answers Acks: these
+# encode and recognise those two frames with one struct each, without building and
+# taking apart the message objects. Same bytes as encode(), same message as decode()
+# (tests/test_wire.py checks both).
+
+_WRITE_HEAD = struct.Struct(">IBqB32sI")   # length, type, data_version, kind, link, len
+_ACK_FRAME = struct.Struct(">IBqB")         # length, type, data_version, want_snapshot
+
+
+def write_frame(data_version: int, kind: int, link: bytes, sealed: bytes) -> bytes:
+    """``encode(Write(data_version, kind, link, sealed))``; ProtocolError as encode."""
+    if len(link) != 32:
+        raise ProtocolError("field must be 32 bytes")
+    length = _WRITE_HEAD.size - 4 + len(sealed)
+    if length > MAX_FRAME:
+        raise ProtocolError(f"Write of {length - 1} bytes exceeds the frame limit of "
+                            f"{MAX_FRAME}")
+    try:
+        return _WRITE_HEAD.pack(length, 13, data_version, kind, link, len(sealed)) + sealed
+    except struct.error as exc:
+        raise ProtocolError(f"field out of range: {exc}") from None
+
+
+def write_in(data: bytes) -> Write | None:
+    """The Write ``data`` is, if it is exactly one whole well-formed Write frame; else
+    None (then FrameDecoder says what it is, or what is wrong with it)."""
+    if len(data) < _WRITE_HEAD.size or data[4] != 13:
+        return None
+    length, _, data_version, kind, link, n = _WRITE_HEAD.unpack_from(data)
+    if length != len(data) - 4 or n != len(data) - _WRITE_HEAD.size or length > MAX_FRAME:
+        return None
+    return Write(data_version, kind, link, data[_WRITE_HEAD.size:])
+
+
+def ack_frame(data_version: int, want_snapshot: bool) -> bytes:
+    """``encode(Ack(data_version, want_snapshot))``; ProtocolError as encode."""
+    try:
+        return _ACK_FRAME.pack(10, 33, data_version, want_snapshot)
+    except struct.error as exc:
+        raise ProtocolError(f"field out of range: {exc}") from None
+
+
+def ack_in(data: bytes) -> Ack | None:
+    """The Ack ``data`` is, if it is exactly one whole well-formed Ack frame; else None."""
+    if len(data) != 14 or data[4] != 33:
+        return None
+    length, _, data_version, want = _ACK_FRAME.unpack(data)
+    if length != 10 or want > 1:
+        return None
+    return Ack(data_version, want == 1)
+
+
 class FrameDecoder:
     """Turns a byte stream into messages; feed it whatever arrives."""
 
@@ -451,6 +505,13 @@ class FrameDecoder:
         self._max = max_frame
 
     def feed(self, data: bytes) -> list[Message]:
+        if not self._buf and len(data) > 4:
+            # The usual case (a request, an answer): exactly one whole frame, decoded
+            # from ``data`` itself, with no copy into the buffer and out again.
+            (length,) = _U32.unpack_from(data, 0)
+            if length == len(data) - 4 and length <= self._max:
+                type_ = data[4]
+                return [decode(type_, memoryview(data)[5:] if type_ in _FAST else data[5:])]
         self._buf += data
         out: list[Message] = []
         while len(self._buf) >= 4:

@@ -114,6 +114,35 @@ def test_anonymous_sessions_can_only_list() -> None:
         assert isinstance(err, wire.Error) and err.code == wire.ErrorCode.NOT_ALLOWED
 
 
+def test_the_per_change_shortcuts_keep_the_sessions_rules() -> None:
+    """The Write and the Ack in one piece (write_frame, ack_in; write_in, ack) give what
+    send and receive_data give; where those refuse or hold bytes back, they give nothing
+    (None: the caller takes the usual way) or raise the same."""
+    c, s = make()
+    with pytest.raises(ProtocolError, match="not open"):
+        c.write_frame(3, 0, bytes(32), b"x")                  # before the hello, as send
+    assert s.write_in(wire.encode(wire.Write(3, 0, bytes(32), b"x"))) is None
+    pump(c, s, c.start())
+    frame = c.write_frame(3, 0, bytes(32), b"x")
+    assert frame == wire.encode(wire.Write(3, 0, bytes(32), b"x")) and not c.data_to_send()
+    assert s.write_in(frame) == wire.Write(3, 0, bytes(32), b"x")
+    assert s.write_in(frame[:7]) is None and s.receive_data(frame[:7]) == []
+    assert s.write_in(frame) is None                       # bytes are held: not in one piece
+    assert s.receive_data(frame[7:]) == [Received(wire.Write(3, 0, bytes(32), b"x"))]
+    s.send(wire.Error(int(wire.ErrorCode.QUOTA), "full"))
+    answer = s.ack(3, True)                                # after what was queued before it
+    assert wire.FrameDecoder().feed(answer) == [wire.Error(int(wire.ErrorCode.QUOTA), "full"),
+                                                wire.Ack(3, True)]
+    assert c.ack_in(wire.encode(wire.Ack(3, True))) == wire.Ack(3, True)
+    assert c.ack_in(answer) is None                        # two frames: the usual way
+    c.receive_data(answer[:3])
+    assert c.ack_in(wire.encode(wire.Ack(4, False))) is None    # bytes are held
+    reader, rs = make(role=Role.READER)
+    pump(reader, rs, reader.start())
+    assert rs.write_in(frame) is None                      # a reader's Write is refused...
+    assert rs.receive_data(frame) == []                    # ... the usual way
+
+
 def test_a_reader_cannot_write() -> None:
     c, s = make(role=Role.READER)
     pump(c, s, c.start())

@@ -118,6 +118,38 @@ def test_mutated_frames_only_raise_protocol_error(msg: wire.Message, data: st.Da
         pass
 
 
+def _outcome(feed: list[bytes]) -> list[wire.Message] | str:
+    dec = wire.FrameDecoder()
+    got: list[wire.Message] = []
+    try:
+        for piece in feed:
+            got += dec.feed(piece)
+    except ProtocolError as exc:
+        return str(exc)
+    return got
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.sampled_from(SAMPLES), st.data())
+def test_a_whole_frame_decodes_as_its_bytes_fed_one_by_one(msg: wire.Message,
+                                                           data: st.DataObject) -> None:
+    """A read holding exactly one frame (the decoder's quick case: no buffering) gives
+    the same message, or the same error, as the same bytes arriving one at a time."""
+    body = bytearray(wire.encode(msg)[4:])
+    if data.draw(st.booleans()):
+        i = data.draw(st.integers(0, len(body) - 1))
+        body[i] ^= data.draw(st.integers(1, 255))
+    if data.draw(st.booleans()):
+        del body[data.draw(st.integers(1, len(body))):]
+    if data.draw(st.booleans()):
+        body += data.draw(st.binary(min_size=1, max_size=6))
+    frame = struct.pack(">I", len(body)) + bytes(body)
+    whole = _outcome([frame])
+    assert whole == _outcome([frame[i:i + 1] for i in range(len(frame))])
+    if not isinstance(whole, str):
+        assert whole == [msg] or body != wire.encode(msg)[4:]
+
+
 def _generic_body(msg: wire.Message) -> bytes:
     out: list[bytes] = []
     for f, spec in zip(wire.fields(msg), msg.SPEC, strict=True):
@@ -160,3 +192,38 @@ def test_the_fast_codec_is_the_field_by_field_codec(msg: wire.Message,
     except ProtocolError as exc:
         got = str(exc)
     assert got == want
+
+
+@settings(max_examples=800, deadline=None)
+@given(st.integers(-2**63, 2**63 - 1), st.integers(0, 255), st.binary(min_size=32, max_size=32),
+       st.binary(max_size=3000), st.booleans(), st.data())
+def test_the_per_change_frames_are_the_generic_ones(dv: int, kind: int, link: bytes,
+                                                    sealed: bytes, want: bool,
+                                                    data: st.DataObject) -> None:
+    """A Write and an Ack packed in one piece are the frames encode() makes; recognised
+    in one piece, they are what the decoder makes of the same bytes, and anything else
+    (a mutated frame) is left to the decoder (None)."""
+    write, ack = wire.Write(dv, kind, link, sealed), wire.Ack(dv, want)
+    assert wire.write_frame(dv, kind, link, sealed) == wire.encode(write)
+    assert wire.ack_frame(dv, want) == wire.encode(ack)
+    assert wire.write_in(wire.encode(write)) == write
+    assert wire.ack_in(wire.encode(ack)) == ack
+    for msg, recognise in ((write, wire.write_in), (ack, wire.ack_in)):
+        frame = bytearray(wire.encode(msg))
+        i = data.draw(st.integers(0, len(frame) - 1))
+        frame[i] ^= data.draw(st.integers(0, 255))
+        if data.draw(st.booleans()):
+            del frame[data.draw(st.integers(0, len(frame))):]
+        got = recognise(bytes(frame))
+        if got is not None:
+            assert _outcome([bytes(frame)]) == [got]
+
+
+@pytest.mark.parametrize("args", [(1, 0, b"short link", b"x"), (2**63, 0, bytes(32), b"x"),
+                                  (1, 256, bytes(32), b"x"), (1, -1, bytes(32), b"")])
+def test_a_bad_write_is_refused_in_one_piece_as_in_pieces(args: tuple) -> None:
+    with pytest.raises(ProtocolError) as generic:
+        wire.encode(wire.Write(*args))
+    with pytest.raises(ProtocolError) as quick:
+        wire.write_frame(*args)
+    assert str(quick.value) == str(generic.value)

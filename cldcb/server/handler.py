@@ -50,7 +50,7 @@ from cldcb import wire
 from cldcb.errors import CldcbError, QuotaExceeded, StoreError
 from cldcb.server.workers import ClientLock, StorePool
 from cldcb.session import Authenticated, Received, Role, ServerSession
-from cldcb.store import Store
+from cldcb.store import ClientStore, Store
 from cldcb.store.locks import bump_generation, flocked, open_lock, read_counters
 from cldcb.wire import ErrorCode
 
@@ -176,6 +176,13 @@ class SessionHandler:
         self._task = asyncio.get_running_loop().create_task(self._serve())
 
     def data_received(self, data: bytes) -> None:
+        if self.role is Role.WRITER:
+            write = self.session.write_in(data)       # nearly every request of a writer
+            if write is not None:
+                if not self._answer_inline(write):
+                    self._queue.put_nowait(Received(write))
+                self._backlog_check()
+                return
         events = self.session.receive_data(data)
         self._flush()
         for ev in events:
@@ -216,7 +223,7 @@ class SessionHandler:
             return False
         if core.quiet(self):
             try:
-                self._locked(_quick_call(msg, inline=True), wait=False, then=self._send_now)()
+                self._inline(msg)
             except BlockingIOError:
                 lock.release()
                 return False  # the lock is another process's, or the log must grow: queue it
@@ -360,32 +367,45 @@ class SessionHandler:
         with flocked(self._lock_file()):
             self.core.store.client(self.client_id).touch(now_ms())
 
-    def _locked(self, fn: Callable[[Any], Any], *, wait: bool = True,
-                then: Callable[[Any], None] | None = None) -> Callable[[], Any]:
-        """Run ``fn(client_store)`` under the cross-process lock (in a worker thread).
-
-        Without ``wait`` (on the event loop), a lock held by another process raises
-        BlockingIOError instead of stalling every session. ``then`` (on the event loop)
-        takes the result before the lock is let go: the answer leaves first."""
+    def _locked(self, fn: Callable[[Any], Any], *, wait: bool = True) -> Callable[[], Any]:
+        """``fn(client_store)`` under the cross-process lock, as a call to make later (in a
+        worker thread). Without ``wait`` (on the event loop), a lock held by another
+        process raises BlockingIOError instead of stalling every session."""
         lock_fd = self._lock_file()
 
         def call() -> Any:
             with flocked(lock_fd, wait=wait) as fd:
-                counters = read_counters(fd)
-                cs = self.core.store.client(self.client_id)
-                if self.role == Role.WRITER:
-                    if counters[0] != self._gen:
-                        raise Superseded()
-                    cs.vouch(counters)
-                result = fn(cs)
-                if then is not None:
-                    then(result)
-                return result
+                return fn(self._store_under(fd))
         return call
 
-    def _send_now(self, answer: wire.Message) -> None:
-        self.session.send(answer)
-        self._flush()
+    def _store_under(self, fd: int) -> ClientStore:
+        """The client's store, its lock (``fd``) held: a writer that was taken over
+        raises Superseded; one that was not vouches for the call (see locks.py)."""
+        counters = read_counters(fd)
+        cs = self.core.store.client(self.client_id)
+        if self.role == Role.WRITER:
+            if counters[0] != self._gen:
+                raise Superseded()
+            cs.vouch(counters)
+        return cs
+
+    def _inline(self, msg: wire.Write | wire.StatusRequest) -> None:
+        """Answer a record append or a status right here, on the event loop, under the
+        lock taken without waiting: BlockingIOError, nothing done, if another process
+        holds it or the log must grow first. The answer leaves before the lock is let
+        go (this is the path every change of a streaming writer takes)."""
+        with flocked(self._lock_file(), wait=False) as fd:
+            cs = self._store_under(fd)
+            if type(msg) is wire.Write:
+                answer = cs.append(msg.data_version, msg.kind, msg.link, msg.sealed, now_ms(),
+                                   quick_only=True)
+                if type(answer) is wire.Ack:
+                    self.sink.write(self.session.ack(answer.data_version, answer.want_snapshot))
+                    return
+            else:
+                answer = cs.status()
+            self.session.send(answer)
+            self._flush()
 
     async def _store(self, fn: Callable[[Any], Any], *,
                      inline: Callable[[Any], Any] | None = None) -> Any:
