@@ -30,6 +30,10 @@ order each round) against servers that all stay up, so that a slow stretch
 of the disk's fsync, which dominates every row, weighs on all of them alike
 instead of on whichever ran then.
 
+Clocks: every row's clock starts when its request is built and about to be
+written (the simulated lightningd has encoded the call's JSON, as the floor's
+client has made its request) and stops when the answer is read and parsed.
+
 Pacing: the floor and the direct rows send their requests at the rate the
 simulated lightningd made its calls in this run (the median time from the
 start of one call to the start of the next), keeping the bench process busy

@@ -365,10 +365,10 @@ class SimLightningd:
             call.outcome = "no-hook"
         else:
             req_id = f"cln:db_write#{call.index + 1}"
-            call.sent_at = time.monotonic()
-            sent = self.plugin.send({"jsonrpc": "2.0", "id": req_id, "method": "db_write",
-                                     "params": {"data_version": data_version,
-                                                "writes": list(writes)}})
+            request = encode({"jsonrpc": "2.0", "id": req_id, "method": "db_write",
+                              "params": {"data_version": data_version, "writes": list(writes)}})
+            call.sent_at = time.monotonic()          # the call built, as it is when written
+            sent = self.plugin.send_raw(request)
             if on_sent is not None:
                 on_sent(call)
             answer = self.plugin.wait_response(req_id, self.hook_timeout) if sent else None
