@@ -334,6 +334,16 @@ def decide(tip: Tip | None, data_version: int, kind: Kind) -> Decision:
     return _snapshot(f"backwards: {what} holds {held}, call is {data_version}")
 
 
+def next_link(tip: Tip | None, data_version: int, kind: Kind) -> bytes | None:
+    """The link :func:`decide` gives the change it meets most, the next normal change
+    after the tip (``APPEND`` onto the tip's hash), without building its Decision; None
+    for any other change (then ask :func:`decide`). Runs for every change."""
+    if (tip is not None and kind is Kind.NORMAL and type(data_version) is int
+            and data_version == tip.data_version + 1 and data_version <= MAX_DATA_VERSION):
+        return tip.hash
+    return None
+
+
 def advance(tip: Tip | None, data_version: int, kind: Kind, record_hash: bytes, *,
             decision: Decision | None = None) -> Tip:
     """The new tip after storing the change as a record whose hash is ``record_hash``.

@@ -22,6 +22,7 @@ from cldcb.dataversion import (
     classify,
     decide,
     is_pragma,
+    next_link,
     plan,
     snapshot_tip,
 )
@@ -362,3 +363,22 @@ def test_property_any_lost_commit_asks_for_a_snapshot(events: list[str],
         assert decision.action is not Action.SNAPSHOT
         tip = advance(tip, dv, kind, h(position + 1), decision=decision)
     raise AssertionError("the lost commit went unnoticed")
+
+
+@given(st.none() | st.builds(Tip, st.integers(0, MAX_DATA_VERSION) | st.integers(0, 5),
+                             st.sampled_from(Kind), st.binary(min_size=32, max_size=32),
+                             st.binary(min_size=32, max_size=32), st.booleans()),
+       st.integers(-2, 3) | st.integers(-2, MAX_DATA_VERSION + 2) | st.just(True),
+       st.booleans(), st.sampled_from([*Kind, 0, 1]))
+def test_next_link_is_decides_link_for_the_next_change(tip: Tip | None, dv: int, near: bool,
+                                                       kind: Kind) -> None:
+    """next_link answers only the next normal change after the tip, with decide's link;
+    for anything else it says None (and decide is asked)."""
+    if near and tip is not None and type(dv) is int:
+        dv += tip.data_version                   # -2 … +3 around the tip, mostly
+    link = next_link(tip, dv, kind)   # type: ignore[arg-type]
+    if link is not None:
+        d = decide(tip, dv, kind)      # type: ignore[arg-type]
+        assert (d.action, d.link) == (Action.APPEND, link)
+    assert (link is not None) == (tip is not None and kind is Kind.NORMAL and type(dv) is int
+                                  and dv == tip.data_version + 1 <= MAX_DATA_VERSION)

@@ -67,12 +67,11 @@ from typing import Any
 from cldcb.dataversion import (
     Action,
     DataVersionError,
-    Decision,
     Kind,
     Tip,
-    advance,
     classify,
     decide,
+    next_link,
 )
 from cldcb.errors import CldcbError, PluginError, SealError
 from cldcb.ids import new_privkey, parse_node_id
@@ -300,13 +299,15 @@ class Engine:
         if not all(link.streaming() for link in self.links):
             return False
         kind = classify(writes)
-        try:
-            decision = decide(log.head, data_version, kind)
-        except DataVersionError:
-            return False
-        link = decision.link
-        if decision.action is Action.SNAPSHOT or link is None:
-            return False
+        link = next_link(log.head, data_version, kind)     # the usual case: the next change
+        if link is None:
+            try:
+                decision = decide(log.head, data_version, kind)
+            except DataVersionError:
+                return False
+            link = decision.link
+            if decision.action is Action.SNAPSHOT or link is None:
+                return False
         started = time.monotonic()
         try:
             sealed = self._seal(data_version, kind, link, writes)
@@ -318,7 +319,7 @@ class Engine:
         # before this method returns to the event loop).
         sent = all([server.send_now(seq, data_version, kind, link, sealed)
                     for server in self.links])
-        self._record(data_version, kind, decision, sealed)
+        self._record(data_version, kind, link, sealed)
         self.last_hook_dv = data_version
         hot = _HotCall(data_version, kind, seq, link, started, done)
         self._hot = hot
@@ -333,12 +334,13 @@ class Engine:
         statement is not text."""
         return self.sealer.seal_change(dv, kind, link, writes, int(time.time() * 1000))
 
-    def _record(self, dv: int, kind: Kind, decision: Decision, sealed: bytes) -> Entry:
-        """Append the sealed change to the record log as the chain's next tip."""
+    def _record(self, dv: int, kind: Kind, link: bytes, sealed: bytes) -> Entry:
+        """Append the sealed change to the record log as the chain's next tip (``link``:
+        the one :func:`decide` or :func:`next_link` gave; the tip is what
+        :func:`advance` makes of it)."""
         log = self.log
-        assert log is not None and decision.link is not None
-        tip = advance(log.head, dv, kind, item_hash(sealed), decision=decision)
-        return log.append(dv, kind, decision.link, sealed, tip)
+        assert log is not None
+        return log.append(dv, kind, link, sealed, Tip(dv, kind, item_hash(sealed), link))
 
     def _patience_check(self) -> None:
         """A hot-path call without quorum after :data:`HOT_PATIENCE` goes to the general
@@ -420,7 +422,7 @@ class Engine:
                         server.reserve(copy)
                 self._wake_links()
             assert decision.link is not None
-            entry = self._record(dv, kind, decision,
+            entry = self._record(dv, kind, decision.link,
                                  self._seal(dv, kind, decision.link, writes))
             hook.anchor, hook.next_seq = entry.link, entry.seq
             self._wake_links()

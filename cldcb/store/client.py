@@ -14,7 +14,15 @@ from typing import BinaryIO
 
 from cldcb import wire
 from cldcb.crashpoints import crashpoint
-from cldcb.dataversion import Action, Kind, Tip, advance, check_data_version, decide
+from cldcb.dataversion import (
+    Action,
+    Kind,
+    Tip,
+    advance,
+    check_data_version,
+    decide,
+    next_link,
+)
 from cldcb.errors import QuotaExceeded, StoreError
 from cldcb.seal import item_hash
 from cldcb.store.frames import encode_record, frame_len
@@ -212,19 +220,22 @@ class ClientStore:
         if tip is not None and not tip.is_snapshot and (tip.data_version, tip.kind, tip.link,
                                                         tip.hash) == (data_version, k, link, h):
             return wire.Ack(data_version, self._want_snapshot())  # a resend of the newest
-        decision = decide(tip, data_version, k)
-        if tip is None or decision.action is Action.SNAPSHOT or decision.link is None:
-            return wire.NeedSnapshot(data_version, decision.reason)
-        if decision.link != link:
-            return wire.NeedSnapshot(
-                data_version, f"the record does not continue this server's chain: "
-                f"{decision.reason}, so its link should be {decision.link.hex()[:16]}…, "
-                f"it is {link.hex()[:16]}…")
+        if next_link(tip, data_version, k) == link:    # the usual case: the next change
+            new_tip = Tip(data_version, k, h, link)
+        else:
+            decision = decide(tip, data_version, k)
+            if tip is None or decision.action is Action.SNAPSHOT or decision.link is None:
+                return wire.NeedSnapshot(data_version, decision.reason)
+            if decision.link != link:
+                return wire.NeedSnapshot(
+                    data_version, f"the record does not continue this server's chain: "
+                    f"{decision.reason}, so its link should be {decision.link.hex()[:16]}…, "
+                    f"it is {link.hex()[:16]}…")
+            new_tip = advance(tip, data_version, k, h, decision=decision)
         frame = encode_record(data_version, k, link, now_ms, sealed)
         self._check_quota(len(frame), "a record")
         if quick_only and self.log.must_grow(len(frame)):
             raise BlockingIOError("the log must grow first: not a quick append")
-        new_tip = advance(tip, data_version, k, h, decision=decision)
         pos = self.log.append(frame)
         self.tip = new_tip
         self.tip_time = now_ms
