@@ -118,6 +118,19 @@ def test_mutated_frames_only_raise_protocol_error(msg: wire.Message, data: st.Da
         pass
 
 
+def _mutated(body: bytes, data: st.DataObject, *, keep: int = 0) -> bytes:
+    """``body`` with, each or not, a byte flipped, its end cut off after ``keep`` bytes,
+    a few bytes added."""
+    out = bytearray(body)
+    if data.draw(st.booleans()) and out:
+        out[data.draw(st.integers(0, len(out) - 1))] ^= data.draw(st.integers(1, 255))
+    if data.draw(st.booleans()):
+        del out[data.draw(st.integers(keep, len(out))):]
+    if data.draw(st.booleans()):
+        out += data.draw(st.binary(min_size=1, max_size=6))
+    return bytes(out)
+
+
 def _outcome(feed: list[bytes]) -> list[wire.Message] | str:
     dec = wire.FrameDecoder()
     got: list[wire.Message] = []
@@ -135,15 +148,8 @@ def test_a_whole_frame_decodes_as_its_bytes_fed_one_by_one(msg: wire.Message,
                                                            data: st.DataObject) -> None:
     """A read holding exactly one frame (the decoder's quick case: no buffering) gives
     the same message, or the same error, as the same bytes arriving one at a time."""
-    body = bytearray(wire.encode(msg)[4:])
-    if data.draw(st.booleans()):
-        i = data.draw(st.integers(0, len(body) - 1))
-        body[i] ^= data.draw(st.integers(1, 255))
-    if data.draw(st.booleans()):
-        del body[data.draw(st.integers(1, len(body))):]
-    if data.draw(st.booleans()):
-        body += data.draw(st.binary(min_size=1, max_size=6))
-    frame = struct.pack(">I", len(body)) + bytes(body)
+    body = _mutated(wire.encode(msg)[4:], data, keep=1)      # the type byte stays
+    frame = struct.pack(">I", len(body)) + body
     whole = _outcome([frame])
     assert whole == _outcome([frame[i:i + 1] for i in range(len(frame))])
     if not isinstance(whole, str):
@@ -178,17 +184,10 @@ def test_the_fast_codec_is_the_field_by_field_codec(msg: wire.Message,
     generic = _generic_body(msg)
     assert msg.body() == generic
     assert wire.encode(msg) == struct.pack(">IB", len(generic) + 1, msg.TYPE) + generic
-    body = bytearray(generic)
-    if data.draw(st.booleans()) and body:
-        i = data.draw(st.integers(0, len(body) - 1))
-        body[i] ^= data.draw(st.integers(1, 255))
-    if data.draw(st.booleans()):
-        del body[data.draw(st.integers(0, len(body))):]
-    if data.draw(st.booleans()):
-        body += data.draw(st.binary(min_size=1, max_size=6))
-    want = _generic_decode(msg.TYPE, bytes(body))
+    body = _mutated(generic, data)
+    want = _generic_decode(msg.TYPE, body)
     try:
-        got: wire.Message | str = wire.decode(msg.TYPE, bytes(body))
+        got: wire.Message | str = wire.decode(msg.TYPE, body)
     except ProtocolError as exc:
         got = str(exc)
     assert got == want
