@@ -8,9 +8,12 @@ as the general one (``receive_data`` and the request queue), inline or in a work
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import itertools
+import os
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,7 @@ from cldcb.server import handler as handler_mod
 from cldcb.server.handler import ServerCore, SessionHandler
 from cldcb.session import ClientSession, Role
 from cldcb.store import Store
+from cldcb.store.locks import Lease, lock_path
 
 SERVER_PRIV = hashlib.sha256(b"cldcb test server").digest()
 CID = client_id()
@@ -111,6 +115,29 @@ def requests(folder: Path, seed: int) -> list[bytes]:
     return reads + [bytes(bad)]
 
 
+async def settle(h: SessionHandler) -> bytes:
+    """Let the handler answer everything it was given (bounded); what it wrote."""
+    for i in range(3000):
+        await asyncio.sleep(0 if i < 3 else 0.001)
+        if h._idle and h._queue.empty() and h._held is None and h.core.inflight == 0:
+            break
+    assert isinstance(h.sink, Sink)
+    return h.sink.take()
+
+
+async def writer_session(core: ServerCore) -> SessionHandler:
+    """A handler whose session has been through the hello as the client's writer."""
+    h = SessionHandler(core, Sink())
+    h.start()
+    client = ClientSession(server_id_from_pubkey(pubkey_of(SERVER_PRIV)), CLIENT_PRIV,
+                           Role.WRITER, bytes(32))
+    h.data_received(client.start())
+    client.receive_data(await settle(h))
+    h.data_received(client.data_to_send())
+    assert client.receive_data(await settle(h)) and h.client_id == CID
+    return h
+
+
 async def serve(folder: Path, reads: list[bytes], *, quick: bool, inline: bool,
                 monkeypatch: pytest.MonkeyPatch) -> tuple[list[bytes], int]:
     """Feed ``reads`` to a handler over the store in ``folder``; the bytes written back
@@ -120,8 +147,7 @@ async def serve(folder: Path, reads: list[bytes], *, quick: bool, inline: bool,
     core = ServerCore(folder, SERVER_PRIV, threads=2)
     if not inline:
         monkeypatch.setattr(core, "quiet", lambda session: False)
-    sink = Sink()
-    h = SessionHandler(core, sink)
+    h = await writer_session(core)
     taken = 0
     write_in = h.session.write_in
 
@@ -137,27 +163,12 @@ async def serve(folder: Path, reads: list[bytes], *, quick: bool, inline: bool,
             h.session.send(wire.Ack(data_version, want_snapshot))
             return h.session.data_to_send()
         monkeypatch.setattr(h.session, "ack", ack)
-    h.start()
-
-    async def settle() -> bytes:
-        for i in range(3000):
-            await asyncio.sleep(0 if i < 3 else 0.001)
-            if h._idle and h._queue.empty() and h._held is None and core.inflight == 0:
-                break
-        return sink.take()
-
-    client = ClientSession(server_id_from_pubkey(pubkey_of(SERVER_PRIV)), CLIENT_PRIV,
-                           Role.WRITER, bytes(32))
-    h.data_received(client.start())
-    client.receive_data(await settle())
-    h.data_received(client.data_to_send())
-    assert client.receive_data(await settle()) and h.client_id == CID
     answers = []
     for data in reads:
         if h.session.closed:
             break
         h.data_received(data)
-        answers.append(await settle())
+        answers.append(await settle(h))
     h.connection_lost()
     await asyncio.wait_for(h.done.wait(), 10)
     core.close()
@@ -188,3 +199,98 @@ def test_the_quick_path_answers_and_stores_as_the_general_path(
     kinds = [type(m).__name__ for a in g_answers for m in wire.FrameDecoder().feed(a)]
     assert {"Ack", "NeedSnapshot", "Status", "Error"} <= set(kinds)
     assert q_files == g_files
+
+
+def chain(folder: Path, n: int) -> list[bytes]:
+    """The Write frames of ``n`` records that follow the snapshot of make_store."""
+    w = make_store(folder)
+    frames = []
+    for dv in range(11, 11 + n):
+        link, sealed = w.seal(dv, Kind.NORMAL, size=200)
+        w.tip = advance(w.tip, dv, Kind.NORMAL, item_hash(sealed))
+        frames.append(wire.encode(wire.Write(dv, 0, link, sealed)))
+    w.cs.close()
+    return frames
+
+
+def test_a_lease_holds_the_lock_until_released(tmp_path: Path) -> None:
+    path = tmp_path / "x.lock"
+    path.write_bytes((3).to_bytes(8, "big") + (5).to_bytes(8, "big"))
+    fd, other = os.open(path, os.O_RDWR), os.open(path, os.O_RDWR)
+    lease = Lease(fd)
+    assert lease.due(0.0) == 0.0                                    # not held
+    assert lease.hold(10.0) == (3, 5)
+    lease.used(10.001)
+    with pytest.raises(BlockingIOError):
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    path.write_bytes(bytes(16))                                     # (nobody else could)
+    assert lease.hold(10.004) == (3, 5)                             # kept, not read again
+    lease.used(10.004)
+    assert lease.due(10.004) == pytest.approx(Lease.IDLE)
+    assert lease.due(10.0 + Lease.MAX - 0.001) == 0.0               # held too long
+    lease.release()
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)                # free again
+    with pytest.raises(BlockingIOError):
+        lease.hold(11.0)                                            # another holds it now
+    assert lease.counters is None
+    os.close(fd)
+    os.close(other)
+
+
+def test_a_streaming_writer_keeps_the_lock_only_while_its_records_follow(
+        tmp_path: Path) -> None:
+    """On the quick path the writer keeps its client's lock from one record to the next;
+    once its records stop it lets go within Lease.IDLE, and while they go on another
+    process (here a thread with a lock file of its own) gets the lock within Lease.MAX,
+    holds up the records meanwhile, and every record is still answered, in order."""
+    frames = chain(tmp_path / "scratch", 400)
+    make_store(tmp_path / "data").cs.close()
+
+    def try_lock(fd: int) -> bool:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return True
+
+    async def body() -> None:
+        core = ServerCore(tmp_path / "data", SERVER_PRIV, threads=2)
+        h = await writer_session(core)
+        other = os.open(lock_path(tmp_path / "data", CID), os.O_RDWR)
+        acks = []
+        for frame in frames[:2]:           # the first grows the log: in a worker, unkept
+            h.data_received(frame)
+            acks += wire.FrameDecoder().feed(await settle(h))
+        assert [type(a) for a in acks] == [wire.Ack, wire.Ack]
+        assert not try_lock(other)                          # kept after the record
+        await asyncio.sleep(Lease.IDLE * 4)
+        assert try_lock(other)                              # let go once records stopped
+        got: list[float] = []
+
+        def take() -> None:                                 # another process's wait
+            t0 = time.monotonic()
+            fcntl.flock(other, fcntl.LOCK_EX)
+            got.append(time.monotonic() - t0)
+            time.sleep(0.02)
+            fcntl.flock(other, fcntl.LOCK_UN)
+
+        waiter = None
+        for i, frame in enumerate(frames[2:]):              # a record every millisecond
+            h.data_received(frame)
+            await asyncio.sleep(0.001)
+            if i == 20:
+                waiter = asyncio.get_running_loop().run_in_executor(None, take)
+        assert waiter is not None
+        await waiter
+        acks = wire.FrameDecoder().feed(await settle(h))
+        assert [(type(a), a.data_version) for a in acks] == \
+            [(wire.Ack, dv) for dv in range(13, 11 + len(frames))]
+        assert got and got[0] < Lease.MAX + 0.2
+        h.connection_lost()
+        await asyncio.wait_for(h.done.wait(), 10)
+        assert try_lock(other)                              # and gone with the session
+        os.close(other)
+        core.close()
+
+    asyncio.run(body())
