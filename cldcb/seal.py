@@ -98,12 +98,19 @@ def stream_key(shared_ephemeral: bytes, shared_static: bytes, purpose: bytes,
                     shared_ephemeral + shared_static)
 
 
+_CHANGE_HEAD = struct.Struct(">QI")  # a change's time (ms) and statement count
+_LENGTH = struct.Struct(">I")
+_NONCE = struct.Struct(">4xQ")      # 4 zero bytes, then the item counter
+_COUNTER = struct.Struct(">Q")
+_RECORD_AT = struct.Struct(">qB")
+
+
 def _nonce(counter: int) -> bytes:
-    return b"\0\0\0\0" + struct.pack(">Q", counter)
+    return _NONCE.pack(counter)
 
 
 def record_context(client_pub: bytes, data_version: int, kind: Kind, link: bytes) -> bytes:
-    return b"record" + client_pub + struct.pack(">qB", data_version, int(kind)) + link
+    return b"record" + client_pub + _RECORD_AT.pack(data_version, int(kind)) + link
 
 
 def chunk_context(client_pub: bytes, data_version: int, index: int) -> bytes:
@@ -126,10 +133,11 @@ class StreamSealer:
         shared_s = coincurve.PrivateKey(client_priv).ecdh(node_pub)
         self._aead = ChaCha20Poly1305(stream_key(shared_e, shared_s, purpose, self.client_pub))
         self._counter = 0
+        self._head = bytes([VERSION]) + self.ephemeral_pub
 
     def seal(self, plaintext: bytes, context: bytes) -> bytes:
-        header = bytes([VERSION]) + self.ephemeral_pub + struct.pack(">Q", self._counter)
-        ct = self._aead.encrypt(_nonce(self._counter), plaintext, header + context)
+        header = self._head + _COUNTER.pack(self._counter)
+        ct = self._aead.encrypt(_NONCE.pack(self._counter), plaintext, header + context)
         self._counter += 1
         return header + ct
 
@@ -182,12 +190,12 @@ class Change:
 def encode_change(writes: Sequence[str], time_ms: int) -> bytes:
     """The plaintext of a record; SealError if a statement is not text that UTF-8 can
     carry (lightningd never sends one: the call is malformed)."""
-    parts = [struct.pack(">QI", time_ms, len(writes))]
+    parts = [_CHANGE_HEAD.pack(time_ms, len(writes))]
+    length = _LENGTH.pack
     try:
         for w in writes:
-            b = w.encode("utf-8")
-            parts.append(struct.pack(">I", len(b)))
-            parts.append(b)
+            b = w.encode()
+            parts += (length(len(b)), b)
     except (AttributeError, UnicodeEncodeError):
         raise SealError("a db_write statement is not valid text (a string that UTF-8 can "
                         "encode); the call is malformed and cannot be backed up") from None

@@ -497,7 +497,9 @@ class ServerLink:
             eng.changed()
 
     def compaction_due(self) -> bool:
+        if not self.wants_compaction:
+            return False                  # the usual case, asked before every change
         now = time.monotonic()
-        return (self.wants_compaction and self.compaction is None and self.in_step()
+        return (self.compaction is None and self.in_step()
                 and now >= self.compaction_retry_at
                 and now - self.last_snapshot_at >= COMPACTION_MIN_INTERVAL)

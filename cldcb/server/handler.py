@@ -187,7 +187,9 @@ class SessionHandler:
             if write is not None:
                 if not self._answer_inline(write):
                     self._queue.put_nowait(Received(write))
-                self._backlog_check()
+                    self._backlog_check()
+                elif self._held is not None or self._paused:
+                    self._backlog_check()
                 return
         events = self.session.receive_data(data)
         self._flush()
