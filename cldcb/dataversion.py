@@ -220,10 +220,10 @@ class Tip:
         check_data_version(self.data_version)
         if not isinstance(self.kind, Kind):
             raise TypeError(f"Tip.kind must be a Kind, not {type(self.kind).__name__}")
-        for name in ("hash", "link"):
-            value = getattr(self, name)
-            if not isinstance(value, bytes) or len(value) != HASH_LEN:
-                raise ValueError(f"Tip.{name} must be {HASH_LEN} bytes")
+        if not isinstance(self.hash, bytes) or len(self.hash) != HASH_LEN:
+            raise ValueError(f"Tip.hash must be {HASH_LEN} bytes")
+        if not isinstance(self.link, bytes) or len(self.link) != HASH_LEN:
+            raise ValueError(f"Tip.link must be {HASH_LEN} bytes")
 
 
 @dataclass(frozen=True)

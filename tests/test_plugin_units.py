@@ -180,6 +180,24 @@ def test_the_quick_continue_answer_is_the_encoded_response(request_id: object) -
         jsonrpc.response(request_id, {"result": "continue"})]
 
 
+def test_the_stdout_writer_writes_whole_messages_through_short_writes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    r, w = os.pipe()
+    out = jsonrpc.StdoutWriter(w)
+    msg = jsonrpc.encode(jsonrpc.response("cln:db_write#1", {"result": "continue"}))
+    out.write(msg)                                            # all at once
+    real_write = os.write
+    monkeypatch.setattr(jsonrpc.os, "write", lambda fd, data: real_write(fd, data[:7]))
+    out.write(msg)                                            # seven bytes at a time
+    monkeypatch.undo()
+    os.close(w)
+    got = b""
+    while chunk := os.read(r, 65536):
+        got += chunk
+    os.close(r)
+    assert got == msg + msg
+
+
 def test_decoder_rejects_garbage() -> None:
     with pytest.raises(ProtocolError):
         jsonrpc.MessageDecoder().feed(b"[1, 2]\n\n")

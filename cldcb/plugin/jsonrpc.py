@@ -138,7 +138,10 @@ class StdoutWriter:
 
     def write(self, encoded: bytes) -> None:
         """Write one message already encoded (:func:`encode`, :func:`encode_continue`)."""
-        data = memoryview(encoded)
+        written = os.write(self._fd, encoded)
+        if written == len(encoded):
+            return                        # the usual case: all of it at once
+        data = memoryview(encoded)[written:]
         while data:
             written = os.write(self._fd, data)
             data = data[written:]

@@ -217,8 +217,8 @@ class ClientStore:
             raise StoreError("a record's link must be 32 bytes")
         h = item_hash(sealed)
         tip = self.tip
-        if tip is not None and not tip.is_snapshot and (tip.data_version, tip.kind, tip.link,
-                                                        tip.hash) == (data_version, k, link, h):
+        if tip is not None and tip.data_version == data_version and not tip.is_snapshot \
+                and (tip.kind, tip.link, tip.hash) == (k, link, h):
             return wire.Ack(data_version, self._want_snapshot())  # a resend of the newest
         if next_link(tip, data_version, k) == link:    # the usual case: the next change
             new_tip = Tip(data_version, k, h, link)
