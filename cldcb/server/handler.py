@@ -35,9 +35,8 @@ parallel. An idle session's append or status goes there straight from the
 receiving callback and is answered from the pool's completion callback (no
 task switch); requests that arrive meanwhile wait, in order, behind it.
 A writer whose records come one after another keeps its client's ``flock``
-from one record to the next (:class:`~cldcb.store.locks.Lease`): let go once
-its records pause for a few milliseconds, after 50 ms at the latest,
-and before any other store call of the session.
+from one record to the next (:class:`~cldcb.store.locks.Lease`), for 20 ms at
+most and never across another store call of the session.
 """
 
 from __future__ import annotations
@@ -429,9 +428,8 @@ class SessionHandler:
         except BaseException:
             lease.release()
             raise
-        lease.used(time.monotonic())
         if self._lease_timer is None:
-            self._lease_timer = asyncio.get_running_loop().call_later(Lease.IDLE,
+            self._lease_timer = asyncio.get_running_loop().call_later(Lease.HOLD,
                                                                       self._lease_check)
 
     def _lease_check(self) -> None:

@@ -17,7 +17,7 @@ checks that look for such changes (:meth:`~cldcb.store.ClientStore.vouch`).
 A short or missing file reads as zeros.
 
 A writer streaming records on an event loop may keep the lock between them
-(:class:`Lease`): others wait at most :attr:`Lease.MAX` seconds for it.
+(:class:`Lease`): others wait at most :attr:`Lease.HOLD` seconds for it.
 """
 
 from __future__ import annotations
@@ -65,24 +65,23 @@ class Lease:
 
     Taking the lock for every record costs three system calls (lock, read the
     counters, unlock) on the path every change takes. A writer that answers its
-    records on an event loop keeps it instead while they come one after another:
+    records on an event loop keeps it instead for up to :attr:`HOLD` seconds:
     :meth:`hold` takes it without waiting (BlockingIOError if another holds it)
     and reads the counters once; while it is held nobody else can change them or
-    the client's files, so the next records need neither. The holder calls
-    :meth:`release` when :meth:`due` (no record for :attr:`IDLE` seconds, or
-    held for :attr:`MAX`: another process, an admin command or a session under
-    sshd, waits at most that long) and before any other use of the lock file.
+    the client's files, so the records that follow need neither. The holder calls
+    :meth:`release` once :meth:`due` (so another process, an admin command or a
+    session under sshd, waits at most that long) and before any other use of the
+    lock file.
     """
 
-    IDLE = 0.005
-    MAX = 0.05
+    HOLD = 0.02
 
-    __slots__ = ("_fd", "counters", "_since", "_last")
+    __slots__ = ("_fd", "counters", "_since")
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
         self.counters: tuple[int, int] | None = None
-        self._since = self._last = 0.0
+        self._since = 0.0
 
     def hold(self, now: float) -> tuple[int, int]:
         """Take the lock at ``now`` if not held yet; the counters."""
@@ -97,10 +96,6 @@ class Lease:
             self._since = now
         return counters
 
-    def used(self, now: float) -> None:
-        """A record was done under the lock at ``now`` (:attr:`IDLE` counts from here)."""
-        self._last = now
-
     def release(self) -> None:
         if self.counters is not None:
             self.counters = None
@@ -110,7 +105,7 @@ class Lease:
         """Seconds until the lock must be let go (0: now; also when not held)."""
         if self.counters is None:
             return 0.0
-        return max(0.0, min(self._last + self.IDLE, self._since + self.MAX) - now)
+        return max(0.0, self._since + self.HOLD - now)
 
 
 def read_counters(fd: int) -> tuple[int, int]:
