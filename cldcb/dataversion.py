@@ -277,6 +277,9 @@ def _skip_space_and_comments(sql: str) -> str:
 
 def is_pragma(statement: str) -> bool:
     """True if ``statement`` is a PRAGMA (leading whitespace/comments skipped)."""
+    first = statement[:1]
+    if first and not first.isspace() and first not in "-/" and first.upper()[:1] != "P":
+        return False        # the usual case (INSERT, UPDATE…): nothing to skip, not a P
     rest = _skip_space_and_comments(statement)
     if rest[:6].upper() != "PRAGMA":
         return False

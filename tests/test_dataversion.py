@@ -382,3 +382,28 @@ def test_next_link_is_decides_link_for_the_next_change(tip: Tip | None, dv: int,
         assert (d.action, d.link) == (Action.APPEND, link)
     assert (link is not None) == (tip is not None and kind is Kind.NORMAL and type(dv) is int
                                   and dv == tip.data_version + 1 <= MAX_DATA_VERSION)
+
+
+def _is_pragma_by_the_rule(statement: str) -> bool:
+    rest = statement
+    while True:
+        rest = rest.lstrip()
+        if rest.startswith("--"):
+            rest = rest[rest.index("\n") + 1:] if "\n" in rest else ""
+        elif rest.startswith("/*"):
+            rest = rest[rest.index("*/", 2) + 2:] if "*/" in rest[2:] else ""
+        else:
+            break
+    return rest[:6].upper() == "PRAGMA" and not (rest[6:7].isalnum() or rest[6:7] in "_$"
+                                                 and rest[6:7] != "")
+
+
+_PIECES = [" ", "\t", "\n", "\u00a0", "\u2003", "-- note\n", "--", "/* c */", "/*", "*/",
+           "PRAGMA", "pragma", "Pragma", "PRAGMAX", "PRAGMA_", "PRAGMA$", "PRAGMA1", " x",
+           "INSERT", "p", "P", "ﬀ", "é", ";", "-", "/"]
+
+
+@given(st.lists(st.sampled_from(_PIECES), max_size=5).map("".join) | st.text())
+def test_is_pragma_is_the_documented_rule(statement: str) -> None:
+    """Whatever the statement (its quick first-character test included)."""
+    assert is_pragma(statement) == _is_pragma_by_the_rule(statement)

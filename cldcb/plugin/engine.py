@@ -94,10 +94,14 @@ HOT_PATIENCE = 1.0
 Emit = Callable[[str, str], None]
 
 
-@dataclass
+@dataclass(frozen=True)
 class HookResult:
     ok: bool
     message: str = ""
+
+
+CONTINUE = HookResult(True)
+"""The usual answer (one instance, as HookResult is frozen)."""
 
 
 @dataclass
@@ -210,7 +214,7 @@ class Engine:
             w.set_result(None)
         hot = self._hot
         if hot is not None and not hot.handed_over and self._holders(hot.seq) >= self.quorum:
-            self._hot_end(hot, HookResult(True))
+            self._hot_end(hot, CONTINUE)
         if self.on_change is not None:
             self.on_change()
 
@@ -444,8 +448,12 @@ class Engine:
     def _holders(self, seq: int) -> int:
         log = self.log
         assert log is not None
-        return sum(1 for link in self.links
-                   if link.pos is not None and log.holds(link.pos) and link.pos >= seq)
+        n = 0
+        for link in self.links:          # (a loop: this runs for every acknowledgement)
+            pos = link.pos
+            if pos is not None and pos >= seq and log.holds(pos):
+                n += 1
+        return n
 
     def _viable(self) -> int:
         """Servers that can hold this call's record without a new copy."""
@@ -471,7 +479,7 @@ class Engine:
             if self._viable() < self.quorum:
                 self.hook_blocking = True
             if self._holders(seq) >= self.quorum and hook.copy_task is None:
-                return HookResult(True)
+                return CONTINUE
             now = time.monotonic()
             limit = max(deadline, self._progress_at + self.outage_limit)
             if now >= limit:

@@ -123,11 +123,11 @@ class Plugin:
         msg_id = msg.get("id")
         params = msg.get("params") or {}
         if method == "db_write" and msg_id is not None:
-            self._last_call = time.monotonic()
             call = params if isinstance(params, dict) else {}
-            if self._calls.empty() and _well_formed(call) and self.engine.db_write_now(
-                    call["data_version"], call["writes"],
-                    lambda result: self._answer(msg_id, result)):
+            hot = self._calls.empty() and _well_formed(call) and self.engine.db_write_now(
+                call["data_version"], call["writes"], lambda result: self._answer(msg_id, result))
+            self._last_call = time.monotonic()
+            if hot:
                 return      # the hot path: answered from a connection callback
             self._calls.put_nowait((msg_id, call))
         elif method == "getmanifest":
