@@ -25,8 +25,8 @@ from typing import Any, ClassVar
 from cldcb.errors import ProtocolError
 
 MAX_FRAME = 16 * 1024 * 1024
-_U32 = struct.Struct(">I")
 """Largest frame (type + body) either side accepts."""
+_U32 = struct.Struct(">I")
 
 MAX_LIST = 100_000
 """Most items in one list field (recognition entries)."""
@@ -452,6 +452,7 @@ def decode(type_: int, body: bytes | memoryview) -> Message:
 
 _WRITE_HEAD = struct.Struct(">IBqB32sI")   # length, type, data_version, kind, link, len
 _ACK_FRAME = struct.Struct(">IBqB")         # length, type, data_version, want_snapshot
+_WRITE, _ACK = Write.TYPE, Ack.TYPE
 
 
 def write_frame(data_version: int, kind: int, link: bytes, sealed: bytes) -> bytes:
@@ -463,7 +464,7 @@ def write_frame(data_version: int, kind: int, link: bytes, sealed: bytes) -> byt
         raise ProtocolError(f"Write of {length - 1} bytes exceeds the frame limit of "
                             f"{MAX_FRAME}")
     try:
-        return _WRITE_HEAD.pack(length, 13, data_version, kind, link, len(sealed)) + sealed
+        return _WRITE_HEAD.pack(length, _WRITE, data_version, kind, link, len(sealed)) + sealed
     except struct.error as exc:
         raise ProtocolError(f"field out of range: {exc}") from None
 
@@ -471,7 +472,7 @@ def write_frame(data_version: int, kind: int, link: bytes, sealed: bytes) -> byt
 def write_in(data: bytes) -> Write | None:
     """The Write ``data`` is, if it is exactly one whole well-formed Write frame; else
     None (then FrameDecoder says what it is, or what is wrong with it)."""
-    if len(data) < _WRITE_HEAD.size or data[4] != 13:
+    if len(data) < _WRITE_HEAD.size or data[4] != _WRITE:
         return None
     length, _, data_version, kind, link, n = _WRITE_HEAD.unpack_from(data)
     if length != len(data) - 4 or n != len(data) - _WRITE_HEAD.size or length > MAX_FRAME:
@@ -482,14 +483,14 @@ def write_in(data: bytes) -> Write | None:
 def ack_frame(data_version: int, want_snapshot: bool) -> bytes:
     """``encode(Ack(data_version, want_snapshot))``; ProtocolError as encode."""
     try:
-        return _ACK_FRAME.pack(10, 33, data_version, want_snapshot)
+        return _ACK_FRAME.pack(10, _ACK, data_version, 1 if want_snapshot else 0)
     except struct.error as exc:
         raise ProtocolError(f"field out of range: {exc}") from None
 
 
 def ack_in(data: bytes) -> Ack | None:
     """The Ack ``data`` is, if it is exactly one whole well-formed Ack frame; else None."""
-    if len(data) != 14 or data[4] != 33:
+    if len(data) != _ACK_FRAME.size or data[4] != _ACK:
         return None
     length, _, data_version, want = _ACK_FRAME.unpack(data)
     if length != 10 or want > 1:
