@@ -532,8 +532,8 @@ def test_a_live_upload_is_not_taken_for_debris(store: Store, w: Writer) -> None:
        st.integers(0, 2**63 - 1), st.binary(max_size=5000))
 def test_a_record_frame_is_the_generic_frame_of_its_body(dv: int, kind: int, link: bytes,
                                                          t: int, sealed: bytes) -> None:
-    """encode_record (one copy of the sealed bytes, running checksums) writes the very
-    frame encode_frame makes of the record's body, and read_frame gives the body back."""
+    """A frame made of pieces (one copy of the sealed bytes, running checksums) is the
+    very frame of the body they make, and read_frame gives the body back."""
     frame = encode_record(dv, kind, link, t, sealed)
     body = RECORD_HEAD.pack(dv, kind, link, t) + sealed
     assert frame == encode_frame(RECORD_MAGIC, body)

@@ -44,9 +44,15 @@ FOOTER_MAGIC = b"cldcbEND"
 _WINDOW = 1 << 20
 
 
-def encode_frame(magic: bytes, body: bytes) -> bytes:
-    head = _FIRST12.pack(magic, len(body), zlib.crc32(body))
-    return head + _U32.pack(zlib.crc32(head)) + body
+def encode_frame(magic: bytes, *body: bytes) -> bytes:
+    """The frame of the body made of the ``body`` pieces, each copied once (into the
+    frame; the checksum runs over them in turn)."""
+    crc = size = 0
+    for piece in body:
+        crc = zlib.crc32(piece, crc)
+        size += len(piece)
+    head = _FIRST12.pack(magic, size, crc)
+    return b"".join((head, _U32.pack(zlib.crc32(head)), *body))
 
 
 def frame_len(body_len: int) -> int:
@@ -124,12 +130,8 @@ class RecordFrame:
 
 def encode_record(data_version: int, kind: int, link: bytes, time_ms: int,
                   sealed: bytes) -> bytes:
-    """``encode_frame(RECORD_MAGIC, record head + sealed)``, with the sealed bytes copied
-    once (this runs for every record)."""
-    head = RECORD_HEAD.pack(data_version, kind, link, time_ms)
-    first = _FIRST12.pack(RECORD_MAGIC, len(head) + len(sealed),
-                          zlib.crc32(sealed, zlib.crc32(head)))
-    return b"".join((first, _U32.pack(zlib.crc32(first)), head, sealed))
+    return encode_frame(RECORD_MAGIC, RECORD_HEAD.pack(data_version, kind, link, time_ms),
+                        sealed)
 
 
 def decode_record(body: bytes) -> RecordFrame:
@@ -138,7 +140,7 @@ def decode_record(body: bytes) -> RecordFrame:
 
 
 def encode_chunk(index: int, sealed: bytes) -> bytes:
-    return encode_frame(CHUNK_MAGIC, CHUNK_HEAD.pack(index) + sealed)
+    return encode_frame(CHUNK_MAGIC, CHUNK_HEAD.pack(index), sealed)
 
 
 def decode_chunk(body: bytes) -> tuple[int, bytes]:

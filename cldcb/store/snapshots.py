@@ -75,8 +75,8 @@ def snapshot_path(folder: Path, seq: int) -> Path:
 def encode_trailer(data_version: int, anchor: bytes, chunk_count: int, time_ms: int,
                    anchored: bool, start: Pos, manifest: bytes) -> bytes:
     return encode_frame(TRAILER_MAGIC, TRAILER_HEAD.pack(
-        data_version, anchor, chunk_count, time_ms, int(anchored), start[0], start[1])
-        + manifest)
+        data_version, anchor, chunk_count, time_ms, int(anchored), start[0], start[1]),
+        manifest)
 
 
 def read_info(fs: FileLayer, path: Path, seq: int) -> SnapshotInfo:
