@@ -135,14 +135,11 @@ class Superseded(Exception):
     pass
 
 
-def _quick_call(msg: wire.Write | wire.StatusRequest, *,
-                inline: bool = False) -> Callable[[Any], wire.Message]:
-    """The store call answering a record append or a status request. ``inline`` (on the
-    event loop): BlockingIOError, nothing done, if the append would grow the log."""
+def _quick_call(msg: wire.Write | wire.StatusRequest) -> Callable[[Any], wire.Message]:
+    """The store call answering a record append or a status request (in a worker)."""
     if isinstance(msg, wire.Write):
         t = now_ms()
-        return lambda cs: cs.append(msg.data_version, msg.kind, msg.link, msg.sealed, t,
-                                    quick_only=inline)
+        return lambda cs: cs.append(msg.data_version, msg.kind, msg.link, msg.sealed, t)
     return lambda cs: cs.status()
 
 
@@ -450,15 +447,17 @@ class SessionHandler:
             self._lease.release()
 
     async def _store(self, fn: Callable[[Any], Any], *,
-                     inline: Callable[[Any], Any] | None = None) -> Any:
-        """``fn(client_store)`` under the client's locks; ``inline`` instead, on the event
-        loop, if given and the server is quiet (BlockingIOError from it: ``fn`` then)."""
+                     quick: wire.Write | wire.StatusRequest | None = None) -> Any:
+        """``fn(client_store)`` under the client's locks. ``quick``: the request ``fn``
+        answers; if the server is quiet it is answered by :meth:`_inline` instead, and
+        None is returned (BlockingIOError from it: ``fn`` then)."""
         assert self.client_id
         core = self.core
         async with core.lock(self.client_id):
-            if inline is not None and core.quiet(self):
+            if quick is not None and core.quiet(self):
                 try:
-                    return self._locked(inline, wait=False)()
+                    self._inline(quick)
+                    return None
                 except BlockingIOError:
                     pass  # another process holds the lock, or the log must grow
             core.inflight += 1
@@ -481,7 +480,9 @@ class SessionHandler:
             await self.core.run(self.core.store.put_recognition, self.client_id, msg.entry)
             s.send(wire.Ok())
         elif isinstance(msg, (wire.StatusRequest, wire.Write)):
-            s.send(await self._store(_quick_call(msg), inline=_quick_call(msg, inline=True)))
+            answer = await self._store(_quick_call(msg), quick=msg)
+            if answer is not None:                      # (else _inline answered it)
+                s.send(answer)
         elif isinstance(msg, wire.SnapshotBegin):
             await self._abort_upload()
             t = now_ms()
