@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import asyncssh  # noqa: E402
 from measure import vm_hwm_mb  # noqa: E402
-from sshfloor import connect, floor_server, nodelay, run_child  # noqa: E402
+from sshfloor import FloorSession, connect, floor_server, run_child  # noqa: E402
 
 SINK = "sink"
 CHUNK = 1024 * 1024
@@ -43,17 +43,11 @@ CHUNK = 1024 * 1024
 
 # -- floor: stream the bytes over the same SSH transport to a sink that fsyncs -----------------
 
-class _SinkSession(asyncssh.SSHServerSession[bytes]):
+class _SinkSession(FloorSession):
+    SUBSYSTEM = SINK
+
     def __init__(self, path: Path) -> None:
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        self._chan: asyncssh.SSHServerChannel[bytes] | None = None
-
-    def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:  # type: ignore[override]
-        self._chan = chan
-        nodelay(chan)
-
-    def subsystem_requested(self, subsystem: str) -> bool:
-        return subsystem == SINK
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
         os.write(self._fd, data)

@@ -2,7 +2,7 @@
 
 ``bench/hook_latency.py`` and ``bench/server_load.py`` (request → fsync → ack:
 :class:`RequestSession`) and ``bench/snapshot.py`` (stream → fsync, its own
-session class) run a session behind an asyncssh server with no
+:class:`FloorSession`) run a session behind an asyncssh server with no
 authentication, the project's preferred cipher and TCP_NODELAY, in a child
 process started and stopped by the benchmark.
 """
@@ -34,7 +34,22 @@ def nodelay(chan_or_conn: asyncssh.SSHServerChannel[bytes] | asyncssh.SSHClientC
 FLOOR_SUBSYSTEM = "floor"
 
 
-class RequestSession(asyncssh.SSHServerSession[bytes]):
+class FloorSession(asyncssh.SSHServerSession[bytes]):
+    """What every floor's session does: accept its own subsystem only, keep its channel,
+    TCP_NODELAY on it."""
+
+    SUBSYSTEM = FLOOR_SUBSYSTEM
+    _chan: asyncssh.SSHServerChannel[bytes] | None = None
+
+    def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:  # type: ignore[override]
+        self._chan = chan
+        nodelay(chan)
+
+    def subsystem_requested(self, subsystem: str) -> bool:
+        return subsystem == self.SUBSYSTEM
+
+
+class RequestSession(FloorSession):
     """The bare request server: each request (u32 length, then that many bytes) is
     appended to ``path`` and fsynced, then answered ``ack:`` + its length. With an
     ``executor`` the append and fsync run there (a session's requests still answered in
@@ -44,17 +59,9 @@ class RequestSession(asyncssh.SSHServerSession[bytes]):
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._executor = executor
         self._buf = bytearray()
-        self._chan: asyncssh.SSHServerChannel[bytes] | None = None
         self._queue: asyncio.Queue[bytes | None] = asyncio.Queue()
         if executor is not None:
             asyncio.get_running_loop().create_task(self._serve())
-
-    def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:  # type: ignore[override]
-        self._chan = chan
-        nodelay(chan)
-
-    def subsystem_requested(self, subsystem: str) -> bool:
-        return subsystem == FLOOR_SUBSYSTEM
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
         self._buf += data
