@@ -28,3 +28,27 @@ def require_tool(name: str) -> str:
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     return DATA
+
+
+@pytest.fixture
+def realcln(tmp_path: Path, request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    """Real lightningd nodes under this test's folder (see ``tests/realcln.py``); every
+    process they started is ended at the end, and a failing test's report carries the
+    tails of their logs."""
+    from realcln import RealCln, require_lightningd
+
+    cln = RealCln(tmp_path / "cln", require_lightningd())
+    request.node.realcln = cln
+    try:
+        yield cln
+    finally:
+        cln.close()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    report = yield
+    cln = getattr(item, "realcln", None)
+    if cln is not None and report.when == "call" and report.failed:
+        report.sections.append(("real lightningd logs", cln.tails()))
+    return report
