@@ -229,9 +229,9 @@ def test_lightningd_killed_mid_workload_over_sshd(realcln: RealCln, tmp_path: Pa
         sshd.stop()
 
 
-def test_server_gone_longer_than_the_outage_limit_stops_lightningd(
+def test_server_hung_longer_than_the_outage_limit_stops_lightningd(
         realcln: RealCln, tmp_path: Path) -> None:
-    """With the only server down for longer than --outage-limit, lightningd stops
+    """With the only server hung for longer than --outage-limit, lightningd stops
     without committing the change the server never acknowledged; the database ends at
     the newest record the server holds. Server back, node restarted: backups go on."""
     server = CldcbServer(tmp_path / "server").init()
@@ -243,10 +243,16 @@ def test_server_gone_longer_than_the_outage_limit_stops_lightningd(
         client.installplugin(node, [daemon_server(server)], "--outage-limit", "3")
         node.workload("before")
         backed_up_in_step(client, node)
-        server.stop(signal.SIGKILL)
-        with pytest.raises((RpcError, RpcTransportError)):
-            node.call("datastore", key=["outage"], string="never committed")
-        node.wait_exit(60)
+        # The server hangs (its connection stays up, it stores and answers nothing),
+        # then dies without ever having stored what it was sent.
+        assert server.proc is not None
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises((RpcError, RpcTransportError)):
+                node.call("datastore", key=["outage"], string="never committed")
+            node.wait_exit(60)
+        finally:
+            server.stop(signal.SIGKILL)
         server.start()
         report = json.loads(client.status(node).stdout)
         (entry,) = report["servers"]
@@ -318,9 +324,10 @@ def _settled(*nodes: RealNode) -> dict:
 
 
 def test_channel_survives_a_lost_node(realcln: RealCln, tmp_path: Path) -> None:
-    """Two nodes with a real channel; payments both ways; A killed, A's folder lost but
-    hsm_secret, recovered: the channel is back in CHANNELD_NORMAL with the same balance
-    and payments go both ways again (a state one payment behind would lose it)."""
+    """Two nodes with a real channel; payments both ways; A killed right after its last
+    payment (its commitments still being updated), A's folder lost but hsm_secret,
+    recovered: the channel is back in CHANNELD_NORMAL with every payment in its balance,
+    and payments go both ways again (a state one update behind would lose the channel)."""
     server = CldcbServer(tmp_path / "server").init()
     client = Client(tmp_path / "client")
     server.add(client.client_id)
@@ -333,17 +340,22 @@ def test_channel_survives_a_lost_node(realcln: RealCln, tmp_path: Path) -> None:
         a.wait_blockheight(height)
         b.wait_blockheight(height)
         a.call("connect", id=b.node_id(), host="127.0.0.1", port=b.port)
-        a.call("fundchannel", id=b.node_id(), amount=1_000_000)
+        funding = 1_000_000_000       # msat: A funds the channel and owns all of it
+        a.call("fundchannel", id=b.node_id(), amount=funding // 1000)
         height = realcln.chain.mine(6)
         for n in (a, b):
             wait_for(f"{n.name}'s channel to be normal",
                      lambda n=n: _channel(n)["state"] == "CHANNELD_NORMAL", timeout=120)
+        paid = 0                      # what A paid B, net
         for i in range(5):
             _pay(a, b, 10_000_000 + i, f"ab{i}")
+            paid += 10_000_000 + i
         for i in range(3):
             _pay(b, a, 1_000_000 + i, f"ba{i}")
-        before = _settled(a, b)
-        a.kill()
+            paid -= 1_000_000 + i
+        _pay(a, b, 3_000_000, "ab-last")
+        paid += 3_000_000
+        a.kill()      # at once: A's last commitment updates may be under way
         wipe_but_hsm_secret(a)
         client.recover(a.lightning_dir, [daemon_server(server)])
         a.start()
@@ -352,12 +364,10 @@ def test_channel_survives_a_lost_node(realcln: RealCln, tmp_path: Path) -> None:
             wait_for(f"{n.name}'s channel to be normal and connected again",
                      lambda n=n: (_channel(n)["state"] == "CHANNELD_NORMAL"
                                   and _channel(n)["peer_connected"]), timeout=120)
-        after = _channel(a)
-        assert after["to_us_msat"] == before["to_us_msat"]
-        assert after["short_channel_id"] == before["short_channel_id"]
+        assert _settled(a, b)["to_us_msat"] == funding - paid
         _pay(a, b, 2_000_000, "ab-after")
         _pay(b, a, 1_500_000, "ba-after")
-        assert _settled(a, b)["to_us_msat"] == before["to_us_msat"] - 2_000_000 + 1_500_000
+        assert _settled(a, b)["to_us_msat"] == funding - paid - 2_000_000 + 1_500_000
         a.stop()
         b.stop()
     finally:
