@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pty
+import re
 import select
 import shutil
 import signal
@@ -410,7 +411,19 @@ def test_unverifiable_server_needs_yes(world: World, tmp_path: Path) -> None:
 
 def test_recovered_node_goes_on_backing_up_as_the_same_client(world: World,
                                                               tmp_path: Path) -> None:
+    """The recovered wrapper backs up as the same client, continuing its chain: the next
+    recovery finds the same snapshot and exactly one record more (a new client would be
+    refused by the server; a new chain would be a fresh snapshot with one record on it).
+
+    The server may ask the restarted plugin for a compaction (its log outgrew the last
+    snapshot: that depends on where the world's plugin last compacted). Its first call
+    then starts a background upload, which only the plugin's exit cuts short. So that
+    upload is slowed past any lifetime of this node (the test knob for background
+    uploads: a pause after each full chunk); it can never end, the server keeps its
+    snapshot, and what the second recovery finds does not depend on timing."""
     from simlightningd import SimLightningd
+
+    from cldcb.plugin.main import ENV_CHUNK_DELAY, ENV_CHUNK_SIZE
 
     backup = world.backups["plain32"]
     server = copy_daemon(world, tmp_path).start()
@@ -420,10 +433,15 @@ def test_recovered_node_goes_on_backing_up_as_the_same_client(world: World,
         done = client(*recover_args(lightning_dir, *args))
         assert done.returncode == 0, done.stderr
         check_recovered(lightning_dir, backup, done.stdout + done.stderr)
-        first = done.stdout
+        base = re.search(r"\(snapshot at data_version (\d+) of ([^,]+), then (\d+) records\)",
+                         done.stdout)
+        assert base is not None, done.stdout
+        chunk = 32 * 1024
+        assert (lightning_dir / NETWORK / "lightningd.sqlite3").stat().st_size > chunk
         # lightningd starts on the recovered database with the recovered wrapper.
         node = SimLightningd(lightning_dir, lightning_dir / NETWORK / WRAPPER_NAME,
-                             network=NETWORK).start()
+                             network=NETWORK,
+                             env={ENV_CHUNK_DELAY: "3600", ENV_CHUNK_SIZE: str(chunk)}).start()
         try:
             node.init()
             dv = backup.data_version + 1
@@ -432,15 +450,21 @@ def test_recovered_node_goes_on_backing_up_as_the_same_client(world: World,
                                f"'data_version' AND intval = {dv - 1}"])
         finally:
             node.close()
+        logs = node.log_messages()
+        assert f"info: cldcb: backup holds data_version {backup.data_version} " \
+               "(1 of 1 server(s) answered)" in logs, logs
+        assert not [m for m in logs if "blocking snapshot" in m or "is durable" in m], logs
         again = fresh_node(tmp_path / "b", "plain32")
         done = client(*recover_args(again, *args))
         assert done.returncode == 0, done.stderr
+        assert f"client {backup.client_id}\n" in done.stdout
         assert f"data_version {dv}," in done.stdout
         assert dump(again / NETWORK / "lightningd.sqlite3") == \
             dump(lightning_dir / NETWORK / "lightningd.sqlite3")
         # The same client continued its chain: same snapshot, one record more.
-        snap = first.split("(snapshot at ")[1].split(",")[0]
-        assert f"(snapshot at {snap}," in done.stdout
+        snap, at, records = base.groups()
+        assert f"(snapshot at data_version {snap} of {at}, then {int(records) + 1} records)" \
+            in done.stdout, done.stdout
         assert read_wrapper(again / NETWORK / WRAPPER_NAME).client_id == backup.client_id
     finally:
         server.stop()
