@@ -59,6 +59,9 @@ SUBSYSTEM = "cldcb"
 PREFERRED_CIPHERS = ["aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com",
                      "aes256-gcm@openssh.com", "aes128-ctr", "aes256-ctr"]
 
+MAX_RECOGNITIONS = 1_000_000
+"""Most recognition entries a client reads from one server (a million clients)."""
+
 SSH_WINDOW = 8 << 20
 SSH_MAX_PACKET = 256 << 10
 """Channel window and largest packet this end accepts (asyncssh's defaults: 2 MiB and
@@ -366,8 +369,33 @@ class Connection:
     async def put_recognition(self, entry: bytes) -> None:
         await self._request(wire.PutRecognition(entry), wire.Ok)
 
+    async def recognition_pages(self) -> AsyncIterator[list[bytes]]:
+        """The server's recognition entries, page after page (``ListRecognitions``), so
+        that no count of entries makes one frame too large. A page that is empty though
+        more follow, or a cursor that does not move forward, is a ProtocolError; so is
+        an entry larger than :data:`wire.MAX_RECOGNITION` or more than
+        :data:`MAX_RECOGNITIONS` entries in all (a server that would list forever)."""
+        after, total = "", 0
+        while True:
+            page = await self._request(wire.ListRecognitions(after, wire.RECOGNITION_PAGE),
+                                       wire.Recognitions)
+            total += len(page.entries)
+            if page.next_after and (not page.entries or page.next_after <= after):
+                raise ProtocolError(f"{self.spec.address} lists its recognition entries "
+                                    "without moving forward")
+            if total > MAX_RECOGNITIONS or len(page.entries) > wire.RECOGNITION_PAGE or \
+                    any(len(e) > wire.MAX_RECOGNITION for e in page.entries):
+                raise ProtocolError(f"{self.spec.address} lists more or larger recognition "
+                                    f"entries than a server may ({MAX_RECOGNITIONS} of at "
+                                    f"most {wire.MAX_RECOGNITION} bytes)")
+            yield page.entries
+            if not page.next_after:
+                return
+            after = page.next_after
+
     async def list_recognitions(self) -> list[bytes]:
-        return (await self._request(wire.ListRecognitions(), wire.Recognitions)).entries
+        """Every recognition entry (all of :meth:`recognition_pages`)."""
+        return [entry async for page in self.recognition_pages() for entry in page]
 
     async def begin_snapshot(self, snapshot_id: int, data_version: int, anchor: bytes) -> None:
         await self._request(wire.SnapshotBegin(snapshot_id, data_version, anchor), wire.Ok)

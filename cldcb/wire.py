@@ -31,6 +31,14 @@ _U32 = struct.Struct(">I")
 MAX_LIST = 100_000
 """Most items in one list field (recognition entries)."""
 
+MAX_RECOGNITION = 1024
+"""Largest recognition entry a server stores and lists. A real one is about 220 bytes
+(:mod:`cldcb.recognition`: version, client key, signature, sealed client key)."""
+
+RECOGNITION_PAGE = 256
+"""Most entries in one ``Recognitions`` page: 256 of the largest entries make a frame of
+about 260 KiB, whatever the number of clients a server holds."""
+
 PROTOCOL_VERSION = 1
 
 
@@ -284,9 +292,10 @@ class PutRecognition(Message):
     entry: bytes
 
 
-@message(11)
+@message(11, STR, U32)
 class ListRecognitions(Message):
-    pass
+    after: str              # "": from the first entry; else a previous page's next_after
+    max_count: int          # the server sends at most min(max_count, RECOGNITION_PAGE)
 
 
 @message(12)
@@ -334,9 +343,10 @@ class Ok(Message):
     pass
 
 
-@message(31, LIST_BYTES)
+@message(31, LIST_BYTES, STR)
 class Recognitions(Message):
     entries: list[bytes]
+    next_after: str         # "": this was the last page; else ask on with after=next_after
 
 
 @message(32, BOOL, I64, U8, B32, B32, U64, I64, U64, U64, U64, BOOL, BOOL, U32)

@@ -280,19 +280,21 @@ async def _find_candidates(specs: list[ServerSpec], node: NodeKey, operator_keys
     found: dict[bytes, Candidate] = {}
     for spec in specs:
         name = str(spec.address)
+        count, own = 0, []
         try:
             conn = await Connection.open(spec, None, Role.READER,
                                          operator_keys=operator_keys or None)
             try:
-                entries = await conn.list_recognitions()
+                async for entries in conn.recognition_pages():
+                    count += len(entries)
+                    own += find_own(entries, node)
             finally:
                 await conn.close()
         except CldcbError as exc:
             results[name].error = f"cannot list its recognition entries: {exc}"
             _say(f"{name}: {results[name].error}")
             continue
-        own = find_own(entries, node)
-        _say(f"{name}: {len(entries)} recognition entries, {len(own)} of this node")
+        _say(f"{name}: {count} recognition entries, {len(own)} of this node")
         for entry, priv in own:
             found.setdefault(entry.client_pub, Candidate(priv, entry.client_pub))
     return found
