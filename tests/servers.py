@@ -30,6 +30,9 @@ from cldcb.connection import ServerAddress, ServerSpec
 from cldcb.sshkeys import authorized_keys_line, derived_public_line
 
 SERVER_CMD = [sys.executable, "-m", "cldcb.server.admin"]
+CHECKOUT = Path(__file__).resolve().parent.parent
+"""This checkout: sshd passes no environment on, so its sessions are told to import cldcb
+from here (not from wherever the package is installed)."""
 
 
 def run_server_cmd(data_dir: Path, *args: str, check: bool = True,
@@ -203,7 +206,7 @@ PermitTTY no
 PermitUserEnvironment no
 ClientAliveInterval 30
 LogLevel VERBOSE
-SetEnv CLDCB_SERVER_DIR={self.data_dir}
+SetEnv CLDCB_SERVER_DIR={self.data_dir} PYTHONPATH={CHECKOUT}
 Subsystem cldcb {self.server_command()} stdio
 """)
         with open(self.log_path, "ab") as log:
