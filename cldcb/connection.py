@@ -44,6 +44,7 @@ from cldcb.errors import (
 )
 from cldcb.ids import parse_server_id
 from cldcb.keepalive import Keepalive
+from cldcb.remote_text import escape_remote
 from cldcb.session import ClientSession, HelloComplete, Received, Role
 from cldcb.sshkeys import (
     SECP256K1_SSH_ALG,
@@ -85,6 +86,9 @@ class ServerAddress:
     @classmethod
     def parse(cls, text: str) -> ServerAddress:
         raw = text.strip()
+        if not raw.isprintable():
+            raise UsageError(f"server address {escape_remote(text)} holds control "
+                             "characters: give HOST:PORT or ssh://[USER@]HOST[:PORT]")
         scheme, rest, user = "cldcb", raw, None
         if raw.startswith("ssh://"):
             scheme, rest = "ssh", raw[len("ssh://"):].rstrip("/")
@@ -234,7 +238,7 @@ class Connection:
                 "is not in the account's authorized_keys (see `cldcb-client sshkey`)") from None
         except asyncssh.ChannelOpenError as exc:
             await self.close()
-            raise TransportError(f"{addr} refused the cldcb subsystem ({exc.reason}): is "
+            raise TransportError(f"{addr} refused the cldcb subsystem ({_reason(exc)}): is "
                                  "`Subsystem cldcb …` in its sshd_config?") from None
         except (OSError, asyncssh.Error) as exc:
             await self.close()
@@ -455,6 +459,8 @@ def _set_nodelay(conn: asyncssh.SSHClientConnection) -> None:
 
 
 def _reason(exc: BaseException) -> str:
+    """Why a connection failed or was lost, as the SSH peer (or the OS) put it: escaped,
+    since a server writes its disconnect and channel-open reasons itself."""
     if isinstance(exc, asyncssh.Error):
-        return exc.reason or type(exc).__name__
-    return str(exc) or type(exc).__name__
+        return escape_remote(exc.reason or type(exc).__name__)
+    return escape_remote(str(exc) or type(exc).__name__)

@@ -12,6 +12,11 @@ big-endian; ``bytes`` fields are ``u32 length || bytes``; ``str`` fields are
 trailing bytes, an unknown type or a field out of range is a protocol error:
 :func:`decode` and :class:`FrameDecoder` raise nothing else.
 
+``str`` fields are text for people (error texts, reasons) that the peer wrote:
+decoding escapes their control characters
+(:func:`cldcb.remote_text.escape_remote`), so that no text a server sends
+reaches a terminal, a log or a status file raw.
+
 The messages and what they mean are in :mod:`cldcb.session`.
 """
 
@@ -23,6 +28,7 @@ from enum import IntEnum
 from typing import Any, ClassVar
 
 from cldcb.errors import ProtocolError
+from cldcb.remote_text import escape_remote
 
 MAX_FRAME = 16 * 1024 * 1024
 """Largest frame (type + body) either side accepts."""
@@ -124,7 +130,7 @@ def _decode_field(spec: tuple[str, int], r: _Reader) -> Any:
         return r.take(r.unpack("I", 4))
     if kind == "str":
         try:
-            return r.take(r.unpack("H", 2)).decode("utf-8")
+            return escape_remote(r.take(r.unpack("H", 2)).decode("utf-8"))
         except UnicodeDecodeError:
             raise ProtocolError("text field is not UTF-8") from None
     if kind == "list":

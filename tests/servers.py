@@ -90,6 +90,8 @@ class CldcbServer:
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    #: the program run as ``cldcb-server`` (tests/evil_server.py for a malicious one)
+    command: list[str] = field(default_factory=lambda: list(SERVER_CMD))
 
     def init(self) -> CldcbServer:
         self.server_id = init_data_dir(self.data_dir)
@@ -104,7 +106,7 @@ class CldcbServer:
         env = dict(os.environ, **self.extra_env)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [*SERVER_CMD, "--data-dir", str(self.data_dir), "serve", "--listen",
+                [*self.command, "--data-dir", str(self.data_dir), "serve", "--listen",
                  f"127.0.0.1:{self.port}"], stdout=log, stderr=log, env=env)
         wait_port(self.port, self.proc)
         return self
