@@ -107,6 +107,12 @@ def test_recovery_finds_its_entry_among_300_of_the_maximum_size(tmp_path: Path) 
         assert done.returncode == 0, done.stderr
         assert "301 recognition entries, 1 of this node" in done.stderr
         assert f"data_version {data_version}," in done.stdout
+        # one server: recovery says it cannot tell whether newer records were withheld
+        one = [line for line in done.stdout.splitlines() if "single server" in line]
+        assert one == ["note: with a single server, recovery cannot tell whether it withheld "
+                       "its newest records; back up to a second, independent server too "
+                       "(installplugin with one --server/--server-id pair per server), so "
+                       "that the next recovery can compare them"]
         assert dump(lost / NETWORK / "lightningd.sqlite3") == original
         assert len(fillers) == 300
     finally:

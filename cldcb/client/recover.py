@@ -24,7 +24,8 @@ DESIGN section 6. In order:
    (:mod:`cldcb.plugin.wrapper`) and the ``important-plugin=`` line of the
    node's config, so that the recovered node goes on backing up as the same
    client, and print the summary with the warning never to start an older
-   state.
+   state; with a single server, also that it cannot be told from one that
+   withholds its newest records (a second, independent server is the defence).
 
 Host keys of ``ssh://`` servers: ``--host-key 'ssh-ed25519 AAAA…'``, one per
 ``ssh://`` server in the order they are given, or else the operator's
@@ -70,6 +71,10 @@ DATABASE_NAME = "lightningd.sqlite3"
 NEVER_OLDER = ("Never start lightningd on an older copy of this database: a node restored "
                "even one payment behind loses its channels to a unilateral close, and "
                "broadcasting a revoked state loses the funds.")
+ONE_SERVER = ("note: with a single server, recovery cannot tell whether it withheld its "
+              "newest records; back up to a second, independent server too (installplugin "
+              "with one --server/--server-id pair per server), so that the next recovery can "
+              "compare them")
 _FILE = click.Path(path_type=Path, dir_okay=False)
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -554,5 +559,7 @@ def recover(lightning_dir: Path, network: str, servers: tuple[str, ...],
     click.echo(f"  wrote {paths.wrapper}: backups go on as the same client")
     click.echo(f"  {'added' if added else 'kept'} important-plugin={paths.wrapper} in "
                f"{paths.config}")
+    if len(specs) == 1:
+        click.echo(ONE_SERVER)
     click.echo("")
     click.echo(f"WARNING: {NEVER_OLDER}")
