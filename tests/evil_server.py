@@ -6,7 +6,8 @@ request is answered with ``Error($CLDCB_EVIL_CODE, $CLDCB_EVIL_TEXT)`` (code
 STORAGE by default). With ``CLDCB_EVIL_DISCONNECT=1`` the SSH connection is
 dropped instead, as the client begins to log in, with ``$CLDCB_EVIL_TEXT`` as the
 disconnect reason. A dishonest server controls exactly these texts, so this is
-what it can show the operator.
+what it can show the operator. With ``CLDCB_EVIL_LISTING=loop`` it answers every
+``ListRecognitions`` with the same page, whose cursor never moves forward.
 """
 
 from __future__ import annotations
@@ -26,9 +27,13 @@ from cldcb.server.admin import main  # noqa: E402
 
 TEXT = os.environ["CLDCB_EVIL_TEXT"]
 CODE = int(os.environ.get("CLDCB_EVIL_CODE", str(int(wire.ErrorCode.STORAGE))))
+LISTING = os.environ.get("CLDCB_EVIL_LISTING", "")
 
 
 async def _handle(self: handler.SessionHandler, msg: wire.Message) -> None:
+    if isinstance(msg, wire.ListRecognitions) and LISTING == "loop":
+        self.session.send(wire.Recognitions([b"entry"], "c2"))   # the same page forever
+        return
     self.session.send(wire.Error(CODE, TEXT))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ from servers import CldcbServer
 
 from cldcb import wire
 from cldcb.connection import Connection
-from cldcb.errors import RemoteError, StoreError
+from cldcb.errors import ProtocolError, RemoteError, StoreError
 from cldcb.ids import client_id_from_pubkey, new_privkey, pubkey_of
 from cldcb.nodekey import LocalNodeKey
 from cldcb.recognition import Recognition, find_own
@@ -37,6 +38,7 @@ from cldcb.store import Store
 from cldcb.store.registry import MAX_RECOGNITION
 
 pytestmark = pytest.mark.timeout(600)
+EVIL = Path(__file__).resolve().parent / "evil_server.py"
 
 
 def filler_entry(client_priv: bytes, size: int = MAX_RECOGNITION) -> bytes:
@@ -181,3 +183,29 @@ def test_store_pages_in_client_id_order_and_skips_oversized_files(
     assert ids[3] in caplog.text
     assert store.list_recognitions() == seen
     store.close()
+
+
+def test_a_listing_that_never_ends_is_refused(tmp_path: Path) -> None:
+    """A server answering every page with the same cursor does not keep recovery
+    listing forever: a ProtocolError names it, and recovery says so."""
+    server = CldcbServer(tmp_path / "evil" / "data", command=[sys.executable, str(EVIL)],
+                         extra_env={"CLDCB_EVIL_TEXT": "no", "CLDCB_EVIL_LISTING": "loop"})
+    server.init().start()
+    try:
+        async def listing() -> None:
+            async with await Connection.open(server.spec, None) as conn:
+                await conn.list_recognitions()
+
+        with pytest.raises(ProtocolError, match="without moving forward"):
+            asyncio.run(asyncio.wait_for(listing(), 60))
+        lost = tmp_path / "lost"
+        (lost / NETWORK).mkdir(parents=True)
+        (lost / NETWORK / "hsm_secret").write_bytes(
+            bytes.fromhex(vector_secret("mn_nopass")["file_hex"]))
+        done = client("recover", "--lightning-dir", str(lost), "--network", NETWORK,
+                      "--server", server.address, "--server-id", server.server_id, timeout=120)
+        assert done.returncode != 0
+        assert "lists its recognition entries without moving forward" in done.stderr
+        assert os.listdir(lost / NETWORK) == ["hsm_secret"]
+    finally:
+        server.stop()
