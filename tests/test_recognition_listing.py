@@ -26,6 +26,7 @@ from demo import (
     vector_secret,
 )
 from servers import CldcbServer
+from test_recover_e2e import fresh_node
 
 from cldcb import wire
 from cldcb.connection import Connection
@@ -101,9 +102,7 @@ def test_recovery_finds_its_entry_among_300_of_the_maximum_size(tmp_path: Path) 
         assert sum(len(e) for e in page.entries) < wire.MAX_FRAME // 8
 
         delete_all_but_hsm_secret(network_dir)
-        lost = tmp_path / "lost"
-        (lost / NETWORK).mkdir(parents=True)
-        (lost / NETWORK / "hsm_secret").write_bytes(file_bytes)
+        lost = fresh_node(tmp_path / "lost", "mn_nopass")
         done = client("recover", "--lightning-dir", str(lost), "--network", NETWORK,
                       "--server", server.address, "--server-id", server.server_id)
         assert done.returncode == 0, done.stderr
@@ -198,10 +197,7 @@ def test_a_listing_that_never_ends_is_refused(tmp_path: Path) -> None:
 
         with pytest.raises(ProtocolError, match="without moving forward"):
             asyncio.run(asyncio.wait_for(listing(), 60))
-        lost = tmp_path / "lost"
-        (lost / NETWORK).mkdir(parents=True)
-        (lost / NETWORK / "hsm_secret").write_bytes(
-            bytes.fromhex(vector_secret("mn_nopass")["file_hex"]))
+        lost = fresh_node(tmp_path / "lost", "mn_nopass")
         done = client("recover", "--lightning-dir", str(lost), "--network", NETWORK,
                       "--server", server.address, "--server-id", server.server_id, timeout=120)
         assert done.returncode != 0

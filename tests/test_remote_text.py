@@ -21,13 +21,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from demo import NETWORK, client, vector_secret
+from demo import NETWORK, client
 from hypothesis import given
 from hypothesis import strategies as st
 from installkit import client_env, run_cli
 from servers import CldcbServer, PrivateSshd, _write_key
 from simlightningd import NodeStopped
 from test_plugin_harness import Target, make_node, new_keys, plugin_status
+from test_recover_e2e import fresh_node
 from traces import load_trace
 
 from cldcb import wire
@@ -109,14 +110,6 @@ def evil(tmp_path: Path) -> Iterator[CldcbServer]:
         server.stop()
 
 
-def lost_node(tmp_path: Path) -> Path:
-    lightning_dir = tmp_path / "lost"
-    (lightning_dir / NETWORK).mkdir(parents=True)
-    (lightning_dir / NETWORK / "hsm_secret").write_bytes(
-        bytes.fromhex(vector_secret("mn_nopass")["file_hex"]))
-    return lightning_dir
-
-
 def recover_bytes(lightning_dir: Path, server: CldcbServer) -> tuple[int, bytes]:
     done = client("recover", "--lightning-dir", str(lightning_dir), "--network", NETWORK,
                   "--server", server.address, "--server-id", server.server_id)
@@ -129,7 +122,7 @@ def test_recover_shows_a_malicious_servers_text_escaped(tmp_path: Path, how: str
         {"CLDCB_EVIL_DISCONNECT": "1"}
     server = evil_server(tmp_path / "evil", **env).start()
     try:
-        lightning_dir = lost_node(tmp_path)
+        lightning_dir = fresh_node(tmp_path, "mn_nopass")
         code, out = recover_bytes(lightning_dir, server)
     finally:
         server.stop()
@@ -209,10 +202,7 @@ def install_through(sshd: PrivateSshd, tmp_path: Path, script: Path) -> tuple[in
     if sshd.proc is None:
         sshd.start()
     (home / ".ssh" / "known_hosts").write_text(f"[127.0.0.1]:{sshd.port} {sshd.host_key}\n")
-    ln = tmp_path / "ln"
-    (ln / NETWORK).mkdir(parents=True)
-    (ln / NETWORK / "hsm_secret").write_bytes(
-        bytes.fromhex(vector_secret("mn_nopass")["file_hex"]))
+    ln = fresh_node(tmp_path, "mn_nopass")
     done = run_cli("install", "--lightning-dir", str(ln), "--network", NETWORK,
                    "--ssh", f"{sshd.user}@127.0.0.1:{sshd.port}", "--wait", "5",
                    env=client_env(home))
@@ -263,10 +253,7 @@ def test_install_shows_a_hostile_ssh_banner_escaped(tmp_path: Path) -> None:
     try:
         home = tmp_path / "home"
         (home / ".ssh").mkdir(parents=True)
-        ln = tmp_path / "ln"
-        (ln / NETWORK).mkdir(parents=True)
-        (ln / NETWORK / "hsm_secret").write_bytes(
-            bytes.fromhex(vector_secret("mn_nopass")["file_hex"]))
+        ln = fresh_node(tmp_path, "mn_nopass")
         done = run_cli("install", "--lightning-dir", str(ln), "--network", NETWORK,
                        "--ssh", f"root@127.0.0.1:{port}", env=client_env(home))
     finally:
