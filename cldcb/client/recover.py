@@ -64,7 +64,7 @@ from cldcb.plugin.wrapper import (
     default_plugin_path,
     write_wrapper,
 )
-from cldcb.recognition import find_own
+from cldcb.recognition import Recognition, find_own
 from cldcb.session import Role
 
 DATABASE_NAME = "lightningd.sqlite3"
@@ -285,7 +285,8 @@ async def _find_candidates(specs: list[ServerSpec], node: NodeKey, operator_keys
     found: dict[bytes, Candidate] = {}
     for spec in specs:
         name = str(spec.address)
-        count, own = 0, []
+        count = 0
+        own: list[tuple[Recognition, bytes]] = []
         try:
             conn = await Connection.open(spec, None, Role.READER,
                                          operator_keys=operator_keys or None)
