@@ -44,6 +44,7 @@ from cldcb.errors import (
 )
 from cldcb.ids import parse_server_id
 from cldcb.keepalive import Keepalive
+from cldcb.remote_text import escape_remote
 from cldcb.session import ClientSession, HelloComplete, Received, Role
 from cldcb.sshkeys import (
     SECP256K1_SSH_ALG,
@@ -58,6 +59,9 @@ RECOVER_USER = "cldcb-recover"
 SUBSYSTEM = "cldcb"
 PREFERRED_CIPHERS = ["aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com",
                      "aes256-gcm@openssh.com", "aes128-ctr", "aes256-ctr"]
+
+MAX_RECOGNITIONS = 1_000_000
+"""Most recognition entries a client reads from one server (a million clients)."""
 
 SSH_WINDOW = 8 << 20
 SSH_MAX_PACKET = 256 << 10
@@ -82,6 +86,9 @@ class ServerAddress:
     @classmethod
     def parse(cls, text: str) -> ServerAddress:
         raw = text.strip()
+        if not raw.isprintable():
+            raise UsageError(f"server address {escape_remote(text)} holds control "
+                             "characters: give HOST:PORT or ssh://[USER@]HOST[:PORT]")
         scheme, rest, user = "cldcb", raw, None
         if raw.startswith("ssh://"):
             scheme, rest = "ssh", raw[len("ssh://"):].rstrip("/")
@@ -231,7 +238,7 @@ class Connection:
                 "is not in the account's authorized_keys (see `cldcb-client sshkey`)") from None
         except asyncssh.ChannelOpenError as exc:
             await self.close()
-            raise TransportError(f"{addr} refused the cldcb subsystem ({exc.reason}): is "
+            raise TransportError(f"{addr} refused the cldcb subsystem ({_reason(exc)}): is "
                                  "`Subsystem cldcb …` in its sshd_config?") from None
         except (OSError, asyncssh.Error) as exc:
             await self.close()
@@ -366,8 +373,33 @@ class Connection:
     async def put_recognition(self, entry: bytes) -> None:
         await self._request(wire.PutRecognition(entry), wire.Ok)
 
+    async def recognition_pages(self) -> AsyncIterator[list[bytes]]:
+        """The server's recognition entries, page after page (``ListRecognitions``), so
+        that no count of entries makes one frame too large. A page that is empty though
+        more follow, or a cursor that does not move forward, is a ProtocolError; so is
+        an entry larger than :data:`wire.MAX_RECOGNITION` or more than
+        :data:`MAX_RECOGNITIONS` entries in all (a server that would list forever)."""
+        after, total = "", 0
+        while True:
+            page = await self._request(wire.ListRecognitions(after, wire.RECOGNITION_PAGE),
+                                       wire.Recognitions)
+            total += len(page.entries)
+            if page.next_after and (not page.entries or page.next_after <= after):
+                raise ProtocolError(f"{self.spec.address} lists its recognition entries "
+                                    "without moving forward")
+            if total > MAX_RECOGNITIONS or len(page.entries) > wire.RECOGNITION_PAGE or \
+                    any(len(e) > wire.MAX_RECOGNITION for e in page.entries):
+                raise ProtocolError(f"{self.spec.address} lists more or larger recognition "
+                                    f"entries than a server may ({MAX_RECOGNITIONS} of at "
+                                    f"most {wire.MAX_RECOGNITION} bytes)")
+            yield page.entries
+            if not page.next_after:
+                return
+            after = page.next_after
+
     async def list_recognitions(self) -> list[bytes]:
-        return (await self._request(wire.ListRecognitions(), wire.Recognitions)).entries
+        """Every recognition entry (all of :meth:`recognition_pages`)."""
+        return [entry async for page in self.recognition_pages() for entry in page]
 
     async def begin_snapshot(self, snapshot_id: int, data_version: int, anchor: bytes) -> None:
         await self._request(wire.SnapshotBegin(snapshot_id, data_version, anchor), wire.Ok)
@@ -427,6 +459,8 @@ def _set_nodelay(conn: asyncssh.SSHClientConnection) -> None:
 
 
 def _reason(exc: BaseException) -> str:
+    """Why a connection failed or was lost, as the SSH peer (or the OS) put it: escaped,
+    since a server writes its disconnect and channel-open reasons itself."""
     if isinstance(exc, asyncssh.Error):
-        return exc.reason or type(exc).__name__
-    return str(exc) or type(exc).__name__
+        return escape_remote(exc.reason or type(exc).__name__)
+    return escape_remote(str(exc) or type(exc).__name__)

@@ -38,8 +38,14 @@ Requests and responses
 After ``AuthOk`` the client sends requests and the server answers each one,
 in order (responses never overtake each other):
 
-- ``PutRecognition(entry)`` → ``Ok``; ``ListRecognitions`` → ``Recognitions``.
-  Anonymous sessions may only list.
+- ``PutRecognition(entry)`` → ``Ok`` (an entry is at most
+  :data:`~cldcb.wire.MAX_RECOGNITION` bytes; a larger one is refused and the
+  previous one kept). ``ListRecognitions(after, max_count)`` →
+  ``Recognitions(entries, next_after)``: one page, in client id order, of at
+  most ``min(max_count, RECOGNITION_PAGE)`` entries of clients after ``after``
+  ("" for the first page); ``next_after`` is "" on the last page, else the
+  ``after`` of the next request (it moves forward, and a page that is not the
+  last holds at least one entry). Anonymous sessions may only list.
 - ``StatusRequest`` → ``Status`` (the newest record's data_version, kind,
   hash and link; the newest complete snapshot; bytes used; quota;
   append-only; whether the server wants a fresh snapshot).

@@ -12,6 +12,11 @@ big-endian; ``bytes`` fields are ``u32 length || bytes``; ``str`` fields are
 trailing bytes, an unknown type or a field out of range is a protocol error:
 :func:`decode` and :class:`FrameDecoder` raise nothing else.
 
+``str`` fields are text for people (error texts, reasons) that the peer wrote:
+decoding escapes their control characters
+(:func:`cldcb.remote_text.escape_remote`), so that no text a server sends
+reaches a terminal, a log or a status file raw.
+
 The messages and what they mean are in :mod:`cldcb.session`.
 """
 
@@ -23,6 +28,7 @@ from enum import IntEnum
 from typing import Any, ClassVar
 
 from cldcb.errors import ProtocolError
+from cldcb.remote_text import escape_remote
 
 MAX_FRAME = 16 * 1024 * 1024
 """Largest frame (type + body) either side accepts."""
@@ -30,6 +36,14 @@ _U32 = struct.Struct(">I")
 
 MAX_LIST = 100_000
 """Most items in one list field (recognition entries)."""
+
+MAX_RECOGNITION = 1024
+"""Largest recognition entry a server stores and lists. A real one is about 220 bytes
+(:mod:`cldcb.recognition`: version, client key, signature, sealed client key)."""
+
+RECOGNITION_PAGE = 256
+"""Most entries in one ``Recognitions`` page: 256 of the largest entries make a frame of
+about 260 KiB, whatever the number of clients a server holds."""
 
 PROTOCOL_VERSION = 1
 
@@ -116,7 +130,7 @@ def _decode_field(spec: tuple[str, int], r: _Reader) -> Any:
         return r.take(r.unpack("I", 4))
     if kind == "str":
         try:
-            return r.take(r.unpack("H", 2)).decode("utf-8")
+            return escape_remote(r.take(r.unpack("H", 2)).decode("utf-8"))
         except UnicodeDecodeError:
             raise ProtocolError("text field is not UTF-8") from None
     if kind == "list":
@@ -284,9 +298,10 @@ class PutRecognition(Message):
     entry: bytes
 
 
-@message(11)
+@message(11, STR, U32)
 class ListRecognitions(Message):
-    pass
+    after: str              # "": from the first entry; else a previous page's next_after
+    max_count: int          # the server sends at most min(max_count, RECOGNITION_PAGE)
 
 
 @message(12)
@@ -334,9 +349,10 @@ class Ok(Message):
     pass
 
 
-@message(31, LIST_BYTES)
+@message(31, LIST_BYTES, STR)
 class Recognitions(Message):
     entries: list[bytes]
+    next_after: str         # "": this was the last page; else ask on with after=next_after
 
 
 @message(32, BOOL, I64, U8, B32, B32, U64, I64, U64, U64, U64, BOOL, BOOL, U32)

@@ -30,6 +30,9 @@ from cldcb.connection import ServerAddress, ServerSpec
 from cldcb.sshkeys import authorized_keys_line, derived_public_line
 
 SERVER_CMD = [sys.executable, "-m", "cldcb.server.admin"]
+CHECKOUT = Path(__file__).resolve().parent.parent
+"""This checkout: sshd passes no environment on, so its sessions are told to import cldcb
+from here (not from wherever the package is installed)."""
 
 
 def run_server_cmd(data_dir: Path, *args: str, check: bool = True,
@@ -87,6 +90,8 @@ class CldcbServer:
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    #: the program run as ``cldcb-server`` (tests/evil_server.py for a malicious one)
+    command: list[str] = field(default_factory=lambda: list(SERVER_CMD))
 
     def init(self) -> CldcbServer:
         self.server_id = init_data_dir(self.data_dir)
@@ -101,7 +106,7 @@ class CldcbServer:
         env = dict(os.environ, **self.extra_env)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [*SERVER_CMD, "--data-dir", str(self.data_dir), "serve", "--listen",
+                [*self.command, "--data-dir", str(self.data_dir), "serve", "--listen",
                  f"127.0.0.1:{self.port}"], stdout=log, stderr=log, env=env)
         wait_port(self.port, self.proc)
         return self
@@ -203,7 +208,7 @@ PermitTTY no
 PermitUserEnvironment no
 ClientAliveInterval 30
 LogLevel VERBOSE
-SetEnv CLDCB_SERVER_DIR={self.data_dir}
+SetEnv CLDCB_SERVER_DIR={self.data_dir} PYTHONPATH={CHECKOUT}
 Subsystem cldcb {self.server_command()} stdio
 """)
         with open(self.log_path, "ab") as log:

@@ -252,6 +252,7 @@ def test_several_servers_both_verified(world: World, tmp_path: Path) -> None:
     out = done.stdout + done.stderr
     check_recovered(lightning_dir, world.backups["plain32"], out)
     assert "USED: data_version" in out and "same state: data_version" in out
+    assert "single server" not in out
     assert len(read_wrapper(lightning_dir / NETWORK / WRAPPER_NAME).servers) == 2
 
 

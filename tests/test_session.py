@@ -104,8 +104,8 @@ def test_anonymous_sessions_can_only_list() -> None:
     assert s_ev == [Authenticated(None, Role.READER)]
     with pytest.raises(ProtocolError, match="only list"):
         c.send(wire.StatusRequest())
-    c.send(wire.ListRecognitions())
-    assert s.receive_data(c.data_to_send()) == [Received(wire.ListRecognitions())]
+    c.send(wire.ListRecognitions("", 10))
+    assert s.receive_data(c.data_to_send()) == [Received(wire.ListRecognitions("", 10))]
     # a hand-made request from an anonymous session is answered NOT_ALLOWED by the session
     for req in (wire.StatusRequest(), wire.Write(1, 0, bytes(32), b""), wire.Fetch(-1),
                 wire.PutRecognition(b"x")):

@@ -24,7 +24,8 @@ DESIGN section 6. In order:
    (:mod:`cldcb.plugin.wrapper`) and the ``important-plugin=`` line of the
    node's config, so that the recovered node goes on backing up as the same
    client, and print the summary with the warning never to start an older
-   state.
+   state; with a single server, also that it cannot be told from one that
+   withholds its newest records (a second, independent server is the defence).
 
 Host keys of ``ssh://`` servers: ``--host-key 'ssh-ed25519 AAAA…'``, one per
 ``ssh://`` server in the order they are given, or else the operator's
@@ -63,13 +64,17 @@ from cldcb.plugin.wrapper import (
     default_plugin_path,
     write_wrapper,
 )
-from cldcb.recognition import find_own
+from cldcb.recognition import Recognition, find_own
 from cldcb.session import Role
 
 DATABASE_NAME = "lightningd.sqlite3"
 NEVER_OLDER = ("Never start lightningd on an older copy of this database: a node restored "
                "even one payment behind loses its channels to a unilateral close, and "
                "broadcasting a revoked state loses the funds.")
+ONE_SERVER = ("note: with a single server, recovery cannot tell whether it withheld its "
+              "newest records; back up to a second, independent server too (installplugin "
+              "with one --server/--server-id pair per server), so that the next recovery can "
+              "compare them")
 _FILE = click.Path(path_type=Path, dir_okay=False)
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -280,19 +285,22 @@ async def _find_candidates(specs: list[ServerSpec], node: NodeKey, operator_keys
     found: dict[bytes, Candidate] = {}
     for spec in specs:
         name = str(spec.address)
+        count = 0
+        own: list[tuple[Recognition, bytes]] = []
         try:
             conn = await Connection.open(spec, None, Role.READER,
                                          operator_keys=operator_keys or None)
             try:
-                entries = await conn.list_recognitions()
+                async for entries in conn.recognition_pages():
+                    count += len(entries)
+                    own += find_own(entries, node)
             finally:
                 await conn.close()
         except CldcbError as exc:
             results[name].error = f"cannot list its recognition entries: {exc}"
             _say(f"{name}: {results[name].error}")
             continue
-        own = find_own(entries, node)
-        _say(f"{name}: {len(entries)} recognition entries, {len(own)} of this node")
+        _say(f"{name}: {count} recognition entries, {len(own)} of this node")
         for entry, priv in own:
             found.setdefault(entry.client_pub, Candidate(priv, entry.client_pub))
     return found
@@ -552,5 +560,7 @@ def recover(lightning_dir: Path, network: str, servers: tuple[str, ...],
     click.echo(f"  wrote {paths.wrapper}: backups go on as the same client")
     click.echo(f"  {'added' if added else 'kept'} important-plugin={paths.wrapper} in "
                f"{paths.config}")
+    if len(specs) == 1:
+        click.echo(ONE_SERVER)
     click.echo("")
     click.echo(f"WARNING: {NEVER_OLDER}")

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import logging
 import os
 import re
 import shlex
@@ -45,12 +46,17 @@ from paramiko.ssh_exception import PartialAuthentication
 
 from cldcb.errors import AuthError, CldcbError, TransportError, UsageError
 from cldcb.ids import parse_server_id
+from cldcb.remote_text import escape_remote
 
 DEFAULT_CONFIG = "~/.ssh/config"
 DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
 GLOBAL_KNOWN_HOSTS = "/etc/ssh/ssh_known_hosts"
 DEFAULT_KEYS = ("~/.ssh/id_ed25519", "~/.ssh/id_ecdsa", "~/.ssh/id_rsa")
 TIMEOUT = 20.0
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
+"""paramiko logs what fails in its own thread (with the peer's texts, raw) and raises it
+too: with no handler of the program's, Python would print those lines on stderr. The
+exception is shown (escaped) instead."""
 _TARGET = re.compile(r"^(?:(?P<user>[^@\s]+)@)?(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|"
                      r"(?P<host>[^:@\s\[\]/]+))(?::(?P<port>\d{1,5}))?$")
 Echo = Callable[[str], None]
@@ -269,15 +275,17 @@ class _Login(AuthStrategy):
         tried = ", ".join(self.tried) or "no key was found"
         hint = ("" if self.interactive else "; password and keyboard-interactive logins "
                 "need a terminal")
+        allows = escape_remote(", ".join(allowed))
         raise AuthError(f"SSH login as {user} to {self.target.hostname}:{self.target.port} "
-                        f"failed (server allows: {', '.join(allowed)}; tried: {tried}){hint}")
+                        f"failed (server allows: {allows}; tried: {tried}){hint}")
 
     def _kbdint(self, title: str, instructions: str,
                 prompts: list[tuple[str, bool]]) -> list[str]:
         for text in (title, instructions):
             if text:
-                self.echo(text)
-        return [input(p) if echo else getpass.getpass(p) for p, echo in prompts]
+                self.echo(escape_remote(text))
+        return [input(escape_remote(p)) if echo else getpass.getpass(escape_remote(p))
+                for p, echo in prompts]
 
 
 @dataclass(frozen=True)
@@ -347,7 +355,8 @@ class SetupConnection:
                 f"the old line (ssh-keygen -R '{t.known_hosts_name}') and try again") from None
         except (OSError, paramiko.SSHException, EOFError) as exc:
             self.client.close()
-            raise TransportError(f"SSH to {t.hostname}:{t.port} failed: {exc}") from None
+            raise TransportError(f"SSH to {t.hostname}:{t.port} failed: "
+                                 f"{escape_remote(str(exc))}") from None
         transport = self.client.get_transport()
         assert transport is not None
         self.host_key = host_key_line(transport.get_remote_server_key())
@@ -362,7 +371,7 @@ class SetupConnection:
             return stdout.channel.recv_exit_status(), out, err
         except (OSError, paramiko.SSHException) as exc:
             raise TransportError(f"running a command on {self.target.hostname} failed: "
-                                 f"{exc}") from None
+                                 f"{escape_remote(str(exc))}") from None
 
     def add_client(self, client_id: str, server_command: str) -> Added:
         """``cldcb-server add CLIENT_ID --json`` on the host (also through a forced
@@ -377,7 +386,7 @@ class SetupConnection:
             except ValueError:
                 continue
             if isinstance(data, dict) and data.get("client_id") == client_id:
-                server_id = str(data.get("server_id", ""))
+                server_id = escape_remote(str(data.get("server_id", "")))
                 parse_server_id(server_id)
                 public = data.get("public_address")
                 return Added(client_id, server_id.lower(),
@@ -396,5 +405,7 @@ class SetupConnection:
 
 
 def _last_line(text: str) -> str:
-    lines = [x for x in text.strip().splitlines() if x.strip()]
-    return lines[-1] if lines else "no message"
+    """The last line of a command's output on the server host, to show: escaped, and cut
+    at newlines only (a carriage return in it is shown, not obeyed)."""
+    lines = [x.removesuffix("\r") for x in text.split("\n") if x.strip()]
+    return escape_remote(lines[-1]) if lines else "no message"

@@ -473,8 +473,10 @@ class SessionHandler:
             s.refuse(ErrorCode.SHUTTING_DOWN, "the server is stopping; reconnect shortly")
             return
         if isinstance(msg, wire.ListRecognitions):
-            entries = await self.core.run(self.core.store.list_recognitions)
-            s.send(wire.Recognitions(entries))
+            entries, next_after = await self.core.run(
+                self.core.store.recognition_page, msg.after,
+                min(msg.max_count, wire.RECOGNITION_PAGE))
+            s.send(wire.Recognitions(entries, next_after))
         elif isinstance(msg, wire.PutRecognition):
             assert self.client_id
             await self.core.run(self.core.store.put_recognition, self.client_id, msg.entry)

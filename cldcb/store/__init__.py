@@ -30,6 +30,13 @@ written as ``NAME.tmp``, fsynced, renamed over ``NAME``, and the folder
 fsynced. Every new file or folder has its parent folder fsynced before
 anything relies on it.
 
+Recognition entries
+-------------------
+One per registered client, at most :data:`~cldcb.wire.MAX_RECOGNITION` bytes
+(a larger one is refused, the previous one kept). They are listed in pages, in
+client id order (:meth:`Store.recognition_page`): a file larger than the cap
+(left by an older version) is skipped with a warning, never listed.
+
 Frames
 ------
 Records, snapshot chunks and snapshot trailers are frames

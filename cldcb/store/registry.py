@@ -17,11 +17,11 @@ from cldcb.store.client import ClientStore
 from cldcb.store.fs import FileLayer, OsFileLayer, ensure_dir, io_error, replace_file
 from cldcb.store.locks import settings_change
 from cldcb.store.settings import SETTINGS, Settings, read_settings
+from cldcb.wire import MAX_LIST, MAX_RECOGNITION
 
 log = logging.getLogger("cldcb.store")
 
 SEGMENT_BYTES = 16 * 1024 * 1024
-MAX_RECOGNITION = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -175,36 +175,63 @@ class Store:
 
     # -- recognition entries -----------------------------------------------------------
     def put_recognition(self, client_id: str, entry: bytes) -> None:
-        """Store the client's recognition entry (replacing its previous one), durably."""
+        """Store the client's recognition entry (replacing its previous one), durably.
+        An entry larger than MAX_RECOGNITION is refused (StoreError), and the previous
+        one kept."""
         cid = check_client_id(client_id)
         if not self.is_registered(cid):
             raise StoreError(f"client {cid} is not registered on this server; register it "
                              f"with `cldcb-server add {cid}`")
         if not entry or len(entry) > MAX_RECOGNITION:
-            raise StoreError(f"a recognition entry must be 1..{MAX_RECOGNITION} bytes, "
-                             f"not {len(entry)}")
+            raise StoreError(f"a recognition entry must be at most {MAX_RECOGNITION} bytes "
+                             f"and not empty (a real one is about 220), not {len(entry)} "
+                             "bytes: nothing was stored; is the client program up to date?")
         try:
             replace_file(self.fs, self.recognitions_dir / f"{cid}.entry", bytes(entry),
                          "recognition")
         except OSError as exc:
             raise io_error(exc, f"storing the recognition entry of client {cid}") from None
 
-    def list_recognitions(self) -> list[bytes]:
-        """The entries of the registered clients, in client id order."""
-        out: list[bytes] = []
+    def recognition_page(self, after: str, max_count: int) -> tuple[list[bytes], str]:
+        """Up to ``max_count`` (at least 1) entries of registered clients whose client id
+        sorts after ``after`` ("": from the first), in client id order, and the cursor to
+        go on from: the last client id of the page, or "" when no entry follows. A file
+        larger than MAX_RECOGNITION (stored by an older version) is skipped, with a
+        warning."""
         try:
             names = sorted(self.fs.listdir(self.recognitions_dir))
         except FileNotFoundError:
-            return out
+            return [], ""
+        out: list[bytes] = []
         for name in names:
             cid, dot, ext = name.partition(".")
-            if dot and ext == "entry" and self.is_registered(cid):
-                try:
-                    with self.fs.open_read(self.recognitions_dir / name) as f:
-                        out.append(f.read(MAX_RECOGNITION + 1))
-                except FileNotFoundError:
-                    continue
-        return out
+            if cid <= after or not dot or ext != "entry" or not self.is_registered(cid):
+                continue
+            if len(out) >= max(1, max_count):
+                return out, after
+            try:
+                with self.fs.open_read(self.recognitions_dir / name) as f:
+                    entry = f.read(MAX_RECOGNITION + 1)
+            except FileNotFoundError:
+                continue
+            after = cid
+            if len(entry) > MAX_RECOGNITION:
+                log.warning("the recognition entry of client %s is larger than %d bytes: "
+                            "not listed (ask its operator to run installplugin again)",
+                            cid, MAX_RECOGNITION)
+                continue
+            out.append(entry)
+        return out, ""
+
+    def list_recognitions(self) -> list[bytes]:
+        """Every listed entry (all pages of :meth:`recognition_page`)."""
+        out: list[bytes] = []
+        after = ""
+        while True:
+            entries, after = self.recognition_page(after, MAX_LIST)
+            out += entries
+            if not after:
+                return out
 
     # -- client stores -------------------------------------------------------------------
     def client(self, client_id: str) -> ClientStore:
