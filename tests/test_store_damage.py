@@ -209,3 +209,48 @@ def test_a_damaged_chunk_is_an_error_when_fetched(tmp_path: Path) -> None:
     plan = w.cs.fetch()
     assert plan is not None                          # the records are still served
     assert [r.data_version for r in plan.records()] == [11, 12, 13, 14, 15]
+
+
+def _two_chains(tmp_path: Path) -> Path:
+    """Generation 1: snapshot 10 + records 11..15; generation 2: a fresh snapshot at 20
+    (a gap) + records 21, 22. Returns the newest snapshot's path."""
+    w = build(tmp_path)
+    store = Store.open(tmp_path)
+    w = Writer(store.client(CID))
+    assert isinstance(w.change(20), wire.NeedSnapshot)
+    w.snapshot(20)
+    w.change(21)
+    w.change(22)
+    store.close()
+    return max((tmp_path / "clients" / CID / "snapshots").glob("*.snap"))
+
+
+def test_a_damaged_fresh_snapshot_set_aside_leaves_the_older_chain_alone(
+        tmp_path: Path) -> None:
+    newest = _two_chains(tmp_path)
+    flip(newest, newest.stat().st_size - 40)            # its trailer
+    w = reopen(tmp_path)
+    f = verify(w.cs)                                    # ChainVerifier: no foreign records
+    assert f is not None and f.snapshot_dv == 10
+    assert [dv for dv, _ in f.records] == [11, 12, 13, 14, 15]
+    states = w.cs.states()
+    assert [(s.generation, s.damaged, s.snapshot_data_version, s.first_data_version,
+             s.last_data_version) for s in states] == [(1, False, 10, 11, 15),
+                                                        (2, True, -1, 21, 22)]
+    assert "gap" in states[0].note and newest.name in states[1].note
+
+
+def test_fetch_names_a_generation_and_serves_only_its_chain(tmp_path: Path) -> None:
+    newest = _two_chains(tmp_path)
+    flip(newest, 8 + 16 + 50)                           # a chunk: found only when read
+    w = reopen(tmp_path)
+    states = w.cs.states()
+    assert [(s.generation, s.damaged, s.snapshot_data_version, s.first_data_version,
+             s.last_data_version, s.record_count) for s in states] == [
+                 (1, False, 10, 11, 15, 5), (2, True, 20, 21, 22, 2)]
+    assert str(newest) in states[1].note and states[0].note == ""
+    plan = w.cs.fetch(generation=1)
+    assert plan is not None and plan.snapshot.data_version == 10
+    assert [r.data_version for r in plan.records()] == [11, 12, 13, 14, 15]
+    plan.close()
+    assert w.cs.fetch(generation=7) is None
