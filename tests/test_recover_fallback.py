@@ -13,6 +13,7 @@ the first chain.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterator
@@ -89,16 +90,29 @@ def snapshots(c: TwoChains) -> list[Path]:
     return sorted((c.server.data_dir / "clients" / c.client_id / "snapshots").glob("*.snap"))
 
 
-def damage_newest(c: TwoChains, where: str) -> Path:
-    """Flip a byte of the newest snapshot (inside its first chunk, or its trailer) with the
-    server stopped; the server is started again."""
-    newest = snapshots(c)[-1]
-    data = bytearray(newest.read_bytes())
+def _flip(path: Path, where: str) -> None:
+    data = bytearray(path.read_bytes())
     data[8 + 16 + 50 if where == "chunk" else len(data) - 40] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+@contextlib.contextmanager
+def damaged_newest(c: TwoChains, where: str) -> Iterator[Path]:
+    """The newest snapshot with a byte flipped (inside its first chunk, or its trailer),
+    the server restarted on it; undone afterwards."""
+    newest = snapshots(c)[-1]
     c.server.stop()
-    newest.write_bytes(bytes(data))
+    _flip(newest, where)
     c.server.start()
-    return newest
+    try:
+        yield newest
+    finally:
+        c.server.stop()
+        aside = newest.with_name(newest.name + ".damaged")
+        if aside.exists():
+            aside.rename(newest)
+        _flip(newest, where)
+        c.server.start()
 
 
 def server_args(c: TwoChains) -> list[str]:
@@ -106,53 +120,48 @@ def server_args(c: TwoChains) -> list[str]:
 
 
 @pytest.mark.parametrize("where", ["chunk", "trailer"])
-def test_recovery_falls_back_to_the_older_generation(chains: TwoChains, tmp_path: Path,
-                                                     where: str) -> None:
+def test_list_shows_each_state_and_the_damage_and_writes_nothing(
+        chains: TwoChains, tmp_path: Path, where: str) -> None:
     c = chains
-    held = snapshots(c)
-    assert len(held) >= 2
-    newest = damage_newest(c, where)
-    try:
+    assert len(snapshots(c)) >= 2
+    with damaged_newest(c, where) as newest:
         lightning_dir = fresh_node(tmp_path, "mn_nopass")
-        # --list: both states, the newest named damaged; writes nothing.
         listed = client(*recover_args(lightning_dir, *server_args(c), "--list", "--json"))
-        assert listed.returncode == 0, listed.stderr
-        states = json.loads(listed.stdout)[c.client_id][c.server.address]
-        gens = {s["generation"]: s for s in states}
-        top = gens[int(newest.name[:10])]
-        assert top["damaged"] and top["restores_data_version"] is None
-        assert top["last_record_data_version"] == c.new_dv
-        older = [s for s in states if not s["damaged"]]
-        assert older and older[0]["restores_data_version"] == c.old_dv
         text = client(*recover_args(lightning_dir, *server_args(c), "--list"))
-        assert text.returncode == 0, text.stderr
-        assert "DAMAGED, not restorable" in text.stdout
-        assert f"restores data_version {c.old_dv}" in text.stdout
+    assert listed.returncode == 0, listed.stderr
+    states = json.loads(listed.stdout)[c.client_id][c.server.address]
+    top = {s["generation"]: s for s in states}[int(newest.name[:10])]
+    assert top["damaged"] and top["restores_data_version"] is None
+    assert top["last_record_data_version"] == c.new_dv
+    older = [s for s in states if not s["damaged"]]
+    assert older and older[0]["restores_data_version"] == c.old_dv
+    assert text.returncode == 0, text.stderr
+    assert "DAMAGED, not restorable" in text.stdout
+    assert f"restores data_version {c.old_dv}" in text.stdout
+    assert os.listdir(lightning_dir / NETWORK) == ["hsm_secret"]
+
+
+@pytest.mark.parametrize("where", ["chunk", "trailer"])
+def test_recovery_falls_back_to_the_older_generation_only_when_accepted(
+        chains: TwoChains, tmp_path: Path, where: str) -> None:
+    c = chains
+    with damaged_newest(c, where) as newest:
+        lightning_dir = fresh_node(tmp_path, "mn_nopass")
+        refused = client(*recover_args(lightning_dir, *server_args(c)))
         assert os.listdir(lightning_dir / NETWORK) == ["hsm_secret"]
-        # Without --accept-older: refused, nothing written, what is missing and why.
-        done = client(*recover_args(lightning_dir, *server_args(c)))
-        assert done.returncode != 0, done.stdout
-        assert done.stderr.count("error: ") == 1
-        assert f"the newest state that verifies is data_version {c.old_dv}" in done.stderr
-        assert f"data_version {c.old_dv + 1} to {c.new_dv} is missing" in done.stderr
-        assert newest.name in done.stderr
-        assert "loses its channels" in done.stderr and "--accept-older" in done.stderr
-        assert "Nothing was written" in done.stderr
-        assert os.listdir(lightning_dir / NETWORK) == ["hsm_secret"]
-        # With it: exactly the database at the end of the older chain.
         done = client(*recover_args(lightning_dir, *server_args(c), "--accept-older"))
-        assert done.returncode == 0, done.stderr
-        assert dump(lightning_dir / NETWORK / "lightningd.sqlite3") == c.old_dump
-        assert f"data_version {c.old_dv}," in done.stdout and "OLDER" in done.stdout
-    finally:
-        c.server.stop()
-        damaged = newest.with_name(newest.name + ".damaged")
-        if damaged.exists():
-            damaged.rename(newest)
-        data = bytearray(newest.read_bytes())
-        data[8 + 16 + 50 if where == "chunk" else len(data) - 40] ^= 0x40
-        newest.write_bytes(bytes(data))
-        c.server.start()
+    # Without --accept-older: refused, nothing written, what is missing and why.
+    assert refused.returncode != 0, refused.stdout
+    assert refused.stderr.count("error: ") == 1
+    assert f"the newest state that verifies is data_version {c.old_dv}" in refused.stderr
+    assert f"data_version {c.old_dv + 1} to {c.new_dv} is missing" in refused.stderr
+    assert newest.name in refused.stderr
+    assert "loses its channels" in refused.stderr and "--accept-older" in refused.stderr
+    assert "Nothing was written" in refused.stderr
+    # With it: exactly the database at the end of the older chain.
+    assert done.returncode == 0, done.stderr
+    assert dump(lightning_dir / NETWORK / "lightningd.sqlite3") == c.old_dump
+    assert f"data_version {c.old_dv}," in done.stdout and "OLDER" in done.stdout
 
 
 def test_the_older_generation_serves_only_its_own_chain(chains: TwoChains) -> None:
