@@ -10,8 +10,10 @@ import pytest
 from store_crash_child import OTHER_PRIV, Writer, client_id, verify
 
 from cldcb import wire
-from cldcb.errors import StoreError
+from cldcb.errors import ChainError, StoreError
 from cldcb.store import Store
+from cldcb.store.frames import encode_record
+from cldcb.store.log import segment_records
 
 CID = client_id()
 
@@ -254,3 +256,26 @@ def test_fetch_names_a_generation_and_serves_only_its_chain(tmp_path: Path) -> N
     assert [r.data_version for r in plan.records()] == [11, 12, 13, 14, 15]
     plan.close()
     assert w.cs.fetch(generation=7) is None
+
+
+def test_a_record_missing_inside_a_segment_is_served_for_recovery_to_name(
+        tmp_path: Path) -> None:
+    """Not another chain (it does not start a segment): the fetch serves what follows the
+    gap as it is, so that recovery names the record; the listing says the chain breaks."""
+    build(tmp_path)
+    seg = newest_segment(tmp_path)
+    frames, _ = segment_records(seg)
+    assert [f.data_version for f in frames] == [11, 12, 13, 14, 15]
+    del frames[2]
+    seg.write_bytes(b"".join(encode_record(f.data_version, f.kind, f.link, f.time_ms, f.sealed)
+                             for f in frames))
+    w = reopen(tmp_path)
+    plan = w.cs.fetch()
+    assert plan is not None
+    assert [r.data_version for r in plan.records()] == [11, 12, 14, 15]
+    plan.close()
+    (state,) = w.cs.states()
+    assert (state.last_data_version, state.record_count, state.damaged) == (12, 2, False)
+    assert "does not follow" in state.note and "broken" in state.note
+    with pytest.raises(ChainError, match=r"record #2 \(data_version 14\)"):
+        verify(w.cs)

@@ -5,10 +5,14 @@ follow it by the data_version rules (:func:`cldcb.dataversion.decide`,
 walked from the snapshot's anchor exactly as recovery's
 :class:`~cldcb.seal.ChainVerifier` walks them), from its start in the log up to
 the start of the next fresh snapshot (a later chain). The walk stops at the
-first record that does not follow: the first record of a chain whose fresh
-snapshot the store no longer offers (set aside as ``*.snap.damaged``), whose
-link is that snapshot's anchor. So a fetch never serves a snapshot followed
-by another chain's records, whatever was set aside.
+first record that does not follow and starts a segment: the first record of a
+chain whose fresh snapshot the store no longer offers (set aside as
+``*.snap.damaged``; its commit rolled the log, and its records link to its
+anchor). So a fetch never serves a snapshot followed by another chain's
+records, whatever was set aside. A record that does not follow in the middle
+of a segment is damage or tampering inside the chain, not another chain: a
+fetch serves it as it is (recovery then names it), a listing says the chain
+is broken there.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from pathlib import Path
 from cldcb import wire
 from cldcb.dataversion import Kind, Tip, advance, decide
 from cldcb.errors import StoreError
+from cldcb.store.frames import Damage
 from cldcb.store.fs import FileLayer
 from cldcb.store.log import LogEntry, Pos, RecordLog, iter_ranges
 from cldcb.store.snapshots import SnapshotInfo, iter_chunks, read_info
@@ -28,12 +33,23 @@ ZERO = bytes(32)
 
 
 class ChainWalk:
-    """The records of one snapshot's chain, from an iterator of log entries."""
+    """The records of one snapshot's chain, from an iterator of log entries.
 
-    def __init__(self, info: SnapshotInfo) -> None:
+    A chain can only begin at the start of a segment (a fresh snapshot's commit rolls
+    the log so that its records start a segment). So a record that does not follow ends
+    the chain when it starts a segment; anywhere else it is damage or tampering inside
+    the chain: with ``pass_breaks`` (a fetch) it and everything after it are served as
+    they are, so that recovery names the record that does not follow; without (a listing)
+    the walk stops there too, and ``broken`` says so.
+    """
+
+    def __init__(self, info: SnapshotInfo, *, pass_breaks: bool = False) -> None:
         self.tip = Tip(info.data_version, Kind.NORMAL, info.anchor, ZERO, is_snapshot=True)
+        self.pass_breaks = pass_breaks
         self.stopped: LogEntry | None = None
         """The first record that did not follow (None: the walk reached the range's end)."""
+        self.broken = False
+        """That record does not start a segment: the chain is broken inside, not ended."""
         self.reason = ""
 
     def follow(self, entries: Iterator[LogEntry]) -> Iterator[LogEntry]:
@@ -41,9 +57,12 @@ class ChainWalk:
             r = e.record
             d = decide(self.tip, r.data_version, Kind(r.kind))
             if d.link is None or d.link != r.link:
-                self.stopped = e
+                self.stopped, self.broken = e, e.pos[1] != 0
                 self.reason = (d.reason if d.link is None else
                                f"the record of data_version {r.data_version} links elsewhere")
+                if self.broken and self.pass_breaks:
+                    yield e
+                    yield from entries
                 return
             self.tip = advance(self.tip, r.data_version, Kind(r.kind), e.hash)
             yield e
@@ -83,7 +102,7 @@ def _chunks_note(fs: FileLayer, info: SnapshotInfo) -> str:
 def _damaged_info(fs: FileLayer, path: Path, seq: int) -> SnapshotInfo | None:
     try:
         return read_info(fs, path, seq)
-    except Exception:  # noqa: BLE001 - damaged is what we know already: anything goes
+    except (Damage, OSError):
         return None
 
 
@@ -106,7 +125,7 @@ def list_states(fs: FileLayer, log: RecordLog, snapshots: list[SnapshotInfo],
                 span.add(e)
             nxt = snapshots[i + 1].seq if i + 1 < len(snapshots) else None
             between = [seq for seq, _ in aside if seq > info.seq and (nxt is None or seq < nxt)]
-            if walk.stopped is not None and between:
+            if walk.stopped is not None and not walk.broken and between:
                 rest = orphans.setdefault(between[-1], _Span())
                 rest.add(walk.stopped)
                 for e in entries:
@@ -115,9 +134,11 @@ def list_states(fs: FileLayer, log: RecordLog, snapshots: list[SnapshotInfo],
             for r in ranges:
                 r.file.close()
         bad = _chunks_note(fs, info)
-        note = bad or (f"its chain ends at data_version {max(span.last, info.data_version)}: "
-                       f"{walk.reason}"
-                       if walk.stopped is not None else "")
+        reached = max(span.last, info.data_version)
+        note = bad or ("" if walk.stopped is None else
+                       f"a record after data_version {reached} does not follow ({walk.reason}):"
+                       " the chain is broken there" if walk.broken else
+                       f"its chain ends at data_version {reached}: {walk.reason}")
         out.append(wire.RestorableState(info.seq, bool(bad), info.data_version, info.time_ms,
                                         span.first, span.last, span.count, span.newest_ms,
                                         note))

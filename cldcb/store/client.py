@@ -483,7 +483,7 @@ class FetchPlan:
         return self._records(iter_ranges(self._ranges))
 
     def _records(self, entries: Iterator[LogEntry]) -> Iterator[wire.FetchRecord]:
-        for e in ChainWalk(self.info).follow(entries):
+        for e in ChainWalk(self.info, pass_breaks=True).follow(entries):
             r = e.record
             if self._at == -1 or r.data_version <= self._at:
                 yield wire.FetchRecord(r.data_version, r.kind, r.link, r.sealed, r.time_ms)
