@@ -20,17 +20,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import demo
 import pytest
-from demo import (
-    NETWORK,
-    Target,
-    client,
-    delete_all_but_hsm_secret,
-    dump,
-    install_client,
-    play,
-    vector_secret,
-)
+from demo import NETWORK, client, dump
 from servers import CldcbServer
 from simlightningd import SimLightningd
 from test_recover_e2e import fresh_node, recover_args
@@ -60,7 +52,7 @@ def chains(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoChains]:
     root = tmp_path_factory.mktemp("fallback")
     server = CldcbServer(root / "server").init().start()
     try:
-        file_bytes = bytes.fromhex(vector_secret("mn_nopass")["file_hex"])
+        file_bytes = bytes.fromhex(demo.vector_secret("mn_nopass")["file_hex"])
         lightning_dir = root / "node"
         network_dir = lightning_dir / NETWORK
         network_dir.mkdir(parents=True)
@@ -68,9 +60,9 @@ def chains(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoChains]:
         priv = new_privkey()
         cid = client_id_from_pubkey(pubkey_of(priv))
         server.add(cid, "--generations", "5")
-        install_client(network_dir, LocalNodeKey.from_hsm_secret_bytes(file_bytes),
-                       [Target(server.address, server.server_id)], priv)
-        old_dv = play(lightning_dir, "cln-workload", stop=FIRST)
+        demo.install_client(network_dir, LocalNodeKey.from_hsm_secret_bytes(file_bytes),
+                            [demo.Target(server.address, server.server_id)], priv)
+        old_dv = demo.play(lightning_dir, "cln-workload", stop=FIRST)
         old_dump = dump(network_dir / "lightningd.sqlite3")
         node = SimLightningd(lightning_dir, network_dir / WRAPPER_NAME, network=NETWORK)
         node.start(plugin=False)                        # changes the backup never sees
@@ -78,9 +70,9 @@ def chains(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoChains]:
             node.run_trace(load_trace("cln-workload"), start=FIRST, stop=GAP)
         finally:
             node.close()
-        new_dv = play(lightning_dir, "cln-workload", start=GAP, stop=GAP + 20)
+        new_dv = demo.play(lightning_dir, "cln-workload", start=GAP, stop=GAP + 20)
         assert new_dv > old_dv + 20
-        delete_all_but_hsm_secret(network_dir)
+        demo.delete_all_but_hsm_secret(network_dir)
         yield TwoChains(server, cid, old_dv, old_dump, new_dv)
     finally:
         server.stop()
