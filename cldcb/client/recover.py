@@ -17,14 +17,22 @@ DESIGN section 6. In order:
    highest data_version, and name the others;
 5. fetch that client's backup from every server, verify and rebuild each into
    a scratch file beside the destination (:mod:`cldcb.restore`), keep the
-   highest verified data_version, report the others as stale or failed;
+   highest verified data_version, report the others as stale or failed; a
+   server whose newest generation fails is asked for its older ones, newest
+   first (:mod:`cldcb.client.fallback`), and one whose verified state stops
+   short of what it claims is asked why;
 6. if a server failed or could not be reached, it might hold a newer state:
-   ask (``--yes`` answers) before using what the others hold;
+   ask (``--yes`` answers) before using what the others hold; if a server holds
+   a newer state that does not verify, refuse unless ``--accept-older`` is given,
+   saying which data_version was reached, what is missing and why;
 7. move the database into place (never replacing a file), write the wrapper
    (:mod:`cldcb.plugin.wrapper`) and the ``important-plugin=`` line of the
    node's config, so that the recovered node goes on backing up as the same
    client, and print the summary with the warning never to start an older
    state.
+
+``--list`` (with ``--json``) shows, per client of the node and per server, its
+restorable states (:class:`cldcb.wire.RestorableState`) and writes nothing.
 
 Host keys of ``ssh://`` servers: ``--host-key 'ssh-ed25519 AAAA…'``, one per
 ``ssh://`` server in the order they are given, or else the operator's
@@ -406,14 +414,23 @@ async def _fall_back(spec: ServerSpec, node: NodeKey, cand: Candidate, dest: Pat
          f"({fb.label}); {fb.missing}")
 
 
-def _refuse_fallback(best: ServerResult, accept_older: bool) -> None:
-    """An older state than the server holds is used only with ``--accept-older``."""
-    fb, r = best.fallback, best.rebuilt
-    if fb is None or r is None or fb.newest <= r.data_version:
+def _refuse_fallback(results: dict[str, ServerResult], best: ServerResult,
+                     accept_older: bool) -> None:
+    """A state older than one a server holds but could not deliver verified (its newest
+    generation failed, or it stops short of what the server claims) is used only with
+    ``--accept-older``."""
+    r = best.rebuilt
+    assert r is not None
+    short = [res.fallback for res in results.values()
+             if res.fallback is not None and res.fallback.newest > r.data_version]
+    if not short:
         return
-    text = (f"the newest state that verifies is data_version {r.data_version} ({fb.label} "
-            f"on {best.spec.address}); {fb.missing}, because:\n  "
-            + "\n  ".join(fb.why) + f"\n{DANGER}")
+    newest = max(fb.newest for fb in short)
+    used = f"{best.fallback.label} on " if best.fallback else ""
+    text = (f"the newest state that verifies is data_version {r.data_version} ({used}"
+            f"{best.spec.address}); data_version {r.data_version + 1} to {newest} is missing, "
+            "because:\n  " + "\n  ".join(line for fb in short for line in fb.why)
+            + f"\n{DANGER}")
     if accept_older:
         _say(f"warning: {text}\ngoing on because of --accept-older")
         return
@@ -547,7 +564,7 @@ async def recover_node(specs: list[ServerSpec], node: NodeKey, dest: Path,
                      f"of {cand.client_id} reaches data_version {best.rebuilt.data_version}")
         _say(f"using client {cand.client_id}")
         _confirm_older(tried[cand.client_pub], best.rebuilt.data_version, yes)
-        _refuse_fallback(best, accept_older)
+        _refuse_fallback(tried[cand.client_pub], best, accept_older)
     except BaseException:
         if chosen is not None and chosen[1].rebuilt is not None:
             restore.discard(chosen[1].rebuilt.path)
