@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,3 +173,43 @@ def test_the_older_generation_serves_only_its_own_chain(chains: TwoChains) -> No
     finally:
         c.server.start()
     assert dvs and max(dvs) == dvs[-1] == c.old_dv
+
+
+def test_an_older_state_from_another_server_needs_acceptance_too(chains: TwoChains,
+                                                                tmp_path: Path) -> None:
+    """A second server that holds only the first chain verifies it fully: its state is
+    still older than what the damaged server holds, so it needs --accept-older as well."""
+    c = chains
+    old = CldcbServer(tmp_path / "old").init()
+    old.add(c.client_id, "--generations", "5")
+    src, dst = (s.data_dir / "clients" / c.client_id for s in (c.server, old))
+    for sub in ("log", "snapshots"):
+        shutil.rmtree(dst / sub, ignore_errors=True)
+        shutil.copytree(src / sub, dst / sub)
+    shutil.copy(c.server.data_dir / "recognitions" / f"{c.client_id}.entry",
+                old.data_dir / "recognitions")
+    newest = max((dst / "snapshots").glob("*.snap"))
+    cs = Store.open(old.data_dir).client(c.client_id)
+    first_new_segment = cs.snapshots[-1].start[0]
+    cs.close()
+    newest.unlink()                                     # it holds the first chain only
+    for seg in (dst / "log").glob("*.log"):
+        if int(seg.name[:10]) >= first_new_segment:
+            seg.unlink()
+    old.start()
+    try:
+        with damaged_newest(c, "trailer"):
+            args = ["--server", old.address, "--server-id", old.server_id, *server_args(c)]
+            lightning_dir = fresh_node(tmp_path, "mn_nopass")
+            refused = client(*recover_args(lightning_dir, *args))
+            assert os.listdir(lightning_dir / NETWORK) == ["hsm_secret"]
+            done = client(*recover_args(lightning_dir, *args, "--accept-older"))
+    finally:
+        old.stop()
+    assert refused.returncode != 0, refused.stdout
+    assert f"{old.address}: verified: data_version {c.old_dv} " in refused.stderr
+    assert f"data_version {c.old_dv + 1} to {c.new_dv} is missing" in refused.stderr
+    assert f"{c.server.address}: it claims data_version {c.new_dv}" in refused.stderr
+    assert "Nothing was written" in refused.stderr
+    assert done.returncode == 0, done.stderr
+    assert dump(lightning_dir / NETWORK / "lightningd.sqlite3") == c.old_dump
