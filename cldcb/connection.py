@@ -412,10 +412,18 @@ class Connection:
         return await self._request(wire.SnapshotEnd(snapshot_id, chunk_count, manifest),
                                    wire.SnapshotAck)
 
-    async def fetch(self, at_data_version: int = -1) -> AsyncIterator[wire.Message]:
-        """FetchSnapshot, FetchChunk…, FetchRecord…, FetchEnd (RemoteError if nothing)."""
+    async def list_states(self) -> list[wire.RestorableState]:
+        """The server's restorable states of this client, oldest first."""
+        answer = await self._request(wire.ListStates(), wire.States)
+        return [wire.RestorableState.decode(b) for b in answer.states]
+
+    async def fetch(self, at_data_version: int = -1, *,
+                    generation: int | None = None) -> AsyncIterator[wire.Message]:
+        """FetchSnapshot, FetchChunk…, FetchRecord…, FetchEnd (RemoteError if nothing);
+        of the snapshot numbered ``generation`` when given (``States`` names them)."""
         waiter = _FetchWaiter()
-        self._send(wire.Fetch(at_data_version))
+        self._send(wire.Fetch(at_data_version) if generation is None
+                   else wire.FetchGeneration(generation))
         self._waiters.append(waiter)
         while True:
             item = await waiter.queue.get()

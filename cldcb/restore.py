@@ -63,7 +63,8 @@ _counter = itertools.count()
 class Fetcher(Protocol):
     """What :func:`rebuild` needs of a connection (:class:`~cldcb.connection.Connection`)."""
 
-    def fetch(self, at_data_version: int = -1) -> AsyncIterator[wire.Message]: ...
+    def fetch(self, at_data_version: int = -1, *,
+              generation: int | None = None) -> AsyncIterator[wire.Message]: ...
 
 
 @dataclass
@@ -204,10 +205,13 @@ def _read_data_version(con: sqlite3.Connection) -> int | None:
 
 
 async def rebuild(conn: Fetcher, node: EcdhKey, client_pub: bytes, path: Path, *,
-                  at: int = -1, source: str = "", progress: Progress | None = None) -> Rebuilt:
-    """Fetch from ``conn`` and rebuild into the new file ``path`` (see the module doc)."""
+                  at: int = -1, generation: int | None = None, source: str = "",
+                  progress: Progress | None = None) -> Rebuilt:
+    """Fetch from ``conn`` and rebuild into the new file ``path`` (see the module doc);
+    ``generation``: of that snapshot generation (a fallback), not the newest."""
     try:
-        return await rebuild_from(conn.fetch(at), node, client_pub, path, at=at,
+        fetched = conn.fetch(at) if generation is None else conn.fetch(at, generation=generation)
+        return await rebuild_from(fetched, node, client_pub, path, at=at,
                                   source=source or str(getattr(conn, "spec", "")),
                                   progress=progress)
     except BaseException:

@@ -60,7 +60,13 @@ in order (responses never overtake each other):
   → ``SnapshotAck(id, data_version)`` once the snapshot is durable and
   visible. Writes may interleave with the chunks of a snapshot.
 - ``Fetch(at_data_version)`` → ``FetchSnapshot``, ``FetchChunk``×n,
-  ``FetchRecord``×m, ``FetchEnd(m)``; or ``Error(NOT_FOUND)``.
+  ``FetchRecord``×m, ``FetchEnd(m)``; or ``Error(NOT_FOUND)``. The records are
+  those of the snapshot's own chain (see "Fetching" in :mod:`cldcb.store`).
+  ``FetchGeneration(generation)`` → the same, for the snapshot of that number.
+- ``ListStates`` → ``States``: the restorable states (each kept snapshot
+  generation: its number, data_version, time, whether it is damaged, and the
+  data_version range of its chain's records; and the generations set aside as
+  damaged), oldest first (:class:`cldcb.wire.RestorableState`). Read-only.
 - Any request may be answered by ``Error(code, text)``. Codes are in
   :class:`cldcb.wire.ErrorCode`; only PROTOCOL, AUTH, VERSION, SUPERSEDED and
   SHUTTING_DOWN end the session.

@@ -343,6 +343,16 @@ class Fetch(Message):
     at_data_version: int    # -1: the newest; else the state at that data_version
 
 
+@message(24, U64)
+class FetchGeneration(Message):
+    generation: int         # a snapshot's number, as ``States`` names it
+
+
+@message(25)
+class ListStates(Message):
+    pass
+
+
 # Responses
 @message(30)
 class Ok(Message):
@@ -423,6 +433,57 @@ class FetchRecord(Message):
 @message(40, U64)
 class FetchEnd(Message):
     record_count: int
+
+
+@message(45, LIST_BYTES)
+class States(Message):
+    states: list[bytes]     # each one :meth:`RestorableState.encode`
+
+
+_STATE = struct.Struct(">QBqQqqQQ")
+
+
+@dataclass(frozen=True)
+class RestorableState:
+    """One kept snapshot generation and the records of its chain (``States``).
+
+    ``damaged``: the snapshot was found damaged (its generation cannot be
+    restored; ``note`` says how); ``snapshot_data_version`` is -1 and
+    ``snapshot_time`` 0 when its trailer is unreadable. ``first_data_version`` and
+    ``last_data_version`` are -1 when no record follows the snapshot.
+    """
+
+    generation: int
+    damaged: bool
+    snapshot_data_version: int
+    snapshot_time: int
+    first_data_version: int
+    last_data_version: int
+    record_count: int
+    newest_time: int
+    note: str = ""
+
+    @property
+    def data_version(self) -> int:
+        """The newest state this generation restores to (-1: unknown)."""
+        return max(self.snapshot_data_version, self.last_data_version)
+
+    def encode(self) -> bytes:
+        try:
+            head = _STATE.pack(self.generation, int(self.damaged), self.snapshot_data_version,
+                               self.snapshot_time, self.first_data_version,
+                               self.last_data_version, self.record_count, self.newest_time)
+        except struct.error as exc:
+            raise ProtocolError(f"state field out of range: {exc}") from None
+        return head + self.note.encode("utf-8")[:1000]
+
+    @classmethod
+    def decode(cls, data: bytes) -> RestorableState:
+        if len(data) < _STATE.size or data[8] > 1:
+            raise ProtocolError("a restorable state is malformed")
+        gen, damaged, sdv, stime, first, last, count, newest = _STATE.unpack_from(data)
+        note = data[_STATE.size:].decode("utf-8", "replace")
+        return cls(gen, bool(damaged), sdv, stime, first, last, count, newest, note)
 
 
 @message(50, U16, STR)

@@ -10,8 +10,10 @@ import pytest
 from store_crash_child import OTHER_PRIV, Writer, client_id, verify
 
 from cldcb import wire
-from cldcb.errors import StoreError
+from cldcb.errors import ChainError, StoreError
 from cldcb.store import Store
+from cldcb.store.frames import encode_record
+from cldcb.store.log import segment_records
 
 CID = client_id()
 
@@ -209,3 +211,71 @@ def test_a_damaged_chunk_is_an_error_when_fetched(tmp_path: Path) -> None:
     plan = w.cs.fetch()
     assert plan is not None                          # the records are still served
     assert [r.data_version for r in plan.records()] == [11, 12, 13, 14, 15]
+
+
+def _two_chains(tmp_path: Path) -> Path:
+    """Generation 1: snapshot 10 + records 11..15; generation 2: a fresh snapshot at 20
+    (a gap) + records 21, 22. Returns the newest snapshot's path."""
+    w = build(tmp_path)
+    store = Store.open(tmp_path)
+    w = Writer(store.client(CID))
+    assert isinstance(w.change(20), wire.NeedSnapshot)
+    w.snapshot(20)
+    w.change(21)
+    w.change(22)
+    store.close()
+    return max((tmp_path / "clients" / CID / "snapshots").glob("*.snap"))
+
+
+def test_a_damaged_fresh_snapshot_set_aside_leaves_the_older_chain_alone(
+        tmp_path: Path) -> None:
+    newest = _two_chains(tmp_path)
+    flip(newest, newest.stat().st_size - 40)            # its trailer
+    w = reopen(tmp_path)
+    f = verify(w.cs)                                    # ChainVerifier: no foreign records
+    assert f is not None and f.snapshot_dv == 10
+    assert [dv for dv, _ in f.records] == [11, 12, 13, 14, 15]
+    states = w.cs.states()
+    assert [(s.generation, s.damaged, s.snapshot_data_version, s.first_data_version,
+             s.last_data_version) for s in states] == [(1, False, 10, 11, 15),
+                                                        (2, True, -1, 21, 22)]
+    assert "gap" in states[0].note and newest.name in states[1].note
+
+
+def test_fetch_names_a_generation_and_serves_only_its_chain(tmp_path: Path) -> None:
+    newest = _two_chains(tmp_path)
+    flip(newest, 8 + 16 + 50)                           # a chunk: found only when read
+    w = reopen(tmp_path)
+    states = w.cs.states()
+    assert [(s.generation, s.damaged, s.snapshot_data_version, s.first_data_version,
+             s.last_data_version, s.record_count) for s in states] == [
+                 (1, False, 10, 11, 15, 5), (2, True, 20, 21, 22, 2)]
+    assert str(newest) in states[1].note and states[0].note == ""
+    plan = w.cs.fetch(generation=1)
+    assert plan is not None and plan.snapshot.data_version == 10
+    assert [r.data_version for r in plan.records()] == [11, 12, 13, 14, 15]
+    plan.close()
+    assert w.cs.fetch(generation=7) is None
+
+
+def test_a_record_missing_inside_a_segment_is_served_for_recovery_to_name(
+        tmp_path: Path) -> None:
+    """Not another chain (it does not start a segment): the fetch serves what follows the
+    gap as it is, so that recovery names the record; the listing says the chain breaks."""
+    build(tmp_path)
+    seg = newest_segment(tmp_path)
+    frames, _ = segment_records(seg)
+    assert [f.data_version for f in frames] == [11, 12, 13, 14, 15]
+    del frames[2]
+    seg.write_bytes(b"".join(encode_record(f.data_version, f.kind, f.link, f.time_ms, f.sealed)
+                             for f in frames))
+    w = reopen(tmp_path)
+    plan = w.cs.fetch()
+    assert plan is not None
+    assert [r.data_version for r in plan.records()] == [11, 12, 14, 15]
+    plan.close()
+    (state,) = w.cs.states()
+    assert (state.last_data_version, state.record_count, state.damaged) == (12, 2, False)
+    assert "does not follow" in state.note and "broken" in state.note
+    with pytest.raises(ChainError, match=r"record #2 \(data_version 14\)"):
+        verify(w.cs)

@@ -26,6 +26,8 @@ SAMPLES: list[wire.Message] = [
     wire.SnapshotChunk(3, 0, b"c" * 5000),
     wire.SnapshotEnd(3, 1, b"m" * 90),
     wire.Fetch(-1),
+    wire.FetchGeneration(2),
+    wire.ListStates(),
     wire.Ok(),
     wire.Recognitions([b"a", b"bb", b""], ""),
     wire.Recognitions([b"a"], "c3" + "0f" * 32),
@@ -38,6 +40,7 @@ SAMPLES: list[wire.Message] = [
     wire.FetchChunk(1, b"c"),
     wire.FetchRecord(806, 0, b"l" * 32, b"s", 100),
     wire.FetchEnd(1),
+    wire.States([wire.RestorableState(2, True, -1, 0, 21, 22, 2, 99, "damaged").encode()]),
     wire.Error(int(wire.ErrorCode.QUOTA), "quota exceeded: 10 MiB of 10 MiB used"),
 ]
 
@@ -228,3 +231,15 @@ def test_a_bad_write_is_refused_in_one_piece_as_in_pieces(args: tuple) -> None:
     with pytest.raises(ProtocolError) as quick:
         wire.write_frame(*args)
     assert str(quick.value) == str(generic.value)
+
+
+def test_a_restorable_state_round_trips_and_bad_ones_are_refused() -> None:
+    state = wire.RestorableState(1, False, 10, 5, 11, 15, 5, 7, "chain ends: gap")
+    assert wire.RestorableState.decode(state.encode()) == state
+    assert state.data_version == 15
+    with pytest.raises(ProtocolError):
+        wire.RestorableState.decode(state.encode()[:20])
+    bad = bytearray(state.encode())
+    bad[8] = 2
+    with pytest.raises(ProtocolError):
+        wire.RestorableState.decode(bytes(bad))

@@ -17,15 +17,23 @@ DESIGN section 6. In order:
    highest data_version, and name the others;
 5. fetch that client's backup from every server, verify and rebuild each into
    a scratch file beside the destination (:mod:`cldcb.restore`), keep the
-   highest verified data_version, report the others as stale or failed;
+   highest verified data_version, report the others as stale or failed; a
+   server whose newest generation fails is asked for its older ones, newest
+   first (:mod:`cldcb.client.fallback`), and one whose verified state stops
+   short of what it claims is asked why;
 6. if a server failed or could not be reached, it might hold a newer state:
-   ask (``--yes`` answers) before using what the others hold;
+   ask (``--yes`` answers) before using what the others hold; if a server holds
+   a newer state that does not verify, refuse unless ``--accept-older`` is given,
+   saying which data_version was reached, what is missing and why;
 7. move the database into place (never replacing a file), write the wrapper
    (:mod:`cldcb.plugin.wrapper`) and the ``important-plugin=`` line of the
    node's config, so that the recovered node goes on backing up as the same
    client, and print the summary with the warning never to start an older
    state; with a single server, also that it cannot be told from one that
    withholds its newest records (a second, independent server is the defence).
+
+``--list`` (with ``--json``) shows, per client of the node and per server, its
+restorable states (:class:`cldcb.wire.RestorableState`) and writes nothing.
 
 Host keys of ``ssh://`` servers: ``--host-key 'ssh-ed25519 AAAA…'``, one per
 ``ssh://`` server in the order they are given, or else the operator's
@@ -48,9 +56,17 @@ from typing import Any, TypeVar
 import asyncssh
 import click
 
-from cldcb import restore
+from cldcb import restore, wire
 from cldcb.alt_hsmd import AltHsmdNodeKey
 from cldcb.cli_common import get_passphrase, local_node_key, stdin_is_terminal
+from cldcb.client.fallback import (
+    DANGER,
+    Fallback,
+    explain_short,
+    list_server_states,
+    rebuild_older,
+    show_states,
+)
 from cldcb.client.nodeconfig import NodePaths, add_important_plugin
 from cldcb.connection import Connection, ServerAddress, ServerSpec
 from cldcb.errors import CldcbError, HsmSecretError, RecoveryError, UsageError
@@ -261,6 +277,7 @@ class ServerResult:
     claimed: int | None = None        # newest data_version its status names for the client
     rebuilt: restore.Rebuilt | None = None
     error: str = ""
+    fallback: Fallback | None = None     # rebuilt is an older generation: what it lacks
 
 
 @dataclass
@@ -370,6 +387,8 @@ async def _fetch_one(spec: ServerSpec, node: NodeKey, cand: Candidate, dest: Pat
         printer.done()
         res.error = str(exc)
         _say(f"{name}: FAILED: {exc}")
+        restore.discard(scratch)
+        await _fall_back(spec, node, cand, dest, res, printer)
         return
     finally:
         if res.rebuilt is None:
@@ -378,6 +397,54 @@ async def _fetch_one(spec: ServerSpec, node: NodeKey, cand: Candidate, dest: Pat
     r = res.rebuilt
     _say(f"{name}: verified: data_version {r.data_version} (snapshot at "
          f"{r.snapshot_data_version} + {r.records} records)")
+    if res.claimed is not None and res.claimed > r.data_version:
+        res.fallback = await explain_short(spec, cand.client_priv, r, res.claimed)
+        _say(f"{name}: but it claims data_version {res.claimed}: {res.fallback.missing}")
+
+
+async def _fall_back(spec: ServerSpec, node: NodeKey, cand: Candidate, dest: Path,
+                     res: ServerResult, printer: ProgressPrinter) -> None:
+    """The newest state of ``spec`` that verifies, after its newest failed (DESIGN §11)."""
+    name = str(spec.address)
+    try:
+        fb = await rebuild_older(spec, node, cand.client_priv, cand.client_pub, dest,
+                                 res.error, printer.progress)
+    except CldcbError as exc:
+        _say(f"{name}: cannot list its older states either: {exc}")
+        return
+    finally:
+        printer.done()
+    if fb is None:
+        _say(f"{name}: no older state verifies either")
+        return
+    res.rebuilt, res.fallback, res.error = fb.rebuilt, fb, ""
+    _say(f"{name}: verified an OLDER state: data_version {fb.rebuilt.data_version} "
+         f"({fb.label}); {fb.missing}")
+
+
+def _refuse_fallback(results: dict[str, ServerResult], best: ServerResult,
+                     accept_older: bool) -> None:
+    """A state older than one a server holds but could not deliver verified (its newest
+    generation failed, or it stops short of what the server claims) is used only with
+    ``--accept-older``."""
+    r = best.rebuilt
+    assert r is not None
+    short = [res.fallback for res in results.values()
+             if res.fallback is not None and res.fallback.newest > r.data_version]
+    if not short:
+        return
+    newest = max(fb.newest for fb in short)
+    used = f"{best.fallback.label} on " if best.fallback else ""
+    text = (f"the newest state that verifies is data_version {r.data_version} ({used}"
+            f"{best.spec.address}); data_version {r.data_version + 1} to {newest} is missing, "
+            "because:\n  " + "\n  ".join(line for fb in short for line in fb.why)
+            + f"\n{DANGER}")
+    if accept_older:
+        _say(f"warning: {text}\ngoing on because of --accept-older")
+        return
+    raise RecoveryError(f"{text}\nNothing was written. Start that node only if you accept "
+                        "losing its channels (close them from the newer state first if you "
+                        "can): then run recover again with --accept-older")
 
 
 def _summary(specs: list[ServerSpec], results: dict[str, ServerResult],
@@ -391,7 +458,9 @@ def _summary(specs: list[ServerSpec], results: dict[str, ServerResult],
         if res is best:
             r = best.rebuilt
             lines.append(head + f"USED: data_version {r.data_version}, newest record "
-                         f"{format_time(r.newest_time_ms)}")
+                         f"{format_time(r.newest_time_ms)}" + (
+                             f" (OLDER: {res.fallback.label}, "
+                             f"{res.fallback.missing})" if res.fallback else ""))
         elif res.rebuilt is not None:
             r = res.rebuilt
             state = "stale" if r.data_version < top else "same state"
@@ -429,16 +498,9 @@ def _wrapper_config(specs: list[ServerSpec], cand: Candidate, node_id: str,
         database=DATABASE_NAME, plugin_path=plugin_path).validate()
 
 
-async def recover_node(specs: list[ServerSpec], node: NodeKey, dest: Path,
-                       operator_keys: list[str], yes: bool) -> tuple[Candidate, ServerResult,
-                                                                     list[str]]:
-    """Steps 3 to 6; returns the client used, the server used and the summary lines.
-
-    Clients are tried in the order of what the servers claim to hold for them
-    (``status``), newest first, until the best verified data_version is at
-    least the next client's claim: a server cannot make an old client win by
-    claiming more than it can deliver.
-    """
+async def _node_clients(specs: list[ServerSpec], node: NodeKey, operator_keys: list[str]
+                        ) -> tuple[dict[str, ServerResult], dict[bytes, Candidate]]:
+    """Step 3: this node's clients on the servers; RecoveryError when there are none."""
     listing = {str(s.address): ServerResult(s) for s in specs}
     found = await _find_candidates(specs, node, operator_keys, listing)
     if not found:
@@ -447,6 +509,28 @@ async def recover_node(specs: list[ServerSpec], node: NodeKey, dest: Path,
             f"no server holds a backup of node {node.node_id}"
             + (f" ({problems})" if problems else "")
             + ": check the server addresses and ids, and that this is the node's hsm_secret")
+    return listing, found
+
+
+async def list_node_states(specs: list[ServerSpec], node: NodeKey, operator_keys: list[str]
+                           ) -> dict[str, dict[str, list[wire.RestorableState] | str]]:
+    """``recover --list``: per client of this node, per server, its restorable states."""
+    _, found = await _node_clients(specs, node, operator_keys)
+    return {c.client_id: await list_server_states(specs, c.client_priv)
+            for c in found.values()}
+
+
+async def recover_node(specs: list[ServerSpec], node: NodeKey, dest: Path,
+                       operator_keys: list[str], yes: bool,
+                       accept_older: bool = False) -> tuple[Candidate, ServerResult, list[str]]:
+    """Steps 3 to 6; returns the client used, the server used and the summary lines.
+
+    Clients are tried in the order of what the servers claim to hold for them
+    (``status``), newest first, until the best verified data_version is at
+    least the next client's claim: a server cannot make an old client win by
+    claiming more than it can deliver.
+    """
+    listing, found = await _node_clients(specs, node, operator_keys)
     cands = list(found.values())
     tried: dict[bytes, dict[str, ServerResult]] = {}
     for cand in cands:
@@ -488,6 +572,7 @@ async def recover_node(specs: list[ServerSpec], node: NodeKey, dest: Path,
                      f"of {cand.client_id} reaches data_version {best.rebuilt.data_version}")
         _say(f"using client {cand.client_id}")
         _confirm_older(tried[cand.client_pub], best.rebuilt.data_version, yes)
+        _refuse_fallback(tried[cand.client_pub], best, accept_older)
     except BaseException:
         if chosen is not None and chosen[1].rebuilt is not None:
             restore.discard(chosen[1].rebuilt.path)
@@ -511,10 +596,17 @@ async def recover_node(specs: list[ServerSpec], node: NodeKey, dest: Path,
                    "(default: your keys and agent, as ssh uses them).")
 @node_key_options
 @click.option("--yes", is_flag=True, help="Answer yes to confirmations.")
+@click.option("--accept-older", is_flag=True,
+              help="Restore an older state when the newest cannot be verified (the node then "
+                   "loses its channels if they changed since): never done without it.")
+@click.option("--list", "list_only", is_flag=True,
+              help="Show each server's restorable states (generation, data_version range, "
+                   "times) and write nothing.")
+@click.option("--json", "as_json", is_flag=True, help="With --list: print JSON.")
 def recover(lightning_dir: Path, network: str, servers: tuple[str, ...],
             server_ids: tuple[str, ...], host_keys: tuple[str, ...], ssh_keys: tuple[Path, ...],
             hsm_secret: Path | None, passphrase_file: Path | None, alt_hsmd: Path | None,
-            yes: bool) -> None:
+            yes: bool, accept_older: bool, list_only: bool, as_json: bool) -> None:
     """Rebuild the node's database from the servers, with its hsm_secret alone.
 
     Writes <lightning-dir>/<network>/lightningd.sqlite3 (never over an existing
@@ -524,6 +616,15 @@ def recover(lightning_dir: Path, network: str, servers: tuple[str, ...],
     paths = NodePaths(lightning_dir, network)
     folder = paths.network_dir
     dest = folder / DATABASE_NAME
+    if list_only:
+        specs = server_specs(servers, server_ids, host_keys)
+        with open_node_key(lightning_dir, network, hsm_secret, passphrase_file,
+                           alt_hsmd) as node:
+            show_states(asyncio.run(list_node_states(specs, node, [str(k) for k in ssh_keys])),
+                        as_json)
+        return
+    if as_json:
+        raise UsageError("--json goes with --list only")
     restore.refuse_existing(dest)
     if not folder.is_dir():
         raise RecoveryError(f"{folder} does not exist: create it and put the node's "
@@ -537,7 +638,7 @@ def recover(lightning_dir: Path, network: str, servers: tuple[str, ...],
         node_id = node.node_id
         _say(f"node {node_id}")
         cand, best, lines = asyncio.run(recover_node(
-            specs, node, dest, [str(k) for k in ssh_keys], yes))
+            specs, node, dest, [str(k) for k in ssh_keys], yes, accept_older))
     rebuilt = best.rebuilt
     assert rebuilt is not None
     try:

@@ -504,6 +504,11 @@ class SessionHandler:
             s.send(wire.SnapshotAck(msg.snapshot_id, self._upload_dv))
         elif isinstance(msg, wire.Fetch):
             await self._fetch(msg.at_data_version)
+        elif isinstance(msg, wire.FetchGeneration):
+            await self._fetch(-1, msg.generation)
+        elif isinstance(msg, wire.ListStates):
+            states = await self._store(lambda cs: cs.states())
+            s.send(wire.States([st.encode() for st in states]))
         else:
             s.send(wire.Error(int(ErrorCode.BAD_REQUEST), f"unexpected {type(msg).__name__}"))
 
@@ -518,12 +523,13 @@ class SessionHandler:
             up, self._upload = self._upload, None
             await self.core.run(up.abort)
 
-    async def _fetch(self, at: int) -> None:
-        plan = await self._store(lambda cs: cs.fetch(at))
+    async def _fetch(self, at: int, generation: int | None = None) -> None:
+        plan = await self._store(lambda cs: cs.fetch(at, generation=generation))
         s = self.session
         if plan is None:
             s.send(wire.Error(int(ErrorCode.NOT_FOUND), "this server holds no complete "
-                                                         "snapshot for this client"))
+                              "snapshot for this client" + ("" if generation is None else
+                                                            f" numbered {generation}")))
             return
         try:
             s.send(plan.snapshot)

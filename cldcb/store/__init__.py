@@ -118,12 +118,26 @@ are those appended after its commit, an anchored one's those after its anchor.
 Fetching
 --------
 :meth:`ClientStore.fetch` (-1) gives the newest complete snapshot and every
-record from its start on, in log order; ``fetch(N)`` the newest-committed
-snapshot with data_version ≤ N and the records from its start with
-data_version ≤ N, up to the start of the next fresh snapshot (a later chain).
-None when there is no such snapshot. The files are opened when the plan is
-made (later pruning cannot pull them away) and read lazily, frame by frame;
-each frame's checksum is verified as it is read.
+record of its chain from its start on, in log order; ``fetch(N)`` the
+newest-committed snapshot with data_version ≤ N and the records of its chain
+with data_version ≤ N; ``fetch(generation=G)`` the snapshot numbered G (its
+``NNNNNNNNNN``), so that a client can fall back to an older generation. None
+when there is no such snapshot. A snapshot's *chain* is the records that
+follow it by the data_version rules (walked from its anchor as recovery walks
+them, :mod:`cldcb.store.chains`), from its start up to the start of the next
+fresh snapshot (a later chain), and never past the first record that does not
+follow: when a fresh snapshot was set aside as damaged, its records (linked to
+its anchor) are not served after the previous generation. The files are
+opened when the plan is made (later pruning cannot pull them away) and read
+lazily, frame by frame; each frame's checksum is verified as it is read.
+
+:meth:`ClientStore.states` lists what can be restored: every kept snapshot
+(number, data_version, commit time; its chunks read and checked, a damaged one
+named with the error) with the data_version range, count and newest receive
+time of its chain's records, and every snapshot set aside as damaged after the
+oldest kept one, with the records that follow it (they belong to no
+restorable state). It reads every kept snapshot and the log, and writes
+nothing.
 
 Retention
 ---------

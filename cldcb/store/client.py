@@ -25,6 +25,7 @@ from cldcb.dataversion import (
 )
 from cldcb.errors import QuotaExceeded, StoreError
 from cldcb.seal import item_hash
+from cldcb.store.chains import ChainWalk, chain_stop, list_states
 from cldcb.store.frames import encode_record, frame_len
 from cldcb.store.fs import FileLayer, ensure_dir, io_error, replace_file
 from cldcb.store.log import LogEntry, Pos, RecordLog, SegmentRange, iter_ranges
@@ -32,6 +33,7 @@ from cldcb.store.settings import SETTINGS, read_settings
 from cldcb.store.snapshots import (
     SnapshotInfo,
     TempSnapshot,
+    damaged_files,
     encode_trailer,
     iter_chunks,
     load_folder,
@@ -350,25 +352,38 @@ class ClientStore:
         return freed
 
     # -- fetching ----------------------------------------------------------------------
-    def fetch(self, at_data_version: int = -1) -> FetchPlan | None:
-        """The newest snapshot (with data_version ≤ ``at_data_version``, if given) and the
-        records after it; None when there is no such snapshot."""
+    def fetch(self, at_data_version: int = -1, *,
+              generation: int | None = None) -> FetchPlan | None:
+        """The newest snapshot (with data_version ≤ ``at_data_version``, if given; the
+        snapshot numbered ``generation``, if given) and the records of its chain after it;
+        None when there is no such snapshot."""
         self._ready()
         if at_data_version != -1:
             check_data_version(at_data_version)
         candidates = [s for s in self.snapshots
-                      if at_data_version == -1 or s.data_version <= at_data_version]
+                      if (at_data_version == -1 or s.data_version <= at_data_version)
+                      and (generation is None or s.seq == generation)]
         if not candidates:
             return None
         chosen = candidates[-1]
-        later = [s.start for s in self.snapshots if s.seq > chosen.seq and not s.anchored]
-        stop = later[0] if later else self.log.end()
+        stop = chain_stop(self.snapshots, chosen, self.log.end())
         try:
             snap_file = self.fs.open_read(chosen.path)
         except OSError as exc:
             raise io_error(exc, f"opening snapshot {chosen.path}") from None
         ranges = self.log.open_range(chosen.start, stop) if chosen.start < stop else []
         return FetchPlan(chosen, snap_file, ranges, at_data_version)
+
+    def states(self) -> list[wire.RestorableState]:
+        """What a client can restore from here: every kept snapshot generation (its chunks
+        read and checked) with the data_version range of its chain's records, and the
+        generations set aside as damaged; oldest first (see :mod:`cldcb.store.chains`)."""
+        self._ready()
+        try:
+            return list_states(self.fs, self.log, self.snapshots,
+                               damaged_files(self.fs, self.folder / "snapshots"))
+        except OSError as exc:
+            raise io_error(exc, f"listing the states of client {self.client_id}") from None
 
     def touch(self, now_ms: int) -> None:
         """Remember when the client was last seen (kept in ``last_seen``)."""
@@ -468,7 +483,7 @@ class FetchPlan:
         return self._records(iter_ranges(self._ranges))
 
     def _records(self, entries: Iterator[LogEntry]) -> Iterator[wire.FetchRecord]:
-        for e in entries:
+        for e in ChainWalk(self.info, pass_breaks=True).follow(entries):
             r = e.record
             if self._at == -1 or r.data_version <= self._at:
                 yield wire.FetchRecord(r.data_version, r.kind, r.link, r.sealed, r.time_ms)

@@ -150,6 +150,16 @@ def load_folder(fs: FileLayer, folder: Path, *, repair: bool) -> tuple[list[Snap
     return found, top + 1
 
 
+def damaged_files(fs: FileLayer, folder: Path) -> list[tuple[int, Path]]:
+    """The snapshots set aside as ``*.snap.damaged``: (number, path), oldest first."""
+    try:
+        names = sorted(fs.listdir(folder))
+    except FileNotFoundError:
+        return []
+    return [(int(m.group(1)), folder / name) for name in names
+            if (m := _SNAP.match(name)) and m.group(2)]
+
+
 class TempSnapshot:
     """A snapshot being uploaded: chunks streamed to a temp file, bounded memory."""
 
