@@ -85,8 +85,15 @@ def dump(db: Path) -> bytes:
 
 
 def data_version(db: Path) -> int:
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+    """``vars.data_version``. Not read-only: after lightningd was killed mid-transaction
+    its rollback journal is hot, and only a connection that may write can roll it back
+    (as lightningd's next start would); a read-only one fails with "attempt to write a
+    readonly database"."""
+    conn = sqlite3.connect(db, timeout=60)
+    try:
         row = conn.execute("SELECT intval FROM vars WHERE name = 'data_version'").fetchone()
+    finally:
+        conn.close()
     return int(row[0]) if row else 0
 
 
