@@ -43,16 +43,24 @@ in order (responses never overtake each other):
 - ``StatusRequest`` → ``Status`` (the newest record's data_version, kind,
   hash and link; the newest complete snapshot; bytes used; quota;
   append-only; whether the server wants a fresh snapshot).
-- ``Write(data_version, kind, link, sealed)`` → ``Ack(data_version,
-  want_snapshot)`` only once the record is written and fsynced, or
+- ``Write(data_version, kind, link, sealed)`` → ``Ack(data_version, kind,
+  link, want_snapshot)`` only once the record is written and fsynced, or
   ``NeedSnapshot(data_version, reason)`` when the record does not continue
   the server's chain (first contact, a gap), or ``Error``.
 - ``SnapshotBegin(id, data_version, anchor)`` → ``Ok``, then ``SnapshotChunk(id,
-  index, sealed)`` each answered by ``ChunkAck`` (the client keeps at most a
-  few chunks in flight, so writes interleaved with a background upload are
-  never queued behind much), then ``SnapshotEnd(id, chunk_count, manifest)``
-  → ``SnapshotAck(id, data_version)`` once the snapshot is durable and
-  visible. Writes may interleave with the chunks of a snapshot.
+  index, sealed)`` each answered by ``ChunkAck(id, index)`` (the client keeps at
+  most a few chunks in flight, so writes interleaved with a background upload
+  are never queued behind much), then ``SnapshotEnd(id, chunk_count, manifest)``
+  → ``SnapshotAck(id, data_version)`` (the data_version of its
+  ``SnapshotBegin``) once the snapshot is durable and visible. Writes may
+  interleave with the chunks of a snapshot.
+- Every acknowledgement names what it answers: an ``Ack`` the data_version,
+  kind and link of its ``Write``; a ``ChunkAck`` the snapshot id and the
+  chunk's index; a ``SnapshotAck`` the snapshot id and data_version. A client
+  counts an acknowledgement as durability only when it names exactly the
+  request it answers (answers come in order, so that is the oldest one
+  unanswered); anything else is a protocol violation: the client drops the
+  connection and trusts nothing more that came on it.
 - ``Fetch(at_data_version)`` → ``FetchSnapshot``, ``FetchChunk``×n,
   ``FetchRecord``×m, ``FetchEnd(m)``; or ``Error(NOT_FOUND)``.
 - Any request may be answered by ``Error(code, text)``. Codes are in
@@ -332,10 +340,10 @@ class ServerSession(_Base):
             return None
         return wire.write_in(data)
 
-    def ack(self, data_version: int, want_snapshot: bool) -> bytes:
-        """The bytes to write for ``Ack(data_version, want_snapshot)``: what :meth:`send`
-        then :meth:`data_to_send` give, without the message object."""
-        frame = wire.ack_frame(data_version, want_snapshot)
+    def ack(self, data_version: int, kind: int, link: bytes, want_snapshot: bool) -> bytes:
+        """The bytes to write for ``Ack(data_version, kind, link, want_snapshot)``: what
+        :meth:`send` then :meth:`data_to_send` give, without the message object."""
+        frame = wire.ack_frame(data_version, kind, link, want_snapshot)
         return self.data_to_send() + frame if self._out else frame
 
     def refuse(self, code: ErrorCode, text: str) -> None:

@@ -85,7 +85,7 @@ class FakeConn:
         self.s.tip = Tip(dv, Kind(kind), h, link)
         self.s.hashes.add(h)
         self.s.records.append((dv, Kind(kind), h))
-        return wire.Ack(dv, self.s.want_snapshot)
+        return wire.Ack(dv, kind, link, self.s.want_snapshot)
 
     def write_nowait(self, dv: int, kind: int, link: bytes, sealed: bytes,
                      done: Callable[[object], None]) -> None:
