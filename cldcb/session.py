@@ -79,7 +79,7 @@ from enum import IntEnum
 import coincurve
 
 from cldcb import wire
-from cldcb.errors import AuthError, CldcbError, ProtocolError, RemoteError
+from cldcb.errors import AckMismatch, AuthError, CldcbError, ProtocolError, RemoteError
 from cldcb.ids import client_id_from_pubkey, server_id_from_pubkey
 from cldcb.wire import ErrorCode
 
@@ -112,6 +112,39 @@ def _verify(pub: bytes, signature: bytes, digest: bytes) -> bool:
         return coincurve.PublicKey(pub).verify(signature, digest, hasher=None)
     except Exception:  # malformed DER or key: a failed verification
         return False
+
+
+# --- matching acknowledgements (see the module docstring) -------------------------
+
+def check_ack(ack: wire.Ack, data_version: int, kind: int, link: bytes) -> None:
+    """Raise :class:`AckMismatch` unless ``ack`` names ``Write(data_version, kind, link,
+    …)``, the write it answers."""
+    if ack.data_version != data_version or ack.kind != kind or ack.link != link:
+        raise _mismatch(f"Ack(data_version {ack.data_version}, kind {ack.kind}, link "
+                        f"{ack.link.hex()[:16]}…)", f"Write(data_version {data_version}, "
+                        f"kind {int(kind)}, link {link.hex()[:16]}…)")
+
+
+def check_chunk_ack(ack: wire.ChunkAck, snapshot_id: int, index: int) -> None:
+    """Raise :class:`AckMismatch` unless ``ack`` names chunk ``index`` of ``snapshot_id``."""
+    if ack.snapshot_id != snapshot_id or ack.index != index:
+        raise _mismatch(f"ChunkAck(snapshot {ack.snapshot_id}, index {ack.index})",
+                        f"SnapshotChunk(snapshot {snapshot_id}, index {index})")
+
+
+def check_snapshot_ack(ack: wire.SnapshotAck, snapshot_id: int, data_version: int) -> None:
+    """Raise :class:`AckMismatch` unless ``ack`` names the snapshot ``snapshot_id`` of
+    ``data_version`` (the ``SnapshotBegin``'s), the one its ``SnapshotEnd`` ended."""
+    if ack.snapshot_id != snapshot_id or ack.data_version != data_version:
+        raise _mismatch(f"SnapshotAck(snapshot {ack.snapshot_id}, data_version "
+                        f"{ack.data_version})", f"SnapshotEnd(snapshot {snapshot_id}, "
+                        f"data_version {data_version})")
+
+
+def _mismatch(got: str, sent: str) -> AckMismatch:
+    return AckMismatch(f"protocol violation: the server answered {sent} with {got}, which "
+                       "acknowledges something else; not counted, connection dropped (the "
+                       "server is faulty or not to be trusted: tell its operator)")
 
 
 # --- events ----------------------------------------------------------------------

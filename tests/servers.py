@@ -87,6 +87,8 @@ class CldcbServer:
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    #: the program run by ``start`` (``cldcb-server`` unless a test runs a variant of it)
+    command: list[str] = field(default_factory=lambda: list(SERVER_CMD))
 
     def init(self) -> CldcbServer:
         self.server_id = init_data_dir(self.data_dir)
@@ -101,7 +103,7 @@ class CldcbServer:
         env = dict(os.environ, **self.extra_env)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [*SERVER_CMD, "--data-dir", str(self.data_dir), "serve", "--listen",
+                [*self.command, "--data-dir", str(self.data_dir), "serve", "--listen",
                  f"127.0.0.1:{self.port}"], stdout=log, stderr=log, env=env)
         wait_port(self.port, self.proc)
         return self
@@ -184,6 +186,11 @@ class PrivateSshd:
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
         self.port = self.port or free_port()
         own_keys = " .ssh/authorized_keys" if self.user_authorized_keys else ""
+        # sshd gives its sessions a clean environment: the subsystem must import the
+        # same cldcb as the test (PYTHONPATH naming a worktree), not the installed one
+        pythonpath = os.environ.get("PYTHONPATH")
+        set_env = f"CLDCB_SERVER_DIR={self.data_dir}" + (
+            f" PYTHONPATH={pythonpath}" if pythonpath else "")
         self.config.write_text(f"""\
 Port {self.port}
 ListenAddress 127.0.0.1
@@ -203,7 +210,7 @@ PermitTTY no
 PermitUserEnvironment no
 ClientAliveInterval 30
 LogLevel VERBOSE
-SetEnv CLDCB_SERVER_DIR={self.data_dir}
+SetEnv {set_env}
 Subsystem cldcb {self.server_command()} stdio
 """)
         with open(self.log_path, "ab") as log:

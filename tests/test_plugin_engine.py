@@ -41,6 +41,8 @@ class FakeServer:
         self.want_snapshot = False
         self.conns: list[FakeConn] = []
         self.write_delay = 0.0
+        self.lie_chunk_index = False      # answer each chunk with the next one's index
+        self.uploads = 0
 
     def drop(self) -> None:
         for c in self.conns:
@@ -107,10 +109,11 @@ class FakeConn:
     async def begin_snapshot(self, snapshot_id: int, dv: int, anchor: bytes) -> None:
         self._check()
         self._snap = (dv, anchor)
+        self.s.uploads += 1
 
     async def send_chunk(self, snapshot_id: int, index: int, sealed: bytes) -> wire.ChunkAck:
         self._check()
-        return wire.ChunkAck(snapshot_id, index)
+        return wire.ChunkAck(snapshot_id, index + self.s.lie_chunk_index)
 
     async def end_snapshot(self, snapshot_id: int, count: int,
                            manifest: bytes) -> wire.SnapshotAck:
@@ -122,6 +125,9 @@ class FakeConn:
         if anchor not in self.s.hashes:
             self.s.tip = Tip(dv, Kind.NORMAL, anchor, ZERO_HASH, is_snapshot=True)
         return wire.SnapshotAck(snapshot_id, dv)
+
+    def abort(self, exc: Exception) -> None:
+        self.closed = True
 
     async def close(self) -> None:
         self.closed = True
@@ -426,3 +432,29 @@ def test_a_gap_takes_a_fresh_snapshot(tmp_path: Path, kind_first: Kind) -> None:
     asyncio.run(go())
     assert len(s.snapshots) == 2 and s.snapshots[1][0] == 4
     assert s.snapshots[1][1] not in s.hashes        # a fresh anchor
+
+
+def test_an_upload_begun_again_puts_the_outage_limit_off_no_more(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first contact's blocking snapshot to a server that answers each chunk with
+    another index (a protocol violation: the link drops the connection, reconnects and
+    uploads again, over and over): the call fails at the outage limit. Only an upload
+    that gets further than before is progress that puts the limit off."""
+    monkeypatch.setattr(links, "RECONNECT_MAX", 0.05)
+    monkeypatch.setattr(links, "CATCHUP_BACKOFF_MAX", 0.05)
+    s = FakeServer("a")
+    s.lie_chunk_index = True
+    node = Node(tmp_path / "lightningd.sqlite3")
+
+    async def go() -> None:
+        eng = make_engine(tmp_path, [s], outage=1.0)
+        eng.start()
+        dv, writes = node.change()
+        result = await asyncio.wait_for(eng.db_write(dv, writes), 20)
+        node.rollback()
+        assert not result.ok and "not held by 1 server(s)" in result.message, result
+        assert "protocol violation" in result.message and "ChunkAck" in result.message
+        await eng.close()
+
+    asyncio.run(go())
+    assert s.uploads >= 3 and s.tip is None and not s.snapshots
