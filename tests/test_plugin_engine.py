@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -458,3 +459,22 @@ def test_an_upload_begun_again_puts_the_outage_limit_off_no_more(
 
     asyncio.run(go())
     assert s.uploads >= 3 and s.tip is None and not s.snapshots
+
+
+def test_a_link_stopped_as_its_wait_ends_stops(tmp_path: Path) -> None:
+    """A link parked until a deadline (``_wait``) is cancelled (the plugin stops) in the
+    same turn of the event loop as its wake-up: it must end, cancelled. (Python 3.11's
+    ``wait_for`` then returns instead, the link goes on, and ``stop`` waits for it
+    forever.)"""
+    async def go() -> bool:
+        eng = make_engine(tmp_path, [FakeServer("a")])
+        link = eng.links[0]
+        task = asyncio.ensure_future(link._wait(time.monotonic() + 60))
+        for _ in range(3):
+            await asyncio.sleep(0)                 # parked in wake.wait()
+        link.wake.set()
+        task.cancel()
+        await asyncio.wait([task], timeout=5)
+        return task.cancelled()
+
+    assert asyncio.run(go())

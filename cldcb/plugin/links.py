@@ -435,7 +435,8 @@ class ServerLink:
             await self.wake.wait()
             return
         try:
-            await asyncio.wait_for(self.wake.wait(), timeout)
+            async with asyncio.timeout(timeout):     # (wait_for may swallow a cancel)
+                await self.wake.wait()
         except TimeoutError:
             pass
 
