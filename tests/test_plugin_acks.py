@@ -23,6 +23,7 @@ from servers import SERVER_CMD, CldcbServer
 from simlightningd import Call, NodeStopped, SimLightningd
 from test_plugin_faults import normal_call_at_or_after
 from test_plugin_harness import (
+    Keys,
     Target,
     logs_matching,
     make_node,
@@ -56,6 +57,22 @@ def violation(node: SimLightningd) -> str:
     return str(server["last_error"] or "")
 
 
+def stopped_by(liar: CldcbServer, tmp: Path, stop: int
+               ) -> tuple[SimLightningd, Keys, Target, NodeStopped]:
+    """Play the workload's first ``stop`` calls to a node backed up to ``liar`` only; the
+    node, its keys, the target and how the node stopped (it must)."""
+    keys = new_keys()
+    target = Target(daemon=liar)
+    node = make_node(tmp, keys, [target], outage_limit=OUTAGE, hook_timeout=40)
+    node.start()
+    try:
+        with pytest.raises(NodeStopped) as stopped:
+            node.run_trace(load_trace(WORKLOAD), stop=stop)
+    finally:
+        node.crash()
+    return node, keys, target, stopped.value
+
+
 def _k() -> int:
     return normal_call_at_or_after(load_trace(WORKLOAD), 60)
 
@@ -72,20 +89,12 @@ def test_a_lying_ack_of_a_write_is_never_counted(liar: CldcbServer, tmp_path: Pa
     limit; nothing from K on is committed."""
     trace = load_trace(WORKLOAD)
     k = _k()
-    keys = new_keys()
-    target = Target(daemon=liar)
-    node = make_node(tmp_path, keys, [target], outage_limit=OUTAGE, hook_timeout=40)
-    node.start()
-    try:
-        with pytest.raises(NodeStopped) as stopped:
-            node.run_trace(trace, stop=k + 5)
-    finally:
-        node.crash()
+    node, keys, target, stopped = stopped_by(liar, tmp_path, k + 5)
     call = node.calls[-1]
     assert call.index == k and call.outcome == "refused", [
         (c.index, c.data_version, c.outcome) for c in node.calls[k - 2:]]
-    assert f"not held by 1 server(s) after {OUTAGE:g} s" in stopped.value.reason
-    assert "protocol violation" in stopped.value.reason
+    assert f"not held by 1 server(s) after {OUTAGE:g} s" in stopped.reason
+    assert "protocol violation" in stopped.reason
     assert node.committed_data_version() == trace[k - 1][0]
     assert all(c.outcome == "committed" for c in node.calls[:k])
     shown = violation(node)
@@ -103,18 +112,9 @@ def test_a_lying_ack_of_a_snapshot_is_never_counted(liar: CldcbServer,
     index, or the snapshot with another id or data_version, and stores nothing (it
     acknowledges the record on top honestly in form): the first call fails at the
     outage limit, although each new upload makes "progress" again."""
-    trace = load_trace(WORKLOAD)
-    keys = new_keys()
-    target = Target(daemon=liar)
-    node = make_node(tmp_path, keys, [target], outage_limit=OUTAGE, hook_timeout=40)
-    node.start()
-    try:
-        with pytest.raises(NodeStopped) as stopped:
-            node.run_trace(trace, stop=5)
-    finally:
-        node.crash()
+    node, keys, target, stopped = stopped_by(liar, tmp_path, 5)
     assert [c.outcome for c in node.calls] == ["refused"]
-    assert f"not held by 1 server(s) after {OUTAGE:g} s" in stopped.value.reason
+    assert f"not held by 1 server(s) after {OUTAGE:g} s" in stopped.reason
     assert node.committed_data_version() == 0
     shown = violation(node)
     assert "protocol violation" in shown and ("Snapshot" in shown or "Chunk" in shown), shown
