@@ -247,6 +247,8 @@ class Connection:
 
     # -- callbacks -----------------------------------------------------------------
     def _on_data(self, data: bytes) -> None:
+        if self._error is not None:                 # dropped (abort, close): take nothing
+            return
         if self._keepalive is not None:
             self._keepalive.received += 1
         waiters = self._waiters
@@ -323,6 +325,12 @@ class Connection:
     @property
     def is_closed(self) -> bool:
         return self._error is not None
+
+    def abort(self, exc: CldcbError) -> None:
+        """Drop the connection now because of ``exc`` (say, an answer that acknowledges
+        something else than its request): every request waiting on it fails with
+        ``exc``, and nothing more received on it is taken."""
+        self._fail(exc)
 
     def _raise_if_broken(self) -> None:
         if self._error is not None:

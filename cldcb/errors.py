@@ -72,6 +72,12 @@ class ProtocolError(CldcbError):
     """The peer sent bytes that are not a valid cldcb frame or message in this state."""
 
 
+class AckMismatch(ProtocolError):
+    """A server acknowledged something other than the request it answers (another
+    data_version, kind or link; another snapshot id, data_version or chunk index): a
+    protocol violation. The acknowledgement never counts and the connection is dropped."""
+
+
 class AuthError(CldcbError):
     """The hello failed: wrong server id, unknown client, bad signature."""
 

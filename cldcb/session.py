@@ -49,16 +49,24 @@ in order (responses never overtake each other):
 - ``StatusRequest`` → ``Status`` (the newest record's data_version, kind,
   hash and link; the newest complete snapshot; bytes used; quota;
   append-only; whether the server wants a fresh snapshot).
-- ``Write(data_version, kind, link, sealed)`` → ``Ack(data_version,
-  want_snapshot)`` only once the record is written and fsynced, or
+- ``Write(data_version, kind, link, sealed)`` → ``Ack(data_version, kind,
+  link, want_snapshot)`` only once the record is written and fsynced, or
   ``NeedSnapshot(data_version, reason)`` when the record does not continue
   the server's chain (first contact, a gap), or ``Error``.
 - ``SnapshotBegin(id, data_version, anchor)`` → ``Ok``, then ``SnapshotChunk(id,
-  index, sealed)`` each answered by ``ChunkAck`` (the client keeps at most a
-  few chunks in flight, so writes interleaved with a background upload are
-  never queued behind much), then ``SnapshotEnd(id, chunk_count, manifest)``
-  → ``SnapshotAck(id, data_version)`` once the snapshot is durable and
-  visible. Writes may interleave with the chunks of a snapshot.
+  index, sealed)`` each answered by ``ChunkAck(id, index)`` (the client keeps at
+  most a few chunks in flight, so writes interleaved with a background upload
+  are never queued behind much), then ``SnapshotEnd(id, chunk_count, manifest)``
+  → ``SnapshotAck(id, data_version)`` (the data_version of its
+  ``SnapshotBegin``) once the snapshot is durable and visible. Writes may
+  interleave with the chunks of a snapshot.
+- Every acknowledgement names what it answers: an ``Ack`` the data_version,
+  kind and link of its ``Write``; a ``ChunkAck`` the snapshot id and the
+  chunk's index; a ``SnapshotAck`` the snapshot id and data_version. A client
+  counts an acknowledgement as durability only when it names exactly the
+  request it answers (answers come in order, so that is the oldest one
+  unanswered); anything else is a protocol violation: the client drops the
+  connection and trusts nothing more that came on it.
 - ``Fetch(at_data_version)`` → ``FetchSnapshot``, ``FetchChunk``×n,
   ``FetchRecord``×m, ``FetchEnd(m)``; or ``Error(NOT_FOUND)``. The records are
   those of the snapshot's own chain (see "Fetching" in :mod:`cldcb.store`).
@@ -83,7 +91,7 @@ from enum import IntEnum
 import coincurve
 
 from cldcb import wire
-from cldcb.errors import AuthError, CldcbError, ProtocolError, RemoteError
+from cldcb.errors import AckMismatch, AuthError, CldcbError, ProtocolError, RemoteError
 from cldcb.ids import client_id_from_pubkey, server_id_from_pubkey
 from cldcb.wire import ErrorCode
 
@@ -116,6 +124,39 @@ def _verify(pub: bytes, signature: bytes, digest: bytes) -> bool:
         return coincurve.PublicKey(pub).verify(signature, digest, hasher=None)
     except Exception:  # malformed DER or key: a failed verification
         return False
+
+
+# --- matching acknowledgements (see the module docstring) -------------------------
+
+def check_ack(ack: wire.Ack, data_version: int, kind: int, link: bytes) -> None:
+    """Raise :class:`AckMismatch` unless ``ack`` names ``Write(data_version, kind, link,
+    …)``, the write it answers."""
+    if ack.data_version != data_version or ack.kind != kind or ack.link != link:
+        raise _mismatch(f"Ack(data_version {ack.data_version}, kind {ack.kind}, link "
+                        f"{ack.link.hex()[:16]}…)", f"Write(data_version {data_version}, "
+                        f"kind {int(kind)}, link {link.hex()[:16]}…)")
+
+
+def check_chunk_ack(ack: wire.ChunkAck, snapshot_id: int, index: int) -> None:
+    """Raise :class:`AckMismatch` unless ``ack`` names chunk ``index`` of ``snapshot_id``."""
+    if ack.snapshot_id != snapshot_id or ack.index != index:
+        raise _mismatch(f"ChunkAck(snapshot {ack.snapshot_id}, index {ack.index})",
+                        f"SnapshotChunk(snapshot {snapshot_id}, index {index})")
+
+
+def check_snapshot_ack(ack: wire.SnapshotAck, snapshot_id: int, data_version: int) -> None:
+    """Raise :class:`AckMismatch` unless ``ack`` names the snapshot ``snapshot_id`` of
+    ``data_version`` (the ``SnapshotBegin``'s), the one its ``SnapshotEnd`` ended."""
+    if ack.snapshot_id != snapshot_id or ack.data_version != data_version:
+        raise _mismatch(f"SnapshotAck(snapshot {ack.snapshot_id}, data_version "
+                        f"{ack.data_version})", f"SnapshotEnd(snapshot {snapshot_id}, "
+                        f"data_version {data_version})")
+
+
+def _mismatch(got: str, sent: str) -> AckMismatch:
+    return AckMismatch(f"protocol violation: the server answered {sent} with {got}, which "
+                       "acknowledges something else; not counted, connection dropped (the "
+                       "server is faulty or not to be trusted: tell its operator)")
 
 
 # --- events ----------------------------------------------------------------------
@@ -344,10 +385,10 @@ class ServerSession(_Base):
             return None
         return wire.write_in(data)
 
-    def ack(self, data_version: int, want_snapshot: bool) -> bytes:
-        """The bytes to write for ``Ack(data_version, want_snapshot)``: what :meth:`send`
-        then :meth:`data_to_send` give, without the message object."""
-        frame = wire.ack_frame(data_version, want_snapshot)
+    def ack(self, data_version: int, kind: int, link: bytes, want_snapshot: bool) -> bytes:
+        """The bytes to write for ``Ack(data_version, kind, link, want_snapshot)``: what
+        :meth:`send` then :meth:`data_to_send` give, without the message object."""
+        frame = wire.ack_frame(data_version, kind, link, want_snapshot)
         return self.data_to_send() + frame if self._out else frame
 
     def refuse(self, code: ErrorCode, text: str) -> None:

@@ -382,9 +382,14 @@ class Status(Message):
     generations: int
 
 
-@message(33, I64, BOOL)
+@message(33, I64, U8, B32, BOOL)
 class Ack(Message):
+    """The answer to ``Write(data_version, kind, link, …)`` once it is durable: it names
+    that write (see :mod:`cldcb.session`: a client counts only an Ack that matches)."""
+
     data_version: int
+    kind: int
+    link: bytes
     want_snapshot: bool
 
 
@@ -528,13 +533,14 @@ def decode(type_: int, body: bytes | memoryview) -> Message:
 # (tests/test_wire.py checks both).
 
 _WRITE_HEAD = struct.Struct(">IBqB32sI")   # length, type, data_version, kind, link, len
-_ACK_FRAME = struct.Struct(">IBqB")         # length, type, data_version, want_snapshot
+_ACK_FRAME = struct.Struct(">IBqB32sB")     # length, type, data_version, kind, link, want
+_ACK_LENGTH = _ACK_FRAME.size - 4
 _WRITE, _ACK = Write.TYPE, Ack.TYPE
 
 
 def write_frame(data_version: int, kind: int, link: bytes, sealed: bytes) -> bytes:
     """``encode(Write(data_version, kind, link, sealed))``; ProtocolError as encode."""
-    if len(link) != 32:
+    if not isinstance(link, bytes) or len(link) != 32:
         raise ProtocolError("field must be 32 bytes")
     length = _WRITE_HEAD.size - 4 + len(sealed)
     if length > MAX_FRAME:
@@ -557,10 +563,13 @@ def write_in(data: bytes) -> Write | None:
     return Write(data_version, kind, link, data[_WRITE_HEAD.size:])
 
 
-def ack_frame(data_version: int, want_snapshot: bool) -> bytes:
-    """``encode(Ack(data_version, want_snapshot))``; ProtocolError as encode."""
+def ack_frame(data_version: int, kind: int, link: bytes, want_snapshot: bool) -> bytes:
+    """``encode(Ack(data_version, kind, link, want_snapshot))``; ProtocolError as encode."""
+    if not isinstance(link, bytes) or len(link) != 32:
+        raise ProtocolError("field must be 32 bytes")
     try:
-        return _ACK_FRAME.pack(10, _ACK, data_version, 1 if want_snapshot else 0)
+        return _ACK_FRAME.pack(_ACK_LENGTH, _ACK, data_version, kind, link,
+                               1 if want_snapshot else 0)
     except struct.error as exc:
         raise ProtocolError(f"field out of range: {exc}") from None
 
@@ -569,10 +578,10 @@ def ack_in(data: bytes) -> Ack | None:
     """The Ack ``data`` is, if it is exactly one whole well-formed Ack frame; else None."""
     if len(data) != _ACK_FRAME.size or data[4] != _ACK:
         return None
-    length, _, data_version, want = _ACK_FRAME.unpack(data)
-    if length != 10 or want > 1:
+    length, _, data_version, kind, link, want = _ACK_FRAME.unpack(data)
+    if length != _ACK_LENGTH or want > 1:
         return None
-    return Ack(data_version, want == 1)
+    return Ack(data_version, kind, link, want == 1)
 
 
 class FrameDecoder:

@@ -90,7 +90,7 @@ class CldcbServer:
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
-    #: the program run as ``cldcb-server`` (tests/evil_server.py for a malicious one)
+    #: the program run as ``cldcb-server`` (a test may run a malicious variant of it)
     command: list[str] = field(default_factory=lambda: list(SERVER_CMD))
 
     def init(self) -> CldcbServer:

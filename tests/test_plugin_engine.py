@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,6 +42,8 @@ class FakeServer:
         self.want_snapshot = False
         self.conns: list[FakeConn] = []
         self.write_delay = 0.0
+        self.lie_chunk_index = False      # answer each chunk with the next one's index
+        self.uploads = 0
 
     def drop(self) -> None:
         for c in self.conns:
@@ -85,7 +88,7 @@ class FakeConn:
         self.s.tip = Tip(dv, Kind(kind), h, link)
         self.s.hashes.add(h)
         self.s.records.append((dv, Kind(kind), h))
-        return wire.Ack(dv, self.s.want_snapshot)
+        return wire.Ack(dv, kind, link, self.s.want_snapshot)
 
     def write_nowait(self, dv: int, kind: int, link: bytes, sealed: bytes,
                      done: Callable[[object], None]) -> None:
@@ -107,10 +110,11 @@ class FakeConn:
     async def begin_snapshot(self, snapshot_id: int, dv: int, anchor: bytes) -> None:
         self._check()
         self._snap = (dv, anchor)
+        self.s.uploads += 1
 
     async def send_chunk(self, snapshot_id: int, index: int, sealed: bytes) -> wire.ChunkAck:
         self._check()
-        return wire.ChunkAck(snapshot_id, index)
+        return wire.ChunkAck(snapshot_id, index + self.s.lie_chunk_index)
 
     async def end_snapshot(self, snapshot_id: int, count: int,
                            manifest: bytes) -> wire.SnapshotAck:
@@ -122,6 +126,9 @@ class FakeConn:
         if anchor not in self.s.hashes:
             self.s.tip = Tip(dv, Kind.NORMAL, anchor, ZERO_HASH, is_snapshot=True)
         return wire.SnapshotAck(snapshot_id, dv)
+
+    def abort(self, exc: Exception) -> None:
+        self.closed = True
 
     async def close(self) -> None:
         self.closed = True
@@ -426,3 +433,48 @@ def test_a_gap_takes_a_fresh_snapshot(tmp_path: Path, kind_first: Kind) -> None:
     asyncio.run(go())
     assert len(s.snapshots) == 2 and s.snapshots[1][0] == 4
     assert s.snapshots[1][1] not in s.hashes        # a fresh anchor
+
+
+def test_an_upload_begun_again_puts_the_outage_limit_off_no_more(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first contact's blocking snapshot to a server that answers each chunk with
+    another index (a protocol violation: the link drops the connection, reconnects and
+    uploads again, over and over): the call fails at the outage limit. Only an upload
+    that gets further than before is progress that puts the limit off."""
+    monkeypatch.setattr(links, "RECONNECT_MAX", 0.05)
+    monkeypatch.setattr(links, "CATCHUP_BACKOFF_MAX", 0.05)
+    s = FakeServer("a")
+    s.lie_chunk_index = True
+    node = Node(tmp_path / "lightningd.sqlite3")
+
+    async def go() -> None:
+        eng = make_engine(tmp_path, [s], outage=1.0)
+        eng.start()
+        dv, writes = node.change()
+        result = await asyncio.wait_for(eng.db_write(dv, writes), 20)
+        node.rollback()
+        assert not result.ok and "not held by 1 server(s)" in result.message, result
+        assert "protocol violation" in result.message and "ChunkAck" in result.message
+        await eng.close()
+
+    asyncio.run(go())
+    assert s.uploads >= 3 and s.tip is None and not s.snapshots
+
+
+def test_a_link_stopped_as_its_wait_ends_stops(tmp_path: Path) -> None:
+    """A link parked until a deadline (``_wait``) is cancelled (the plugin stops) in the
+    same turn of the event loop as its wake-up: it must end, cancelled. (Python 3.11's
+    ``wait_for`` then returns instead, the link goes on, and ``stop`` waits for it
+    forever.)"""
+    async def go() -> bool:
+        eng = make_engine(tmp_path, [FakeServer("a")])
+        link = eng.links[0]
+        task = asyncio.ensure_future(link._wait(time.monotonic() + 60))
+        for _ in range(3):
+            await asyncio.sleep(0)                 # parked in wake.wait()
+        link.wake.set()
+        task.cancel()
+        await asyncio.wait([task], timeout=5)
+        return task.cancelled()
+
+    assert asyncio.run(go())

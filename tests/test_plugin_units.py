@@ -16,7 +16,7 @@ import pytest
 import cldcb.plugin.snapshot as snapshot_module
 from cldcb import wire
 from cldcb.dataversion import Kind, Tip
-from cldcb.errors import PluginError, ProtocolError
+from cldcb.errors import AckMismatch, PluginError, ProtocolError
 from cldcb.ids import (
     client_id_from_pubkey,
     new_privkey,
@@ -337,7 +337,8 @@ def test_stale_copies_are_removed(tmp_path: Path) -> None:
 # -- upload ------------------------------------------------------------------------------------
 
 class FakeTarget:
-    def __init__(self, delay: float = 0.0) -> None:
+    def __init__(self, delay: float = 0.0, lie: str = "") -> None:
+        self.lie = lie
         self.chunks: dict[int, bytes] = {}
         self.begin: tuple[int, int, bytes] | None = None
         self.end: tuple[int, int, bytes] | None = None
@@ -354,12 +355,14 @@ class FakeTarget:
         await asyncio.sleep(self.delay)
         self.chunks[index] = sealed
         self.in_flight -= 1
-        return wire.ChunkAck(snapshot_id, index)
+        return wire.ChunkAck(snapshot_id, index + (self.lie == "index" and index == 2))
 
     async def end_snapshot(self, snapshot_id: int, chunk_count: int,
                            manifest: bytes) -> wire.SnapshotAck:
         self.end = (snapshot_id, chunk_count, manifest)
-        return wire.SnapshotAck(snapshot_id, 0)
+        assert self.begin is not None
+        return wire.SnapshotAck(snapshot_id ^ (self.lie == "id"),
+                                self.begin[1] - (self.lie == "data_version"))
 
 
 @pytest.mark.parametrize("size", [0, 1, 4096, 4096 * 3, 4096 * 3 + 5])
@@ -380,6 +383,27 @@ def test_upload_seals_chunks_with_a_bounded_window(tmp_path: Path, size: int) ->
     got = b"".join(opener.open_chunk(i, target.chunks[i]) for i in range(count))
     opener.finish()
     assert got == data and opener.manifest.anchor == b"\x01" * 32
+
+
+@pytest.mark.parametrize("lie, named", [
+    ("index", "ChunkAck(snapshot {id}, index 3)"),
+    ("id", "SnapshotAck(snapshot {id1}, data_version 77)"),
+    ("data_version", "SnapshotAck(snapshot {id}, data_version 76)")])
+def test_an_upload_answered_for_another_chunk_or_snapshot_fails(
+        tmp_path: Path, lie: str, named: str) -> None:
+    """A ChunkAck must name its chunk, the SnapshotAck this snapshot's id and
+    data_version: else AckMismatch, naming what was sent and what came back."""
+    path = tmp_path / "copy"
+    path.write_bytes(os.urandom(4096 * 5))
+    target = FakeTarget(lie=lie)
+    with pytest.raises(AckMismatch, match="protocol violation") as err:
+        asyncio.run(upload_snapshot(target, LocalCopy(path, 77, 4096 * 5, anchor=bytes(32)),
+                                    node_pub=pubkey_of(NODE), client_priv=CLIENT,
+                                    chunk_size=4096, window=2))
+    assert target.begin is not None
+    sid = target.begin[0]
+    assert named.format(id=sid, id1=sid ^ 1) in str(err.value)
+    assert (target.end is None) is (lie == "index")      # no SnapshotEnd after a bad ChunkAck
 
 
 # -- status file ------------------------------------------------------------------------------

@@ -159,8 +159,8 @@ async def serve(folder: Path, reads: list[bytes], *, quick: bool, inline: bool,
 
     monkeypatch.setattr(h.session, "write_in", counted)
     if not quick:                                 # and the Ack as any other answer
-        def ack(data_version: int, want_snapshot: bool) -> bytes:
-            h.session.send(wire.Ack(data_version, want_snapshot))
+        def ack(data_version: int, kind: int, link: bytes, want_snapshot: bool) -> bytes:
+            h.session.send(wire.Ack(data_version, kind, link, want_snapshot))
             return h.session.data_to_send()
         monkeypatch.setattr(h.session, "ack", ack)
     answers = []

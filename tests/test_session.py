@@ -56,8 +56,8 @@ def test_hello_completes_and_requests_flow() -> None:
     c.send(wire.Write(3, 0, bytes(32), b"x"))
     (ev,) = s.receive_data(c.data_to_send())
     assert ev == Received(wire.Write(3, 0, bytes(32), b"x"))
-    s.send(wire.Ack(3, False))
-    assert c.receive_data(s.data_to_send()) == [Received(wire.Ack(3, False))]
+    s.send(wire.Ack(3, 0, b"l" * 32, False))
+    assert c.receive_data(s.data_to_send()) == [Received(wire.Ack(3, 0, b"l" * 32, False))]
 
 
 def test_a_server_whose_key_is_not_the_pinned_id_is_refused() -> None:
@@ -130,13 +130,14 @@ def test_the_per_change_shortcuts_keep_the_sessions_rules() -> None:
     assert s.write_in(frame) is None                       # bytes are held: not in one piece
     assert s.receive_data(frame[7:]) == [Received(wire.Write(3, 0, bytes(32), b"x"))]
     s.send(wire.Error(int(wire.ErrorCode.QUOTA), "full"))
-    answer = s.ack(3, True)                                # after what was queued before it
+    answer = s.ack(3, 0, bytes(32), True)                  # after what was queued before it
     assert wire.FrameDecoder().feed(answer) == [wire.Error(int(wire.ErrorCode.QUOTA), "full"),
-                                                wire.Ack(3, True)]
-    assert c.ack_in(wire.encode(wire.Ack(3, True))) == wire.Ack(3, True)
+                                                wire.Ack(3, 0, bytes(32), True)]
+    ack = wire.Ack(3, 0, bytes(32), True)
+    assert c.ack_in(wire.encode(ack)) == ack
     assert c.ack_in(answer) is None                        # two frames: the usual way
     c.receive_data(answer[:3])
-    assert c.ack_in(wire.encode(wire.Ack(4, False))) is None    # bytes are held
+    assert c.ack_in(wire.encode(wire.Ack(4, 0, bytes(32), False))) is None  # bytes are held
     reader, rs = make(role=Role.READER)
     pump(reader, rs, reader.start())
     assert rs.write_in(frame) is None                      # a reader's Write is refused...

@@ -110,15 +110,17 @@ def test_replacement_and_pragma_records(w: Writer) -> None:
 
 
 def test_a_resent_newest_record_is_acked_once(w: Writer) -> None:
+    """Each Ack, the first and the resend's, names the record it answers."""
     w.snapshot(5)
     link, sealed = w.seal(6)
-    assert isinstance(w.send(6, Kind.NORMAL, link, sealed), wire.Ack)
+    assert w.send(6, Kind.NORMAL, link, sealed) == wire.Ack(6, Kind.NORMAL, link, False)
     used = w.cs.status().bytes_used
     again = w.cs.append(6, 0, link, sealed, w.now())
-    assert isinstance(again, wire.Ack) and w.cs.status().bytes_used == used
-    link, sealed = w.seal(6, Kind.PRAGMA)
-    assert isinstance(w.send(6, Kind.PRAGMA, link, sealed), wire.Ack)
-    assert isinstance(w.cs.append(6, 1, link, sealed, w.now()), wire.Ack)  # resent PRAGMA
+    assert again == wire.Ack(6, Kind.NORMAL, link, False) and w.cs.status().bytes_used == used
+    link2, sealed = w.seal(6, Kind.PRAGMA)
+    assert link2 != link
+    assert w.send(6, Kind.PRAGMA, link2, sealed) == wire.Ack(6, Kind.PRAGMA, link2, False)
+    assert w.cs.append(6, 1, link2, sealed, w.now()) == wire.Ack(6, Kind.PRAGMA, link2, False)
     assert chain_of(w) == [6, 6]
 
 

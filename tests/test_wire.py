@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 import tracemalloc
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -32,7 +33,7 @@ SAMPLES: list[wire.Message] = [
     wire.Recognitions([b"a", b"bb", b""], ""),
     wire.Recognitions([b"a"], "c3" + "0f" * 32),
     wire.Status(True, 5, 1, b"h" * 32, b"p" * 32, 7, -1, 0, 123, 0, True, False, 2),
-    wire.Ack(806, True),
+    wire.Ack(806, 1, b"l" * 32, True),
     wire.NeedSnapshot(807, "gap: backup holds 805, call is 807"),
     wire.ChunkAck(3, 0),
     wire.SnapshotAck(3, 805),
@@ -82,7 +83,7 @@ def test_a_huge_inner_length_is_refused() -> None:
 
 
 def test_trailing_bytes_and_unknown_types_are_refused() -> None:
-    frame = wire.encode(wire.Ack(1, False))
+    frame = wire.encode(wire.Ack(1, 0, bytes(32), False))
     with pytest.raises(ProtocolError, match="trailing"):
         wire.decode(wire.Ack.TYPE, frame[5:] + b"\0")
     with pytest.raises(ProtocolError, match="unknown message type"):
@@ -207,9 +208,9 @@ def test_the_per_change_frames_are_the_generic_ones(dv: int, kind: int, link: by
     """A Write and an Ack packed in one piece are the frames encode() makes; recognised
     in one piece, they are what the decoder makes of the same bytes, and anything else
     (a mutated frame) is left to the decoder (None)."""
-    write, ack = wire.Write(dv, kind, link, sealed), wire.Ack(dv, want)
+    write, ack = wire.Write(dv, kind, link, sealed), wire.Ack(dv, kind, link, want)
     assert wire.write_frame(dv, kind, link, sealed) == wire.encode(write)
-    assert wire.ack_frame(dv, want) == wire.encode(ack)
+    assert wire.ack_frame(dv, kind, link, want) == wire.encode(ack)
     assert wire.write_in(wire.encode(write)) == write
     assert wire.ack_in(wire.encode(ack)) == ack
     for msg, recognise in ((write, wire.write_in), (ack, wire.ack_in)):
@@ -224,12 +225,18 @@ def test_the_per_change_frames_are_the_generic_ones(dv: int, kind: int, link: by
 
 
 @pytest.mark.parametrize("args", [(1, 0, b"short link", b"x"), (2**63, 0, bytes(32), b"x"),
-                                  (1, 256, bytes(32), b"x"), (1, -1, bytes(32), b"")])
-def test_a_bad_write_is_refused_in_one_piece_as_in_pieces(args: tuple) -> None:
+                                  (1, 256, bytes(32), b"x"), (1, -1, bytes(32), b""),
+                                  (1, 0, bytearray(32), b"")])
+@pytest.mark.parametrize("cls, one_piece", [(wire.Write, wire.write_frame),
+                                            (wire.Ack, wire.ack_frame)], ids=["Write", "Ack"])
+def test_a_bad_write_or_ack_is_refused_in_one_piece_as_in_pieces(
+        args: tuple, cls: type[wire.Message], one_piece: Callable[..., bytes]) -> None:
+    if cls is wire.Ack:
+        args = (*args[:3], True)          # an Ack's last field: want_snapshot
     with pytest.raises(ProtocolError) as generic:
-        wire.encode(wire.Write(*args))
+        wire.encode(cls(*args))
     with pytest.raises(ProtocolError) as quick:
-        wire.write_frame(*args)
+        one_piece(*args)
     assert str(quick.value) == str(generic.value)
 
 

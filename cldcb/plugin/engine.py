@@ -36,7 +36,10 @@ Each call ``(data_version, writes)``:
 4. Servers that are unreachable are reconnected with backoff by their links
    while the call waits. If ``quorum`` is not reached within ``outage-limit``
    seconds (measured from the start of the call, or from the last progress
-   of a snapshot the call waits for), the call fails.
+   of a snapshot the call waits for: the last time its upload got further than
+   before), the call fails. A server whose acknowledgement does not match the
+   change it answers (a protocol violation, see :mod:`cldcb.plugin.links`)
+   counts for nothing.
 
 The local copy is always finished before the call is answered; it is deleted
 once no upload needs it.
@@ -534,7 +537,7 @@ class Engine:
         parts = []
         for link in self.links:
             if link.connected:
-                parts.append(f"{link.name}: {link.state}")
+                parts.append(f"{link.name}: {link.violation or link.state}")
             else:
                 parts.append(f"{link.name}: {link.last_error or 'not connected'}")
         return (f"change {dv} is not held by {self.quorum} server(s) after "

@@ -17,6 +17,17 @@ to the plugin's record log, forever:
 Compaction (the server asked for a fresh snapshot) runs as a second task on
 the same connection, so records keep flowing while it uploads.
 
+Acknowledgements count only when they match (:mod:`cldcb.session`): an
+``Ack`` must name the data_version, kind and link of the record it answers, a
+``ChunkAck`` its chunk's index, a ``SnapshotAck`` the snapshot's id and
+data_version. Anything else is a protocol violation
+(:class:`~cldcb.errors.AckMismatch`): the position does not move, the
+connection is dropped at once (whatever else waits on it fails, nothing more
+received on it is taken), the log says so, and the status file shows it as
+the server's last error until an ``Ack`` that matches comes. The link
+reconnects after :data:`RECONNECT_MAX`; meanwhile the server counts for
+nothing, and a call that needs it fails at the outage limit.
+
 The hot path (:meth:`ServerLink.streaming`, :meth:`ServerLink.send_now`):
 while the task is parked with nothing to send and the server holds the
 log's head, the engine sends a new record itself, from the hook call, and
@@ -36,7 +47,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from cldcb import wire
 from cldcb.connection import WriteAnswer
 from cldcb.dataversion import Kind, Tip
-from cldcb.errors import CldcbError, TransportError
+from cldcb.errors import AckMismatch, CldcbError, TransportError
 from cldcb.plugin.snapshot import (
     BACKGROUND_WINDOW,
     WINDOW,
@@ -47,6 +58,7 @@ from cldcb.plugin.snapshot import (
 )
 from cldcb.plugin.wrapper import ServerEntry
 from cldcb.seal import ZERO_HASH
+from cldcb.session import check_ack
 
 if TYPE_CHECKING:
     from cldcb.plugin.engine import Engine
@@ -76,6 +88,8 @@ class ServerConnection(SnapshotTarget, Protocol):
 
     def write_nowait(self, data_version: int, kind: int, link: bytes, sealed: bytes,
                      done: Callable[[WriteAnswer], None]) -> None: ...
+
+    def abort(self, exc: CldcbError) -> None: ...
 
     async def close(self) -> None: ...
 
@@ -120,12 +134,14 @@ class ServerLink:
         self.catchup_backoff = 0.0
         self.next_copy_at = 0.0
         self.last_error: str | None = None
+        self.violation: str | None = None   # the last AckMismatch, until an Ack matches
         self.last_ack_dv: int | None = None
         self.last_ack_at: float | None = None
         self.wake = asyncio.Event()
         self.idle = False                    # the task is parked: nothing to send
         self.inflight = 0                    # writes sent by send_now, not answered yet
-        self.inflight_error: BaseException | None = None
+        self.failure: BaseException | None = None   # for the task to raise (then reconnect)
+        self._progress: tuple[LocalCopy | None, int] = (None, 0)    # the most sent of a copy
         self.task: asyncio.Task[None] | None = None
         self._was_down_logged = False
 
@@ -195,6 +211,8 @@ class ServerLink:
                 await self._sync(conn)
             except (CldcbError, OSError) as exc:
                 self._down(str(exc) or type(exc).__name__)
+                if isinstance(exc, AckMismatch):
+                    delay = RECONNECT_MAX        # a server that lied is not hurried back
             finally:
                 watch.cancel()
                 await self._drop()
@@ -216,9 +234,9 @@ class ServerLink:
 
     async def _drop(self) -> None:
         self.connected = False
+        self.failure = None
         if self.inflight:
             self.inflight = 0
-            self.inflight_error = None
             self.engine.hot_trouble()
         if self.reserved is not None:
             self.reserved.release()
@@ -245,7 +263,7 @@ class ServerLink:
             held = f"holds data_version {tip.data_version}" if tip else "holds nothing yet"
             self.engine.emit("info", f"server {self.name}: connected, {held}")
         self._was_down_logged = False
-        self.last_error = None
+        self.last_error = self.violation
         self.engine.changed()
 
     def place(self) -> None:
@@ -259,8 +277,8 @@ class ServerLink:
         eng = self.engine
         while True:
             self.wake.clear()
-            if self.inflight_error is not None:
-                exc, self.inflight_error = self.inflight_error, None
+            if self.failure is not None:
+                exc, self.failure = self.failure, None
                 raise exc
             if conn.is_closed:
                 raise TransportError(f"connection to {self.name} lost")
@@ -301,14 +319,14 @@ class ServerLink:
                 e = entries[0]
                 self.sent_seq = e.seq
                 res = await conn.write(e.data_version, int(e.kind), e.link, e.sealed)
-                self._answered(e.seq, e.data_version, res)
+                self._answered(e.seq, e.data_version, e.kind, e.link, res)
                 continue
             tasks = [(e, asyncio.ensure_future(conn.write(e.data_version, int(e.kind), e.link,
                                                           e.sealed))) for e in entries]
             self.sent_seq = entries[-1].seq
             try:
                 for e, t in tasks:
-                    if not self._answered(e.seq, e.data_version, await t):
+                    if not self._answered(e.seq, e.data_version, e.kind, e.link, await t):
                         break
             finally:
                 rest = [t for _, t in tasks if not t.done()]
@@ -318,11 +336,20 @@ class ServerLink:
                     if t.done() and not t.cancelled():
                         t.exception()
 
-    def _answered(self, seq: int, data_version: int,
+    def _answered(self, seq: int, data_version: int, kind: Kind, link: bytes,
                   res: wire.Ack | wire.NeedSnapshot) -> bool:
-        """Take the server's answer to the write of record ``seq``; False on NeedSnapshot."""
+        """Take the server's answer to the write of record ``seq`` (``data_version``,
+        ``kind``, ``link``); False on NeedSnapshot, AckMismatch (see :meth:`_violation`)
+        on an Ack that names another write."""
         eng = self.engine
         if isinstance(res, wire.Ack):
+            try:
+                check_ack(res, data_version, kind, link)
+            except AckMismatch as exc:
+                self._violation(self.conn, exc)
+                raise
+            if self.violation is not None:
+                self.violation = self.last_error = None    # it answers honestly again
             self.pos = seq
             self.held_dv = data_version
             if res.want_snapshot and self.compaction is None and seq > self.want_ignored_until:
@@ -358,7 +385,8 @@ class ServerLink:
         assert conn is not None
         try:
             conn.write_nowait(data_version, int(kind), link, sealed,
-                              lambda res: self._answer_now(conn, seq, data_version, res))
+                              lambda res: self._answer_now(conn, seq, data_version, kind,
+                                                           link, res))
         except (CldcbError, OSError):
             self.wake.set()                   # the task finds the broken connection
             return False
@@ -366,22 +394,40 @@ class ServerLink:
         self.sent_seq = seq
         return True
 
-    def _answer_now(self, conn: ServerConnection, seq: int, data_version: int,
-                    res: WriteAnswer) -> None:
+    def _answer_now(self, conn: ServerConnection, seq: int, data_version: int, kind: Kind,
+                    link: bytes, res: WriteAnswer) -> None:
         if conn is not self.conn:             # an answer from a connection already dropped
             return
         self.inflight -= 1
         if isinstance(res, BaseException):
             # the task raises it, as if its own write had failed (then reconnects)
-            self.inflight_error = res
+            self.failure = res
             self.wake.set()
             self.engine.hot_trouble()
             return
-        if not self._answered(seq, data_version, res):
+        try:
+            answered = self._answered(seq, data_version, kind, link, res)
+        except AckMismatch:
+            answered = False                  # (the task raises it: see _violation)
+        if not answered:
             self.wake.set()
             self.engine.hot_trouble()
         elif not self.idle:
             self.wake.set()
+
+    def _violation(self, conn: ServerConnection | None, exc: AckMismatch) -> None:
+        """The server acknowledged something it was not sent (``exc`` says what). Drop the
+        connection now (whatever waits on it fails with ``exc``; the task raises it and
+        reconnects), log it, and show it as the last error until an Ack matches."""
+        if conn is None or conn is not self.conn:
+            return                            # (a connection already dropped)
+        self.violation = self.last_error = str(exc)
+        self._was_down_logged = True          # logged here, not again by _down
+        self.failure = exc
+        self.engine.emit("unusual", f"server {self.name}: {exc}")
+        conn.abort(exc)
+        self.wake.set()
+        self.engine.changed()
 
     async def _wait(self, until: float) -> None:
         timeout = until - time.monotonic()
@@ -389,7 +435,8 @@ class ServerLink:
             await self.wake.wait()
             return
         try:
-            await asyncio.wait_for(self.wake.wait(), timeout)
+            async with asyncio.timeout(timeout):     # (wait_for may swallow a cancel)
+                await self.wake.wait()
         except TimeoutError:
             pass
 
@@ -422,10 +469,18 @@ class ServerLink:
         eng.emit("info", f"server {self.name}: sending a snapshot at data_version "
                          f"{copy.data_version} ({copy.size} bytes, {self.snapshot_kind})")
         started = time.monotonic()
+        if self._progress[0] is not copy:
+            self._progress = (copy, 0)
 
         def progress(sent: int, total: int) -> None:
+            # progress is getting further with this copy than before: an upload begun
+            # again (the connection was lost or dropped) does not put the limit off
             self.snapshot_sent = sent
-            eng.progress()
+            if sent > self._progress[1]:
+                self._progress = (copy, sent)
+                eng.progress()
+            else:
+                eng.changed()
 
         def wanted() -> bool:
             log = eng.log
@@ -438,6 +493,9 @@ class ServerLink:
                                   window=WINDOW if blocking else BACKGROUND_WINDOW,
                                   chunk_delay=0.0 if blocking else eng.chunk_delay,
                                   still_wanted=wanted, on_progress=progress)
+        except AckMismatch as exc:
+            self._violation(conn, exc)
+            raise
         except SnapshotAborted:
             raise TransportError(f"snapshot to {self.name} abandoned: a newer one is needed") \
                 from None
@@ -486,6 +544,9 @@ class ServerLink:
             eng.emit("info", f"server {self.name}: compaction snapshot at data_version "
                              f"{copy.data_version} is durable "
                              f"({time.monotonic() - started:.1f} s)")
+        except AckMismatch as exc:
+            self.compaction_retry_at = time.monotonic() + COMPACTION_RETRY
+            self._violation(conn, exc)
         except (CldcbError, OSError) as exc:
             self.compaction_retry_at = time.monotonic() + COMPACTION_RETRY
             eng.emit("unusual", f"server {self.name}: compaction snapshot failed ({exc}); "

@@ -32,7 +32,11 @@ next chunk is read and sealed in a thread while one is sent),
 with at most ``window`` chunks awaiting their ``ChunkAck``: memory stays
 bounded whatever the database's size, and writes interleaved on the same
 connection are never queued behind much. ``SnapshotEnd`` carries the sealed
-manifest; the answer means the snapshot is durable and visible.
+manifest; the answer means the snapshot is durable and visible. Every
+``ChunkAck`` must name its chunk's index and the ``SnapshotAck`` this
+snapshot's id and data_version: anything else raises
+:class:`~cldcb.errors.AckMismatch` (a protocol violation; the caller drops
+the connection).
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ from cldcb import wire
 from cldcb.errors import PluginError
 from cldcb.ids import new_privkey
 from cldcb.seal import SnapshotSealer
+from cldcb.session import check_chunk_ack, check_snapshot_ack
 
 CHUNK_SIZE = 1024 * 1024
 WINDOW = 8
@@ -313,7 +318,7 @@ async def upload_snapshot(conn: SnapshotTarget, copy: LocalCopy, *, node_pub: by
     sealer = SnapshotSealer(node_pub, client_priv, new_privkey(), copy.data_version,
                             copy.anchor)
     await conn.begin_snapshot(snapshot_id, copy.data_version, copy.anchor)
-    pending: deque[asyncio.Task[wire.ChunkAck]] = deque()
+    pending: deque[tuple[int, asyncio.Task[wire.ChunkAck]]] = deque()
     ahead: asyncio.Future[tuple[bytes | None, int]] | None = None
     sent = 0
     try:
@@ -332,28 +337,35 @@ async def upload_snapshot(conn: SnapshotTarget, copy: LocalCopy, *, node_pub: by
                 if n == chunk_size:
                     ahead = asyncio.ensure_future(asyncio.to_thread(
                         _read_and_seal, f, sealer, chunk_size, False))
-                pending.append(asyncio.ensure_future(conn.send_chunk(snapshot_id, index,
-                                                                     sealed)))
+                pending.append((index, asyncio.ensure_future(
+                    conn.send_chunk(snapshot_id, index, sealed))))
                 del sealed
                 index += 1
                 sent += n
                 if on_progress is not None:
                     on_progress(sent, copy.size)
                 while len(pending) >= window:
-                    await pending.popleft()
+                    await _chunk_acked(snapshot_id, *pending.popleft())
                 if n < chunk_size:
                     break
                 if chunk_delay:
                     await asyncio.sleep(chunk_delay)
         while pending:
-            await pending.popleft()
+            await _chunk_acked(snapshot_id, *pending.popleft())
     except BaseException:
-        for t in pending:
+        tasks = [t for _, t in pending]
+        for t in tasks:
             t.cancel()
-        await asyncio.gather(*pending, *([ahead] if ahead is not None else []),
+        await asyncio.gather(*tasks, *([ahead] if ahead is not None else []),
                              return_exceptions=True)
         raise
     manifest = sealer.seal_manifest(int(time.time() * 1000))
     if before_end is not None:
         before_end()
-    return await conn.end_snapshot(snapshot_id, sealer.chunk_count, manifest)
+    ack = await conn.end_snapshot(snapshot_id, sealer.chunk_count, manifest)
+    check_snapshot_ack(ack, snapshot_id, copy.data_version)
+    return ack
+
+
+async def _chunk_acked(snapshot_id: int, index: int, sent: asyncio.Task[wire.ChunkAck]) -> None:
+    check_chunk_ack(await sent, snapshot_id, index)

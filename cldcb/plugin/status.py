@@ -24,7 +24,9 @@ false. Layout (version 1)::
          "lag": 0,                       # data_versions behind data_version (null: unknown)
          "snapshot": null,               # or {"kind": "catch-up"|"compaction"|"blocking",
                                          #     "data_version": N, "bytes_sent": n, "bytes": N}
-         "last_error": null}
+         "last_error": null}             # or why it is down; a protocol violation (an
+                                         # ack naming another change) stays until an
+                                         # Ack that matches comes
       ]
     }
 

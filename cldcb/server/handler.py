@@ -23,7 +23,10 @@ whose generation and settings epoch are unchanged vouches that nobody did
 
 An ``Ack`` is sent only after the store returned from ``append``, which
 returns only once the record is fsynced; a ``SnapshotAck`` only after the
-snapshot is visible.
+snapshot is visible. Each names what it answers (:mod:`cldcb.session`): the
+store's ``Ack`` the record's data_version, kind and link, a ``ChunkAck`` the
+chunk's snapshot id and index, a ``SnapshotAck`` the snapshot id and the
+data_version its ``SnapshotBegin`` gave.
 
 Latency: a hop to a worker thread and back costs about 200 µs, as much as
 the fsync itself. When the server is quiet (no store call in flight and no
@@ -415,7 +418,8 @@ class SessionHandler:
                 answer = cs.append(msg.data_version, msg.kind, msg.link, msg.sealed, now_ms(),
                                    quick_only=True)
                 if type(answer) is wire.Ack:
-                    self.sink.write(self.session.ack(answer.data_version, answer.want_snapshot))
+                    self.sink.write(self.session.ack(answer.data_version, answer.kind,
+                                                     answer.link, answer.want_snapshot))
                     answer = None
             else:
                 answer = cs.status()

@@ -84,9 +84,10 @@ link is). :meth:`ClientStore.append` asks
   data and, when the file grew, its size), and only then ``Ack``;
   the tip becomes :func:`cldcb.dataversion.advance` of the old one.
 
-``Ack.want_snapshot`` and ``Status.want_snapshot`` are true when there is no
-snapshot, or when the log from the newest snapshot's start on is larger (in
-bytes) than that snapshot's file.
+Every ``Ack`` names the record it answers (its data_version, kind and link, as
+the request gave them). ``Ack.want_snapshot`` and ``Status.want_snapshot`` are
+true when there is no snapshot, or when the log from the newest snapshot's
+start on is larger (in bytes) than that snapshot's file.
 
 Snapshots
 ---------

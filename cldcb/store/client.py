@@ -221,7 +221,7 @@ class ClientStore:
         tip = self.tip
         if tip is not None and tip.data_version == data_version and not tip.is_snapshot \
                 and (tip.kind, tip.link, tip.hash) == (k, link, h):
-            return wire.Ack(data_version, self._want_snapshot())  # a resend of the newest
+            return wire.Ack(data_version, kind, link, self._want_snapshot())  # a resend
         if next_link(tip, data_version, k) == link:    # the usual case: the next change
             new_tip = Tip(data_version, k, h, link)
         else:
@@ -243,7 +243,7 @@ class ClientStore:
         self.tip_time = now_ms
         if self._index is not None:
             self._index[h] = (pos, (pos[0], pos[1] + len(frame)), data_version)
-        return wire.Ack(data_version, self._want_snapshot())
+        return wire.Ack(data_version, kind, link, self._want_snapshot())
 
     def _ensure_index(self) -> dict[bytes, tuple[Pos, Pos, int]]:
         """hash → (position, end, data_version) of the records since the oldest snapshot."""
