@@ -386,6 +386,39 @@ def test_compaction_is_uploaded_in_the_background(tmp_path: Path,
     assert s.tip is not None and s.tip.data_version == 6
 
 
+class EmptyWantsSnapshot(FakeServer):
+    """Wants a snapshot while it holds none, as the real store says (Status and Ack)."""
+
+    @property  # type: ignore[override]
+    def want_snapshot(self) -> bool:
+        return not self.snapshots
+
+    @want_snapshot.setter
+    def want_snapshot(self, value: bool) -> None:
+        pass
+
+
+def test_the_first_snapshot_answers_the_servers_wish_for_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that held nothing asks for a snapshot in its status; the first-contact
+    snapshot is that snapshot: no compaction follows it."""
+    monkeypatch.setattr(links, "COMPACTION_MIN_INTERVAL", 0.0)
+    s = EmptyWantsSnapshot("a")
+    node = Node(tmp_path / "lightningd.sqlite3")
+
+    async def go() -> None:
+        eng = make_engine(tmp_path, [s])
+        eng.start()
+        for _ in range(5):
+            assert await step(eng, node)
+        assert eng.links[0].compaction is None and not eng.links[0].compaction_due()
+        await eng.close()
+
+    asyncio.run(go())
+    assert len(s.snapshots) == 1
+    assert s.tip is not None and s.tip.data_version == 5
+
+
 def test_a_busy_database_fails_a_blocking_snapshot_at_once(tmp_path: Path) -> None:
     s = FakeServer("a")
     node = Node(tmp_path / "lightningd.sqlite3")

@@ -505,6 +505,10 @@ class ServerLink:
         self.pos = copy.next_seq - 1
         self.held_dv = copy.data_version
         self.last_snapshot_at = time.monotonic()
+        # This snapshot is the one a server that held nothing (or fell behind) asked for:
+        # no compaction follows it; only an Ack of a later write may ask again.
+        self.wants_compaction = False
+        self.want_ignored_until = max(self.want_ignored_until, self.sent_seq)
         eng.emit("info", f"server {self.name}: snapshot at data_version {copy.data_version} "
                          f"is durable ({time.monotonic() - started:.1f} s)")
         eng.changed()
