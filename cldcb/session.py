@@ -95,7 +95,7 @@ from cldcb.errors import AckMismatch, AuthError, CldcbError, ProtocolError, Remo
 from cldcb.ids import client_id_from_pubkey, server_id_from_pubkey
 from cldcb.wire import ErrorCode
 
-SUPPORTED_VERSIONS = (1, 1)
+SUPPORTED_VERSIONS = (wire.PROTOCOL_VERSION, wire.PROTOCOL_VERSION)
 _ZERO33 = bytes(33)
 FATAL_CODES = frozenset({ErrorCode.PROTOCOL, ErrorCode.AUTH, ErrorCode.VERSION,
                          ErrorCode.SUPERSEDED, ErrorCode.SHUTTING_DOWN})

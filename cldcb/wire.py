@@ -45,7 +45,9 @@ RECOGNITION_PAGE = 256
 """Most entries in one ``Recognitions`` page: 256 of the largest entries make a frame of
 about 260 KiB, whatever the number of clients a server holds."""
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+"""2: an Ack names its write's kind and link; the recognition listing comes in pages;
+ListStates, States and FetchGeneration. Version 1 peers are refused with Error(VERSION)."""
 
 
 class ErrorCode(IntEnum):

@@ -51,7 +51,7 @@ def make(client_priv: bytes | None = CLIENT, pinned: str = SERVER_ID, registered
 def test_hello_completes_and_requests_flow() -> None:
     c, s = make()
     c_ev, s_ev = pump(c, s, c.start())
-    assert c_ev == [HelloComplete(SERVER_ID, 1, Role.WRITER)]
+    assert c_ev == [HelloComplete(SERVER_ID, wire.PROTOCOL_VERSION, Role.WRITER)]
     assert s_ev == [Authenticated(CLIENT_ID, Role.WRITER)]
     c.send(wire.Write(3, 0, bytes(32), b"x"))
     (ev,) = s.receive_data(c.data_to_send())
