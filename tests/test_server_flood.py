@@ -162,6 +162,31 @@ def test_per_source_limit_while_a_registered_client_gets_in(tmp_path: Path) -> N
         srv.stop()
 
 
+def test_strangers_from_many_addresses_cannot_keep_a_registered_client_out(
+        tmp_path: Path) -> None:
+    srv, priv = serving(tmp_path, CLDCB_SERVER_MAX_PER_SOURCE="2",
+                        CLDCB_SERVER_MAX_UNAUTHENTICATED="4")
+    socks: list[socket.socket] = []
+    try:
+        for source in ("127.0.0.2", "127.0.0.2", "127.0.0.3", "127.0.0.3"):
+            s = socket.socket()
+            socks.append(s)
+            s.bind((source, 0))
+            s.connect(("127.0.0.1", srv.port))
+            assert _banner_or_closed(s).startswith(b"SSH-2.0")   # the cap is now full
+
+        async def registered() -> wire.Message:
+            async with await Connection.open(srv.spec, priv, Role.READER) as conn:
+                return await conn.status()
+
+        assert isinstance(run(registered()), wire.Status)
+        assert _banner_or_closed(socks[0]) == b""      # the oldest stranger made room
+    finally:
+        for s in socks:
+            s.close()
+        srv.stop()
+
+
 @pytest.mark.parametrize("who", ["registered", "anonymous"])
 def test_idle_sessions_are_closed(tmp_path: Path, who: str) -> None:
     srv, priv = serving(tmp_path, CLDCB_SERVER_IDLE_TIMEOUT="1",

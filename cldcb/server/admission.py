@@ -6,14 +6,18 @@ allocated but the socket, closed at once):
 
 - A connection starts *unauthenticated*: at most :attr:`Limits.max_per_source`
   of those per source address and :attr:`Limits.max_unauthenticated` in all.
-  Anonymous (``cldcb-recover``) connections stay in this class.
+  Anonymous (``cldcb-recover``) connections stay in this class. When it is
+  full, a newcomer (from an address under its share) takes the place of the
+  oldest unauthenticated connection, which is closed: a flood from many
+  addresses cannot keep a registered client from logging in unless it opens
+  more connections than that cap during the client's handshake.
 - Once a registered client's SSH login succeeds it moves to the separate
   *client* class (:attr:`Limits.max_connections`). So a flood of strangers,
   which can only fill the unauthenticated class (and, from one address, only
   its share of it), leaves room for registered clients; both caps are far
   below the file descriptor limit (the systemd unit sets ``LimitNOFILE``).
-- Channels per connection are limited (:attr:`Limits.channels_per_connection`;
-  clients use one).
+- Channels per connection are limited (:attr:`Limits.channels_per_connection`,
+  counted over the connection's life; clients use one).
 - A connection that sends no data for its idle timeout is closed: checked
   every timeout, so closed after between one and two timeouts of silence
   (:attr:`Limits.idle_timeout` for clients, which reconnect when they need to;
@@ -38,7 +42,7 @@ import os
 import socket
 import struct
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -66,7 +70,7 @@ class Limits:
     max_per_source: int = 10
     """Unauthenticated connections from one source address."""
     channels_per_connection: int = 1
-    """Open channels (sessions) on one connection."""
+    """Channels (sessions) one connection may open, in its whole life."""
     idle_timeout: float = 3600.0
     """Seconds without data after which a registered client's connection is closed."""
     anonymous_idle_timeout: float = 60.0
@@ -100,6 +104,8 @@ class Slot:
         self.source = source
         self.client = False
         self.released = False
+        self.close: Callable[[], None] | None = None
+        """Ends the connection (set once it exists): how the oldest one is evicted."""
 
     def promote(self) -> bool:
         """Move to the registered clients' class; False (stays) if that one is full."""
@@ -108,7 +114,7 @@ class Slot:
             return self.client
         if a.clients >= a.limits.max_connections:
             return False
-        a.forget_unauthenticated(self.source)
+        a.forget_unauthenticated(self)
         a.clients += 1
         self.client = True
         return True
@@ -121,7 +127,7 @@ class Slot:
         if self.client:
             a.clients -= 1
         else:
-            a.forget_unauthenticated(self.source)
+            a.forget_unauthenticated(self)
         a.released()
 
 
@@ -133,6 +139,8 @@ class Admission:
         self.clients = 0
         self.unauthenticated = 0
         self._by_source: Counter[str] = Counter()
+        self._waiting: OrderedDict[Slot, None] = OrderedDict()   # unauthenticated, oldest first
+        self.evicted = 0
         self._refused: Counter[str] = Counter()
         self._logged = -REFUSAL_LOG_PERIOD
         self.released = on_release
@@ -140,19 +148,33 @@ class Admission:
     def admit(self, source: str) -> Slot | None:
         """A slot for a new connection from ``source``, or None: refuse it."""
         lim = self.limits
-        if self.unauthenticated >= lim.max_unauthenticated \
-                or self._by_source[source] >= lim.max_per_source:
+        if self._by_source[source] >= lim.max_per_source \
+                or (self.unauthenticated >= lim.max_unauthenticated and not self._evict()):
             self._note_refused(source)
             return None
         self.unauthenticated += 1
         self._by_source[source] += 1
-        return Slot(self, source)
+        slot = Slot(self, source)
+        self._waiting[slot] = None
+        return slot
 
-    def forget_unauthenticated(self, source: str) -> None:
+    def _evict(self) -> bool:
+        """Close the oldest unauthenticated connection; False if none can be."""
+        for slot in self._waiting:
+            if slot.close is not None:
+                close = slot.close
+                slot.release()
+                close()
+                self.evicted += 1
+                return True
+        return False
+
+    def forget_unauthenticated(self, slot: Slot) -> None:
+        self._waiting.pop(slot, None)
         self.unauthenticated -= 1
-        self._by_source[source] -= 1
-        if self._by_source[source] <= 0:
-            del self._by_source[source]
+        self._by_source[slot.source] -= 1
+        if self._by_source[slot.source] <= 0:
+            del self._by_source[slot.source]
 
     def _note_refused(self, source: str) -> None:
         """Count a refusal; one log line per :data:`REFUSAL_LOG_PERIOD` at most."""
@@ -162,9 +184,10 @@ class Admission:
             return
         counts = ", ".join(f"{n} from {s}" for s, n in self._refused.most_common(5))
         log.warning("refused %d connections over the limits (%s): %d unauthenticated "
-                    "connections held, limits %d in all and %d per address",
-                    sum(self._refused.values()), counts, self.unauthenticated,
-                    self.limits.max_unauthenticated, self.limits.max_per_source)
+                    "connections held (%d oldest closed for newcomers so far), limits %d in "
+                    "all and %d per address", sum(self._refused.values()), counts,
+                    self.unauthenticated, self.evicted, self.limits.max_unauthenticated,
+                    self.limits.max_per_source)
         self._refused.clear()
         self._logged = now
 
@@ -223,5 +246,6 @@ async def accept_loop(listener: socket.socket, admission: Admission,
         if slot is None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             sock.close()                  # a reset: no TIME_WAIT kept for a refused peer
-            continue
-        start(sock, slot)
+        else:
+            start(sock, slot)
+        await asyncio.sleep(0)            # an accept that is ready at once does not yield

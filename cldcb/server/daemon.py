@@ -13,7 +13,8 @@
 - It accepts connections itself and bounds what anyone can make it hold
   (:mod:`cldcb.server.admission`): connections in total and per source
   address, a separate class for logged-in registered clients, one channel per
-  connection, idle connections closed; the cldcb session's frame limit is
+  connection (in its whole life; a connection that is not a registered
+  client's ends with its channel), idle connections closed; the cldcb session's frame limit is
   small until a client is accepted (:mod:`cldcb.session`). When a connection
   ends while the process is large, freed memory goes back to the kernel
   (:func:`cldcb.malloc.release_freed_memory`).
@@ -163,6 +164,8 @@ class _Server(asyncssh.SSHServer):
         self.info["peer"] = peer
         self._conn = conn
         self._slot = self._slots.pop(peer, None)
+        if self._slot is not None:
+            self._slot.close = conn.abort
         self._keepalive = Keepalive(conn)
         self._idle = IdleWatch(self._close_idle, lambda: self._keepalive.received,
                                self._idle_timeout)
@@ -224,16 +227,18 @@ class _Server(asyncssh.SSHServer):
         return True
 
     def session_requested(self) -> asyncssh.SSHServerSession[bytes] | bool:
-        if self._channels >= self._limits.channels_per_connection:
-            log.info("refused channel %d of the connection from %s (limit %d)",
-                     self._channels + 1, self.info.get("peer"),
-                     self._limits.channels_per_connection)
-            return False
         self._channels += 1
+        if self._channels > self._limits.channels_per_connection:
+            if self._channels == self._limits.channels_per_connection + 1:
+                log.info("refusing more than %d channels on the connection from %s",
+                         self._limits.channels_per_connection, self.info.get("peer"))
+            return False
         return _Session(self._core, self.info, self._keepalive, self._channel_ended)
 
     def _channel_ended(self) -> None:
-        self._channels -= 1
+        """A connection that is not a registered client's ends with its channel."""
+        if self._slot is None or not self._slot.client:
+            self._conn.close()
 
 
 async def serve(data_dir: Path, server_priv: bytes, host: str, port: int,
@@ -242,6 +247,7 @@ async def serve(data_dir: Path, server_priv: bytes, host: str, port: int,
     keep_freed_memory()
     _raise_file_limit()
     limits = limits or Limits.from_env()
+    logging.getLogger("asyncssh").setLevel(logging.WARNING)    # not 3 lines per connection
     core = ServerCore(data_dir, server_priv)
     host_key = secp256k1_ssh_key(server_priv)
     slots: dict[object, Slot] = {}
