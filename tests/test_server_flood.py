@@ -11,6 +11,7 @@ import os
 import re
 import socket
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +186,43 @@ def test_strangers_from_many_addresses_cannot_keep_a_registered_client_out(
         for s in socks:
             s.close()
         srv.stop()
+
+
+def test_out_of_file_descriptors_backs_off_logs_once_and_recovers(tmp_path: Path) -> None:
+    srv = CldcbServer(tmp_path / "data", max_files=64,
+                      extra_env={"CLDCB_SERVER_MAX_UNAUTHENTICATED": "500",
+                                 "CLDCB_SERVER_MAX_PER_SOURCE": "500"}).init()
+    priv = os.urandom(32)
+    srv.add(client_id_from_pubkey(pubkey_of(priv)))
+    srv.start()
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(100):
+            s = socket.socket()
+            socks.append(s)
+            s.bind(("127.0.0.2", 0))
+            s.connect(("127.0.0.1", srv.port))
+        deadline = time.monotonic() + 20
+        while "cannot accept connections" not in srv.log() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "cannot accept connections" in srv.log(), srv.log()[-3000:]
+        for s in socks:
+            s.close()
+        socks.clear()
+
+        async def registered() -> wire.Message:
+            async with await Connection.open(srv.spec, priv, Role.READER) as conn:
+                return await conn.status()
+
+        assert isinstance(run(registered()), wire.Status)
+    finally:
+        for s in socks:
+            s.close()
+        srv.stop()
+    log = srv.log()
+    assert log.count("cannot accept connections") == 1, log[-3000:]
+    assert "accepting connections again" in log
+    assert "out of system resource" not in log
 
 
 @pytest.mark.parametrize("who", ["registered", "anonymous"])
