@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import gc
 import os
 
 M_TRIM_THRESHOLD = -1
@@ -67,6 +68,7 @@ def release_freed_memory(above: int = TRIM_ABOVE) -> bool:
     trim = getattr(_libc(), "malloc_trim", None)
     if trim is None or resident_bytes() <= above:
         return False
+    gc.collect()              # buffers held only by reference cycles (closed connections)
     trim.argtypes = [ctypes.c_size_t]
     trim.restype = ctypes.c_int
     trim(0)

@@ -51,6 +51,9 @@ from cldcb.server.handler import ServerCore, SessionHandler
 from cldcb.sshkeys import compressed_point, secp256k1_ssh_key
 
 log = logging.getLogger("cldcb.server")
+TRIM_DELAY = 0.5
+"""Seconds after a connection ends before freed memory is handed back (if the process is
+large): one trim for a burst of ends, after their sessions' objects are gone."""
 
 
 class _ChannelSink:
@@ -259,7 +262,17 @@ async def serve(data_dir: Path, server_priv: bytes, host: str, port: int,
         line_editor=False, allow_scp=False, encoding=None, window=SSH_WINDOW,
         max_pktsize=SSH_MAX_PACKET)
     loop = asyncio.get_running_loop()
-    admission = Admission(limits, on_release=release_freed_memory)
+    trimming: list[asyncio.TimerHandle] = []
+
+    def trim() -> None:
+        trimming.clear()
+        release_freed_memory()
+
+    def trim_soon() -> None:   # once the ended connections' objects are gone too
+        if not trimming:
+            trimming.append(loop.call_later(TRIM_DELAY, trim))
+
+    admission = Admission(limits, on_release=trim_soon)
 
     async def connect(sock: socket.socket, slot: Slot) -> None:
         peer = sock.getpeername()
