@@ -45,17 +45,16 @@ sys.path.insert(0, str(ROOT))
 
 import asyncssh  # noqa: E402
 from measure import pct, vm_hwm_mb  # noqa: E402
+from server_load import start_daemon  # noqa: E402
 
 from cldcb import wire  # noqa: E402
-from cldcb.connection import RECOVER_USER, SUBSYSTEM, Connection, ServerAddress, ServerSpec  # noqa: E402
+from cldcb.connection import RECOVER_USER, SUBSYSTEM, Connection, ServerSpec  # noqa: E402
 from cldcb.dataversion import Kind  # noqa: E402
-from cldcb.ids import client_id_from_pubkey, pubkey_of  # noqa: E402
+from cldcb.ids import pubkey_of  # noqa: E402
 from cldcb.seal import RecordSealer, SnapshotSealer, item_hash  # noqa: E402
 from cldcb.session import Role  # noqa: E402
 from cldcb.sshkeys import SECP256K1_SSH_ALG  # noqa: E402
-from cldcb.store import Store  # noqa: E402
 
-SERVER = [sys.executable, "-m", "cldcb.server.admin"]
 RECORD = ["INSERT INTO datastore VALUES (x'6b31', x'" + "ab" * 1000 + "', 0)"]
 RSS_TARGET_MB = 150
 P99_TARGET_US = 50_000
@@ -257,19 +256,9 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="cldcb-attack-"))
     proc = None
     try:
-        data = tmp / "data"
-        server_id = subprocess.run([*SERVER, "--data-dir", str(data), "init"], check=True,
-                                   capture_output=True, text=True).stdout.strip()
         priv = os.urandom(32)
-        store = Store.open(data)
-        store.add_client(client_id_from_pubkey(pubkey_of(priv)))
-        store.close()
-        log = open(tmp / "server.log", "wb")  # noqa: SIM115 - closed with tmp
-        proc = subprocess.Popen([*SERVER, "--data-dir", str(data), "serve", "--listen",
-                                 "127.0.0.1:0"], stdout=subprocess.PIPE, stderr=log)
-        assert proc.stdout is not None
-        port = int(proc.stdout.readline().decode().rsplit(":", 1)[1])
-        spec = ServerSpec(ServerAddress("cldcb", "127.0.0.1", port), server_id)
+        proc, spec = start_daemon(tmp, [priv])
+        port = spec.address.port
         rss0 = rss_mb(proc.pid)
         res = asyncio.run(client_run(spec, priv, args, port))
         peak = vm_hwm_mb(proc.pid)

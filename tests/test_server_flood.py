@@ -129,6 +129,30 @@ def test_more_channels_than_allowed_are_refused(tmp_path: Path) -> None:
         srv.stop()
 
 
+def open_sockets(srv: CldcbServer, sources: list[str]) -> list[socket.socket]:
+    """TCP connections to the server from these loopback addresses, saying nothing."""
+    socks: list[socket.socket] = []
+    try:
+        for source in sources:
+            s = socket.socket()
+            socks.append(s)
+            s.bind((source, 0))
+            s.connect(("127.0.0.1", srv.port))
+    except OSError:
+        for s in socks:
+            s.close()
+        raise
+    return socks
+
+
+def registered_status(srv: CldcbServer, priv: bytes) -> wire.Message:
+    """A registered client logs in and asks for its status."""
+    async def status() -> wire.Message:
+        async with await Connection.open(srv.spec, priv, Role.READER) as conn:
+            return await conn.status()
+    return run(status())
+
+
 def _banner_or_closed(sock: socket.socket) -> bytes:
     sock.settimeout(10)
     try:
@@ -140,22 +164,12 @@ def _banner_or_closed(sock: socket.socket) -> bytes:
 def test_per_source_limit_while_a_registered_client_gets_in(tmp_path: Path) -> None:
     srv, priv = serving(tmp_path, CLDCB_SERVER_MAX_PER_SOURCE="3",
                         CLDCB_SERVER_MAX_UNAUTHENTICATED="6")
-    socks: list[socket.socket] = []
+    socks = open_sockets(srv, ["127.0.0.2"] * 8)
     try:
-        for _ in range(8):
-            s = socket.socket()
-            socks.append(s)
-            s.bind(("127.0.0.2", 0))
-            s.connect(("127.0.0.1", srv.port))
         got = [_banner_or_closed(s) for s in socks]
         assert sum(g.startswith(b"SSH-2.0") for g in got) == 3, got
         assert sum(g == b"" for g in got) == 5, got
-
-        async def registered() -> wire.Message:
-            async with await Connection.open(srv.spec, priv, Role.READER) as conn:
-                return await conn.status()
-
-        assert isinstance(run(registered()), wire.Status)
+        assert isinstance(registered_status(srv, priv), wire.Status)
         assert "127.0.0.2" in srv.log()
     finally:
         for s in socks:
@@ -167,20 +181,11 @@ def test_strangers_from_many_addresses_cannot_keep_a_registered_client_out(
         tmp_path: Path) -> None:
     srv, priv = serving(tmp_path, CLDCB_SERVER_MAX_PER_SOURCE="2",
                         CLDCB_SERVER_MAX_UNAUTHENTICATED="4")
-    socks: list[socket.socket] = []
+    socks = open_sockets(srv, ["127.0.0.2", "127.0.0.2", "127.0.0.3", "127.0.0.3"])
     try:
-        for source in ("127.0.0.2", "127.0.0.2", "127.0.0.3", "127.0.0.3"):
-            s = socket.socket()
-            socks.append(s)
-            s.bind((source, 0))
-            s.connect(("127.0.0.1", srv.port))
+        for s in socks:
             assert _banner_or_closed(s).startswith(b"SSH-2.0")   # the cap is now full
-
-        async def registered() -> wire.Message:
-            async with await Connection.open(srv.spec, priv, Role.READER) as conn:
-                return await conn.status()
-
-        assert isinstance(run(registered()), wire.Status)
+        assert isinstance(registered_status(srv, priv), wire.Status)
         assert _banner_or_closed(socks[0]) == b""      # the oldest stranger made room
     finally:
         for s in socks:
@@ -195,13 +200,8 @@ def test_out_of_file_descriptors_backs_off_logs_once_and_recovers(tmp_path: Path
     priv = os.urandom(32)
     srv.add(client_id_from_pubkey(pubkey_of(priv)))
     srv.start()
-    socks: list[socket.socket] = []
+    socks = open_sockets(srv, ["127.0.0.2"] * 100)
     try:
-        for _ in range(100):
-            s = socket.socket()
-            socks.append(s)
-            s.bind(("127.0.0.2", 0))
-            s.connect(("127.0.0.1", srv.port))
         deadline = time.monotonic() + 20
         while "cannot accept connections" not in srv.log() and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -209,12 +209,7 @@ def test_out_of_file_descriptors_backs_off_logs_once_and_recovers(tmp_path: Path
         for s in socks:
             s.close()
         socks.clear()
-
-        async def registered() -> wire.Message:
-            async with await Connection.open(srv.spec, priv, Role.READER) as conn:
-                return await conn.status()
-
-        assert isinstance(run(registered()), wire.Status)
+        assert isinstance(registered_status(srv, priv), wire.Status)
     finally:
         for s in socks:
             s.close()
