@@ -275,15 +275,22 @@ async def serve(data_dir: Path, server_priv: bytes, host: str, port: int,
     admission = Admission(limits, on_release=trim_soon)
 
     async def connect(sock: socket.socket, slot: Slot) -> None:
-        peer = sock.getpeername()
+        try:
+            peer = sock.getpeername()
+        except OSError:                                 # already gone
+            sock.close()
+            slot.release()
+            return
         slots[peer] = slot
         try:
             await loop.connect_accepted_socket(
                 lambda: asyncssh.SSHServerConnection(loop, options), sock)
-        except OSError:
+        except Exception as exc:  # noqa: BLE001 - that connection only
+            log.info("connection from %s failed to start: %s", peer, exc)
             sock.close()
-        if slots.pop(peer, None) is not None:      # never reached connection_made
-            slot.release()
+        finally:
+            if slots.pop(peer, None) is not None:      # never reached connection_made
+                slot.release()
 
     def start(sock: socket.socket, slot: Slot) -> None:
         task = loop.create_task(connect(sock, slot))
