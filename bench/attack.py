@@ -57,6 +57,7 @@ from cldcb.sshkeys import SECP256K1_SSH_ALG  # noqa: E402
 
 RECORD = ["INSERT INTO datastore VALUES (x'6b31', x'" + "ab" * 1000 + "', 0)"]
 RSS_TARGET_MB = 150
+MAX_ROUNDS = 400
 P99_TARGET_US = 50_000
 
 
@@ -125,9 +126,12 @@ async def attack(port: int, seconds: float, conns: int, channels: int, idle: int
         ("rounds", "channels", "chan_refused", "conn_refused", "mib_sent"), 0)
     held: list[socket.socket] = []
     failed = 0
-    while time.monotonic() < stop_at and tally["rounds"] < 100:
+    while time.monotonic() < stop_at:
         if not held and time.monotonic() >= idle_at:
             held, failed = await asyncio.to_thread(idle_sockets, port, idle, sources)
+        if tally["rounds"] >= MAX_ROUNDS:
+            await asyncio.sleep(0.1)
+            continue
         tally["rounds"] += 1
         await asyncio.gather(*(big_frames(port, f"127.0.2.{1 + i}", channels, stop_at, tally)
                                for i in range(conns)))
