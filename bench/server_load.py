@@ -87,6 +87,24 @@ def floor_loop(folder: Path, n: int) -> list[float]:
 
 
 
+def start_daemon(tmp: Path, privs: list[bytes]) -> tuple[subprocess.Popen[bytes], ServerSpec]:
+    """``cldcb-server serve`` on 127.0.0.1 (any port) with a data dir in ``tmp`` where these
+    clients are registered, its log in ``tmp/server.log``; the process and its spec."""
+    data = tmp / "data"
+    server_id = subprocess.run([*SERVER, "--data-dir", str(data), "init"], check=True,
+                               capture_output=True, text=True).stdout.strip()
+    store = Store.open(data)
+    for p in privs:
+        store.add_client(client_id_from_pubkey(pubkey_of(p)))
+    store.close()
+    with open(tmp / "server.log", "wb") as log:
+        proc = subprocess.Popen([*SERVER, "--data-dir", str(data), "serve", "--listen",
+                                 "127.0.0.1:0"], stdout=subprocess.PIPE, stderr=log)
+    assert proc.stdout is not None
+    port = int(proc.stdout.readline().decode().rsplit(":", 1)[1])
+    return proc, ServerSpec(ServerAddress("cldcb", "127.0.0.1", port), server_id)
+
+
 class Run:
     """Shared state of the load run."""
 
@@ -220,22 +238,9 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="cldcb-bench-"))
     proc = None
     try:
-        data = tmp / "data"
-        server_id = subprocess.run([*SERVER, "--data-dir", str(data), "init"], check=True,
-                                   capture_output=True, text=True).stdout.strip()
         privs = [os.urandom(32) for _ in range(args.clients)]
-        store = Store.open(data)
-        for p in privs:
-            store.add_client(client_id_from_pubkey(pubkey_of(p)))
-        store.close()
         floor = floor_loop(tmp, 3000)
-        log = open(tmp / "server.log", "wb")  # noqa: SIM115 - closed below
-        proc = subprocess.Popen([*SERVER, "--data-dir", str(data), "serve", "--listen",
-                                 "127.0.0.1:0"], stdout=subprocess.PIPE, stderr=log)
-        assert proc.stdout is not None
-        line = proc.stdout.readline().decode()
-        port = int(line.rsplit(":", 1)[1])
-        spec = ServerSpec(ServerAddress("cldcb", "127.0.0.1", port), server_id)
+        proc, spec = start_daemon(tmp, privs)
         node_pub = pubkey_of(os.urandom(32))
         ru0 = resource.getrusage(resource.RUSAGE_SELF)
         run, setup_s = asyncio.run(load(

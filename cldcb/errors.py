@@ -98,6 +98,11 @@ class StoreError(CldcbError):
     """The server's store cannot do what was asked (damaged file, disk full)."""
 
 
+class BadRequest(StoreError):
+    """A request the store refuses as malformed (an unknown kind, a wrong size, a chunk out
+    of order): the sending client's error, not damage; nothing was stored."""
+
+
 class QuotaExceeded(StoreError):
     """The client's quota on this server would be exceeded; nothing was stored."""
 

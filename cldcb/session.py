@@ -29,6 +29,14 @@ Hello
    allowed (forced-command mode) or the client is not the one this session
    is pinned to (``stdio --client``).
 
+Until a client session is accepted (and for the whole of an anonymous one)
+frames are limited to :data:`PRE_AUTH_MAX_FRAME` bytes: a stranger cannot make
+the server buffer a 16 MiB frame. A transport that must check something
+before it accepts (the server's store of that client) creates the session with
+``confirm_auth``: the ``Authenticated`` event then comes before ``AuthOk``,
+which only :meth:`ServerSession.accept` sends (or :meth:`ServerSession.refuse`
+an ``Error`` that the client's hello raises).
+
 Because both nonces enter ``th``, neither signature can be replayed into
 another session. On the asyncssh daemon the same keys also authenticate the
 SSH connection; under OpenSSH the hello is what proves both identities.
@@ -96,6 +104,9 @@ from cldcb.ids import client_id_from_pubkey, server_id_from_pubkey
 from cldcb.wire import ErrorCode
 
 SUPPORTED_VERSIONS = (wire.PROTOCOL_VERSION, wire.PROTOCOL_VERSION)
+PRE_AUTH_MAX_FRAME = 4096
+"""The frame limit before a client session is accepted and in anonymous sessions (hello,
+auth and the listing request are a few hundred bytes)."""
 _ZERO33 = bytes(33)
 FATAL_CODES = frozenset({ErrorCode.PROTOCOL, ErrorCode.AUTH, ErrorCode.VERSION,
                          ErrorCode.SUPERSEDED, ErrorCode.SHUTTING_DOWN})
@@ -344,6 +355,8 @@ class ServerSession(_Base):
     """The server end of one protocol session.
 
     ``is_registered(client_id)`` says whether a client may authenticate;
+    ``confirm_auth``: the transport answers :class:`Authenticated` with :meth:`accept`
+    (``AuthOk``) or :meth:`refuse` (without it, ``AuthOk`` goes at once);
     ``forced_client_id`` pins the session to one client (``stdio --client``:
     no anonymous session, no other id); ``allow_anonymous`` lets anonymous
     sessions list recognition entries. Feed bytes to :meth:`receive_data`;
@@ -357,8 +370,11 @@ class ServerSession(_Base):
     def __init__(self, server_priv: bytes, nonce: bytes, *,
                  is_registered: Callable[[str], bool],
                  forced_client_id: str | None = None,
-                 allow_anonymous: bool = True) -> None:
+                 allow_anonymous: bool = True, confirm_auth: bool = False) -> None:
         super().__init__()
+        self._decoder.max_frame = PRE_AUTH_MAX_FRAME
+        self._confirm = confirm_auth
+        self._pending: tuple[str | None, Role] | None = None
         self._priv = coincurve.PrivateKey(server_priv)
         self.server_pub = self._priv.public_key.format()
         self._nonce = nonce
@@ -391,6 +407,17 @@ class ServerSession(_Base):
         frame = wire.ack_frame(data_version, kind, link, want_snapshot)
         return self.data_to_send() + frame if self._out else frame
 
+    def accept(self) -> None:
+        """Send ``AuthOk`` for the session :class:`Authenticated` announced (``confirm_auth``);
+        then requests flow (a client's frames up to :data:`wire.MAX_FRAME`)."""
+        if self._state != "authenticating" or self._pending is None or self.closed:
+            return
+        self.client_id, self.role = self._pending
+        self._state = "open"
+        if self.client_id is not None:
+            self._decoder.max_frame = wire.MAX_FRAME
+        self._emit(wire.AuthOk(int(self.role)))
+
     def refuse(self, code: ErrorCode, text: str) -> None:
         """Answer with a fatal error and close (e.g. a writer was superseded)."""
         self._emit(wire.Error(int(code), text))
@@ -422,6 +449,9 @@ class ServerSession(_Base):
                 self.refuse(ErrorCode.PROTOCOL, "expected Auth")
                 return []
             return self._on_auth(msg)
+        if self._state == "authenticating":
+            self.refuse(ErrorCode.PROTOCOL, f"unexpected {type(msg).__name__} before AuthOk")
+            return []
         if self.client_id is None and not isinstance(msg, wire.ListRecognitions):
             self.send(wire.Error(int(ErrorCode.NOT_ALLOWED),
                                  "an anonymous session can only list recognition entries"))
@@ -460,10 +490,7 @@ class ServerSession(_Base):
             if not self._allow_anon:
                 self.refuse(ErrorCode.AUTH, "anonymous sessions are not allowed here")
                 return []
-            self._state = "open"
-            self.role = Role.READER
-            self._emit(wire.AuthOk(int(Role.READER)))
-            return [Authenticated(None, Role.READER)]
+            return self._authenticated(None, Role.READER)
         try:
             client_id = client_id_from_pubkey(msg.client_pub)
         except CldcbError:
@@ -481,8 +508,11 @@ class ServerSession(_Base):
             self.refuse(ErrorCode.AUTH, f"client {client_id} is not registered on this server; "
                                         f"run `cldcb-server add {client_id}` there")
             return []
-        self.client_id = client_id
-        self.role = Role(msg.role)
-        self._state = "open"
-        self._emit(wire.AuthOk(int(self.role)))
-        return [Authenticated(client_id, self.role)]
+        return self._authenticated(client_id, Role(msg.role))
+
+    def _authenticated(self, client_id: str | None, role: Role) -> list[Event]:
+        self._pending = (client_id, role)
+        self._state = "authenticating"
+        if not self._confirm:
+            self.accept()
+        return [Authenticated(client_id, role)]

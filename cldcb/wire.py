@@ -591,14 +591,15 @@ class FrameDecoder:
 
     def __init__(self, max_frame: int = MAX_FRAME) -> None:
         self._buf = bytearray()
-        self._max = max_frame
+        self.max_frame = max_frame
+        """Longer frames are refused as soon as their length arrives (may change)."""
 
     def feed(self, data: bytes) -> list[Message]:
         if not self._buf and len(data) > 4:
             # The usual case (a request, an answer): exactly one whole frame, decoded
             # from ``data`` itself, with no copy into the buffer and out again.
             (length,) = _U32.unpack_from(data, 0)
-            if length == len(data) - 4 and length <= self._max:
+            if length == len(data) - 4 and length <= self.max_frame:
                 type_ = data[4]
                 return [decode(type_, memoryview(data)[5:] if type_ in _FAST else data[5:])]
         self._buf += data
@@ -607,8 +608,9 @@ class FrameDecoder:
             (length,) = struct.unpack_from(">I", self._buf, 0)
             if length == 0:
                 raise ProtocolError("empty frame")
-            if length > self._max:
-                raise ProtocolError(f"frame of {length} bytes exceeds the limit of {self._max}")
+            if length > self.max_frame:
+                raise ProtocolError(f"frame of {length} bytes exceeds the limit of "
+                                    f"{self.max_frame}")
             if len(self._buf) < 4 + length:
                 break
             type_ = self._buf[4]

@@ -14,6 +14,7 @@ it. Bounded waits everywhere.
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -92,6 +93,8 @@ class CldcbServer:
     extra_env: dict[str, str] = field(default_factory=dict)
     #: the program run as ``cldcb-server`` (a test may run a malicious variant of it)
     command: list[str] = field(default_factory=lambda: list(SERVER_CMD))
+    #: the server process's limit on open files (soft and hard), if given
+    max_files: int | None = None
 
     def init(self) -> CldcbServer:
         self.server_id = init_data_dir(self.data_dir)
@@ -104,10 +107,17 @@ class CldcbServer:
         self.port = port or self.port or free_port()
         self.log_path = self.data_dir.parent / f"server-{self.port}.log"
         env = dict(os.environ, **self.extra_env)
+        limit = self.max_files
+
+        def limit_files() -> None:
+            if limit is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [*self.command, "--data-dir", str(self.data_dir), "serve", "--listen",
-                 f"127.0.0.1:{self.port}"], stdout=log, stderr=log, env=env)
+                 f"127.0.0.1:{self.port}"], stdout=log, stderr=log, env=env,
+                preexec_fn=limit_files if limit is not None else None)
         wait_port(self.port, self.proc)
         return self
 

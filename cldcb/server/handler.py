@@ -21,6 +21,15 @@ when another process changed the client's files and reloads them; a writer
 whose generation and settings epoch are unchanged vouches that nobody did
 (:meth:`~cldcb.store.ClientStore.vouch`), which spares those checks.
 
+``AuthOk`` goes only once the client's store opened (and its writer took
+over): store damage found at login (a damaged segment or ``settings.json``)
+is logged at ERROR with the client id and answered with the store's own
+message as ``Error(STORAGE)``, which the client's hello raises. A malformed
+request (:class:`~cldcb.errors.BadRequest`, or any other client error) is
+that client's error: answered with ``Error(BAD_REQUEST)`` and logged at
+WARNING at most once per :data:`COMPLAINT_PERIOD` per client, so that no
+client can flood the server's log.
+
 An ``Ack`` is sent only after the store returned from ``append``, which
 returns only once the record is fsynced; a ``SnapshotAck`` only after the
 snapshot is visible. Each names what it answers (:mod:`cldcb.session`): the
@@ -53,7 +62,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from cldcb import wire
-from cldcb.errors import CldcbError, QuotaExceeded, StoreError
+from cldcb.errors import BadRequest, CldcbError, QuotaExceeded, StoreError
 from cldcb.server.workers import ClientLock, StorePool
 from cldcb.session import Authenticated, Received, Role, ServerSession
 from cldcb.store import ClientStore, Store
@@ -68,6 +77,8 @@ BACKLOG = 16
 """Requests of one session waiting to be served before its reading is paused: a client
 that sends without waiting for answers is held back by the transport, so what the
 server buffers for it stays bounded."""
+COMPLAINT_PERIOD = 60.0
+"""A client's malformed requests are logged at most once per this many seconds."""
 
 
 class Sink(Protocol):
@@ -104,6 +115,19 @@ class ServerCore:
         self.inflight = 0
         self._last_other: dict[int, float] = {}
         self._last: tuple[int, float] = (0, 0.0)
+        self._complaints: dict[str | None, tuple[float, int]] = {}
+
+    def complain(self, client_id: str | None, text: str) -> None:
+        """Log a client's malformed request at WARNING, once per :data:`COMPLAINT_PERIOD`
+        per client (the next line counts those left out)."""
+        now = time.monotonic()
+        last, left_out = self._complaints.get(client_id, (-COMPLAINT_PERIOD, 0))
+        if now - last < COMPLAINT_PERIOD:
+            self._complaints[client_id] = (last, left_out + 1)
+            return
+        more = f" ({left_out} more in the last {now - last:.0f} s)" if left_out else ""
+        log.warning("client %s: bad request: %s%s", client_id, text, more)
+        self._complaints[client_id] = (now, 0)
 
     def forget(self, session: object) -> None:
         self._last_other.pop(id(session), None)
@@ -157,7 +181,7 @@ class SessionHandler:
         self.session = ServerSession(core.server_priv, os.urandom(32),
                                      is_registered=core.is_registered,
                                      forced_client_id=forced_client_id,
-                                     allow_anonymous=allow_anonymous)
+                                     allow_anonymous=allow_anonymous, confirm_auth=True)
         self._queue: asyncio.Queue[Authenticated | Received | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._gen = 0
@@ -278,11 +302,13 @@ class SessionHandler:
                                 "a newer session of this client took over as writer")
         elif isinstance(exc, QuotaExceeded):
             self.session.send(wire.Error(int(ErrorCode.QUOTA), str(exc)))
+        elif isinstance(exc, BadRequest) or (isinstance(exc, CldcbError)
+                                             and not isinstance(exc, StoreError)):
+            self.core.complain(self.client_id, str(exc))
+            self.session.send(wire.Error(int(ErrorCode.BAD_REQUEST), str(exc)))
         elif isinstance(exc, StoreError):
             log.error("client %s: store error: %s", self.client_id, exc)
             self.session.send(wire.Error(int(ErrorCode.STORAGE), str(exc)))
-        elif isinstance(exc, CldcbError):
-            self.session.send(wire.Error(int(ErrorCode.BAD_REQUEST), str(exc)))
         else:
             log.error("client %s: internal error", self.client_id, exc_info=exc)
             self.session.send(wire.Error(int(ErrorCode.INTERNAL),
@@ -310,11 +336,11 @@ class SessionHandler:
                     break
                 if isinstance(item, Authenticated):
                     await self._on_auth(item)
-                    continue
-                try:
-                    await self._handle(item.message)
-                except Exception as exc:  # noqa: BLE001 - every failure gets an answer
-                    self._answer_error(exc)
+                else:
+                    try:
+                        await self._handle(item.message)
+                    except Exception as exc:  # noqa: BLE001 - every failure gets an answer
+                        self._answer_error(exc)
                 self._flush()
                 await self.sink.drain()
                 if self.session.closed:
@@ -341,19 +367,29 @@ class SessionHandler:
         self.done.set()
 
     async def _on_auth(self, ev: Authenticated) -> None:
+        """Open the client's store (a writer takes over), then ``AuthOk``; what fails is
+        answered (the store's message) and ends the session."""
         self.client_id, self.role = ev.client_id, ev.role
         log.info("session from %s: %s %s", self.peer, ev.client_id or "anonymous",
                  ev.role.name.lower())
-        if ev.client_id is None:
-            return
-        if ev.role == Role.WRITER:
-            old = self.core.writers.get(ev.client_id)
-            self.core.writers[ev.client_id] = self
+        if ev.client_id is not None:
+            try:
+                await self._open_client(ev.client_id, ev.role)
+            except Exception as exc:  # noqa: BLE001 - answered, and the session ends
+                self._answer_error(exc)
+                self.session.closed = True
+                return
+        self.session.accept()
+
+    async def _open_client(self, client_id: str, role: Role) -> None:
+        if role == Role.WRITER:
+            old = self.core.writers.get(client_id)
+            self.core.writers[client_id] = self
             if old is not None and old is not self:
                 old.supersede()
-            async with self.core.lock(ev.client_id):
+            async with self.core.lock(client_id):
                 self._gen = await self.core.run(self._take_over)
-        async with self.core.lock(ev.client_id):
+        async with self.core.lock(client_id):
             await self.core.run(self._touch)
 
     def supersede(self) -> None:

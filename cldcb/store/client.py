@@ -23,7 +23,7 @@ from cldcb.dataversion import (
     decide,
     next_link,
 )
-from cldcb.errors import QuotaExceeded, StoreError
+from cldcb.errors import BadRequest, QuotaExceeded, StoreError
 from cldcb.seal import item_hash
 from cldcb.store.chains import ChainWalk, chain_stop, list_states
 from cldcb.store.frames import encode_record, frame_len
@@ -214,9 +214,9 @@ class ClientStore:
         check_data_version(data_version)
         k = _KINDS.get(kind)
         if k is None:
-            raise StoreError(f"record kind {kind} is unknown (0 normal, 1 PRAGMA-only)")
+            raise BadRequest(f"record kind {kind} is unknown (0 normal, 1 PRAGMA-only)")
         if len(link) != 32:
-            raise StoreError("a record's link must be 32 bytes")
+            raise BadRequest("a record's link must be 32 bytes")
         h = item_hash(sealed)
         tip = self.tip
         if tip is not None and tip.data_version == data_version and not tip.is_snapshot \
@@ -261,7 +261,7 @@ class ClientStore:
         self._ready(write=True)
         check_data_version(data_version)
         if len(anchor) != 32:
-            raise StoreError("a snapshot's anchor must be 32 bytes")
+            raise BadRequest("a snapshot's anchor must be 32 bytes")
         upload = SnapshotUpload(self, data_version, anchor, now_ms)
         self._uploads.add(upload)
         return upload
@@ -273,12 +273,12 @@ class ClientStore:
             return None
         pos, end, dv = hit
         if dv != data_version:
-            raise StoreError(f"the snapshot of data_version {data_version} names as its anchor "
+            raise BadRequest(f"the snapshot of data_version {data_version} names as its anchor "
                              f"the record of data_version {dv}; an anchor must be the hash of "
                              "the newest record the snapshot contains")
         fresh = [s.start for s in self.snapshots if not s.anchored]
         if fresh and pos < fresh[-1]:
-            raise StoreError(f"the snapshot of data_version {data_version} is anchored to a "
+            raise BadRequest(f"the snapshot of data_version {data_version} is anchored to a "
                              "record from before the newest fresh snapshot: it does not belong "
                              "to the chain this server holds")
         return end
@@ -288,7 +288,7 @@ class ClientStore:
         self._ready(write=True)
         temp = up.temp
         if chunk_count != temp.chunks:
-            raise StoreError(f"the snapshot ends with chunk_count {chunk_count} but "
+            raise BadRequest(f"the snapshot ends with chunk_count {chunk_count} but "
                              f"{temp.chunks} chunks arrived; nothing was stored")
         self._check_quota(len(manifest) + 128, "the snapshot")
         end = self._anchor_end(up.anchor, up.data_version)
@@ -426,14 +426,14 @@ class SnapshotUpload:
 
     def _check_open(self) -> None:
         if self.done:
-            raise StoreError("this snapshot upload is already finished or aborted; "
+            raise BadRequest("this snapshot upload is already finished or aborted; "
                              "begin a new one")
 
     def add_chunk(self, index: int, sealed: bytes) -> None:
         self._check_open()
         if index != self.temp.chunks:
             self.abort()
-            raise StoreError(f"snapshot chunk {index} arrived where chunk {self.temp.chunks} "
+            raise BadRequest(f"snapshot chunk {index} arrived where chunk {self.temp.chunks} "
                              "belongs; the upload is aborted, begin it again")
         try:
             self.owner._check_quota(frame_len(4 + len(sealed)), "a snapshot chunk")
