@@ -166,6 +166,13 @@ class PrivateSshd:
     def server_command(self) -> str:
         return f"{sys.executable} -m cldcb.server.admin --data-dir {self.data_dir}"
 
+    @staticmethod
+    def _pythonpath() -> str:
+        """sshd passes its sessions a clean environment: without this, the server under
+        sshd would import the installed cldcb rather than the one under test."""
+        path = os.environ.get("PYTHONPATH")
+        return f" PYTHONPATH={path}" if path else ""
+
     def authorize_client(self, client_priv: bytes, client_id: str, forced: bool) -> None:
         """Add the client's derived Ed25519 key (pinned with a forced command, or not)."""
         if forced:
@@ -203,7 +210,7 @@ PermitTTY no
 PermitUserEnvironment no
 ClientAliveInterval 30
 LogLevel VERBOSE
-SetEnv CLDCB_SERVER_DIR={self.data_dir}
+SetEnv CLDCB_SERVER_DIR={self.data_dir}{self._pythonpath()}
 Subsystem cldcb {self.server_command()} stdio
 """)
         with open(self.log_path, "ab") as log:
