@@ -1,0 +1,165 @@
+"""A TCP proxy on 127.0.0.1 that injects faults between a client and a server.
+
+Every connection accepted is forwarded to ``127.0.0.1:target_port`` by one
+thread. Once :meth:`FaultProxy.arm` was called, each new connection draws a
+plan from ``random.Random(seed)`` (so a seed names the same plan for the same
+connection order): while faults are left, one fault at a random byte offset
+(counted over both directions together) of that connection:
+
+- ``cut``: both sides closed (FIN), whatever was in flight past the offset lost;
+- ``reset``: both sides reset (RST: ``SO_LINGER`` 0, then close);
+- ``stall``: forwarding stops for a while (up to ``max_stall`` s), then goes on;
+
+and, on every connection, short random delays before forwarding a chunk.
+Bytes are never duplicated, reordered or changed: through SSH a duplicated
+or altered byte is only a MAC failure, the same to both ends as a cut.
+Bounded everywhere: select with a timeout, stop() joins its threads.
+"""
+
+from __future__ import annotations
+
+import random
+import select
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass
+
+FAULTS = ("cut", "reset", "stall")
+
+
+@dataclass(frozen=True)
+class Plan:
+    kind: str | None          # None: no fault on this connection
+    offset: int
+    stall: float
+    delay_seed: int
+
+
+class FaultProxy:
+    """See the module docstring. ``faults``: how many faults in all (then clean)."""
+
+    def __init__(self, target_port: int, seed: int, *, faults: int = 4,
+                 window: int = 200_000, delay_p: float = 0.02, max_delay: float = 0.02,
+                 max_stall: float = 1.5) -> None:
+        self.target_port = target_port
+        self.rng = random.Random(seed)
+        self.faults_left = faults
+        self.window = window
+        self.delay_p = delay_p
+        self.max_delay = max_delay
+        self.max_stall = max_stall
+        self.armed = False
+        #: what was done, e.g. "connection 3: reset at byte 1234"
+        self.events: list[str] = []
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(16)
+        self._listener.settimeout(0.2)
+        self.port = int(self._listener.getsockname()[1])
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._count = 0
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> FaultProxy:
+        self._spawn(self._accept_loop)
+        return self
+
+    def arm(self) -> None:
+        """Faults for the connections accepted from now on."""
+        self.armed = True
+
+    def stop(self) -> None:
+        self._stopping.set()
+        for t in list(self._threads):
+            t.join(10)
+        self._listener.close()
+
+    def _spawn(self, target, *args) -> None:  # noqa: ANN001
+        t = threading.Thread(target=target, args=args, daemon=True)
+        with self._lock:
+            self._threads.append(t)
+        t.start()
+
+    def _note(self, text: str) -> None:
+        with self._lock:
+            self.events.append(text)
+
+    def _plan(self) -> Plan:
+        kind = None
+        if self.armed and self.faults_left > 0:
+            self.faults_left -= 1
+            kind = self.rng.choice(FAULTS)
+        return Plan(kind, self.rng.randrange(self.window),
+                    self.rng.uniform(0.1, self.max_stall), self.rng.getrandbits(32))
+
+    def _accept_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self._count += 1
+            self._spawn(self._forward, conn, self._plan(), self._count)
+
+    def _forward(self, down: socket.socket, plan: Plan, n: int) -> None:
+        try:
+            up = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+        except OSError:
+            down.close()
+            return
+        for s in (down, up):
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        delays = random.Random(plan.delay_seed)
+        peer = {down: up, up: down}
+        reading = [down, up]
+        passed = 0
+        try:
+            while reading and not self._stopping.is_set():
+                ready, _, _ = select.select(reading, [], [], 0.2)
+                for s in ready:
+                    data = s.recv(65536)
+                    if not data:                      # a clean EOF: pass it on
+                        reading.remove(s)
+                        peer[s].shutdown(socket.SHUT_WR)
+                        continue
+                    if delays.random() < self.delay_p:
+                        time.sleep(delays.uniform(0, self.max_delay))
+                    if plan.kind is not None and passed + len(data) > plan.offset:
+                        head = plan.offset - passed
+                        peer[s].sendall(data[:head])
+                        passed += head
+                        self._note(f"connection {n}: {plan.kind} at byte {passed}")
+                        if plan.kind != "stall":
+                            self._break(plan.kind, down, up)
+                            return
+                        time.sleep(plan.stall)
+                        plan = Plan(None, 0, 0, 0)
+                        data = data[head:]
+                    peer[s].sendall(data)
+                    passed += len(data)
+        except OSError:
+            pass
+        finally:
+            down.close()
+            up.close()
+
+    @staticmethod
+    def _break(kind: str, *socks: socket.socket) -> None:
+        for s in socks:
+            try:
+                if kind == "reset":
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                else:
+                    s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
