@@ -10,6 +10,9 @@ connection order): while faults are left, one fault at a random byte offset
 - ``reset``: both sides reset (RST: ``SO_LINGER`` 0, then close);
 - ``stall``: forwarding stops for a while (up to ``max_stall`` s), then goes on;
 
+(``kinds`` narrows the choice); :meth:`FaultProxy.cut_all` cuts the connections
+open now, for one made before :meth:`FaultProxy.arm`;
+
 and, on every connection, short random delays before forwarding a chunk.
 Bytes are never duplicated, reordered or changed: through SSH a duplicated
 or altered byte is only a MAC failure, the same to both ends as a cut.
@@ -41,9 +44,11 @@ class FaultProxy:
     """See the module docstring. ``faults``: how many faults in all (then clean)."""
 
     def __init__(self, target_port: int, seed: int, *, faults: int = 4,
-                 window: int = 200_000, delay_p: float = 0.02, max_delay: float = 0.02,
+                 window: int = 200_000, kinds: tuple[str, ...] = FAULTS,
+                 delay_p: float = 0.02, max_delay: float = 0.02,
                  max_stall: float = 1.5) -> None:
         self.target_port = target_port
+        self.kinds = kinds
         self.rng = random.Random(seed)
         self.faults_left = faults
         self.window = window
@@ -62,6 +67,7 @@ class FaultProxy:
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._count = 0
+        self._live: dict[int, tuple[socket.socket, socket.socket]] = {}
 
     @property
     def address(self) -> str:
@@ -74,6 +80,18 @@ class FaultProxy:
     def arm(self) -> None:
         """Faults for the connections accepted from now on."""
         self.armed = True
+
+    def cut_all(self) -> None:
+        """Cut every connection open now (FIN both ways), as a fault."""
+        with self._lock:
+            live = list(self._live.items())
+        for n, (down, up) in live:
+            self._note(f"connection {n}: cut by the test")
+            for s in (down, up):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
     def stop(self) -> None:
         self._stopping.set()
@@ -95,7 +113,7 @@ class FaultProxy:
         kind = None
         if self.armed and self.faults_left > 0:
             self.faults_left -= 1
-            kind = self.rng.choice(FAULTS)
+            kind = self.rng.choice(self.kinds)
         return Plan(kind, self.rng.randrange(self.window),
                     self.rng.uniform(0.1, self.max_stall), self.rng.getrandbits(32))
 
@@ -118,6 +136,8 @@ class FaultProxy:
             return
         for s in (down, up):
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with self._lock:
+            self._live[n] = (down, up)
         delays = random.Random(plan.delay_seed)
         peer = {down: up, up: down}
         reading = [down, up]
@@ -149,6 +169,8 @@ class FaultProxy:
         except OSError:
             pass
         finally:
+            with self._lock:
+                self._live.pop(n, None)
             down.close()
             up.close()
 

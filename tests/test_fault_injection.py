@@ -22,7 +22,9 @@ from pathlib import Path
 import pytest
 from demo import NETWORK, Target, client, dump, install_client, play
 from faultproxy import FaultProxy
+from realcln import RealCln, data_version
 from servers import CldcbServer
+from test_realcln import Client, Server, daemon_server, recover_and_compare
 
 from cldcb.connection import Connection
 from cldcb.ids import client_id_from_pubkey, new_privkey, pubkey_of
@@ -88,3 +90,29 @@ def test_a_trace_through_faults(seed: int, trace: str, calls: int | None, window
     node_dump = dump(lightning_dir / NETWORK / "lightningd.sqlite3")
     assert recover_and_dump(server, hsm_secret, tmp_path / "recovered") == node_dump, \
         proxy.events
+
+
+@pytest.mark.realcln
+def test_a_real_lightningd_through_cuts(realcln: RealCln, tmp_path: Path) -> None:
+    """A real lightningd's workload through the proxy, its connections cut and reset a
+    few times; after stop, the server holds its data_version and recovery is identical."""
+    server = CldcbServer(tmp_path / "server").init()
+    client_ = Client(tmp_path / "client")
+    server.add(client_.client_id)
+    server.start()
+    proxy = FaultProxy(server.port, 7, faults=2, window=20_000, kinds=("cut", "reset"))
+    proxy.start()
+    try:
+        node = realcln.node("a").start()
+        client_.installplugin(node, [Server(proxy.address, server.server_id)])
+        proxy.arm()
+        proxy.cut_all()                          # the connection installplugin saw made
+        node.workload("w1")
+        node.workload("w2", rounds=6)
+        assert node.stop() == 0
+        assert len(proxy.events) >= 3, proxy.events
+        assert held_data_version(server, client_.priv) == data_version(node.database)
+        recover_and_compare(client_, node, [daemon_server(server)])
+    finally:
+        proxy.stop()
+        server.stop()
