@@ -1,19 +1,21 @@
 """A TCP proxy on 127.0.0.1 that injects faults between a client and a server.
 
 Every connection accepted is forwarded to ``127.0.0.1:target_port`` by one
-thread. Once :meth:`FaultProxy.arm` was called, each new connection draws a
-plan from ``random.Random(seed)`` (so a seed names the same plan for the same
-connection order): while faults are left, one fault at a random byte offset
-(counted over both directions together) of that connection:
+thread. Once :meth:`FaultProxy.arm` was called, and while faults are left, each
+new connection draws a fault at a random byte offset (counted over both
+directions together) from its own ``random.Random`` seeded from
+``random.Random(seed)`` (so a seed names the same plan for the same order of
+connections):
 
 - ``cut``: both sides closed (FIN), whatever was in flight past the offset lost;
 - ``reset``: both sides reset (RST: ``SO_LINGER`` 0, then close);
-- ``stall``: forwarding stops for a while (up to ``max_stall`` s), then goes on;
+- ``stall``: forwarding stops for a while (up to ``max_stall`` s), then goes on,
+  and the connection draws its next fault;
 
-(``kinds`` narrows the choice); :meth:`FaultProxy.cut_all` cuts the connections
-open now, for one made before :meth:`FaultProxy.arm`;
+``kinds`` narrows the choice. On every connection, short random delays before
+forwarding a chunk. :meth:`FaultProxy.cut_all` cuts the connections open now
+(one made before :meth:`FaultProxy.arm` has no faults of its own).
 
-and, on every connection, short random delays before forwarding a chunk.
 Bytes are never duplicated, reordered or changed: through SSH a duplicated
 or altered byte is only a MAC failure, the same to both ends as a cut.
 Bounded everywhere: select with a timeout, stop() joins its threads.
@@ -35,9 +37,8 @@ FAULTS = ("cut", "reset", "stall")
 @dataclass(frozen=True)
 class Plan:
     kind: str | None          # None: no fault on this connection
-    offset: int
+    offset: int               # bytes into the connection, both directions together
     stall: float
-    delay_seed: int
 
 
 class FaultProxy:
@@ -109,13 +110,14 @@ class FaultProxy:
         with self._lock:
             self.events.append(text)
 
-    def _plan(self) -> Plan:
+    def _plan(self, rng: random.Random, passed: int) -> Plan:
+        """The next fault of a connection at ``passed`` bytes (kind None: no more)."""
         kind = None
-        if self.armed and self.faults_left > 0:
-            self.faults_left -= 1
-            kind = self.rng.choice(self.kinds)
-        return Plan(kind, self.rng.randrange(self.window),
-                    self.rng.uniform(0.1, self.max_stall), self.rng.getrandbits(32))
+        with self._lock:
+            if self.armed and self.faults_left > 0:
+                self.faults_left -= 1
+                kind = rng.choice(self.kinds)
+        return Plan(kind, passed + rng.randrange(self.window), rng.uniform(0.1, self.max_stall))
 
     def _accept_loop(self) -> None:
         while not self._stopping.is_set():
@@ -126,9 +128,10 @@ class FaultProxy:
             except OSError:
                 return
             self._count += 1
-            self._spawn(self._forward, conn, self._plan(), self._count)
+            self._spawn(self._forward, conn, random.Random(self.rng.getrandbits(64)),
+                        self._count)
 
-    def _forward(self, down: socket.socket, plan: Plan, n: int) -> None:
+    def _forward(self, down: socket.socket, rng: random.Random, n: int) -> None:
         try:
             up = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
         except OSError:
@@ -138,7 +141,7 @@ class FaultProxy:
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self._lock:
             self._live[n] = (down, up)
-        delays = random.Random(plan.delay_seed)
+        plan = self._plan(rng, 0)
         peer = {down: up, up: down}
         reading = [down, up]
         passed = 0
@@ -151,8 +154,8 @@ class FaultProxy:
                         reading.remove(s)
                         peer[s].shutdown(socket.SHUT_WR)
                         continue
-                    if delays.random() < self.delay_p:
-                        time.sleep(delays.uniform(0, self.max_delay))
+                    if rng.random() < self.delay_p:
+                        time.sleep(rng.uniform(0, self.max_delay))
                     if plan.kind is not None and passed + len(data) > plan.offset:
                         head = plan.offset - passed
                         peer[s].sendall(data[:head])
@@ -162,7 +165,7 @@ class FaultProxy:
                             self._break(plan.kind, down, up)
                             return
                         time.sleep(plan.stall)
-                        plan = Plan(None, 0, 0, 0)
+                        plan = self._plan(rng, passed)     # then maybe another fault
                         data = data[head:]
                     peer[s].sendall(data)
                     passed += len(data)
