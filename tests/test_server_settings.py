@@ -153,3 +153,19 @@ def test_set_changes_settings_and_lifting_append_only_is_logged(tmp_path: Path) 
     assert unknown.returncode != 0 and "not registered" in unknown.stderr
     nothing = run_server_cmd(data, "set", cid, check=False)
     assert nothing.returncode != 0 and nothing.stderr.startswith("error: ")
+
+
+def test_damaged_settings_are_replaced_only_by_a_full_set(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    run_server_cmd(data, "init")
+    _, cid = new_client()
+    run_server_cmd(data, "add", cid, "--append-only")
+    (data / "clients" / cid / "settings.json").write_text("{not json")
+    partial = run_server_cmd(data, "set", cid, "--quota", "1MiB", check=False)
+    assert partial.returncode != 0 and "--generations N" in partial.stderr
+    assert (data / "clients" / cid / "settings.json").read_text() == "{not json"
+    run_server_cmd(data, "set", cid, "--quota", "1MiB", "--append-only", "--generations", "3")
+    assert settings_of(data, cid) == {"quota": 1024**2, "append_only": True, "generations": 3}
+    last = json.loads((data / "clients" / cid / "settings.history").read_text()
+                      .splitlines()[-1])
+    assert last["old"] is None and last["new"]["generations"] == 3

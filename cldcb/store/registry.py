@@ -93,7 +93,7 @@ class Store:
                                           generations=generations))
         return self.info(client_id)
 
-    def register(self, client_id: str, settings: Settings, *, by: str = "add") -> bool:
+    def register(self, client_id: str, settings: Settings) -> bool:
         """Register a client with ``settings``: True if it was new. A client already
         registered keeps its settings, whatever ``settings`` says (only
         :meth:`change_settings` changes them)."""
@@ -104,7 +104,7 @@ class Store:
             with settings_change(self.data_dir, cid):
                 if self.fs.exists(folder / SETTINGS):
                     return False
-                append_history(self.fs, folder, by, None, settings)
+                append_history(self.fs, folder, "add", None, settings)
                 replace_file(self.fs, folder / SETTINGS, settings.encode(), "settings")
         except OSError as exc:
             raise io_error(exc, f"registering client {cid}") from None
@@ -137,7 +137,7 @@ class Store:
                               generations=old.generations if generations is None
                               else generations)
                 if new != old or damaged:
-                    append_history(self.fs, folder, by, old, new)
+                    append_history(self.fs, folder, by, None if damaged else old, new)
                     replace_file(self.fs, folder / SETTINGS, new.encode(), "settings")
         except OSError as exc:
             raise io_error(exc, f"changing the settings of client {cid}") from None
