@@ -215,7 +215,7 @@ def workload(data_dir: Path) -> None:
     store.add_client(other, quota=10_000)
     emit(ev="added", client=other)
     step("settings", client=other)
-    store.add_client(other, quota=20_000)
+    store.change_settings(other, quota=20_000)
     emit(ev="settings", client=other)
     store.put_recognition(other, b"other entry")
     emit(ev="recognition_other")

@@ -109,7 +109,7 @@ def test_quota_exceeded_is_a_clear_error_and_keeps_the_data(tmp_path: Path) -> N
 
 
 def test_admin_changes_reach_a_streaming_writer_at_its_next_record(tmp_path: Path) -> None:
-    """`add --quota` and `remove` run in other processes while a writer streams: the
+    """`set --quota` and `remove` run in other processes while a writer streams: the
     writer's very next record sees them (its store skips re-reading the settings
     only while the lock file's settings epoch is unchanged)."""
     srv, (priv,) = serving(tmp_path)
@@ -123,11 +123,11 @@ def test_admin_changes_reach_a_streaming_writer_at_its_next_record(tmp_path: Pat
                 for _ in range(20):
                     assert isinstance(await w.write(conn, 3000), wire.Ack)
                 used = (await conn.status()).bytes_used
-                srv.add(cid, "--quota", str(used + 1000))          # room for no 3 KB record
+                run_server_cmd(srv.data_dir, "set", cid, "--quota", str(used + 1000))
                 with pytest.raises(RemoteError) as err:
                     await w.write(conn, 3000)
                 assert err.value.code == wire.ErrorCode.QUOTA
-                srv.add(cid)                                       # no quota again
+                run_server_cmd(srv.data_dir, "set", cid, "--quota", "0")  # no quota
                 assert isinstance(await w.write(conn, 3000), wire.Ack)
                 held = w.dv
                 run_server_cmd(srv.data_dir, "remove", cid)

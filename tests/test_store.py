@@ -27,6 +27,7 @@ from cldcb.errors import KeyFormatError, QuotaExceeded, StoreError
 from cldcb.seal import ChainVerifier, SnapshotSealer
 from cldcb.store import ClientInfo, ClientStore, Store
 from cldcb.store.frames import RECORD_HEAD, RECORD_MAGIC, encode_frame, encode_record, read_frame
+from cldcb.store.settings import Settings
 
 CID = client_id()
 OTHER = client_id(OTHER_PRIV)
@@ -353,14 +354,14 @@ def test_quota_exceeded_stores_nothing(tmp_path: Path) -> None:
             w.change(dv, size=100)
             acked = dv
     msg = str(err.value)
-    assert "of 3000 bytes are used" in msg and f"cldcb-server add {CID} --quota SIZE" in msg
+    assert "of 3000 bytes are used" in msg and f"cldcb-server set {CID} --quota SIZE" in msg
     st = w.cs.status()
     assert st.tip_data_version == acked and st.bytes_used <= 3000 and st.quota == 3000
     assert chain_of(w)[-1] == acked
     with pytest.raises(QuotaExceeded):
         w.snapshot(acked, anchored=True)
     assert not list((w.cs.folder / "snapshots").glob("*.part"))
-    store.add_client(CID, quota=100_000)                       # the operator raises it
+    store.change_settings(CID, quota=100_000)                  # the operator raises it
     w.tip = tip_of(w.cs.status())
     assert isinstance(w.change(acked + 1), wire.Ack)
     store.close()
@@ -393,8 +394,13 @@ def test_add_list_remove(tmp_path: Path) -> None:
     settings = (tmp_path / "clients" / CID / "settings.json").stat().st_mtime_ns
     store.add_client(CID)
     assert (tmp_path / "clients" / CID / "settings.json").stat().st_mtime_ns == settings
-    info = store.add_client(CID, quota=5000, append_only=True, generations=3)
+    assert store.add_client(CID, quota=5000, append_only=True, generations=3) == info
+    assert not store.register(CID, Settings(quota=5000))      # registered: kept as it is
+    old, new = store.change_settings(CID, quota=5000, append_only=True, generations=3)
+    assert (old.quota, old.append_only, old.generations) == (None, False, 2)
+    info = store.info(CID)
     assert (info.quota, info.append_only, info.generations) == (5000, True, 3)
+    assert store.change_settings(CID, append_only=False)[1] == Settings(5000, False, 3)
     store.add_client(OTHER)
     w = Writer(store.client(CID))
     w.snapshot(7)
@@ -464,7 +470,7 @@ def test_another_instance_sees_new_records_and_settings(store: Store, w: Writer)
     assert reader.status().tip_data_version == 3
     w.change(4)
     assert reader.status().tip_data_version == 4              # noticed, reloaded
-    other.add_client(CID, quota=10**9)
+    other.change_settings(CID, quota=10**9)
     assert w.cs.status().quota == 10**9                        # settings reloaded
     other.close()
 
@@ -487,7 +493,7 @@ def test_a_vouched_writer_skips_the_checks_until_the_token_changes(store: Store,
     w.tip = theirs.tip
     w.cs.vouch((2, 0))
     assert isinstance(w.change(6), wire.Ack)
-    other.add_client(CID, quota=10**9)                # settings.json replaced
+    other.change_settings(CID, quota=10**9)           # settings.json replaced
     w.cs.vouch((2, 0))
     assert w.cs.status().quota == 0                   # (0: no quota)
     w.cs.vouch((2, 1))                                # ... and the epoch bumped

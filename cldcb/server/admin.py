@@ -1,6 +1,8 @@
 """``cldcb-server`` commands that manage clients and run the server.
 
-``add``, ``remove``, ``list`` manage registered clients; ``serve`` runs the
+``add``, ``set``, ``remove``, ``list`` manage registered clients (``add`` never
+changes a registered client's settings by omission; ``set`` is the operator's
+explicit word, never reachable through ``forced``); ``serve`` runs the
 standalone asyncssh daemon; ``stdio`` and ``forced`` run under OpenSSH sshd
 (see :mod:`cldcb.server.stdio`).
 """
@@ -21,7 +23,8 @@ import click
 from cldcb.errors import StoreError, UsageError
 from cldcb.ids import parse_client_id
 from cldcb.server.cli import ServerContext, main, parse_host_port, pass_server
-from cldcb.store import Store
+from cldcb.store import ClientInfo, Store
+from cldcb.store.settings import Settings
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.I)
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "ki": 1024,
@@ -54,15 +57,26 @@ def _open_store(server: ServerContext) -> Store:
     return Store.open(server.data_dir)
 
 
-def add_client(server: ServerContext, client_id: str, quota: int | None, append_only: bool,
-               generations: int, as_json: bool) -> None:
+def add_client(server: ServerContext, client_id: str, as_json: bool, *,
+               quota: int | None = None, append_only: bool = False,
+               generations: int | None = None) -> None:
+    """Register a client. One already registered keeps its settings, except those given
+    here (only the operator at the server's shell gives any: ``forced`` never does)."""
     parse_client_id(client_id)
     client_id = client_id.lower()
     _, server_id = server.read_key()
     store = _open_store(server)
     try:
-        info = store.add_client(client_id, quota=quota, append_only=append_only,
-                                generations=generations)
+        created = store.register(client_id, Settings(quota=quota or None,
+                                                     append_only=append_only,
+                                                     generations=generations or 2))
+        changed = False
+        if not created and (quota is not None or append_only or generations is not None):
+            old, new = store.change_settings(client_id, quota=quota,
+                                             append_only=append_only or None,
+                                             generations=generations, by="add")
+            changed = old != new
+        info = store.info(client_id)
     finally:
         store.close()
     public = server.public_address()
@@ -72,12 +86,24 @@ def add_client(server: ServerContext, client_id: str, quota: int | None, append_
         click.echo(json.dumps({
             "client_id": client_id, "server_id": server_id, "public_address": public,
             "ssh": f"ssh://{user}@{host}", "quota": info.quota,
-            "append_only": info.append_only, "generations": info.generations}))
-    else:
+            "append_only": info.append_only, "generations": info.generations,
+            "already_registered": not created}))
+        return
+    if created:
         click.echo(f"added client {client_id}")
-        click.echo(f"server id: {server_id}")
-        if public:
-            click.echo(f"reach it at: {public}")
+    else:
+        click.echo(f"client {client_id} is already registered; "
+                   + ("settings changed: " if changed else "settings unchanged: ")
+                   + _describe(info))
+    click.echo(f"server id: {server_id}")
+    if public:
+        click.echo(f"reach it at: {public}")
+
+
+def _describe(info: ClientInfo) -> str:
+    return (f"quota {human(info.quota) if info.quota else 'none'}, "
+            f"{'append-only' if info.append_only else 'not append-only'}, "
+            f"{info.generations} generations kept")
 
 
 @main.command()
@@ -86,15 +112,53 @@ def add_client(server: ServerContext, client_id: str, quota: int | None, append_
               help="Most bytes this client may store (e.g. 2GiB); default: no limit.")
 @click.option("--append-only", is_flag=True,
               help="Nothing the client sends can delete history (only server-side pruning).")
-@click.option("--generations", default=2, show_default=True, type=click.IntRange(1, 1000),
-              help="Complete snapshots kept, with their records, for point-in-time recovery.")
+@click.option("--generations", default=None, type=click.IntRange(1, 1000),
+              help="Complete snapshots kept, with their records, for point-in-time recovery "
+                   "[default: 2].")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @pass_server
 def add(server: ServerContext, client_id: str, quota: str | None, append_only: bool,
-        generations: int, as_json: bool) -> None:
-    """Register a client (or change its settings)."""
-    add_client(server, client_id, parse_size(quota) if quota else None, append_only,
-               generations, as_json)
+        generations: int | None, as_json: bool) -> None:
+    """Register a client. On a registered one, change only the options given (to lift
+    append-only, see `set`)."""
+    _setup_logging("cldcb-server: %(levelname)s: %(message)s", logging.WARNING)
+    add_client(server, client_id, as_json, quota=parse_size(quota) if quota else None,
+               append_only=append_only, generations=generations)
+
+
+@main.command("set")
+@click.argument("client_id")
+@click.option("--quota", default=None, metavar="SIZE",
+              help="Most bytes this client may store (e.g. 2GiB); 0: no limit.")
+@click.option("--append-only/--no-append-only", default=None,
+              help="Whether what the client sends may delete history (lifting it is "
+                   "logged in the client's settings.history).")
+@click.option("--generations", default=None, type=click.IntRange(1, 1000),
+              help="Complete snapshots kept, with their records, for point-in-time recovery.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@pass_server
+def set_(server: ServerContext, client_id: str, quota: str | None, append_only: bool | None,
+         generations: int | None, as_json: bool) -> None:
+    """Change a registered client's settings (only those given)."""
+    parse_client_id(client_id)
+    if quota is None and append_only is None and generations is None:
+        raise UsageError("nothing to change: give --quota, --append-only, --no-append-only "
+                         "or --generations")
+    _setup_logging("cldcb-server: %(levelname)s: %(message)s", logging.WARNING)
+    store = _open_store(server)
+    try:
+        old, new = store.change_settings(client_id, quota=parse_size(quota) if quota else None,
+                                         append_only=append_only, generations=generations)
+        info = store.info(client_id)
+    finally:
+        store.close()
+    if as_json:
+        click.echo(json.dumps({"client_id": info.client_id, "quota": info.quota,
+                               "append_only": info.append_only,
+                               "generations": info.generations, "changed": old != new}))
+    else:
+        click.echo(f"client {info.client_id}: "
+                   + ("" if old != new else "(unchanged) ") + _describe(info))
 
 
 @main.command()
@@ -144,9 +208,9 @@ def list_(server: ServerContext, as_json: bool) -> None:
                    f"{dv:>12}  {seen}")
 
 
-def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+def _setup_logging(fmt: str = "%(asctime)s %(name)s %(levelname)s %(message)s",
+                   level: int = logging.INFO) -> None:
+    logging.basicConfig(level=level, stream=sys.stderr, format=fmt)
 
 
 @main.command()
@@ -199,7 +263,7 @@ def forced(server: ServerContext, allow: str) -> None:
         raise UsageError(f"--allow takes a list of {', '.join(FORCED_VERBS)}; "
                          f"got {allow!r}")
     client_id, as_json = parse_forced_command(os.environ.get("SSH_ORIGINAL_COMMAND"), verbs)
-    add_client(server, client_id, None, False, 2, as_json)
+    add_client(server, client_id, as_json)   # no options: settings never change
 
 
 if __name__ == "__main__":

@@ -16,6 +16,9 @@ Layout
       clients/<client_id>/           one per registered client (lower-case c2…/c3…)
         settings.json                quota, append_only, generations; its presence
                                      is what "registered" means
+        settings.history             one JSON line per registration or settings
+                                     change (time_ms, by: add|set, old, new),
+                                     appended and data-synced before the change
         last_seen                    unix ms of the last session (informational)
         log/NNNNNNNNNN.log           record segments, numbered from 1, contiguous
         log/NNNNNNNNNN.log.torn-OFF  bytes cut from a torn tail (kept for inspection)
@@ -159,7 +162,7 @@ Quota
 ``bytes_used`` counts segments, published snapshots and uploads in progress.
 A record or chunk that would take it over the quota raises
 :class:`~cldcb.errors.QuotaExceeded` (saying how much is used, the quota, and
-to ask the operator for ``cldcb-server add ID --quota SIZE``) and stores
+to ask the operator for ``cldcb-server set ID --quota SIZE``) and stores
 nothing (a chunk also aborts its upload). Since the previous generations stay
 until a new snapshot is complete, a quota must hold ``generations + 1``
 snapshots and their logs.
@@ -207,8 +210,21 @@ and whether the newest segment changed size, holds a frame where this
 instance's records end, or a newer one appeared (then the instance reloads
 from disk). A writer may skip these checks by vouching
 (:meth:`ClientStore.vouch`) with its generation and the settings epoch of the
-lock file: ``add`` and ``remove`` bump that epoch under the lock, and no
-other process writes a client's files without taking over as its writer.
+lock file: registering, changing settings and ``remove`` bump that epoch under
+the lock, and no other process writes a client's files without taking over as
+its writer.
+
+Settings
+--------
+Only the operator's explicit word changes a client's settings.
+:meth:`Store.register` (``cldcb-server add``, also through a setup key's
+``forced --allow add``) writes ``settings.json`` only for a client not yet
+registered; for a registered one it changes nothing. :meth:`Store.change_settings`
+(``cldcb-server set``, or ``add`` with options typed at the server's shell)
+changes the settings it is given and nothing else. Every registration and
+change is first appended to ``settings.history``; lifting append-only is also
+a warning on the ``cldcb.store`` logger (and ``cldcb-server`` prints it on
+stderr).
 :meth:`Store.list_clients` opens clients read-only: it repairs nothing, so it
 is safe while a daemon writes.
 """

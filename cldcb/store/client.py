@@ -200,7 +200,7 @@ class ClientStore:
                 f"{what} of {more} bytes would exceed client {self.client_id}'s quota on this "
                 f"server: {used} of {quota} bytes are used (with "
                 f"{self.settings.generations} snapshot generations kept); nothing was "
-                f"stored. Ask the server operator to raise it with `cldcb-server add "
+                f"stored. Ask the server operator to raise it with `cldcb-server set "
                 f"{self.client_id} --quota SIZE`")
 
     # -- records -----------------------------------------------------------------------

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cldcb.crashpoints import crashpoint
@@ -16,7 +16,7 @@ from cldcb.ids import parse_client_id
 from cldcb.store.client import ClientStore
 from cldcb.store.fs import FileLayer, OsFileLayer, ensure_dir, io_error, replace_file
 from cldcb.store.locks import settings_change
-from cldcb.store.settings import SETTINGS, Settings, read_settings
+from cldcb.store.settings import SETTINGS, Settings, append_history, read_settings
 from cldcb.wire import MAX_LIST, MAX_RECOGNITION
 
 log = logging.getLogger("cldcb.store")
@@ -87,21 +87,66 @@ class Store:
 
     def add_client(self, client_id: str, *, quota: int | None = None,
                    append_only: bool = False, generations: int = 2) -> ClientInfo:
-        """Register a client, or change its settings (the same settings: nothing is
-        written). ``quota`` None or 0 means no quota."""
+        """Register a client with these settings; an already registered client is left
+        as it is (see :meth:`register`). ``quota`` None or 0 means no quota."""
+        self.register(client_id, Settings(quota=quota or None, append_only=append_only,
+                                          generations=generations))
+        return self.info(client_id)
+
+    def register(self, client_id: str, settings: Settings) -> bool:
+        """Register a client with ``settings``: True if it was new. A client already
+        registered keeps its settings, whatever ``settings`` says (only
+        :meth:`change_settings` changes them)."""
         cid = check_client_id(client_id)
-        settings = Settings(quota=quota or None, append_only=append_only,
-                            generations=generations)
         folder = self._folder(cid)
         try:
             ensure_dir(self.fs, folder, "client")
-            if read_settings(folder) != settings:
-                with settings_change(self.data_dir, cid):
-                    replace_file(self.fs, folder / SETTINGS, settings.encode(), "settings")
-                log.info("client %s registered: %s", cid, settings)
+            with settings_change(self.data_dir, cid):
+                if self.fs.exists(folder / SETTINGS):
+                    return False
+                append_history(self.fs, folder, "add", None, settings)
+                replace_file(self.fs, folder / SETTINGS, settings.encode(), "settings")
         except OSError as exc:
             raise io_error(exc, f"registering client {cid}") from None
-        return self._info(cid)
+        log.info("client %s registered: %s", cid, settings)
+        return True
+
+    def change_settings(self, client_id: str, *, quota: int | None = None,
+                        append_only: bool | None = None, generations: int | None = None,
+                        by: str = "set") -> tuple[Settings, Settings]:
+        """Change the settings given (None: unchanged; ``quota`` 0 lifts the quota) of a
+        registered client; ``(old, new)``. A change is appended to its settings history;
+        lifting append-only is also a warning on the ``cldcb.store`` logger."""
+        cid = check_client_id(client_id)
+        folder = self._folder(cid)
+        try:
+            with settings_change(self.data_dir, cid):
+                try:
+                    old = read_settings(folder)
+                    damaged = False
+                except StoreError:
+                    if None in (quota, append_only, generations):
+                        raise       # damaged: only a full set of settings replaces it
+                    old, damaged = Settings(), True
+                if old is None:
+                    raise StoreError(f"client {cid} is not registered on this server; "
+                                     f"register it with `cldcb-server add {cid}`")
+                new = replace(old, quota=old.quota if quota is None else quota or None,
+                              append_only=old.append_only if append_only is None
+                              else append_only,
+                              generations=old.generations if generations is None
+                              else generations)
+                if new != old or damaged:
+                    append_history(self.fs, folder, by, None if damaged else old, new)
+                    replace_file(self.fs, folder / SETTINGS, new.encode(), "settings")
+        except OSError as exc:
+            raise io_error(exc, f"changing the settings of client {cid}") from None
+        if new != old:
+            log.info("client %s settings changed by %s: %s -> %s", cid, by, old, new)
+        if old.append_only and not new.append_only:
+            log.warning("client %s: append-only lifted by %s; what it sends can now delete "
+                        "its history", cid, by)
+        return old, new
 
     def remove_client(self, client_id: str) -> None:
         """Unregister a client. Nothing is deleted: its folder (and recognition entry)
@@ -137,6 +182,10 @@ class Store:
         except OSError as exc:
             raise io_error(exc, f"removing client {cid}") from None
         log.info("client %s removed; its data is kept in %s", cid, dest)
+
+    def info(self, client_id: str) -> ClientInfo:
+        """A registered client, as ``cldcb-server list`` shows it (read-only)."""
+        return self._info(check_client_id(client_id))
 
     def _info(self, cid: str) -> ClientInfo:
         with self._lock:
