@@ -95,6 +95,8 @@ class CldcbServer:
     command: list[str] = field(default_factory=lambda: list(SERVER_CMD))
     #: the server process's limit on open files (soft and hard), if given
     max_files: int | None = None
+    #: more options for ``serve``
+    serve_args: list[str] = field(default_factory=list)
 
     def init(self) -> CldcbServer:
         self.server_id = init_data_dir(self.data_dir)
@@ -116,8 +118,8 @@ class CldcbServer:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [*self.command, "--data-dir", str(self.data_dir), "serve", "--listen",
-                 f"127.0.0.1:{self.port}"], stdout=log, stderr=log, env=env,
-                preexec_fn=limit_files if limit is not None else None)
+                 f"127.0.0.1:{self.port}", *self.serve_args], stdout=log, stderr=log,
+                env=env, preexec_fn=limit_files if limit is not None else None)
         wait_port(self.port, self.proc)
         return self
 

@@ -161,9 +161,17 @@ def _banner_or_closed(sock: socket.socket) -> bytes:
         return b""
 
 
-def test_per_source_limit_while_a_registered_client_gets_in(tmp_path: Path) -> None:
-    srv, priv = serving(tmp_path, CLDCB_SERVER_MAX_PER_SOURCE="3",
-                        CLDCB_SERVER_MAX_UNAUTHENTICATED="6")
+@pytest.mark.parametrize("how", ["environment", "options"])
+def test_per_source_limit_while_a_registered_client_gets_in(tmp_path: Path, how: str) -> None:
+    if how == "environment":
+        srv, priv = serving(tmp_path, CLDCB_SERVER_MAX_PER_SOURCE="3",
+                            CLDCB_SERVER_MAX_UNAUTHENTICATED="6")
+    else:   # serve's options win over the environment
+        srv = CldcbServer(tmp_path / "data", extra_env={"CLDCB_SERVER_MAX_PER_SOURCE": "50"},
+                          serve_args=["--max-per-source", "3", "--max-unauthenticated", "6"])
+        priv = os.urandom(32)
+        srv.init().add(client_id_from_pubkey(pubkey_of(priv)))
+        srv.start()
     socks = open_sockets(srv, ["127.0.0.2"] * 8)
     try:
         got = [_banner_or_closed(s) for s in socks]

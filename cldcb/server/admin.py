@@ -213,14 +213,43 @@ def _setup_logging(fmt: str = "%(asctime)s %(name)s %(levelname)s %(message)s",
     logging.basicConfig(level=level, stream=sys.stderr, format=fmt)
 
 
+_POSITIVE_INT = click.IntRange(min=1)
+_POSITIVE_SECONDS = click.FloatRange(min=0, min_open=True)
+
+
 @main.command()
 @click.option("--listen", required=True, metavar="HOST:PORT",
               help="Address to listen on, e.g. 0.0.0.0:29735 (port 0: any free port).")
+@click.option("--max-connections", type=_POSITIVE_INT, default=None,
+              help="Logged-in client connections in all [default: 1000, or "
+                   "$CLDCB_SERVER_MAX_CONNECTIONS].")
+@click.option("--max-unauthenticated", type=_POSITIVE_INT, default=None,
+              help="Connections not logged in as a registered client (anonymous ones "
+                   "included); when full, the oldest makes room [default: 100, or "
+                   "$CLDCB_SERVER_MAX_UNAUTHENTICATED].")
+@click.option("--max-per-source", type=_POSITIVE_INT, default=None,
+              help="Unauthenticated connections from one address [default: 10, or "
+                   "$CLDCB_SERVER_MAX_PER_SOURCE].")
+@click.option("--idle-timeout", type=_POSITIVE_SECONDS, default=None, metavar="SECONDS",
+              help="Close a client's connection silent this long [default: 3600, or "
+                   "$CLDCB_SERVER_IDLE_TIMEOUT].")
+@click.option("--anonymous-idle-timeout", type=_POSITIVE_SECONDS, default=None,
+              metavar="SECONDS",
+              help="The same before login and for anonymous sessions [default: 60, or "
+                   "$CLDCB_SERVER_ANONYMOUS_IDLE_TIMEOUT].")
 @pass_server
-def serve(server: ServerContext, listen: str) -> None:
-    """Run the standalone SSH daemon (subsystem `cldcb`)."""
+def serve(server: ServerContext, listen: str, **limits: float | None) -> None:
+    """Run the standalone SSH daemon (subsystem `cldcb`).
+
+    What strangers can make it hold is bounded by the limits below (and one channel
+    per connection, $CLDCB_SERVER_CHANNELS_PER_CONNECTION); the defaults are safe."""
+    import dataclasses
+
+    from cldcb.server.admission import Limits
     from cldcb.server.daemon import serve as run
 
+    given = {name: value for name, value in limits.items() if value is not None}
+    bounds = dataclasses.replace(Limits.from_env(), **given)
     host, _, port = listen.rpartition(":")
     parse_host_port(f"{host}:{port if port != '0' else 1}", "--listen")
     priv, server_id = server.read_key()
@@ -228,7 +257,7 @@ def serve(server: ServerContext, listen: str) -> None:
     _setup_logging()
     logging.getLogger("cldcb.server").info("server id %s", server_id)
     try:
-        asyncio.run(run(server.data_dir, priv, host.strip("[]"), int(port)))
+        asyncio.run(run(server.data_dir, priv, host.strip("[]"), int(port), limits=bounds))
     except OSError as exc:
         raise StoreError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
 
