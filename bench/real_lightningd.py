@@ -70,6 +70,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from installkit import process_children  # noqa: E402
 from measure import pct, vm_hwm_mb  # noqa: E402
 
 VALUE = "v" * 1024
@@ -262,22 +263,8 @@ class DiskLoops:
 
 # --- processes ---------------------------------------------------------------------------
 
-def _children() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        kids.setdefault(ppid, []).append(int(entry))
-    return kids
-
-
 def descendants(pid: int) -> list[int]:
-    kids, out, todo = _children(), [], [pid]
+    kids, out, todo = process_children(), [], [pid]
     while todo:
         p = todo.pop()
         for c in kids.get(p, []):
@@ -295,7 +282,7 @@ def cmdline(pid: int) -> str:
 
 def child_with(pid: int, needle: str) -> int | None:
     """The child of ``pid`` whose command line contains ``needle``."""
-    for c in _children().get(pid, []):
+    for c in process_children().get(pid, []):
         if needle in cmdline(c):
             return c
     return None

@@ -118,7 +118,8 @@ def secret_forms(*secrets: bytes | str) -> list[bytes]:
     return forms
 
 
-def _descendants(root: int) -> set[int]:
+def process_children() -> dict[int, list[int]]:
+    """Every process's children (pid → pids), read from /proc."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -129,6 +130,11 @@ def _descendants(root: int) -> set[int]:
             continue
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
         children.setdefault(ppid, []).append(int(entry))
+    return children
+
+
+def _descendants(root: int) -> set[int]:
+    children = process_children()
     found, todo = {root}, [root]
     while todo:
         for child in children.get(todo.pop(), []):

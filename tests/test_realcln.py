@@ -106,6 +106,14 @@ def recover_and_compare(client: Client, node: RealNode, servers: list[Server],
     return out
 
 
+def daemon_for_client(tmp_path: Path, *add_options: str) -> tuple[CldcbServer, Client]:
+    """A running ``cldcb-server serve`` and a new client registered on it."""
+    server = CldcbServer(tmp_path / "server").init()
+    client = Client(tmp_path / "client")
+    server.add(client.client_id, *add_options)
+    return server.start(), client
+
+
 def backed_up_in_step(client: Client, node: RealNode, servers: int = 1) -> dict:
     """``status --json`` once the plugin says every server holds the newest change."""
     def check() -> dict | None:
@@ -120,10 +128,7 @@ def test_installplugin_on_a_running_node_then_recover(realcln: RealCln, tmp_path
     """installplugin on a running node, a real workload, stop, lose everything but
     hsm_secret, recover: byte-identical; lightningd on the recovered folder is the same
     node with the same invoices, and its backups go on."""
-    server = CldcbServer(tmp_path / "server").init()
-    client = Client(tmp_path / "client")
-    server.add(client.client_id)
-    server.start()
+    server, client = daemon_for_client(tmp_path)
     try:
         node = realcln.node("a").start()
         node_id = node.node_id()
@@ -156,10 +161,7 @@ def test_plugin_configured_before_the_very_first_start(realcln: RealCln,
                                                       tmp_path: Path) -> None:
     """The wrapper and important-plugin are in place before lightningd ever ran: the
     calls before init (schema, migrations) are the start of the backup's chain."""
-    server = CldcbServer(tmp_path / "server").init()
-    client = Client(tmp_path / "client")
-    server.add(client.client_id, "--append-only")  # keep every generation to look at
-    server.start()
+    server, client = daemon_for_client(tmp_path, "--append-only")  # keep every generation
     try:
         node = realcln.node("fresh", developer=False)
         (node.network_dir / "hsm_secret").write_bytes(os.urandom(32))
@@ -234,10 +236,7 @@ def test_server_hung_longer_than_the_outage_limit_stops_lightningd(
     """With the only server hung for longer than --outage-limit, lightningd stops
     without committing the change the server never acknowledged; the database ends at
     the newest record the server holds. Server back, node restarted: backups go on."""
-    server = CldcbServer(tmp_path / "server").init()
-    client = Client(tmp_path / "client")
-    server.add(client.client_id)
-    server.start()
+    server, client = daemon_for_client(tmp_path)
     try:
         node = realcln.node("a").start()
         client.installplugin(node, [daemon_server(server)], "--outage-limit", "3")
@@ -328,10 +327,7 @@ def test_channel_survives_a_lost_node(realcln: RealCln, tmp_path: Path) -> None:
     payment (its commitments still being updated), A's folder lost but hsm_secret,
     recovered: the channel is back in CHANNELD_NORMAL with every payment in its balance,
     and payments go both ways again (a state one update behind would lose the channel)."""
-    server = CldcbServer(tmp_path / "server").init()
-    client = Client(tmp_path / "client")
-    server.add(client.client_id)
-    server.start()
+    server, client = daemon_for_client(tmp_path)
     try:
         a = realcln.node("a").start()
         b = realcln.node("b").start()
