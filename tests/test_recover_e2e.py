@@ -299,9 +299,20 @@ def test_unknown_node_finds_nothing(world: World, tmp_path: Path) -> None:
 
 # --- dishonest and stale servers ----------------------------------------------------------
 
-def copy_daemon(world: World, where: Path) -> CldcbServer:
-    """A second daemon on a copy of the daemon's data directory (same server key)."""
+def copy_daemon(world: World, where: Path, long_chain: str | None = None) -> CldcbServer:
+    """A second daemon on a copy of the daemon's data directory (same server key).
+
+    With ``long_chain`` (a client id), that client's newest snapshot is left out of the
+    copy, so that the newest one the copy holds has many records after it: where the
+    world's plugin last compacted depends on timing, and it can leave only a few
+    records after the newest snapshot (six were seen), too few to tamper with the
+    middle one and withhold five. The older generation's chain runs through the same
+    records to the same tip."""
     shutil.copytree(world.daemon.data_dir, where / "data")
+    if long_chain is not None:
+        snaps = sorted((where / "data" / "clients" / long_chain / "snapshots").glob("*.snap"))
+        assert len(snaps) >= 2, snaps
+        snaps[-1].unlink()
     return CldcbServer(where / "data", server_id=world.daemon.server_id)
 
 
@@ -349,7 +360,7 @@ def edit_log(data_dir: Path, client_id: str, how: str) -> list[tuple[int, bytes]
 def test_tampering_server_is_caught_and_nothing_is_written(world: World, tmp_path: Path,
                                                            how: str) -> None:
     backup = world.backups["plain32"]
-    bad = copy_daemon(world, tmp_path)
+    bad = copy_daemon(world, tmp_path, long_chain=backup.client_id)
     records = edit_log(bad.data_dir, backup.client_id, how)
     m = len(records) // 2
     named = records[m][0] if how == "altered" else records[m + 1][0]
@@ -368,7 +379,7 @@ def test_tampering_server_is_caught_and_nothing_is_written(world: World, tmp_pat
 
 def test_withheld_newest_records_newer_server_used(world: World, tmp_path: Path) -> None:
     backup = world.backups["plain32"]
-    stale = copy_daemon(world, tmp_path)
+    stale = copy_daemon(world, tmp_path, long_chain=backup.client_id)
     records = edit_log(stale.data_dir, backup.client_id, "withheld")
     stale_dv = records[-6][0]
     stale.start()
