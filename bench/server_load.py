@@ -16,6 +16,12 @@ the target: its row says what the machine allows.
 
 Target (DESIGN §9): 200 clients × 20 changes/s, no error, p99 ack ≤ 20 ms.
 Prints a table, then one JSON line.
+
+``--heavy H --heavy-record-mib M`` measures fairness instead: the same ordinary
+clients first alone (their floor, same daemon, same run), then while H heavy
+clients stream M MiB records as fast as the server takes them (each keeps
+:data:`HEAVY_WINDOW` writes unanswered); prints the ordinary clients' p50/p99 in
+both phases and the heavy clients' throughput.
 """
 
 from __future__ import annotations
@@ -59,6 +65,8 @@ from cldcb.session import Role  # noqa: E402
 from cldcb.store import Store  # noqa: E402
 
 SERVER = [sys.executable, "-m", "cldcb.server.admin"]
+HEAVY_WINDOW = 32
+"""Writes a heavy client keeps unanswered."""
 RECORD = ["INSERT INTO datastore VALUES (x'6b31', x'" + "ab" * 1000 + "', 0)",
           "UPDATE vars SET intval = intval + 1 WHERE name = 'data_version' AND intval = 1"]
 
@@ -114,6 +122,7 @@ class Run:
         self.ready = 0
         self.gate = asyncio.Event()
         self.stop_at = 0.0
+        self.heavy_bytes = 0
 
 
 async def paced(run: Run, rate: float, send: Callable[[], Awaitable[str | None]]) -> None:
@@ -165,6 +174,53 @@ async def one_client(spec: ServerSpec, node_pub: bytes, priv: bytes, rate: float
         await paced(run, rate, send)
     except Exception as exc:  # noqa: BLE001 - counted, reported
         run.errors.append(f"{type(exc).__name__}: {exc}")
+    finally:
+        await conn.close()
+
+
+async def heavy_client(spec: ServerSpec, node_pub: bytes, priv: bytes, mib: float,
+                       run: Run) -> None:
+    """Streams records of ``mib`` MiB, :data:`HEAVY_WINDOW` unanswered at a time, from the
+    gate to the end of the run; counts the bytes acked in ``run.heavy_bytes``."""
+    try:
+        conn = await Connection.open(spec, priv, Role.WRITER, timeout=120)
+    except Exception as exc:  # noqa: BLE001 - counted, reported
+        run.errors.append(f"heavy connect: {exc}")
+        return
+    try:
+        anchor = os.urandom(32)
+        snap = SnapshotSealer(node_pub, priv, os.urandom(32), 0, anchor)
+        await conn.begin_snapshot(1, 0, anchor)
+        await conn.send_chunk(1, 0, snap.seal_chunk(b"\0" * 4096))
+        await conn.end_snapshot(1, snap.chunk_count, snap.seal_manifest(0))
+        sealer = RecordSealer(node_pub, priv, os.urandom(32))
+        body = ["INSERT INTO datastore VALUES (x'6b32', x'"
+                + os.urandom(int(mib * (1 << 20)) // 2).hex() + "', 0)"]
+        link, dv = anchor, 0
+        window = asyncio.Semaphore(HEAVY_WINDOW)
+        failed: list[str] = []
+
+        def done(answer: object, size: int) -> None:
+            window.release()
+            if isinstance(answer, wire.Ack):
+                run.heavy_bytes += size
+            elif not failed:
+                failed.append(f"heavy: not acked: {answer}")
+
+        run.ready += 1
+        await run.gate.wait()
+        while time.monotonic() < run.stop_at and not failed:
+            await window.acquire()
+            dv += 1
+            rec = sealer.seal_change(dv, Kind.NORMAL, link, body, int(time.time() * 1000))
+            conn.write_nowait(dv, Kind.NORMAL, link, rec,
+                              functools.partial(done, size=len(rec)))
+            link = item_hash(rec)
+        for _ in range(HEAVY_WINDOW):          # the last answers, before closing
+            await window.acquire()
+        run.errors += failed
+    except Exception as exc:  # noqa: BLE001 - counted, reported
+        run.errors.append(f"heavy {type(exc).__name__}: {exc}")
     finally:
         await conn.close()
 
@@ -225,6 +281,9 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=200)
     ap.add_argument("--rate", type=float, default=20.0, help="changes per second per client")
     ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--heavy", type=int, default=0,
+                    help="fairness mode: this many heavy clients (see the module docstring)")
+    ap.add_argument("--heavy-record-mib", type=float, default=1.0)
     ap.add_argument("--floor-server", nargs=2, metavar=("DIR", "PORT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.floor_server:
@@ -235,6 +294,9 @@ def main() -> None:
                   int(args.floor_server[1]))
         return
 
+    if args.heavy:
+        fairness(args)
+        return
     tmp = Path(tempfile.mkdtemp(prefix="cldcb-bench-"))
     proc = None
     try:
@@ -291,6 +353,52 @@ def main() -> None:
         "ratio_p99": round(p99 / f99, 2), "target_p99_us": 20000,
         "peak_rss_mb": round(server_rss, 1),
         "client_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }))
+
+
+def fairness(args: argparse.Namespace) -> None:
+    """``--heavy``: the ordinary clients alone, then beside the heavy ones (one daemon)."""
+    tmp = Path(tempfile.mkdtemp(prefix="cldcb-bench-"))
+    proc = None
+    try:
+        privs = [os.urandom(32) for _ in range(2 * args.clients + args.heavy)]
+        proc, spec = start_daemon(tmp, privs)
+        node_pub = pubkey_of(os.urandom(32))
+        ordinary = [functools.partial(one_client, spec, node_pub, p, args.rate) for p in privs]
+        alone, _ = asyncio.run(load(ordinary[:args.clients], args.seconds))
+        heavy = [functools.partial(heavy_client, spec, node_pub, p, args.heavy_record_mib)
+                 for p in privs[2 * args.clients:]]
+        beside, _ = asyncio.run(load(ordinary[args.clients:2 * args.clients] + heavy,
+                                     args.seconds))
+        server_rss = vm_hwm_mb(proc.pid)
+    finally:
+        if proc is not None and proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+            proc.wait(30)
+        shutil.rmtree(tmp, ignore_errors=True)
+    a50, a99, h50, h99 = (pct(alone.lat, .5), pct(alone.lat, .99),
+                          pct(beside.lat, .5), pct(beside.lat, .99))
+    heavy_mib_s = beside.heavy_bytes / (1 << 20) / args.seconds
+    print(f"{args.clients} ordinary clients x {args.rate:g} changes/s for {args.seconds:g} s, "
+          f"alone then beside {args.heavy} heavy client(s) streaming "
+          f"{args.heavy_record_mib:g} MiB records ({HEAVY_WINDOW} unanswered each)")
+    print(f"{'ordinary write → ack':28} {'p50 µs':>10} {'p99 µs':>10} {'max µs':>10} "
+          f"{'acks':>7} {'errors':>7}")
+    for name, r in (("alone (floor)", alone), ("beside the heavy clients", beside)):
+        print(f"{name:28} {pct(r.lat, .5):10.0f} {pct(r.lat, .99):10.0f} "
+              f"{max(r.lat or [0]):10.0f} {len(r.lat):7d} {len(r.errors):7d}")
+    print(f"p99 beside / alone {h99 / a99:.1f}x; heavy clients stored {heavy_mib_s:.1f} MiB/s; "
+          f"server peak RSS {server_rss:.0f} MB")
+    for e in (alone.errors + beside.errors)[:5]:
+        print("error:", e)
+    print(json.dumps({
+        "bench": "server_load_fairness", "clients": args.clients, "rate": args.rate,
+        "seconds": args.seconds, "heavy": args.heavy, "heavy_record_mib": args.heavy_record_mib,
+        "heavy_window": HEAVY_WINDOW, "alone_p50_us": round(a50), "alone_p99_us": round(a99),
+        "beside_p50_us": round(h50), "beside_p99_us": round(h99),
+        "p99_ratio": round(h99 / a99, 2), "heavy_mib_s": round(heavy_mib_s, 1),
+        "acks": len(beside.lat), "errors": len(alone.errors) + len(beside.errors),
+        "peak_rss_mb": round(server_rss, 1),
     }))
 
 
