@@ -85,10 +85,14 @@ BACKLOG = 16
 """Requests of one session waiting to be served before its reading is paused: a client
 that sends without waiting for answers is held back by the transport, so what the
 server buffers for it stays bounded."""
-BACKLOG_BYTES = 4 << 20
+BACKLOG_BYTES = 16 << 20
 """Sealed bytes of one session's unanswered requests (waiting or being stored) before its
-reading is paused, whatever their number: a client streaming big records is held back
-by its own SSH window, not by the other sessions."""
+reading is paused, whatever their number (16 records of 16 MiB would be 256 MiB): a client
+streaming big records is held back by its own SSH window, not by the other sessions. Not
+less than twice the daemon's SSH window (:data:`cldcb.connection.SSH_WINDOW`): asyncssh
+reopens the whole window as soon as one paused-for packet is delivered, whatever it still
+holds undelivered, so each pause must last until a window's worth was answered, or what
+it holds for the session grows with every pause."""
 INLINE_BYTES = 64 << 10
 """The largest record appended on the event loop thread; a bigger one always goes to a
 worker, so that its write and fsync never hold up the other sessions' requests."""
