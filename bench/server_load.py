@@ -20,8 +20,9 @@ Prints a table, then one JSON line.
 ``--heavy H --heavy-record-mib M`` measures fairness instead: the same ordinary
 clients first alone (their floor, same daemon, same run), then while H heavy
 clients stream M MiB records as fast as the server takes them (each keeps
-:data:`HEAVY_WINDOW` writes unanswered); prints the ordinary clients' p50/p99 in
-both phases and the heavy clients' throughput.
+:data:`HEAVY_WINDOW` writes unanswered; in a process of their own, so that sealing
+their records does not hold up this one's measurements); prints the ordinary clients'
+p50/p99 in both phases and the heavy clients' throughput.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import asyncio
 import functools
 import itertools
 import json
+import multiprocessing
 import os
 import resource
 import shutil
@@ -41,6 +43,8 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.connection import Connection as Connection_
+from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -179,9 +183,9 @@ async def one_client(spec: ServerSpec, node_pub: bytes, priv: bytes, rate: float
 
 
 async def heavy_client(spec: ServerSpec, node_pub: bytes, priv: bytes, mib: float,
-                       run: Run) -> None:
+                       run: Run, stop: EventType) -> None:
     """Streams records of ``mib`` MiB, :data:`HEAVY_WINDOW` unanswered at a time, from the
-    gate to the end of the run; counts the bytes acked in ``run.heavy_bytes``."""
+    gate until ``stop`` is set; counts the bytes acked in ``run.heavy_bytes``."""
     try:
         conn = await Connection.open(spec, priv, Role.WRITER, timeout=120)
     except Exception as exc:  # noqa: BLE001 - counted, reported
@@ -209,7 +213,7 @@ async def heavy_client(spec: ServerSpec, node_pub: bytes, priv: bytes, mib: floa
 
         run.ready += 1
         await run.gate.wait()
-        while time.monotonic() < run.stop_at and not failed:
+        while not stop.is_set() and not failed:
             await window.acquire()
             dv += 1
             rec = sealer.seal_change(dv, Kind.NORMAL, link, body, int(time.time() * 1000))
@@ -223,6 +227,25 @@ async def heavy_client(spec: ServerSpec, node_pub: bytes, priv: bytes, mib: floa
         run.errors.append(f"heavy {type(exc).__name__}: {exc}")
     finally:
         await conn.close()
+
+
+def heavy_process(spec: ServerSpec, node_pub: bytes, privs: list[bytes], mib: float,
+                  ready: EventType, stop: EventType, out: Connection_) -> None:
+    """The heavy clients, in a child process: sets ``ready`` once they are connected,
+    streams until ``stop``; sends (MiB acked, seconds, errors) to ``out``."""
+    async def body() -> tuple[float, float, list[str]]:
+        run = Run()
+        tasks = [asyncio.create_task(heavy_client(spec, node_pub, p, mib, run, stop))
+                 for p in privs]
+        while run.ready + len(run.errors) < len(privs):
+            await asyncio.sleep(0.05)
+        ready.set()
+        t0 = time.monotonic()
+        run.gate.set()
+        await asyncio.gather(*tasks)
+        return run.heavy_bytes / (1 << 20), time.monotonic() - t0, run.errors
+
+    out.send(asyncio.run(body()))
 
 
 async def floor_client(port: int, rate: float, run: Run) -> None:
@@ -366,10 +389,24 @@ def fairness(args: argparse.Namespace) -> None:
         node_pub = pubkey_of(os.urandom(32))
         ordinary = [functools.partial(one_client, spec, node_pub, p, args.rate) for p in privs]
         alone, _ = asyncio.run(load(ordinary[:args.clients], args.seconds))
-        heavy = [functools.partial(heavy_client, spec, node_pub, p, args.heavy_record_mib)
-                 for p in privs[2 * args.clients:]]
-        beside, _ = asyncio.run(load(ordinary[args.clients:2 * args.clients] + heavy,
-                                     args.seconds))
+        ctx = multiprocessing.get_context("spawn")
+        ready, stop = ctx.Event(), ctx.Event()
+        got, out = ctx.Pipe(duplex=False)
+        child = ctx.Process(target=heavy_process, args=(
+            spec, node_pub, privs[2 * args.clients:], args.heavy_record_mib, ready, stop, out))
+        child.start()
+        try:
+            if not ready.wait(120):
+                raise SystemExit("error: the heavy clients did not connect within 120 s")
+            beside, _ = asyncio.run(load(ordinary[args.clients:2 * args.clients],
+                                         args.seconds))
+            stop.set()
+            heavy_mib, heavy_s, heavy_errors = got.recv() if got.poll(120) else (0, 1, [
+                "the heavy clients did not finish"])
+        finally:
+            stop.set()
+            child.join(30)
+        beside.errors += heavy_errors
         server_rss = vm_hwm_mb(proc.pid)
     finally:
         if proc is not None and proc.poll() is None:
@@ -378,7 +415,7 @@ def fairness(args: argparse.Namespace) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     a50, a99, h50, h99 = (pct(alone.lat, .5), pct(alone.lat, .99),
                           pct(beside.lat, .5), pct(beside.lat, .99))
-    heavy_mib_s = beside.heavy_bytes / (1 << 20) / args.seconds
+    heavy_mib_s = heavy_mib / heavy_s
     print(f"{args.clients} ordinary clients x {args.rate:g} changes/s for {args.seconds:g} s, "
           f"alone then beside {args.heavy} heavy client(s) streaming "
           f"{args.heavy_record_mib:g} MiB records ({HEAVY_WINDOW} unanswered each)")
