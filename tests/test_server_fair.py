@@ -10,12 +10,16 @@ from pathlib import Path
 
 import pytest
 from store_crash_child import Writer
+from test_server_daemon import Writer as DaemonWriter
+from test_server_daemon import run, serving
 from test_server_quick import CID, SERVER_PRIV, Sink, make_store, settle, writer_session
 
 from cldcb import wire
+from cldcb.connection import Connection
 from cldcb.dataversion import Kind, advance
 from cldcb.seal import item_hash
 from cldcb.server.handler import BACKLOG, BACKLOG_BYTES, INLINE_BYTES, ServerCore
+from cldcb.session import Role
 from cldcb.store import ClientStore
 
 
@@ -120,3 +124,52 @@ def test_a_big_record_is_never_appended_on_the_event_loop(
     assert asyncio.run(body()) == [11, 12, 13]
     main = threading.current_thread().name      # (11 may grow the new log: a worker's)
     assert stored[12] == main and stored[13].startswith("store-"), stored
+
+
+def test_a_small_write_is_answered_while_a_heavy_client_streams(tmp_path: Path) -> None:
+    """The real daemon: one client pipelines HEAVY records of 1 MiB without waiting; once
+    the first is acked another client writes one small record. Its Ack comes while the
+    heavy client still has most of its records unanswered, and only a few heavy Acks
+    come between the small Write and its Ack: it waited for at most the heavy session's
+    call in a worker (and what that one's fsync delays), not behind the heavy session's
+    queue (BACKLOG records) or the records in its window."""
+    heavy_count = 48
+    srv, (heavy_priv, small_priv) = serving(tmp_path, 2)
+    heavy, small = DaemonWriter(heavy_priv), DaemonWriter(small_priv)
+
+    async def body() -> tuple[int, int, list[object]]:
+        async with await Connection.open(srv.spec, heavy.priv, Role.WRITER) as hconn, \
+                await Connection.open(srv.spec, small.priv, Role.WRITER) as sconn:
+            await heavy.snapshot(hconn, 5000)
+            await small.snapshot(sconn, 5000)
+            answers: list[object] = []
+            first = asyncio.get_running_loop().create_future()
+            all_in = asyncio.get_running_loop().create_future()
+
+            def done(answer: object) -> None:
+                answers.append(answer)
+                if not first.done():
+                    first.set_result(None)
+                if len(answers) == heavy_count:
+                    all_in.set_result(None)
+
+            link = heavy.link
+            for dv in range(heavy.dv + 1, heavy.dv + 1 + heavy_count):
+                rec = heavy.sealer.seal_change(dv, Kind.NORMAL, link, ["h" * (1 << 20)], 0)
+                hconn.write_nowait(dv, Kind.NORMAL, link, rec, done)
+                link = item_hash(rec)
+            await first
+            before = len(answers)
+            reply = await small.write(sconn)
+            assert isinstance(reply, wire.Ack)
+            meanwhile = len(answers) - before
+            await all_in
+            return before, meanwhile, answers
+
+    try:
+        before, meanwhile, answers = run(body())
+        assert all(isinstance(a, wire.Ack) for a in answers)
+        assert [a.data_version for a in answers] == list(range(11, 11 + heavy_count))
+        assert before < heavy_count - BACKLOG and meanwhile < BACKLOG // 2, (before, meanwhile)
+    finally:
+        srv.stop()
