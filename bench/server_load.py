@@ -150,6 +150,17 @@ async def paced(run: Run, rate: float, send: Callable[[], Awaitable[str | None]]
             return
 
 
+async def first_snapshot(conn: Connection, node_pub: bytes,
+                         priv: bytes) -> tuple[bytes, RecordSealer]:
+    """The snapshot every new client needs first; its anchor and the client's sealer."""
+    anchor = os.urandom(32)
+    snap = SnapshotSealer(node_pub, priv, os.urandom(32), 0, anchor)
+    await conn.begin_snapshot(1, 0, anchor)
+    await conn.send_chunk(1, 0, snap.seal_chunk(b"\0" * 4096))
+    await conn.end_snapshot(1, snap.chunk_count, snap.seal_manifest(0))
+    return anchor, RecordSealer(node_pub, priv, os.urandom(32))
+
+
 async def one_client(spec: ServerSpec, node_pub: bytes, priv: bytes, rate: float,
                      run: Run) -> None:
     try:
@@ -158,12 +169,7 @@ async def one_client(spec: ServerSpec, node_pub: bytes, priv: bytes, rate: float
         run.errors.append(f"connect: {exc}")
         return
     try:
-        anchor = os.urandom(32)
-        snap = SnapshotSealer(node_pub, priv, os.urandom(32), 0, anchor)
-        await conn.begin_snapshot(1, 0, anchor)
-        await conn.send_chunk(1, 0, snap.seal_chunk(b"\0" * 4096))
-        await conn.end_snapshot(1, snap.chunk_count, snap.seal_manifest(0))
-        sealer = RecordSealer(node_pub, priv, os.urandom(32))
+        anchor, sealer = await first_snapshot(conn, node_pub, priv)
         chain = [anchor, 0]
 
         async def send() -> str | None:
@@ -192,12 +198,7 @@ async def heavy_client(spec: ServerSpec, node_pub: bytes, priv: bytes, mib: floa
         run.errors.append(f"heavy connect: {exc}")
         return
     try:
-        anchor = os.urandom(32)
-        snap = SnapshotSealer(node_pub, priv, os.urandom(32), 0, anchor)
-        await conn.begin_snapshot(1, 0, anchor)
-        await conn.send_chunk(1, 0, snap.seal_chunk(b"\0" * 4096))
-        await conn.end_snapshot(1, snap.chunk_count, snap.seal_manifest(0))
-        sealer = RecordSealer(node_pub, priv, os.urandom(32))
+        anchor, sealer = await first_snapshot(conn, node_pub, priv)
         body = ["INSERT INTO datastore VALUES (x'6b32', x'"
                 + os.urandom(int(mib * (1 << 20)) // 2).hex() + "', 0)"]
         link, dv = anchor, 0
