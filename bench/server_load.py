@@ -16,6 +16,13 @@ the target: its row says what the machine allows.
 
 Target (DESIGN §9): 200 clients × 20 changes/s, no error, p99 ack ≤ 20 ms.
 Prints a table, then one JSON line.
+
+``--heavy H --heavy-record-mib M`` measures fairness instead: the same ordinary
+clients first alone (their floor, same daemon, same run), then while H heavy
+clients stream M MiB records as fast as the server takes them (each keeps
+:data:`HEAVY_WINDOW` writes unanswered; in a process of their own, so that sealing
+their records does not hold up this one's measurements); prints the ordinary clients'
+p50/p99 in both phases and the heavy clients' throughput.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import asyncio
 import functools
 import itertools
 import json
+import multiprocessing
 import os
 import resource
 import shutil
@@ -35,6 +43,8 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.connection import Connection as Connection_
+from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,6 +69,8 @@ from cldcb.session import Role  # noqa: E402
 from cldcb.store import Store  # noqa: E402
 
 SERVER = [sys.executable, "-m", "cldcb.server.admin"]
+HEAVY_WINDOW = 32
+"""Writes a heavy client keeps unanswered."""
 RECORD = ["INSERT INTO datastore VALUES (x'6b31', x'" + "ab" * 1000 + "', 0)",
           "UPDATE vars SET intval = intval + 1 WHERE name = 'data_version' AND intval = 1"]
 
@@ -114,6 +126,7 @@ class Run:
         self.ready = 0
         self.gate = asyncio.Event()
         self.stop_at = 0.0
+        self.heavy_bytes = 0
 
 
 async def paced(run: Run, rate: float, send: Callable[[], Awaitable[str | None]]) -> None:
@@ -137,6 +150,17 @@ async def paced(run: Run, rate: float, send: Callable[[], Awaitable[str | None]]
             return
 
 
+async def first_snapshot(conn: Connection, node_pub: bytes,
+                         priv: bytes) -> tuple[bytes, RecordSealer]:
+    """The snapshot every new client needs first; its anchor and the client's sealer."""
+    anchor = os.urandom(32)
+    snap = SnapshotSealer(node_pub, priv, os.urandom(32), 0, anchor)
+    await conn.begin_snapshot(1, 0, anchor)
+    await conn.send_chunk(1, 0, snap.seal_chunk(b"\0" * 4096))
+    await conn.end_snapshot(1, snap.chunk_count, snap.seal_manifest(0))
+    return anchor, RecordSealer(node_pub, priv, os.urandom(32))
+
+
 async def one_client(spec: ServerSpec, node_pub: bytes, priv: bytes, rate: float,
                      run: Run) -> None:
     try:
@@ -145,12 +169,7 @@ async def one_client(spec: ServerSpec, node_pub: bytes, priv: bytes, rate: float
         run.errors.append(f"connect: {exc}")
         return
     try:
-        anchor = os.urandom(32)
-        snap = SnapshotSealer(node_pub, priv, os.urandom(32), 0, anchor)
-        await conn.begin_snapshot(1, 0, anchor)
-        await conn.send_chunk(1, 0, snap.seal_chunk(b"\0" * 4096))
-        await conn.end_snapshot(1, snap.chunk_count, snap.seal_manifest(0))
-        sealer = RecordSealer(node_pub, priv, os.urandom(32))
+        anchor, sealer = await first_snapshot(conn, node_pub, priv)
         chain = [anchor, 0]
 
         async def send() -> str | None:
@@ -167,6 +186,67 @@ async def one_client(spec: ServerSpec, node_pub: bytes, priv: bytes, rate: float
         run.errors.append(f"{type(exc).__name__}: {exc}")
     finally:
         await conn.close()
+
+
+async def heavy_client(spec: ServerSpec, node_pub: bytes, priv: bytes, mib: float,
+                       run: Run, stop: EventType) -> None:
+    """Streams records of ``mib`` MiB, :data:`HEAVY_WINDOW` unanswered at a time, from the
+    gate until ``stop`` is set; counts the bytes acked in ``run.heavy_bytes``."""
+    try:
+        conn = await Connection.open(spec, priv, Role.WRITER, timeout=120)
+    except Exception as exc:  # noqa: BLE001 - counted, reported
+        run.errors.append(f"heavy connect: {exc}")
+        return
+    try:
+        anchor, sealer = await first_snapshot(conn, node_pub, priv)
+        body = ["INSERT INTO datastore VALUES (x'6b32', x'"
+                + os.urandom(int(mib * (1 << 20)) // 2).hex() + "', 0)"]
+        link, dv = anchor, 0
+        window = asyncio.Semaphore(HEAVY_WINDOW)
+        failed: list[str] = []
+
+        def done(answer: object, size: int) -> None:
+            window.release()
+            if isinstance(answer, wire.Ack):
+                run.heavy_bytes += size
+            elif not failed:
+                failed.append(f"heavy: not acked: {answer}")
+
+        run.ready += 1
+        await run.gate.wait()
+        while not stop.is_set() and not failed:
+            await window.acquire()
+            dv += 1
+            rec = sealer.seal_change(dv, Kind.NORMAL, link, body, int(time.time() * 1000))
+            conn.write_nowait(dv, Kind.NORMAL, link, rec,
+                              functools.partial(done, size=len(rec)))
+            link = item_hash(rec)
+        for _ in range(HEAVY_WINDOW):          # the last answers, before closing
+            await window.acquire()
+        run.errors += failed
+    except Exception as exc:  # noqa: BLE001 - counted, reported
+        run.errors.append(f"heavy {type(exc).__name__}: {exc}")
+    finally:
+        await conn.close()
+
+
+def heavy_process(spec: ServerSpec, node_pub: bytes, privs: list[bytes], mib: float,
+                  ready: EventType, stop: EventType, out: Connection_) -> None:
+    """The heavy clients, in a child process: sets ``ready`` once they are connected,
+    streams until ``stop``; sends (MiB acked, seconds, errors) to ``out``."""
+    async def body() -> tuple[float, float, list[str]]:
+        run = Run()
+        tasks = [asyncio.create_task(heavy_client(spec, node_pub, p, mib, run, stop))
+                 for p in privs]
+        while run.ready + len(run.errors) < len(privs):
+            await asyncio.sleep(0.05)
+        ready.set()
+        t0 = time.monotonic()
+        run.gate.set()
+        await asyncio.gather(*tasks)
+        return run.heavy_bytes / (1 << 20), time.monotonic() - t0, run.errors
+
+    out.send(asyncio.run(body()))
 
 
 async def floor_client(port: int, rate: float, run: Run) -> None:
@@ -225,6 +305,9 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=200)
     ap.add_argument("--rate", type=float, default=20.0, help="changes per second per client")
     ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--heavy", type=int, default=0,
+                    help="fairness mode: this many heavy clients (see the module docstring)")
+    ap.add_argument("--heavy-record-mib", type=float, default=1.0)
     ap.add_argument("--floor-server", nargs=2, metavar=("DIR", "PORT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.floor_server:
@@ -235,6 +318,9 @@ def main() -> None:
                   int(args.floor_server[1]))
         return
 
+    if args.heavy:
+        fairness(args)
+        return
     tmp = Path(tempfile.mkdtemp(prefix="cldcb-bench-"))
     proc = None
     try:
@@ -291,6 +377,66 @@ def main() -> None:
         "ratio_p99": round(p99 / f99, 2), "target_p99_us": 20000,
         "peak_rss_mb": round(server_rss, 1),
         "client_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }))
+
+
+def fairness(args: argparse.Namespace) -> None:
+    """``--heavy``: the ordinary clients alone, then beside the heavy ones (one daemon)."""
+    tmp = Path(tempfile.mkdtemp(prefix="cldcb-bench-"))
+    proc = None
+    try:
+        privs = [os.urandom(32) for _ in range(2 * args.clients + args.heavy)]
+        proc, spec = start_daemon(tmp, privs)
+        node_pub = pubkey_of(os.urandom(32))
+        ordinary = [functools.partial(one_client, spec, node_pub, p, args.rate) for p in privs]
+        alone, _ = asyncio.run(load(ordinary[:args.clients], args.seconds))
+        ctx = multiprocessing.get_context("spawn")
+        ready, stop = ctx.Event(), ctx.Event()
+        got, out = ctx.Pipe(duplex=False)
+        child = ctx.Process(target=heavy_process, args=(
+            spec, node_pub, privs[2 * args.clients:], args.heavy_record_mib, ready, stop, out))
+        child.start()
+        try:
+            if not ready.wait(120):
+                raise SystemExit("error: the heavy clients did not connect within 120 s")
+            beside, _ = asyncio.run(load(ordinary[args.clients:2 * args.clients],
+                                         args.seconds))
+            stop.set()
+            heavy_mib, heavy_s, heavy_errors = got.recv() if got.poll(120) else (0, 1, [
+                "the heavy clients did not finish"])
+        finally:
+            stop.set()
+            child.join(30)
+        beside.errors += heavy_errors
+        server_rss = vm_hwm_mb(proc.pid)
+    finally:
+        if proc is not None and proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+            proc.wait(30)
+        shutil.rmtree(tmp, ignore_errors=True)
+    a50, a99, h50, h99 = (pct(alone.lat, .5), pct(alone.lat, .99),
+                          pct(beside.lat, .5), pct(beside.lat, .99))
+    heavy_mib_s = heavy_mib / heavy_s
+    print(f"{args.clients} ordinary clients x {args.rate:g} changes/s for {args.seconds:g} s, "
+          f"alone then beside {args.heavy} heavy client(s) streaming "
+          f"{args.heavy_record_mib:g} MiB records ({HEAVY_WINDOW} unanswered each)")
+    print(f"{'ordinary write → ack':28} {'p50 µs':>10} {'p99 µs':>10} {'max µs':>10} "
+          f"{'acks':>7} {'errors':>7}")
+    for name, r in (("alone (floor)", alone), ("beside the heavy clients", beside)):
+        print(f"{name:28} {pct(r.lat, .5):10.0f} {pct(r.lat, .99):10.0f} "
+              f"{max(r.lat or [0]):10.0f} {len(r.lat):7d} {len(r.errors):7d}")
+    print(f"p99 beside / alone {h99 / a99:.1f}x; heavy clients stored {heavy_mib_s:.1f} MiB/s; "
+          f"server peak RSS {server_rss:.0f} MB")
+    for e in (alone.errors + beside.errors)[:5]:
+        print("error:", e)
+    print(json.dumps({
+        "bench": "server_load_fairness", "clients": args.clients, "rate": args.rate,
+        "seconds": args.seconds, "heavy": args.heavy, "heavy_record_mib": args.heavy_record_mib,
+        "heavy_window": HEAVY_WINDOW, "alone_p50_us": round(a50), "alone_p99_us": round(a99),
+        "beside_p50_us": round(h50), "beside_p99_us": round(h99),
+        "p99_ratio": round(h99 / a99, 2), "heavy_mib_s": round(heavy_mib_s, 1),
+        "acks": len(beside.lat), "errors": len(alone.errors) + len(beside.errors),
+        "peak_rss_mb": round(server_rss, 1),
     }))
 
 

@@ -43,9 +43,17 @@ other session made a request in the last :data:`QUIET_SECONDS`) a record
 append or a status runs on the event loop thread instead; as soon as several
 sessions are busy every store call goes to the worker threads
 (:class:`~cldcb.server.workers.StorePool`), whose fsyncs the kernel runs in
-parallel. An idle session's append or status goes there straight from the
+parallel. Only a small record (:data:`INLINE_BYTES`) runs inline.
+An idle session's append or status goes there straight from the
 receiving callback and is answered from the pool's completion callback (no
 task switch); requests that arrive meanwhile wait, in order, behind it.
+
+Fairness: a session has at most one store call in a worker at a time (its requests are
+answered in order, one after the other), so a heavy session's big appends queue behind
+each other, not in front of other sessions' calls; and a session whose unanswered
+requests reach :data:`BACKLOG` or :data:`BACKLOG_BYTES` stops being read until half
+of them are answered (the SSH window then holds that client back, not the others).
+
 A writer whose records come one after another keeps its client's ``flock``
 from one record to the next (:class:`~cldcb.store.locks.Lease`), for 20 ms at
 most and never across another store call of the session.
@@ -77,6 +85,17 @@ BACKLOG = 16
 """Requests of one session waiting to be served before its reading is paused: a client
 that sends without waiting for answers is held back by the transport, so what the
 server buffers for it stays bounded."""
+BACKLOG_BYTES = 16 << 20
+"""Sealed bytes of one session's unanswered requests (waiting or being stored) before its
+reading is paused, whatever their number (16 records of 16 MiB would be 256 MiB): a client
+streaming big records is held back by its own SSH window, not by the other sessions. Not
+less than twice the daemon's SSH window (:data:`cldcb.connection.SSH_WINDOW`): asyncssh
+reopens the whole window as soon as one paused-for packet is delivered, whatever it still
+holds undelivered, so each pause must last until a window's worth was answered, or what
+it holds for the session grows with every pause."""
+INLINE_BYTES = 64 << 10
+"""The largest record appended on the event loop thread; a bigger one always goes to a
+worker, so that its write and fsync never hold up the other sessions' requests."""
 COMPLAINT_PERIOD = 60.0
 """A client's malformed requests are logged at most once per this many seconds."""
 
@@ -162,6 +181,11 @@ class Superseded(Exception):
     pass
 
 
+def _weight(msg: wire.Message) -> int:
+    """What a request weighs against :data:`BACKLOG_BYTES`: its sealed bytes."""
+    return len(getattr(msg, "sealed", b""))
+
+
 def _quick_call(msg: wire.Write | wire.StatusRequest) -> Callable[[Any], wire.Message]:
     """The store call answering a record append or a status request (in a worker)."""
     if isinstance(msg, wire.Write):
@@ -195,6 +219,8 @@ class SessionHandler:
         self._held: list[wire.Message] | None = None    # behind a call in a worker
         self._paused = False
         self._in_worker: asyncio.Future[None] | None = None
+        self._in_worker_bytes = 0
+        self._unanswered = 0        # sealed bytes of requests received, not yet answered
         self.client_id: str | None = None
         self.role = Role.READER
         self.done = asyncio.Event()
@@ -208,6 +234,7 @@ class SessionHandler:
         if self.role is Role.WRITER:
             write = self.session.write_in(data)       # nearly every request of a writer
             if write is not None:
+                self._unanswered += len(write.sealed)
                 if not self._answer_inline(write):
                     self._queue.put_nowait(Received(write))
                     self._backlog_check()
@@ -217,8 +244,10 @@ class SessionHandler:
         events = self.session.receive_data(data)
         self._flush()
         for ev in events:
-            if isinstance(ev, Received) and self._answer_inline(ev.message):
-                continue
+            if isinstance(ev, Received):
+                self._unanswered += _weight(ev.message)
+                if self._answer_inline(ev.message):
+                    continue
             self._queue.put_nowait(ev)
         if self.session.closed:
             self._queue.put_nowait(None)
@@ -226,10 +255,11 @@ class SessionHandler:
 
     def _backlog_check(self) -> None:
         waiting = self._queue.qsize() + len(self._held or ())
-        if not self._paused and waiting >= BACKLOG:
+        if not self._paused and (waiting >= BACKLOG or self._unanswered >= BACKLOG_BYTES):
             self._paused = True
             self.sink.pause_reading()
-        elif self._paused and waiting <= BACKLOG // 2:
+        elif self._paused and waiting <= BACKLOG // 2 \
+                and self._unanswered <= BACKLOG_BYTES // 2:
             self._paused = False
             self.sink.resume_reading()
 
@@ -253,7 +283,7 @@ class SessionHandler:
         if not lock.try_acquire():
             self._release_lease()        # the other session of this client may wait for it
             return False
-        if core.quiet(self):
+        if core.quiet(self) and _weight(msg) <= INLINE_BYTES:
             try:
                 self._inline(msg)
             except BlockingIOError:
@@ -262,10 +292,12 @@ class SessionHandler:
             except Exception as exc:  # noqa: BLE001 - answered like every request
                 self._answer_error(exc)
             lock.release()
+            self._unanswered -= _weight(msg)
             self._answered()
             return True
         core.inflight += 1
         self._held = []
+        self._in_worker_bytes = _weight(msg)
         self._in_worker = asyncio.get_running_loop().create_future()
         core.pool.submit(self._locked(_quick_call(msg)), self._worker_done)
         return True
@@ -274,6 +306,7 @@ class SessionHandler:
         assert self.client_id and self._held is not None and self._in_worker is not None
         self.core.inflight -= 1
         self.core.lock(self.client_id).release()
+        self._unanswered -= self._in_worker_bytes
         if ok:
             self.session.send(value)
         else:
@@ -341,6 +374,9 @@ class SessionHandler:
                         await self._handle(item.message)
                     except Exception as exc:  # noqa: BLE001 - every failure gets an answer
                         self._answer_error(exc)
+                    self._unanswered -= _weight(item.message)
+                    if self._paused:
+                        self._backlog_check()
                 self._flush()
                 await self.sink.drain()
                 if self.session.closed:
@@ -494,7 +530,7 @@ class SessionHandler:
         assert self.client_id
         core = self.core
         async with core.lock(self.client_id):
-            if quick is not None and core.quiet(self):
+            if quick is not None and core.quiet(self) and _weight(quick) <= INLINE_BYTES:
                 try:
                     self._inline(quick)
                     return None
