@@ -7,7 +7,6 @@ environment) and attacks it with real asyncssh clients and sockets.
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import socket
 import struct
@@ -23,7 +22,7 @@ from cldcb import wire
 from cldcb.connection import RECOVER_USER, SSH_USER, SUBSYSTEM, Connection
 from cldcb.dataversion import Kind
 from cldcb.errors import RemoteError
-from cldcb.ids import client_id_from_pubkey, pubkey_of
+from cldcb.ids import client_id_from_pubkey, new_privkey, pubkey_of
 from cldcb.session import Role
 from cldcb.sshkeys import SECP256K1_SSH_ALG, secp256k1_ssh_key
 
@@ -32,9 +31,11 @@ def run(coro):  # noqa: ANN001, ANN201
     return asyncio.run(asyncio.wait_for(coro, 120))
 
 
-def serving(tmp_path: Path, **env: str) -> tuple[CldcbServer, bytes]:
-    srv = CldcbServer(tmp_path / "data", extra_env=env).init()
-    priv = os.urandom(32)
+def serving(tmp_path: Path, *serve_args: str, **env: str) -> tuple[CldcbServer, bytes]:
+    """A running daemon (``serve`` options, ``CLDCB_SERVER_*`` environment) and the private
+    key of a client registered on it."""
+    srv = CldcbServer(tmp_path / "data", extra_env=env, serve_args=list(serve_args)).init()
+    priv = new_privkey()
     srv.add(client_id_from_pubkey(pubkey_of(priv)))
     return srv.start(), priv
 
@@ -167,11 +168,8 @@ def test_per_source_limit_while_a_registered_client_gets_in(tmp_path: Path, how:
         srv, priv = serving(tmp_path, CLDCB_SERVER_MAX_PER_SOURCE="3",
                             CLDCB_SERVER_MAX_UNAUTHENTICATED="6")
     else:   # serve's options win over the environment
-        srv = CldcbServer(tmp_path / "data", extra_env={"CLDCB_SERVER_MAX_PER_SOURCE": "50"},
-                          serve_args=["--max-per-source", "3", "--max-unauthenticated", "6"])
-        priv = os.urandom(32)
-        srv.init().add(client_id_from_pubkey(pubkey_of(priv)))
-        srv.start()
+        srv, priv = serving(tmp_path, "--max-per-source", "3", "--max-unauthenticated", "6",
+                            CLDCB_SERVER_MAX_PER_SOURCE="50")
     socks = open_sockets(srv, ["127.0.0.2"] * 8)
     try:
         got = [_banner_or_closed(s) for s in socks]
@@ -205,7 +203,7 @@ def test_out_of_file_descriptors_backs_off_logs_once_and_recovers(tmp_path: Path
     srv = CldcbServer(tmp_path / "data", max_files=64,
                       extra_env={"CLDCB_SERVER_MAX_UNAUTHENTICATED": "500",
                                  "CLDCB_SERVER_MAX_PER_SOURCE": "500"}).init()
-    priv = os.urandom(32)
+    priv = new_privkey()
     srv.add(client_id_from_pubkey(pubkey_of(priv)))
     srv.start()
     socks = open_sockets(srv, ["127.0.0.2"] * 100)
@@ -252,7 +250,7 @@ def test_idle_sessions_are_closed(tmp_path: Path, who: str) -> None:
 
 def test_damaged_settings_at_login_reach_the_client_and_the_log(tmp_path: Path) -> None:
     srv = CldcbServer(tmp_path / "data").init()
-    priv = os.urandom(32)
+    priv = new_privkey()
     cid = client_id_from_pubkey(pubkey_of(priv))
     srv.add(cid)
     settings = next((tmp_path / "data").rglob(f"{cid}/settings.json"))
