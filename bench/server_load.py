@@ -161,12 +161,20 @@ async def first_snapshot(conn: Connection, node_pub: bytes,
     return anchor, RecordSealer(node_pub, priv, os.urandom(32))
 
 
+async def open_writer(spec: ServerSpec, priv: bytes, run: Run,
+                      what: str) -> Connection | None:
+    """A writer's connection, or None with the failure counted in ``run.errors``."""
+    try:
+        return await Connection.open(spec, priv, Role.WRITER, timeout=120)
+    except Exception as exc:  # noqa: BLE001 - counted, reported
+        run.errors.append(f"{what}: {exc}")
+        return None
+
+
 async def one_client(spec: ServerSpec, node_pub: bytes, priv: bytes, rate: float,
                      run: Run) -> None:
-    try:
-        conn = await Connection.open(spec, priv, Role.WRITER, timeout=120)
-    except Exception as exc:  # noqa: BLE001 - counted, reported
-        run.errors.append(f"connect: {exc}")
+    conn = await open_writer(spec, priv, run, "connect")
+    if conn is None:
         return
     try:
         anchor, sealer = await first_snapshot(conn, node_pub, priv)
@@ -192,10 +200,8 @@ async def heavy_client(spec: ServerSpec, node_pub: bytes, priv: bytes, mib: floa
                        run: Run, stop: EventType) -> None:
     """Streams records of ``mib`` MiB, :data:`HEAVY_WINDOW` unanswered at a time, from the
     gate until ``stop`` is set; counts the bytes acked in ``run.heavy_bytes``."""
-    try:
-        conn = await Connection.open(spec, priv, Role.WRITER, timeout=120)
-    except Exception as exc:  # noqa: BLE001 - counted, reported
-        run.errors.append(f"heavy connect: {exc}")
+    conn = await open_writer(spec, priv, run, "heavy connect")
+    if conn is None:
         return
     try:
         anchor, sealer = await first_snapshot(conn, node_pub, priv)
