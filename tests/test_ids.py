@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -133,3 +134,51 @@ def test_round_trip_any_key(secret: int) -> None:
         text = fmt(pub)
         assert text[0] == first and len(text) == 66
         assert parse(text) == pub
+
+
+RANDOM_CALLS = {("os", "urandom"), ("secrets", "token_bytes")}
+KEY_TAKERS = {"PrivateKey", "pubkey_of", "RecordSealer", "SnapshotSealer", "StreamSealer",
+              "make_recognition", "write_key_file", "sign_message"}
+
+
+def _is_random_32(node: ast.AST) -> bool:
+    return (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+            and isinstance(node.func.value, ast.Name)
+            and (node.func.value.id, node.func.attr) in RANDOM_CALLS
+            and len(node.args) == 1 and isinstance(node.args[0], ast.Constant)
+            and node.args[0].value == 32)
+
+
+def _keys_made_by_hand(tree: ast.AST) -> list[int]:
+    """Lines where 32 random bytes become a private key without new_privkey's range
+    check: passed straight to something that takes a private key, or stored in a name
+    that says it holds one (``priv``, ``privs``, ``client_priv``, ``ephemeral``)."""
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else \
+                getattr(node.func, "id", "")
+            if name in KEY_TAKERS:
+                args = [*node.args, *(k.value for k in node.keywords)]
+                lines += [a.lineno for a in args if _is_random_32(a)]
+        elif isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names = [ast.unparse(t).lower() for t in targets]
+            if node.value is not None and any("priv" in n or "ephemeral" in n for n in names):
+                lines += [n.lineno for n in ast.walk(node.value) if _is_random_32(n)]
+    return lines
+
+
+def test_every_private_key_comes_from_the_key_generator() -> None:
+    """No private key of the program or its benchmarks is 32 random bytes taken by hand
+    (without the check that they are a key: 0 < k < N): new_privkey makes them all."""
+    root = Path(__file__).resolve().parent.parent
+    found = []
+    for path in sorted([*(root / "cldcb").rglob("*.py"), *(root / "bench").rglob("*.py")]):
+        tree = ast.parse(path.read_text(), str(path))
+        found += [f"{path.relative_to(root)}:{line}" for line in _keys_made_by_hand(tree)]
+    assert found == []
+    # the check itself finds the forms it is about
+    assert _keys_made_by_hand(ast.parse(
+        "priv = os.urandom(32)\nprivs = [os.urandom(32) for _ in x]\n"
+        "e = make_recognition(c, n, z, os.urandom(32))\nnonce = os.urandom(32)")) == [1, 2, 3]
