@@ -50,7 +50,7 @@ from server_load import start_daemon  # noqa: E402
 from cldcb import wire  # noqa: E402
 from cldcb.connection import RECOVER_USER, SUBSYSTEM, Connection, ServerSpec  # noqa: E402
 from cldcb.dataversion import Kind  # noqa: E402
-from cldcb.ids import pubkey_of  # noqa: E402
+from cldcb.ids import new_privkey, pubkey_of  # noqa: E402
 from cldcb.seal import RecordSealer, SnapshotSealer, item_hash  # noqa: E402
 from cldcb.session import Role  # noqa: E402
 from cldcb.sshkeys import SECP256K1_SSH_ALG  # noqa: E402
@@ -155,8 +155,8 @@ async def attack(port: int, seconds: float, conns: int, channels: int, idle: int
 class Writer:
     def __init__(self, spec: ServerSpec, priv: bytes) -> None:
         self.spec, self.priv = spec, priv
-        self.node_pub = pubkey_of(os.urandom(32))
-        self.sealer = RecordSealer(self.node_pub, priv, os.urandom(32))
+        self.node_pub = pubkey_of(new_privkey())
+        self.sealer = RecordSealer(self.node_pub, priv, new_privkey())
         self.link, self.dv = os.urandom(32), 0
         self.conn: Connection | None = None
         self.refused: list[str] = []
@@ -171,7 +171,7 @@ class Writer:
             return False
         self.connects += 1
         if self.dv == 0:
-            snap = SnapshotSealer(self.node_pub, self.priv, os.urandom(32), 0, self.link)
+            snap = SnapshotSealer(self.node_pub, self.priv, new_privkey(), 0, self.link)
             await self.conn.begin_snapshot(1, 0, self.link)
             await self.conn.send_chunk(1, 0, snap.seal_chunk(b"\0" * 4096))
             await self.conn.end_snapshot(1, snap.chunk_count, snap.seal_manifest(0))
@@ -260,7 +260,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="cldcb-attack-"))
     proc = None
     try:
-        priv = os.urandom(32)
+        priv = new_privkey()
         proc, spec = start_daemon(tmp, [priv])
         port = spec.address.port
         rss0 = rss_mb(proc.pid)

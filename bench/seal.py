@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305  # noqa
 from measure import pct  # noqa: E402
 
 from cldcb.dataversion import Kind  # noqa: E402
-from cldcb.ids import pubkey_of  # noqa: E402
+from cldcb.ids import new_privkey, pubkey_of  # noqa: E402
 from cldcb.malloc import keep_freed_memory  # noqa: E402
 from cldcb.seal import RecordSealer, SnapshotSealer  # noqa: E402
 
@@ -42,8 +42,8 @@ def timed(fn, n: int) -> list[float]:  # noqa: ANN001
 def main() -> None:
     if "--default-malloc" not in sys.argv[1:]:
         keep_freed_memory()
-    node_pub = pubkey_of(os.urandom(32))
-    client = os.urandom(32)
+    node_pub = pubkey_of(new_privkey())
+    client = new_privkey()
     change = ["INSERT INTO datastore VALUES (x'6b31', x'" + "ab" * 1000 + "', 0)",
               "UPDATE vars SET intval = intval + 1 WHERE name = 'data_version' AND intval = 41"]
     change_bytes = sum(len(w) for w in change)
@@ -52,17 +52,17 @@ def main() -> None:
     nonce = bytes(12)
     plain_change = "".join(change).encode()
 
-    rs = RecordSealer(node_pub, client, os.urandom(32))
+    rs = RecordSealer(node_pub, client, new_privkey())
     link = bytes(32)
     n = 20000
     rec = timed(lambda: rs.seal_change(42, Kind.NORMAL, link, change, 1), n)
     rec_floor = timed(lambda: aead.encrypt(nonce, plain_change, link), n)
 
-    ss = SnapshotSealer(node_pub, client, os.urandom(32), 41, link)
+    ss = SnapshotSealer(node_pub, client, new_privkey(), 41, link)
     m = 200
     snap = timed(lambda: ss.seal_chunk(chunk), m)
     snap_floor = timed(lambda: aead.encrypt(nonce, chunk, b""), m)
-    setup = timed(lambda: RecordSealer(node_pub, client, os.urandom(32)), 500)
+    setup = timed(lambda: RecordSealer(node_pub, client, new_privkey()), 500)
 
     mb = len(chunk) / 1e6
     rows = [

@@ -63,7 +63,7 @@ from sshfloor import (  # noqa: E402
 from cldcb import wire  # noqa: E402
 from cldcb.connection import Connection, ServerAddress, ServerSpec  # noqa: E402
 from cldcb.dataversion import Kind  # noqa: E402
-from cldcb.ids import client_id_from_pubkey, pubkey_of  # noqa: E402
+from cldcb.ids import client_id_from_pubkey, new_privkey, pubkey_of  # noqa: E402
 from cldcb.seal import RecordSealer, SnapshotSealer, item_hash  # noqa: E402
 from cldcb.session import Role  # noqa: E402
 from cldcb.store import Store  # noqa: E402
@@ -154,11 +154,11 @@ async def first_snapshot(conn: Connection, node_pub: bytes,
                          priv: bytes) -> tuple[bytes, RecordSealer]:
     """The snapshot every new client needs first; its anchor and the client's sealer."""
     anchor = os.urandom(32)
-    snap = SnapshotSealer(node_pub, priv, os.urandom(32), 0, anchor)
+    snap = SnapshotSealer(node_pub, priv, new_privkey(), 0, anchor)
     await conn.begin_snapshot(1, 0, anchor)
     await conn.send_chunk(1, 0, snap.seal_chunk(b"\0" * 4096))
     await conn.end_snapshot(1, snap.chunk_count, snap.seal_manifest(0))
-    return anchor, RecordSealer(node_pub, priv, os.urandom(32))
+    return anchor, RecordSealer(node_pub, priv, new_privkey())
 
 
 async def open_writer(spec: ServerSpec, priv: bytes, run: Run,
@@ -330,10 +330,10 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="cldcb-bench-"))
     proc = None
     try:
-        privs = [os.urandom(32) for _ in range(args.clients)]
+        privs = [new_privkey() for _ in range(args.clients)]
         floor = floor_loop(tmp, 3000)
         proc, spec = start_daemon(tmp, privs)
-        node_pub = pubkey_of(os.urandom(32))
+        node_pub = pubkey_of(new_privkey())
         ru0 = resource.getrusage(resource.RUSAGE_SELF)
         run, setup_s = asyncio.run(load(
             [functools.partial(one_client, spec, node_pub, p, args.rate) for p in privs],
@@ -391,9 +391,9 @@ def fairness(args: argparse.Namespace) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="cldcb-bench-"))
     proc = None
     try:
-        privs = [os.urandom(32) for _ in range(2 * args.clients + args.heavy)]
+        privs = [new_privkey() for _ in range(2 * args.clients + args.heavy)]
         proc, spec = start_daemon(tmp, privs)
-        node_pub = pubkey_of(os.urandom(32))
+        node_pub = pubkey_of(new_privkey())
         ordinary = [functools.partial(one_client, spec, node_pub, p, args.rate) for p in privs]
         alone, _ = asyncio.run(load(ordinary[:args.clients], args.seconds))
         ctx = multiprocessing.get_context("spawn")

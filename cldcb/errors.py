@@ -103,6 +103,11 @@ class BadRequest(StoreError):
     of order): the sending client's error, not damage; nothing was stored."""
 
 
+class RecognitionKept(BadRequest):
+    """An append-only client's recognition entry is never replaced: the new one was not
+    stored, the one held stays (wire error code ``KEPT``)."""
+
+
 class QuotaExceeded(StoreError):
     """The client's quota on this server would be exceeded; nothing was stored."""
 

@@ -1,24 +1,47 @@
 """Recognition entries: how a node finds its own backup with ``hsm_secret`` alone.
 
-At install time each client stores one entry on every server (DESIGN §6)::
+At install time each client stores one entry on every server (DESIGN §6). An
+entry is exactly :data:`ENTRY_LEN` (196) bytes::
 
-    version (1) || client_pub (33) || u16 length || zbase signature (ASCII)
-                || sealed client key (33 + 32 + 16)
+    version (1, = 2) || client_pub (33) || sealed client key (33 + 32 + 16)
+                     || sealed signature (65 + 16)
 
 - The signature is the node's ``signmessage`` signature over
   :func:`recognition_message`, a plain-ASCII text made from
-  ``ECDH(client key, node key)``. Only the node and the client can compute
-  that secret, so the server cannot recover the node id from the signature
-  (public-key recovery needs the message).
+  ``ECDH(client key, node key)``. The message passes through lightningd's
+  ``signmessage`` RPC, which can log its parameters at debug levels; with the
+  message, a signature yields the node id by public-key recovery. So the entry
+  never holds the signature in clear: it is sealed under
+  ``HKDF-SHA256(ECDH(client, node), info = b"cldcb/1 recognition-signature" ||
+  client_pub || e·G)`` (``e·G`` the sealed client key's ephemeral key, fresh for
+  every entry, so no key seals twice), ChaCha20-Poly1305 with a zero nonce and
+  ``version || client_pub || sealed client key`` as associated data; the
+  plaintext is the 65-byte compact signature (recovery id, r, s). Only the
+  node and the client can compute that key: the entry reveals nothing about
+  the node even to someone who knows the message.
 - The client private key is sealed to the node: ephemeral key ``e``,
   ``k = HKDF-SHA256(ECDH(e, node), info = b"cldcb/1 recognition-key" || client_pub)``,
   ChaCha20-Poly1305 with a zero nonce (each key is used once) and
   ``client_pub`` as associated data; ``e·G || ciphertext`` is stored.
 
-On recovery the node computes ECDH with each entry's client key, rebuilds the
-message, and keeps the entries whose signature verifies against its own key;
-then it unseals the client key and checks that it matches ``client_pub``.
-Pure code: the ephemeral key is a parameter.
+An entry stored by an older client (version 1) holds the signature in clear::
+
+    version (1, = 1) || client_pub (33) || u16 length || zbase signature (ASCII)
+                     || sealed client key (33 + 32 + 16)
+
+Recovery still reads it (existing backups must recover); a server no longer
+accepts one on put (:func:`check_put`).
+
+The server checks an entry on put (:func:`check_put`): the current version, the
+exact length, and ``client_pub`` being the key of the session's own client. It
+cannot check the sealed parts: only the node can open them.
+
+On recovery the node computes ECDH with each entry's client key, opens the
+signature, rebuilds the message, and keeps the entries whose signature verifies
+against its own key (one ECDH per entry: the node does only ECDH with the
+client's *public* key, so an HSM can do it); then it unseals the client key and
+checks that it matches ``client_pub``. Pure code: the ephemeral key is a
+parameter.
 """
 
 from __future__ import annotations
@@ -34,11 +57,19 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from cldcb.errors import SealError
+from cldcb.ids import client_id_from_pubkey
 from cldcb.seal import EcdhKey
-from cldcb.signmessage import verify_message
+from cldcb.signmessage import verify_message, zbase32_decode, zbase32_encode
 
-VERSION = 1
-_SEALED_KEY_LEN = 33 + 32 + 16
+VERSION = 2
+OLD_VERSION = 1
+_PUB_LEN = 33
+_SIG_LEN = 65
+_TAG_LEN = 16
+_SEALED_KEY_LEN = _PUB_LEN + 32 + _TAG_LEN
+_SEALED_SIG_LEN = _SIG_LEN + _TAG_LEN
+ENTRY_LEN = 1 + _PUB_LEN + _SEALED_KEY_LEN + _SEALED_SIG_LEN
+"""The length of every entry of the current version."""
 _ZERO_NONCE = bytes(12)
 
 
@@ -58,54 +89,110 @@ def message_for_client(client_priv: bytes, node_pub: bytes) -> str:
 
 @dataclass(frozen=True)
 class Recognition:
+    """One entry. ``signature``: the sealed signature (version 2), or the zbase
+    signature's ASCII bytes (version 1)."""
+
     client_pub: bytes
-    zbase: str
     sealed_key: bytes
+    signature: bytes
+    version: int = VERSION
+
+    def _sealed_head(self) -> bytes:
+        return bytes([VERSION]) + self.client_pub + self.sealed_key
 
     def encode(self) -> bytes:
-        z = self.zbase.encode("ascii")
-        return (bytes([VERSION]) + self.client_pub + struct.pack(">H", len(z)) + z
-                + self.sealed_key)
+        if self.version == OLD_VERSION:
+            return (bytes([OLD_VERSION]) + self.client_pub
+                    + struct.pack(">H", len(self.signature)) + self.signature
+                    + self.sealed_key)
+        return self._sealed_head() + self.signature
 
     @classmethod
     def decode(cls, data: bytes) -> Recognition:
         try:
-            if data[0] != VERSION:
-                raise ValueError(f"version {data[0]}")
+            if not data or data[0] not in (VERSION, OLD_VERSION):
+                raise ValueError(f"unknown version {data[0] if data else 'none'}")
             client_pub = data[1:34]
+            if data[0] == VERSION:
+                if len(data) != ENTRY_LEN:
+                    raise ValueError(f"{len(data)} bytes, not {ENTRY_LEN}")
+                return cls(client_pub, data[34:34 + _SEALED_KEY_LEN],
+                           data[34 + _SEALED_KEY_LEN:])
             (n,) = struct.unpack_from(">H", data, 34)
-            zbase = data[36:36 + n].decode("ascii")
+            zbase = data[36:36 + n]
+            zbase.decode("ascii")
             sealed = data[36 + n:]
             if len(client_pub) != 33 or len(zbase) != n or len(sealed) != _SEALED_KEY_LEN:
                 raise ValueError("wrong length")
-        except (IndexError, ValueError, struct.error, UnicodeDecodeError) as exc:
+        except (IndexError, ValueError, struct.error) as exc:
             raise SealError(f"a recognition entry is malformed ({exc})") from None
-        return cls(client_pub, zbase, sealed)
+        return cls(client_pub, sealed, zbase, OLD_VERSION)
+
+
+def check_put(data: bytes, client_pub: bytes) -> Recognition:
+    """The entry a server may store for the client whose key is ``client_pub``: of the
+    current version and length, and naming that client. SealError says why not."""
+    entry = Recognition.decode(data)
+    if entry.version != VERSION:
+        raise SealError(f"a recognition entry of version {entry.version} (an older "
+                        "client's, its signature in clear) is no longer accepted; update "
+                        "cldcb on the node and run installplugin again")
+    if entry.client_pub != client_pub:
+        raise SealError(f"the recognition entry is not of client "
+                        f"{client_id_from_pubkey(client_pub)}, the session's own client "
+                        "(an entry is stored only by the client it names)")
+    return entry
 
 
 def _key_aead(shared: bytes, client_pub: bytes) -> ChaCha20Poly1305:
     return ChaCha20Poly1305(_hkdf(shared, b"cldcb/1 recognition-key" + client_pub))
 
 
+def _signature_aead(shared: bytes, client_pub: bytes, sealed_key: bytes) -> ChaCha20Poly1305:
+    """The key of the sealed signature, from ``ECDH(client, node)``."""
+    return ChaCha20Poly1305(_hkdf(shared, b"cldcb/1 recognition-signature" + client_pub
+                                  + sealed_key[:_PUB_LEN]))
+
+
 def make_recognition(client_priv: bytes, node_pub: bytes, zbase: str,
                      ephemeral_priv: bytes) -> Recognition:
     """Build the entry from the node's signature over :func:`message_for_client`."""
-    client_pub = coincurve.PrivateKey(client_priv).public_key.format()
-    if not verify_message(message_for_client(client_priv, node_pub), zbase, node_pub):
+    client = coincurve.PrivateKey(client_priv)
+    client_pub = client.public_key.format()
+    shared = client.ecdh(node_pub)
+    if not verify_message(recognition_message(shared), zbase, node_pub):
         raise SealError("the node's signature over the recognition message does not verify: "
                         "the node id given does not belong to the node that signed")
     eph = coincurve.PrivateKey(ephemeral_priv)
     ct = _key_aead(eph.ecdh(node_pub), client_pub).encrypt(_ZERO_NONCE, client_priv, client_pub)
-    return Recognition(client_pub, zbase, eph.public_key.format() + ct)
+    unsigned = Recognition(client_pub, eph.public_key.format() + ct, b"")
+    sealed_sig = _signature_aead(shared, client_pub, unsigned.sealed_key).encrypt(
+        _ZERO_NONCE, zbase32_decode(zbase), unsigned._sealed_head())
+    return Recognition(client_pub, unsigned.sealed_key, sealed_sig)
+
+
+def _signature(entry: Recognition, shared: bytes) -> str | None:
+    """The zbase signature of ``entry``, opened with ``ECDH(client, node)``; None if it
+    does not open (another node's entry)."""
+    if entry.version == OLD_VERSION:
+        return entry.signature.decode("ascii")
+    try:
+        sig = _signature_aead(shared, entry.client_pub, entry.sealed_key).decrypt(
+            _ZERO_NONCE, entry.signature, entry._sealed_head())
+    except (InvalidTag, ValueError):
+        return None
+    return zbase32_encode(sig)
 
 
 def is_own(entry: Recognition, node: EcdhKey) -> bool:
-    """Whether ``entry`` was made for this node (its signature verifies)."""
+    """Whether ``entry`` was made for this node (its signature opens and verifies)."""
     try:
-        message = recognition_message(node.ecdh(entry.client_pub))
+        shared = node.ecdh(entry.client_pub)
     except Exception:  # a client_pub that is no point: not ours
         return False
-    return verify_message(message, entry.zbase, node.pubkey)
+    zbase = _signature(entry, shared)
+    return zbase is not None and verify_message(recognition_message(shared), zbase,
+                                                node.pubkey)
 
 
 def unseal_client_key(entry: Recognition, node: EcdhKey) -> bytes:

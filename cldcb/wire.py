@@ -64,6 +64,7 @@ class ErrorCode(IntEnum):
     BAD_REQUEST = 9     # a well-formed request that makes no sense here
     INTERNAL = 10       # the server failed; see its log
     SHUTTING_DOWN = 11  # the server is stopping; reconnect later
+    KEPT = 12           # append-only: the recognition entry held is kept, not replaced
 
 
 # --- field codecs -------------------------------------------------------------

@@ -51,8 +51,8 @@ from cldcb.client.nodeconfig import (
 from cldcb.client.nodeconfig import wallet_from_config_files as config_wallet
 from cldcb.client.recover import node_key_options, open_node_key, server_specs
 from cldcb.connection import Connection, ServerSpec
-from cldcb.errors import CldcbError, PluginError, UsageError
-from cldcb.ids import client_id_from_pubkey, parse_node_id, pubkey_of
+from cldcb.errors import CldcbError, PluginError, RemoteError, UsageError
+from cldcb.ids import client_id_from_pubkey, new_privkey, parse_node_id, pubkey_of
 from cldcb.keyfile import read_client_key
 from cldcb.plugin.wrapper import (
     DEFAULT_OUTAGE_LIMIT,
@@ -66,6 +66,7 @@ from cldcb.recognition import make_recognition, message_for_client
 from cldcb.rpc import LightningRpc, RpcError, database_from_wallet
 from cldcb.session import Role
 from cldcb.sshkeys import authorized_keys_line
+from cldcb.wire import ErrorCode
 
 _FILE = click.Path(path_type=Path, dir_okay=False)
 DEFAULT_WAIT = 600.0
@@ -192,12 +193,15 @@ def store_recognition(specs: Sequence[ServerSpec], client_priv: bytes, node: Nod
                       echo: Echo) -> None:
     """The recognition entry on every server; an error naming each that failed."""
     entry = make_recognition(client_priv, parse_node_id(node.node_id), node.zbase,
-                             os.urandom(32)).encode()
+                             new_privkey()).encode()
     results = asyncio.run(_put_all(specs, client_priv, entry))
     failed = []
     for spec, res in zip(specs, results, strict=True):
         if res is None:
             echo(f"  {spec.address}: recognition entry stored")
+        elif isinstance(res, RemoteError) and res.code == ErrorCode.KEPT:
+            echo(f"  {spec.address}: recognition entry kept (the client is append-only "
+                 "there: the entry it holds is never replaced)")
         elif isinstance(res, CldcbError):
             failed.append(f"{spec.address}: {res}")
         else:

@@ -70,7 +70,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from cldcb import wire
-from cldcb.errors import BadRequest, CldcbError, QuotaExceeded, StoreError
+from cldcb.errors import BadRequest, CldcbError, QuotaExceeded, RecognitionKept, StoreError
 from cldcb.server.workers import ClientLock, StorePool
 from cldcb.session import Authenticated, Received, Role, ServerSession
 from cldcb.store import ClientStore, Store
@@ -335,6 +335,8 @@ class SessionHandler:
                                 "a newer session of this client took over as writer")
         elif isinstance(exc, QuotaExceeded):
             self.session.send(wire.Error(int(ErrorCode.QUOTA), str(exc)))
+        elif isinstance(exc, RecognitionKept):
+            self.session.send(wire.Error(int(ErrorCode.KEPT), str(exc)))
         elif isinstance(exc, BadRequest) or (isinstance(exc, CldcbError)
                                              and not isinstance(exc, StoreError)):
             self.core.complain(self.client_id, str(exc))

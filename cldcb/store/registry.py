@@ -6,16 +6,18 @@ The rules are in the docstring of :mod:`cldcb.store`.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cldcb.crashpoints import crashpoint
-from cldcb.errors import CldcbError, StoreError
+from cldcb.errors import BadRequest, CldcbError, RecognitionKept, SealError, StoreError
 from cldcb.ids import parse_client_id
+from cldcb.recognition import ENTRY_LEN, check_put
 from cldcb.store.client import ClientStore
 from cldcb.store.fs import FileLayer, OsFileLayer, ensure_dir, io_error, replace_file
-from cldcb.store.locks import settings_change
+from cldcb.store.locks import flocked, open_lock, settings_change
 from cldcb.store.settings import SETTINGS, Settings, append_history, read_settings
 from cldcb.wire import MAX_LIST, MAX_RECOGNITION
 
@@ -224,22 +226,55 @@ class Store:
 
     # -- recognition entries -----------------------------------------------------------
     def put_recognition(self, client_id: str, entry: bytes) -> None:
-        """Store the client's recognition entry (replacing its previous one), durably.
-        An entry larger than MAX_RECOGNITION is refused (StoreError), and the previous
-        one kept."""
+        """Store the client's recognition entry durably, after checking it
+        (:func:`cldcb.recognition.check_put`: the current format and length, and the
+        client it names is this one; else BadRequest). It replaces the client's
+        previous entry, except under append-only: there an entry once held is never
+        replaced (the same bytes again are accepted, other bytes are refused with
+        RecognitionKept). A refused entry leaves the previous one as it was."""
         cid = check_client_id(client_id)
         if not self.is_registered(cid):
             raise StoreError(f"client {cid} is not registered on this server; register it "
                              f"with `cldcb-server add {cid}`")
         if not entry or len(entry) > MAX_RECOGNITION:
             raise StoreError(f"a recognition entry must be at most {MAX_RECOGNITION} bytes "
-                             f"and not empty (a real one is about 220), not {len(entry)} "
+                             f"and not empty (a real one is {ENTRY_LEN}), not {len(entry)} "
                              "bytes: nothing was stored; is the client program up to date?")
         try:
-            replace_file(self.fs, self.recognitions_dir / f"{cid}.entry", bytes(entry),
-                         "recognition")
+            check_put(bytes(entry), parse_client_id(cid))
+        except SealError as exc:
+            raise BadRequest(f"{exc}: nothing was stored") from None
+        path = self.recognitions_dir / f"{cid}.entry"
+        fd = open_lock(self.data_dir, cid)
+        try:
+            with flocked(fd):
+                if self._append_only(cid):
+                    held = self._held_entry(path)
+                    if held == entry:
+                        return
+                    if held is not None:
+                        raise RecognitionKept(
+                            f"client {cid} is append-only on this server: the recognition "
+                            "entry it holds is never replaced, so this one was not stored "
+                            "(the one held recovers the node as long as it was made by "
+                            "installplugin for this client key; an operator can lift "
+                            f"append-only with `cldcb-server set {cid} --no-append-only`)")
+                replace_file(self.fs, path, bytes(entry), "recognition")
         except OSError as exc:
             raise io_error(exc, f"storing the recognition entry of client {cid}") from None
+        finally:
+            os.close(fd)
+
+    def _append_only(self, cid: str) -> bool:
+        settings = read_settings(self._folder(cid))
+        return settings is not None and settings.append_only
+
+    def _held_entry(self, path: Path) -> bytes | None:
+        try:
+            with self.fs.open_read(path) as f:
+                return f.read(MAX_RECOGNITION + 1)
+        except FileNotFoundError:
+            return None
 
     def recognition_page(self, after: str, max_count: int) -> tuple[list[bytes], str]:
         """Up to ``max_count`` (at least 1) entries of registered clients whose client id
