@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import coincurve  # noqa: E402
+from entries import recognition_entry  # noqa: E402
 
 from cldcb import wire  # noqa: E402
 from cldcb.dataversion import Kind, Tip, advance, decide  # noqa: E402
@@ -190,9 +191,10 @@ def workload(data_dir: Path) -> None:
     step("added", client=cid)
     store.add_client(cid, generations=2)
     emit(ev="added", client=cid)
-    step("recognition", entry="recognition v1")
-    store.put_recognition(cid, b"recognition v1")
-    emit(ev="recognition", entry="recognition v1")
+    first = recognition_entry(NODE, CLIENT_PRIV).hex()
+    step("recognition", entry=first)
+    store.put_recognition(cid, bytes.fromhex(first))
+    emit(ev="recognition", entry=first)
     w = Writer(store.client(cid))
     w.cs.touch(w.now())
     emit(ev="touch")
@@ -208,16 +210,17 @@ def workload(data_dir: Path) -> None:
     snap(w, 40, anchored=False)                         # a gap: fresh, prunes generation 1
     for dv in range(41, 45):
         ack(w, dv)
-    step("recognition", entry="recognition v2")
-    store.put_recognition(cid, b"recognition v2")
-    emit(ev="recognition", entry="recognition v2")
+    second = recognition_entry(NODE, CLIENT_PRIV).hex()
+    step("recognition", entry=second)
+    store.put_recognition(cid, bytes.fromhex(second))
+    emit(ev="recognition", entry=second)
     step("added", client=other)
     store.add_client(other, quota=10_000)
     emit(ev="added", client=other)
     step("settings", client=other)
     store.change_settings(other, quota=20_000)
     emit(ev="settings", client=other)
-    store.put_recognition(other, b"other entry")
+    store.put_recognition(other, recognition_entry(NODE, OTHER_PRIV))
     emit(ev="recognition_other")
     step("removed", client=other)
     store.remove_client(other)

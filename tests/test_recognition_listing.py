@@ -42,23 +42,33 @@ pytestmark = pytest.mark.timeout(600)
 EVIL = Path(__file__).resolve().parent / "evil_server.py"
 
 
-def filler_entry(client_priv: bytes, size: int = MAX_RECOGNITION) -> bytes:
-    """A well-formed entry of exactly ``size`` bytes for ``client_priv``'s client, made for
-    no node (its signature is padding): what another node's entry looks like to us."""
+def filler_entry(client_priv: bytes, size: int | None = None) -> bytes:
+    """A well-formed entry for ``client_priv``'s client, made for no node (its sealed
+    parts are random): what another node's entry looks like to us. With ``size``, an
+    entry of the older format (version 1, signature in clear) of exactly that size."""
     pub = pubkey_of(client_priv)
-    zbase = "y" * (size - 1 - 33 - 2 - 81)
-    entry = Recognition(pub, zbase, os.urandom(81)).encode()
+    if size is None:
+        return Recognition(pub, os.urandom(81), os.urandom(81)).encode()
+    zbase = b"y" * (size - 1 - 33 - 2 - 81)
+    entry = Recognition(pub, os.urandom(81), zbase, version=1).encode()
     assert len(entry) == size
     return entry
 
 
-def register_fillers(store: Store, count: int, size: int = MAX_RECOGNITION) -> list[str]:
+def register_fillers(store: Store, count: int, size: int | None = None) -> list[str]:
+    """``count`` registered clients with a filler entry each: put by the client, or with
+    ``size``, an older format's entry of that size, as an older server version stored
+    it (the store no longer accepts those on put)."""
     ids = []
     for _ in range(count):
         priv = new_privkey()
         cid = client_id_from_pubkey(pubkey_of(priv))
         store.add_client(cid)
-        store.put_recognition(cid, filler_entry(priv, size))
+        if size is None:
+            store.put_recognition(cid, filler_entry(priv))
+        else:
+            (store.data_dir / "recognitions" / f"{cid}.entry").write_bytes(
+                filler_entry(priv, size))
         ids.append(cid)
     return ids
 
@@ -66,7 +76,7 @@ def register_fillers(store: Store, count: int, size: int = MAX_RECOGNITION) -> l
 def test_recovery_finds_its_entry_among_300_of_the_maximum_size(tmp_path: Path) -> None:
     server = CldcbServer(tmp_path / "server").init()
     store = Store.open(server.data_dir)
-    fillers = register_fillers(store, 300)
+    fillers = register_fillers(store, 300, MAX_RECOGNITION)
     store.close()
     server.start()
     try:

@@ -6,6 +6,7 @@ import io
 from pathlib import Path
 
 import pytest
+from entries import recognition_entry
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from store_crash_child import (
@@ -411,7 +412,8 @@ def test_add_list_remove(tmp_path: Path) -> None:
     assert listed[CID].newest_data_version == 8 and listed[CID].last_seen_ms == 1234
     assert listed[CID].bytes_used == w.cs.status().bytes_used > 0
     assert listed[OTHER].newest_data_version is None
-    store.put_recognition(CID, b"entry")
+    entry = recognition_entry(NODE, CLIENT_PRIV)
+    store.put_recognition(CID, entry)
     store.remove_client(CID)
     assert not store.is_registered(CID) and store.list_recognitions() == []
     with pytest.raises(StoreError, match="not registered"):
@@ -420,7 +422,7 @@ def test_add_list_remove(tmp_path: Path) -> None:
         w.cs.status()
     kept = tmp_path / "removed" / f"{CID}.1"
     assert (kept / "settings.json").exists() and (kept / "recognition.entry").read_bytes() \
-        == b"entry" and list((kept / "snapshots").glob("*.snap"))
+        == entry and list((kept / "snapshots").glob("*.snap"))
     with pytest.raises(StoreError, match="not registered"):
         store.remove_client(CID)
     store.add_client(CID)                                       # a fresh start
@@ -441,17 +443,21 @@ def test_recognition_entries(tmp_path: Path) -> None:
     store = Store.open(tmp_path)
     store.add_client(CID)
     store.add_client(OTHER)
-    store.put_recognition(CID, b"one")
-    store.put_recognition(OTHER, b"two")
-    store.put_recognition(CID, b"three")                        # replaces its own
-    assert sorted(store.list_recognitions()) == [b"three", b"two"]
+    one, two, three = (recognition_entry(NODE, p) for p in (CLIENT_PRIV, OTHER_PRIV,
+                                                             CLIENT_PRIV))
+    store.put_recognition(CID, one)
+    store.put_recognition(OTHER, two)
+    store.put_recognition(CID, three)                           # replaces its own
+    assert sorted(store.list_recognitions()) == sorted([three, two])
     assert not list((tmp_path / "recognitions").glob("*.tmp"))
+    stranger = b"\x07" * 32
     with pytest.raises(StoreError, match="not registered"):
-        store.put_recognition("c" + client_pub(b"\x07" * 32).hex()[1:], b"x")
+        store.put_recognition("c" + client_pub(stranger).hex()[1:],
+                              recognition_entry(NODE, stranger))
     with pytest.raises(StoreError, match="not empty"):
         store.put_recognition(CID, b"")
     store.close()
-    assert sorted(Store.open(tmp_path).list_recognitions()) == [b"three", b"two"]
+    assert sorted(Store.open(tmp_path).list_recognitions()) == sorted([three, two])
 
 
 def test_open_needs_the_data_directory(tmp_path: Path) -> None:

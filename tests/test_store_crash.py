@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from store_crash_child import OTHER_PRIV, Writer, client_id, verify
+from store_crash_child import OTHER_PRIV, Writer, client_id, client_pub, verify
 
 from cldcb import wire
 from cldcb.store import Store
@@ -128,12 +128,12 @@ def check_after_crash(data: Path, out: Outcome) -> None:
     entries = store.list_recognitions()
     recs = out.done.get("recognition", [])
     if recs:
-        allowed = {recs[-1]["entry"].encode()}
+        allowed = {bytes.fromhex(recs[-1]["entry"])}
         if out.inflight and out.inflight["op"] == "recognition":
-            allowed.add(out.inflight["entry"].encode())
-        mine = [e for e in entries if e != b"other entry"]
+            allowed.add(bytes.fromhex(out.inflight["entry"]))
+        mine = [e for e in entries if e[1:34] == client_pub()]
         assert len(mine) == 1 and mine[0] in allowed, entries
-    if b"other entry" in entries:
+    if any(e[1:34] == client_pub(OTHER_PRIV) for e in entries):
         assert store.is_registered(other), "an unregistered client's entry is listed"
     elif out.done.get("recognition_other") and store.is_registered(other):
         raise AssertionError("an acknowledged recognition entry is missing")

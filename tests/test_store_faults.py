@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from entries import recognition_entry
 from store_crash_child import CLIENT_PRIV, NODE, Writer, client_id, snapshot_bytes, verify
 
 from cldcb import wire
@@ -285,16 +286,17 @@ def test_failed_segment_creation(w: Writer, rec: Recorder, tmp_path: Path) -> No
 def test_failed_recognition_write_keeps_the_old_entry(tmp_path: Path, rec: Recorder) -> None:
     store = Store.open(tmp_path, fs=rec)
     store.add_client(CID)
-    store.put_recognition(CID, b"old")
+    old, new = recognition_entry(NODE, CLIENT_PRIV), recognition_entry(NODE, CLIENT_PRIV)
+    store.put_recognition(CID, old)
     rec.fault = once("fsync", ".tmp", errno.EIO)
     with pytest.raises(StoreError, match="recognition entry"):
-        store.put_recognition(CID, b"new")
-    assert store.list_recognitions() == [b"old"]
+        store.put_recognition(CID, new)
+    assert store.list_recognitions() == [old]
     mark = len(rec.ops)
-    store.put_recognition(CID, b"new")
+    store.put_recognition(CID, new)
     ops = [op for op, _ in rec.ops[mark:]]
     assert ops == ["create", "write", "fsync", "rename", "fsync_dir"]
-    assert Store.open(tmp_path).list_recognitions() == [b"new"]
+    assert Store.open(tmp_path).list_recognitions() == [new]
 
 
 @pytest.mark.parametrize("rwf_dsync", [True, False])

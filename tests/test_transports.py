@@ -15,6 +15,7 @@ from pathlib import Path
 
 import asyncssh
 import pytest
+from entries import recognition_entry
 from servers import SERVER_CMD, CldcbServer, PrivateSshd, run_server_cmd
 
 from cldcb import wire
@@ -95,8 +96,9 @@ def test_contract(transport: Transport) -> None:
 
     async def body() -> None:
         async with await Connection.open(spec, priv, Role.WRITER) as conn:
-            await conn.put_recognition(b"entry-" + cid.encode())
-            assert b"entry-" + cid.encode() in await conn.list_recognitions()
+            entry = recognition_entry(NODE, priv)
+            await conn.put_recognition(entry)
+            assert entry in await conn.list_recognitions()
             st = await conn.status()
             assert not st.has_tip and st.snapshot_data_version == -1
             sealer = RecordSealer(NODE.pubkey, priv, os.urandom(32))
