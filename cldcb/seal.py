@@ -15,7 +15,9 @@ Lightning's hsmd). A *stream* has an ephemeral secp256k1 key ``e``; its key is::
 
 The second ECDH is a static secret only the client and the node can compute:
 a server that knows (or guesses) the node id still cannot forge a record, a
-chunk or a manifest. Records of one plugin connection share one stream; each
+chunk or a manifest. Records of one plugin process share one stream (all its
+connections, to every server: a record is sealed once), so the server sees the
+same ``e·G`` and a growing counter until lightningd restarts the plugin; each
 snapshot has a stream of its own. The AEAD is ChaCha20-Poly1305 with the
 nonce ``4 zero bytes || counter (u64 big-endian)``; the sealer never reuses a
 counter.

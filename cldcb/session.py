@@ -47,8 +47,10 @@ After ``AuthOk`` the client sends requests and the server answers each one,
 in order (responses never overtake each other):
 
 - ``PutRecognition(entry)`` → ``Ok`` (an entry is at most
-  :data:`~cldcb.wire.MAX_RECOGNITION` bytes; a larger one is refused and the
-  previous one kept). ``ListRecognitions(after, max_count)`` →
+  :data:`~cldcb.wire.MAX_RECOGNITION` bytes, of the current format and naming
+  the session's own client, else it is refused (``BAD_REQUEST``) and the
+  previous one kept; an append-only client's entry, once held, is never
+  replaced: other bytes are refused with ``KEPT``). ``ListRecognitions(after, max_count)`` →
   ``Recognitions(entries, next_after)``: one page, in client id order, of at
   most ``min(max_count, RECOGNITION_PAGE)`` entries of clients after ``after``
   ("" for the first page); ``next_after`` is "" on the last page, else the

@@ -38,8 +38,8 @@ MAX_LIST = 100_000
 """Most items in one list field (recognition entries)."""
 
 MAX_RECOGNITION = 1024
-"""Largest recognition entry a server stores and lists. A real one is about 220 bytes
-(:mod:`cldcb.recognition`: version, client key, signature, sealed client key)."""
+"""Largest recognition entry a server stores and lists. A real one is 196 bytes
+(:mod:`cldcb.recognition`: version, client key, sealed client key, sealed signature)."""
 
 RECOGNITION_PAGE = 256
 """Most entries in one ``Recognitions`` page: 256 of the largest entries make a frame of

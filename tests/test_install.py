@@ -88,7 +88,9 @@ def new_client(tmp_path: Path, daemon: CldcbServer, name: str = "client.key",
 
 def other_nodes_entries(daemon: CldcbServer, count: int = 2) -> None:
     """Recognition entries of other nodes' clients, and a malformed one (one entry per
-    client: the server keeps each client's newest)."""
+    client: the server keeps each client's newest). The server refuses a malformed
+    entry on put, so that one is written into its data directory, as an older server
+    version may have kept it."""
     for _ in range(count):
         node = LocalNodeKey(new_privkey())
         priv = new_privkey()
@@ -96,9 +98,9 @@ def other_nodes_entries(daemon: CldcbServer, count: int = 2) -> None:
         zbase = node.sign_message(message_for_client(priv, node.pubkey)).zbase
         run(_put(daemon.spec, priv, make_recognition(priv, node.pubkey, zbase,
                                                      new_privkey()).encode()))
-    junk = new_privkey()
-    daemon.add(client_id_from_pubkey(pubkey_of(junk)))
-    run(_put(daemon.spec, junk, b"\x01not an entry"))
+    junk_id = client_id_from_pubkey(pubkey_of(new_privkey()))
+    daemon.add(junk_id)
+    (daemon.data_dir / "recognitions" / f"{junk_id}.entry").write_bytes(b"\x01not an entry")
 
 
 def install_args(ln: Path, key: Path, daemon: CldcbServer, *extra: str) -> list[str]:

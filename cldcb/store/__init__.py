@@ -36,7 +36,13 @@ anything relies on it.
 Recognition entries
 -------------------
 One per registered client, at most :data:`~cldcb.wire.MAX_RECOGNITION` bytes
-(a larger one is refused, the previous one kept). They are listed in pages, in
+(a larger one is refused, the previous one kept). On put an entry is checked
+(:func:`cldcb.recognition.check_put`: the current version, its exact length, and
+the client it names is the session's own; else BadRequest, the previous one
+kept). An append-only client's entry, once held, is never replaced: the same
+bytes again are accepted, other bytes refused (RecognitionKept, wire code
+``KEPT``); so a stolen client key cannot make recovery from ``hsm_secret``
+blind. The check and the write run under the client's lock. They are listed in pages, in
 client id order (:meth:`Store.recognition_page`): a file larger than the cap
 (left by an older version) is skipped with a warning, never listed.
 
