@@ -14,15 +14,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from demo import NETWORK, Target, client, delete_all_but_hsm_secret, dump, install_client, play
 from entries import recognition_entry
 from servers import CldcbServer
 from store_crash_child import CLIENT_PRIV, NODE, OTHER_PRIV, client_id
+from test_recover_e2e import fresh_node
 
 from cldcb import wire
 from cldcb.client.install import NodeSide, store_recognition
 from cldcb.connection import Connection
 from cldcb.errors import BadRequest, RemoteError
-from cldcb.recognition import find_own, message_for_client
+from cldcb.ids import client_id_from_pubkey, new_privkey, pubkey_of
+from cldcb.nodekey import LocalNodeKey
+from cldcb.recognition import Recognition, find_own, message_for_client
 from cldcb.session import Role
 from cldcb.store import Store
 
@@ -45,6 +49,13 @@ def test_a_garbage_entry_is_refused_and_the_entry_held_kept(store: Store) -> Non
         with pytest.raises(BadRequest, match="recognition entry") as err:
             store.put_recognition(CID, bad)
         assert "nothing was stored" in str(err.value)
+    assert store.list_recognitions() == [held]
+    # an older client's entry (its signature in clear) is no longer taken
+    new = Recognition.decode(held)
+    zbase = NODE.sign_message(message_for_client(CLIENT_PRIV, NODE.pubkey)).zbase.encode()
+    old = Recognition(new.client_pub, new.sealed_key, zbase, version=1).encode()
+    with pytest.raises(BadRequest, match="version 1 .* no longer accepted"):
+        store.put_recognition(CID, old)
     assert store.list_recognitions() == [held]
 
 
@@ -122,5 +133,37 @@ def test_a_stolen_client_key_cannot_blind_recovery(tmp_path: Path) -> None:
 
         found = find_own(run(listing()), NODE)
         assert [priv for _, priv in found] == [CLIENT_PRIV]
+    finally:
+        server.stop()
+
+
+def test_a_backup_whose_entry_is_of_the_old_format_still_recovers(tmp_path: Path) -> None:
+    """A server that holds an entry written by an older client (version 1, the signature
+    in clear) still leads ``recover`` from hsm_secret alone to the backup."""
+    server = CldcbServer(tmp_path / "server").init()
+    lightning_dir = fresh_node(tmp_path / "node", "mn_nopass")
+    network_dir = lightning_dir / NETWORK
+    node = LocalNodeKey.from_hsm_secret_bytes((network_dir / "hsm_secret").read_bytes())
+    client_priv = new_privkey()
+    server.add(client_id_from_pubkey(pubkey_of(client_priv)))
+    server.start()
+    try:
+        install_client(network_dir, node, [Target(server.address, server.server_id)],
+                       client_priv)
+        data_version = play(lightning_dir, "cln-workload", stop=12)
+        original = dump(network_dir / "lightningd.sqlite3")
+        path = server.data_dir / "recognitions" / \
+            f"{client_id_from_pubkey(pubkey_of(client_priv))}.entry"
+        new = Recognition.decode(path.read_bytes())
+        zbase = node.sign_message(message_for_client(client_priv, node.pubkey)).zbase
+        path.write_bytes(Recognition(new.client_pub, new.sealed_key, zbase.encode(),
+                                     version=1).encode())
+        delete_all_but_hsm_secret(network_dir)
+        done = client("recover", "--lightning-dir", str(lightning_dir), "--network", NETWORK,
+                      "--server", server.address, "--server-id", server.server_id)
+        assert done.returncode == 0, done.stderr
+        assert "1 recognition entries, 1 of this node" in done.stderr
+        assert f"data_version {data_version}," in done.stdout
+        assert dump(network_dir / "lightningd.sqlite3") == original
     finally:
         server.stop()
