@@ -128,6 +128,17 @@ def bump_generation(fd: int) -> int:
 
 
 @contextmanager
+def locked(data_dir: Path, client_id: str) -> Iterator[None]:
+    """Hold the client's lock (waiting for it) around a store call."""
+    fd = open_lock(data_dir, client_id)
+    try:
+        with flocked(fd):
+            yield
+    finally:
+        os.close(fd)
+
+
+@contextmanager
 def settings_change(data_dir: Path, client_id: str) -> Iterator[None]:
     """Change a client's settings or folder under its lock, then bump the settings epoch,
     so that every process's writer checks the files again at its next call."""

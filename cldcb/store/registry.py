@@ -6,7 +6,6 @@ The rules are in the docstring of :mod:`cldcb.store`.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,7 +16,7 @@ from cldcb.ids import parse_client_id
 from cldcb.recognition import ENTRY_LEN, check_put
 from cldcb.store.client import ClientStore
 from cldcb.store.fs import FileLayer, OsFileLayer, ensure_dir, io_error, replace_file
-from cldcb.store.locks import flocked, open_lock, settings_change
+from cldcb.store.locks import locked, settings_change
 from cldcb.store.settings import SETTINGS, Settings, append_history, read_settings
 from cldcb.wire import MAX_LIST, MAX_RECOGNITION
 
@@ -245,9 +244,8 @@ class Store:
         except SealError as exc:
             raise BadRequest(f"{exc}: nothing was stored") from None
         path = self.recognitions_dir / f"{cid}.entry"
-        fd = open_lock(self.data_dir, cid)
         try:
-            with flocked(fd):
+            with locked(self.data_dir, cid):
                 if self._append_only(cid):
                     held = self._held_entry(path)
                     if held == entry:
@@ -256,14 +254,11 @@ class Store:
                         raise RecognitionKept(
                             f"client {cid} is append-only on this server: the recognition "
                             "entry it holds is never replaced, so this one was not stored "
-                            "(the one held recovers the node as long as it was made by "
-                            "installplugin for this client key; an operator can lift "
-                            f"append-only with `cldcb-server set {cid} --no-append-only`)")
+                            "(to replace it, the server's operator must first lift "
+                            f"append-only: `cldcb-server set {cid} --no-append-only`)")
                 replace_file(self.fs, path, bytes(entry), "recognition")
         except OSError as exc:
             raise io_error(exc, f"storing the recognition entry of client {cid}") from None
-        finally:
-            os.close(fd)
 
     def _append_only(self, cid: str) -> bool:
         settings = read_settings(self._folder(cid))
