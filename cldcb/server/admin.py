@@ -213,6 +213,8 @@ def _setup_logging(fmt: str = "%(asctime)s %(name)s %(levelname)s %(message)s",
     logging.basicConfig(level=level, stream=sys.stderr, format=fmt)
 
 
+LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+              "error": logging.ERROR}
 _POSITIVE_INT = click.IntRange(min=1)
 _POSITIVE_SECONDS = click.FloatRange(min=0, min_open=True)
 
@@ -237,8 +239,13 @@ _POSITIVE_SECONDS = click.FloatRange(min=0, min_open=True)
               metavar="SECONDS",
               help="The same before login and for anonymous sessions [default: 60, or "
                    "$CLDCB_SERVER_ANONYMOUS_IDLE_TIMEOUT].")
+@click.option("--log-level", type=click.Choice(list(LOG_LEVELS), case_sensitive=False),
+              default="info", envvar="CLDCB_SERVER_LOG_LEVEL",
+              help="How much goes to the log (stderr): info is cldcb's own lines (one per "
+                   "session); debug adds asyncssh's, per connection [default: info, or "
+                   "$CLDCB_SERVER_LOG_LEVEL].")
 @pass_server
-def serve(server: ServerContext, listen: str, **limits: float | None) -> None:
+def serve(server: ServerContext, listen: str, log_level: str, **limits: float | None) -> None:
     """Run the standalone SSH daemon (subsystem `cldcb`).
 
     What strangers can make it hold is bounded by the limits below (and one channel
@@ -254,7 +261,11 @@ def serve(server: ServerContext, listen: str, **limits: float | None) -> None:
     parse_host_port(f"{host}:{port if port != '0' else 1}", "--listen")
     priv, server_id = server.read_key()
     _open_store(server).close()
-    _setup_logging()
+    level = LOG_LEVELS[log_level.lower()]
+    _setup_logging(level=level)
+    # asyncssh's per-connection lines are not the operator's log, except to debug
+    logging.getLogger("asyncssh").setLevel(level if level <= logging.DEBUG
+                                           else max(level, logging.WARNING))
     logging.getLogger("cldcb.server").info("server id %s", server_id)
     try:
         asyncio.run(run(server.data_dir, priv, host.strip("[]"), int(port), limits=bounds))
