@@ -45,8 +45,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sys
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -68,6 +66,7 @@ from cldcb.client.fallback import (
     show_states,
 )
 from cldcb.client.nodeconfig import NodePaths, add_important_plugin
+from cldcb.client.progress import ProgressPrinter
 from cldcb.connection import Connection, ServerAddress, ServerSpec
 from cldcb.errors import CldcbError, HsmSecretError, RecoveryError, UsageError
 from cldcb.hsm_secret import needs_passphrase
@@ -147,69 +146,6 @@ def format_time(ms: int | float | None) -> str:
     if not ms:
         return "unknown time"
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def _mib(n: int) -> str:
-    return f"{n / (1 << 20):.1f}"
-
-
-class ProgressPrinter:
-    """Download and replay progress on stderr: one updated line on a terminal, else a
-    line every few seconds and at the end of each phase."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.tty = _stderr_is_terminal()
-        self._interval = 0.2 if self.tty else 3.0
-        self._last = 0.0
-        self._pending = ""
-        self._phase = ""
-        self.progress = restore.Progress(download=self._download, replay=self._replay)
-
-    def _download(self, done: int, total: int) -> None:
-        pct = 100.0 * done / total if total else 100.0
-        self._show("download", f"{self.name}: snapshot {pct:5.1f}% ({_mib(done)} of "
-                   f"{_mib(total)} MiB)", final=done >= total)
-
-    def _replay(self, records: int) -> None:
-        self._show("replay", f"{self.name}: verified and replayed {records} records")
-
-    def _show(self, phase: str, text: str, final: bool = False) -> None:
-        if phase != self._phase:
-            self._end_phase()
-            self._phase = phase
-            self._last = 0.0
-        self._pending = text
-        now = time.monotonic()
-        if final or now - self._last >= self._interval:
-            self._emit(now)
-
-    def _emit(self, now: float) -> None:
-        if self.tty:
-            sys.stderr.write("\r" + self._pending + "\x1b[K")
-            sys.stderr.flush()
-        else:
-            click.echo(self._pending, err=True)
-        self._pending = ""
-        self._last = now
-
-    def _end_phase(self) -> None:
-        if self._pending:
-            self._emit(time.monotonic())
-        if self._phase and self.tty:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-
-    def done(self) -> None:
-        self._end_phase()
-        self._phase = ""
-
-
-def _stderr_is_terminal() -> bool:
-    try:
-        return sys.stderr.isatty()
-    except (AttributeError, ValueError):
-        return False
 
 
 def known_host_key(address: ServerAddress) -> str | None:

@@ -43,12 +43,8 @@ import click
 from cldcb import restore
 from cldcb.client.cli import main
 from cldcb.client.nodeconfig import NodePaths
-from cldcb.client.recover import (
-    ProgressPrinter,
-    node_dir_options,
-    node_key_options,
-    open_node_key,
-)
+from cldcb.client.progress import ProgressPrinter
+from cldcb.client.recover import node_dir_options, node_key_options, open_node_key
 from cldcb.connection import Connection, ServerAddress, ServerSpec
 from cldcb.errors import CldcbError, RecoveryError
 from cldcb.ids import parse_client_id
