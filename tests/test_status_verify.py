@@ -360,6 +360,30 @@ def test_verify_detects_a_differing_live_database(setup: Setup, tmp_path: Path) 
     assert "(table vars)" in done.stdout
 
 
+def test_verify_json(setup: Setup, tmp_path: Path) -> None:
+    ln = node_copy(setup, tmp_path)
+    done = verify(ln, "--json")
+    assert done.returncode == CODES["ok"], done.stdout + done.stderr
+    report = json.loads(done.stdout)          # one object, no human text beside it
+    assert report["ok"] is True and report["exit_code"] == CODES["ok"]
+    assert report["data_version"] == setup.data_version
+    assert report["database"] == str(db_of(ln))
+    assert [s["result"] for s in report["servers"]] == ["identical", "identical"]
+    assert [s["address"] for s in report["servers"]] == [s.address for s in setup.servers]
+    ahead = commit_unseen(ln, 1)
+    done = verify(ln, "--json")
+    assert done.returncode == CODES["failure"]
+    report = json.loads(done.stdout)
+    assert report["ok"] is False and report["data_version"] == ahead
+    assert {s["result"] for s in report["servers"]} == {"failed"}
+    assert all("it is behind" in s["detail"] for s in report["servers"])
+    other = tmp_path / "other_secret"
+    other.write_bytes(bytes(range(1, 33)))
+    done = verify(ln, "--json", "--hsm-secret", str(other))
+    assert done.returncode == CODES["failure"]
+    assert "give this node's hsm_secret" in json.loads(done.stdout)["error"]
+
+
 def test_verify_live_database_ahead_of_the_backup(setup: Setup, tmp_path: Path) -> None:
     ln = node_copy(setup, tmp_path)
     ahead = commit_unseen(ln, 1)
