@@ -34,6 +34,9 @@ DESIGN section 6. In order:
 
 ``--list`` (with ``--json``) shows, per client of the node and per server, its
 restorable states (:class:`cldcb.wire.RestorableState`) and writes nothing.
+Without ``--list``, ``--json`` prints the summary as one JSON object on stdout
+(what was recovered, each server's outcome, the warning); notes, questions and
+progress stay on stderr, and an error too is one JSON object.
 
 Host keys of ``ssh://`` servers: ``--host-key 'ssh-ed25519 AAAA…'``, one per
 ``ssh://`` server in the order they are given, or else the operator's
@@ -56,7 +59,13 @@ import click
 
 from cldcb import restore, wire
 from cldcb.alt_hsmd import AltHsmdNodeKey
-from cldcb.cli_common import get_passphrase, local_node_key, stdin_is_terminal
+from cldcb.cli_common import (
+    echo_json,
+    get_passphrase,
+    json_option,
+    local_node_key,
+    stdin_is_terminal,
+)
 from cldcb.client.fallback import (
     DANGER,
     Fallback,
@@ -68,7 +77,7 @@ from cldcb.client.fallback import (
 from cldcb.client.nodeconfig import NodePaths, add_important_plugin
 from cldcb.client.progress import ProgressPrinter
 from cldcb.connection import Connection, ServerAddress, ServerSpec
-from cldcb.errors import CldcbError, HsmSecretError, RecoveryError, UsageError
+from cldcb.errors import CldcbError, ExitCode, HsmSecretError, RecoveryError, UsageError
 from cldcb.hsm_secret import needs_passphrase
 from cldcb.ids import client_id_from_pubkey, parse_server_id
 from cldcb.malloc import keep_freed_memory
@@ -513,7 +522,27 @@ async def recover_node(specs: list[ServerSpec], node: NodeKey, dest: Path,
         if chosen is not None and chosen[1].rebuilt is not None:
             restore.discard(chosen[1].rebuilt.path)
         raise
-    return cand, best, _summary(specs, tried[cand.client_pub], best)
+    return cand, best, tried[cand.client_pub]
+
+
+def _outcomes(specs: list[ServerSpec], results: dict[str, ServerResult],
+              best: ServerResult) -> list[dict[str, Any]]:
+    """Each server's part in the recovery, for ``--json``."""
+    assert best.rebuilt is not None
+    out = []
+    for spec in specs:
+        res = results[str(spec.address)]
+        r = res.rebuilt
+        outcome = ("used" if res is best else "failed" if r is None
+                   else "stale" if r.data_version < best.rebuilt.data_version else "same state")
+        out.append({"address": str(spec.address), "server_id": spec.server_id,
+                    "outcome": outcome, "data_version": r.data_version if r else None,
+                    "newest_record_ms": r.newest_time_ms if r else None,
+                    "claimed_data_version": res.claimed,
+                    "older": ({"generation": res.fallback.label, "missing": res.fallback.missing}
+                              if res.fallback else None),
+                    "error": None if r else (res.error or "nothing held")})
+    return out
 
 
 @main.command()
@@ -538,7 +567,8 @@ async def recover_node(specs: list[ServerSpec], node: NodeKey, dest: Path,
 @click.option("--list", "list_only", is_flag=True,
               help="Show each server's restorable states (generation, data_version range, "
                    "times) and write nothing.")
-@click.option("--json", "as_json", is_flag=True, help="With --list: print JSON.")
+@json_option("Print one JSON object on stdout: the summary, or with --list the states "
+             "(an error too).")
 def recover(lightning_dir: Path, network: str, servers: tuple[str, ...],
             server_ids: tuple[str, ...], host_keys: tuple[str, ...], ssh_keys: tuple[Path, ...],
             hsm_secret: Path | None, passphrase_file: Path | None, alt_hsmd: Path | None,
@@ -559,8 +589,6 @@ def recover(lightning_dir: Path, network: str, servers: tuple[str, ...],
             show_states(asyncio.run(list_node_states(specs, node, [str(k) for k in ssh_keys])),
                         as_json)
         return
-    if as_json:
-        raise UsageError("--json goes with --list only")
     restore.refuse_existing(dest)
     if not folder.is_dir():
         raise RecoveryError(f"{folder} does not exist: create it and put the node's "
@@ -573,7 +601,7 @@ def recover(lightning_dir: Path, network: str, servers: tuple[str, ...],
     with open_node_key(lightning_dir, network, hsm_secret, passphrase_file, alt_hsmd) as node:
         node_id = node.node_id
         _say(f"node {node_id}")
-        cand, best, lines = asyncio.run(recover_node(
+        cand, best, results = asyncio.run(recover_node(
             specs, node, dest, [str(k) for k in ssh_keys], yes, accept_older))
     rebuilt = best.rebuilt
     assert rebuilt is not None
@@ -585,6 +613,17 @@ def recover(lightning_dir: Path, network: str, servers: tuple[str, ...],
     write_wrapper(paths.wrapper, cfg)
     added = add_important_plugin(paths, paths.wrapper)
     r = rebuilt
+    if as_json:
+        echo_json({"ok": True, "exit_code": int(ExitCode.OK), "database": str(dest),
+                   "node_id": node_id, "client_id": cand.client_id,
+                   "data_version": r.data_version, "newest_record_ms": r.newest_time_ms,
+                   "snapshot_data_version": r.snapshot_data_version,
+                   "snapshot_ms": r.snapshot_time_ms, "records": r.records,
+                   "servers": _outcomes(specs, results, best), "wrapper": str(paths.wrapper),
+                   "config": str(paths.config), "important_plugin_added": added,
+                   "note": ONE_SERVER if len(specs) == 1 else None, "warning": NEVER_OLDER})
+        return
+    lines = _summary(specs, results, best)
     click.echo(f"Recovered {dest}")
     click.echo(f"  node {node_id}, client {cand.client_id}")
     click.echo(f"  data_version {r.data_version}, newest record of "
