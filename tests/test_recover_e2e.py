@@ -243,6 +243,7 @@ def test_sshd_with_known_hosts_and_default_keys(world: World, tmp_path: Path) ->
     done = client(*recover_args(other, "--server", world.sshd.address(),
                                 "--server-id", world.sshd.server_id), env=env)
     assert done.returncode != 0 and "--host-key" in done.stderr
+    assert f"put it in {home / '.ssh' / 'known_hosts'}" in done.stderr      # the real path
     assert os.listdir(other / NETWORK) == ["hsm_secret"]
 
 

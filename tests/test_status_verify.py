@@ -188,7 +188,9 @@ def test_status_plugin_not_running_while_lightningd_is(setup: Setup, tmp_path: P
         assert done.returncode == 0, done.stdout
         assert "lightningd running; plugin running" in done.stdout
         status_file.unlink()
-        assert status(ln).returncode == CODES["plugin-down"]
+        done = status(ln)
+        assert done.returncode == CODES["plugin-down"]
+        assert f"{status_file} does not exist" in done.stdout     # the real path
     finally:
         fake.close()
 

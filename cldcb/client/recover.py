@@ -157,9 +157,14 @@ def format_time(ms: int | float | None) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def known_hosts_path() -> Path:
+    """``~/.ssh/known_hosts``, expanded (the file messages name)."""
+    return Path("~/.ssh/known_hosts").expanduser()
+
+
 def known_host_key(address: ServerAddress) -> str | None:
     """The host key ``~/.ssh/known_hosts`` holds for ``address`` (Ed25519 preferred)."""
-    path = Path("~/.ssh/known_hosts").expanduser()
+    path = known_hosts_path()
     if not path.is_file():
         return None
     try:
@@ -198,7 +203,7 @@ def server_specs(servers: Sequence[str], server_ids: Sequence[str],
                 raise UsageError(
                     f"no host key is known for {address}: give --host-key 'ssh-ed25519 "
                     "AAAA…' (ask its operator for /etc/ssh/ssh_host_ed25519_key.pub) or "
-                    "put it in ~/.ssh/known_hosts (ssh once to it)")
+                    f"put it in {known_hosts_path()} (ssh once to it)")
             try:
                 asyncssh.import_public_key(key)
             except (ValueError, asyncssh.KeyImportError):

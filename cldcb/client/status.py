@@ -85,9 +85,9 @@ def plugin_state(path: Path) -> dict[str, Any]:
     try:
         data = read_status_file(path)
     except FileNotFoundError:
-        return {"file": None, "running": False, "why": f"{path.name} does not exist"}
+        return {"file": None, "running": False, "why": f"{path} does not exist"}
     except (OSError, ValueError) as exc:
-        return {"file": None, "running": False, "why": f"{path.name} is unreadable ({exc})"}
+        return {"file": None, "running": False, "why": f"{path} is unreadable ({exc})"}
     running = bool(data.get("running")) and _pid_alive(data.get("pid"))
     why = "" if running else (f"its pid {data.get('pid')} is gone" if data.get("running")
                               else "it says the plugin exited")
