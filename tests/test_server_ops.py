@@ -75,3 +75,14 @@ def test_set_address_changes_the_public_address_not_the_key(tmp_path: Path) -> N
     assert added["public_address"] is None
     uninit = run_server_cmd(tmp_path / "none", "set-address", "a.example:1", check=False)
     assert uninit.returncode == 1 and "cldcb-server init" in uninit.stderr
+
+
+def test_server_json_commands_report_errors_as_json(tmp_path: Path) -> None:
+    client_id = client_id_from_pubkey(pubkey_of(os.urandom(32)))
+    for args in (["list", "--json"], ["add", client_id, "--json"],
+                 ["set", client_id, "--quota", "1MiB", "--json"]):
+        done = run_server_cmd(tmp_path / "not-initialised", *args, check=False)
+        assert done.returncode == 1, args
+        error = json.loads(done.stdout)
+        assert error["ok"] is False and error["exit_code"] == 1
+        assert "cldcb-server init" in error["error"] and done.stderr.startswith("error: ")

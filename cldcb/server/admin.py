@@ -20,6 +20,7 @@ import time
 
 import click
 
+from cldcb.cli_common import json_option
 from cldcb.errors import StoreError, UsageError
 from cldcb.ids import parse_client_id
 from cldcb.server.cli import ServerContext, main, parse_host_port, pass_server
@@ -115,7 +116,7 @@ def _describe(info: ClientInfo) -> str:
 @click.option("--generations", default=None, type=click.IntRange(1, 1000),
               help="Complete snapshots kept, with their records, for point-in-time recovery "
                    "[default: 2].")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option("Print the result as JSON (an error too).")
 @pass_server
 def add(server: ServerContext, client_id: str, quota: str | None, append_only: bool,
         generations: int | None, as_json: bool) -> None:
@@ -135,7 +136,7 @@ def add(server: ServerContext, client_id: str, quota: str | None, append_only: b
                    "logged in the client's settings.history).")
 @click.option("--generations", default=None, type=click.IntRange(1, 1000),
               help="Complete snapshots kept, with their records, for point-in-time recovery.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option("Print the result as JSON (an error too).")
 @pass_server
 def set_(server: ServerContext, client_id: str, quota: str | None, append_only: bool | None,
          generations: int | None, as_json: bool) -> None:
@@ -180,7 +181,7 @@ def remove(server: ServerContext, client_id: str) -> None:
 
 
 @main.command("list")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option("Print the result as JSON (an error too).")
 @pass_server
 def list_(server: ServerContext, as_json: bool) -> None:
     """Registered clients: bytes used, newest data_version, last seen."""
