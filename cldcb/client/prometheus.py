@@ -2,9 +2,9 @@
 
 Written in Prometheus' text exposition format (version 0.0.4), the format
 node_exporter's textfile collector reads (``--collector.textfile.directory``;
-the file must end in ``.prom``). The file is replaced atomically (a temporary
-file in the same folder, fsync, rename), so the collector never reads half of
-it. Every metric is a gauge:
+the file must end in ``.prom``). The file is replaced atomically
+(:func:`cldcb.durable.replace_file`), so the collector never reads half of it.
+Every metric is a gauge:
 
 - ``cldcb_status_success``: 1 when ``status`` could look (a wrapper, a node),
   0 when it failed before (then only the ``cldcb_status_*`` metrics are there);
@@ -24,12 +24,11 @@ it. Every metric is a gauge:
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from cldcb.durable import replace_file
 from cldcb.errors import CldcbError, ExitCode
 
 Sample = tuple[dict[str, str], float]
@@ -117,17 +116,7 @@ def write_textfile(path: Path, report: dict[str, Any] | None, *,
     """Replace ``path`` atomically with the metrics of ``report`` (mode 0644)."""
     text = render(metrics(report, time.time(), error_code))
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        replace_file(path, text, mode=0o644)
     except OSError as exc:
         raise CldcbError(f"cannot write {path}: {exc.strerror or exc}; give --prometheus a "
                          "file in a folder that exists and is writable") from None
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
