@@ -4,6 +4,10 @@
   commands report any :class:`~cldcb.errors.CldcbError` as
   ``error: <message>`` on stderr and exit with ``err.exit_code``; the
   traceback is printed only with ``--debug``.
+- :func:`json_option`: ``--json`` for a command that reports state: its result is one
+  JSON object on stdout, and so is an error (``{"ok": false, "error": …,
+  "exit_code": N}``, the ``error: …`` line still on stderr); no human text on stdout.
+- Exit codes: :class:`~cldcb.errors.ExitCode` (the README's table).
 - :func:`get_passphrase`: a passphrase from ``--passphrase-file``, else a
   hidden prompt when one is needed and stdin is a terminal, else a
   :class:`~cldcb.errors.UsageError` naming ``--passphrase-file``.
@@ -13,6 +17,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import traceback
 from collections.abc import Callable
@@ -27,6 +32,7 @@ from cldcb.keyfile import read_passphrase_file
 from cldcb.nodekey import LocalNodeKey, read_hsm_secret_file, with_path
 
 _DEBUG_KEY = "cldcb.debug"
+_JSON_KEY = "cldcb.json"
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -41,10 +47,37 @@ def debug_enabled(ctx: click.Context | None = None) -> bool:
     return bool(ctx and ctx.meta.get(_DEBUG_KEY))
 
 
-def report_error(err: CldcbError, debug: bool) -> None:
-    """Print ``error: <message>`` (and the traceback with ``debug``) to stderr."""
+def _set_json(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+    if value:
+        ctx.meta[_JSON_KEY] = True
+    return value
+
+
+def json_option(help_text: str = "Print one JSON object on stdout (an error too).",
+                ) -> Callable[[F], F]:
+    """``--json`` (as ``as_json``); an error then also reaches stdout as JSON."""
+    return click.option("--json", "as_json", is_flag=True, is_eager=True, callback=_set_json,
+                        help=help_text)
+
+
+def json_enabled(ctx: click.Context | None = None) -> bool:
+    """True if ``--json`` was given to the command running."""
+    ctx = ctx or click.get_current_context(silent=True)
+    return bool(ctx and ctx.meta.get(_JSON_KEY))
+
+
+def echo_json(data: object) -> None:
+    """The one JSON object of a ``--json`` command, on stdout."""
+    click.echo(json.dumps(data, indent=1, default=str))
+
+
+def report_error(err: CldcbError, debug: bool, as_json: bool = False) -> None:
+    """Print ``error: <message>`` (and the traceback with ``debug``) to stderr; with
+    ``as_json`` also ``{"ok": false, "error": …, "exit_code": N}`` on stdout."""
     if debug:
         traceback.print_exception(err)
+    if as_json:
+        echo_json({"ok": False, "error": str(err), "exit_code": int(err.exit_code)})
     click.echo(f"error: {err}", err=True)
 
 
@@ -55,7 +88,7 @@ class CldcbGroup(click.Group):
         try:
             return super().invoke(ctx)
         except CldcbError as err:
-            report_error(err, debug_enabled(ctx))
+            report_error(err, debug_enabled(ctx), json_enabled(ctx))
             ctx.exit(err.exit_code)
 
     def main(self, args: Any = None, *rest: Any, **kwargs: Any) -> Any:
@@ -64,7 +97,7 @@ class CldcbGroup(click.Group):
             return super().main(args, *rest, **kwargs)
         except CldcbError as err:
             argv = sys.argv[1:] if args is None else list(args)
-            report_error(err, "--debug" in argv)
+            report_error(err, "--debug" in argv, "--json" in argv)
             sys.exit(err.exit_code)
 
 

@@ -9,17 +9,37 @@ plaintext of the database).
 
 from __future__ import annotations
 
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """The exit status of every cldcb program (the README's table lists them)."""
+
+    OK = 0
+    """All is well / the command did what was asked."""
+    FAILURE = 1
+    """The command failed (``error: …``), or ``status``/``verify`` found a problem not
+    listed below (a backup that differs, a database older than its backup)."""
+    USAGE = 2
+    """A missing or malformed option or argument."""
+    LAG = 3
+    """``status``: a server is behind the database by more than ``--max-lag``."""
+    OUTAGE = 4
+    """``status``: a server cannot be reached or holds nothing for this node."""
+    PLUGIN_DOWN = 5
+    """``status``: lightningd runs but the cldcb plugin does not."""
+
 
 class CldcbError(Exception):
     """Base of every cldcb error; ``str(err)`` is meant for the operator."""
 
-    exit_code = 1
+    exit_code: int = ExitCode.FAILURE
 
 
 class UsageError(CldcbError):
     """A missing or malformed command-line value; names the flag to give."""
 
-    exit_code = 2
+    exit_code = ExitCode.USAGE
 
 
 class KeyFormatError(CldcbError):

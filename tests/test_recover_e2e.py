@@ -20,6 +20,7 @@ checksums), so that the store serves them as if they were genuine.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pty
 import re
@@ -242,6 +243,7 @@ def test_sshd_with_known_hosts_and_default_keys(world: World, tmp_path: Path) ->
     done = client(*recover_args(other, "--server", world.sshd.address(),
                                 "--server-id", world.sshd.server_id), env=env)
     assert done.returncode != 0 and "--host-key" in done.stderr
+    assert f"put it in {home / '.ssh' / 'known_hosts'}" in done.stderr      # the real path
     assert os.listdir(other / NETWORK) == ["hsm_secret"]
 
 
@@ -254,6 +256,33 @@ def test_several_servers_both_verified(world: World, tmp_path: Path) -> None:
     assert "USED: data_version" in out and "same state: data_version" in out
     assert "single server" not in out
     assert len(read_wrapper(lightning_dir / NETWORK / WRAPPER_NAME).servers) == 2
+
+
+def test_recover_json(world: World, tmp_path: Path) -> None:
+    """--json: one JSON object on stdout (progress and notes stay on stderr), errors too."""
+    backup = world.backups["plain32"]
+    lightning_dir = fresh_node(tmp_path, "plain32")
+    done = client(*recover_args(lightning_dir, *world.daemon_args(), *world.sshd_args(),
+                                "--json"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    network_dir = lightning_dir / NETWORK
+    assert report["ok"] is True and report["exit_code"] == 0
+    assert report["database"] == str(network_dir / "lightningd.sqlite3")
+    assert report["data_version"] == backup.data_version
+    assert report["client_id"] == backup.client_id
+    assert report["wrapper"] == str(network_dir / WRAPPER_NAME)
+    assert "Never start lightningd on an older copy" in report["warning"]
+    assert [s["address"] for s in report["servers"]] == [world.daemon.address,
+                                                          world.sshd.address()]
+    assert sorted(s["outcome"] for s in report["servers"]) == ["same state", "used"]
+    assert all(s["data_version"] == backup.data_version for s in report["servers"])
+    assert dump(network_dir / "lightningd.sqlite3") == backup.dump
+    again = client(*recover_args(lightning_dir, *world.daemon_args(), "--json"))
+    assert again.returncode == 1
+    error = json.loads(again.stdout)
+    assert error["ok"] is False and error["exit_code"] == 1
+    assert "already exists" in error["error"]
 
 
 def test_refuses_to_overwrite_an_existing_database(world: World, tmp_path: Path) -> None:

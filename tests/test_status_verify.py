@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import sqlite3
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import pytest
 from demo import NETWORK, Target, client, install_client, play, vector_secret
+from readme_tables import exit_codes
 from servers import CldcbServer, free_port
 from traces import replay_trace
 
@@ -34,6 +36,7 @@ from cldcb.plugin.wrapper import WRAPPER_NAME, ServerEntry, read_wrapper, write_
 
 pytestmark = pytest.mark.timeout(300)
 TRACE = "cln-workload"
+CODES = exit_codes()      # the README's table
 
 
 @dataclass
@@ -117,7 +120,7 @@ def test_status_lag(setup: Setup, tmp_path: Path) -> None:
     ln = node_copy(setup, tmp_path)
     commit_unseen(ln, 2)
     done = status(ln)
-    assert done.returncode == 1
+    assert done.returncode == CODES["lag"]
     assert "2 data_versions behind the database" in done.stdout
     assert status(ln, "--max-lag", "2").returncode == 0
 
@@ -130,8 +133,9 @@ def test_status_server_down(setup: Setup, tmp_path: Path) -> None:
     write_wrapper(wrapper, replace(cfg, servers=(cfg.servers[0], ServerEntry(
         dead, cfg.servers[1].server_id))))
     done = status(ln, "--json")
-    assert done.returncode == 1
+    assert done.returncode == CODES["outage"]
     report = json.loads(done.stdout)
+    assert report["exit_code"] == CODES["outage"]
     assert report["servers"][0]["reachable"] and not report["servers"][1]["reachable"]
     assert any(p.startswith(f"{dead}: cannot be reached") for p in report["problems"])
 
@@ -142,7 +146,7 @@ def test_status_database_older_than_its_backup(setup: Setup, tmp_path: Path) -> 
     db.unlink()
     older = replay_trace(TRACE, db, calls=slice(0, 700))
     done = status(ln)
-    assert done.returncode == 1
+    assert done.returncode == CODES["failure"]
     assert f"the database only {older}" in done.stdout and "do not start" in done.stdout
 
 
@@ -168,7 +172,7 @@ def test_status_plugin_not_running_while_lightningd_is(setup: Setup, tmp_path: P
     fake = FakeLightningd(network_dir)
     try:
         done = status(ln)  # the status file says the plugin exited
-        assert done.returncode == 1
+        assert done.returncode == CODES["plugin-down"]
         assert "lightningd is running but the cldcb plugin is not" in done.stdout
         gone = subprocess.Popen([sys.executable, "-c", "pass"])
         gone.wait()
@@ -176,16 +180,154 @@ def test_status_plugin_not_running_while_lightningd_is(setup: Setup, tmp_path: P
         data = json.loads(status_file.read_text())
         write_status_file(status_file, {**data, "running": True, "pid": gone.pid})
         done = status(ln)
-        assert done.returncode == 1 and f"its pid {gone.pid} is gone" in done.stdout
+        assert done.returncode == CODES["plugin-down"]
+        assert f"its pid {gone.pid} is gone" in done.stdout
         # A plugin that runs (this process stands in for it): all is well.
         write_status_file(status_file, {**data, "running": True, "pid": os.getpid()})
         done = status(ln)
         assert done.returncode == 0, done.stdout
         assert "lightningd running; plugin running" in done.stdout
         status_file.unlink()
-        assert status(ln).returncode == 1
+        done = status(ln)
+        assert done.returncode == CODES["plugin-down"]
+        assert f"{status_file} does not exist" in done.stdout     # the real path
     finally:
         fake.close()
+
+
+def test_status_never_shows_a_stopped_plugins_state_as_now(setup: Setup,
+                                                           tmp_path: Path) -> None:
+    """A plugin killed while connecting left "connecting" in its file: that is not now."""
+    ln = node_copy(setup, tmp_path)
+    status_file = ln / NETWORK / STATUS_NAME
+    data = json.loads(status_file.read_text())
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    servers = [{**s, "state": "connecting", "connected": False} for s in data["servers"]]
+    write_status_file(status_file, {**data, "running": True, "pid": gone.pid,
+                                    "servers": servers})
+    fake = FakeLightningd(ln / NETWORK)
+    try:
+        for running in (True, False):   # with lightningd running, then stopped
+            if not running:
+                fake.close()
+            done = status(ln)
+            assert "plugin says" not in done.stdout and "connecting" not in done.stdout
+            assert "plugin not running (its pid" in done.stdout
+            assert "status last written" in done.stdout
+    finally:
+        fake.close()
+
+
+def test_status_human_output_never_says_none(setup: Setup, tmp_path: Path) -> None:
+    """Unknown values (no database, a server holding nothing, no ack) are said in words."""
+    ln = node_copy(setup, tmp_path)
+    db_of(ln).unlink()
+    wrapper = ln / NETWORK / WRAPPER_NAME
+    cfg = read_wrapper(wrapper)
+    empty = CldcbServer(tmp_path / "empty").init()
+    empty.add(cfg.client_id)
+    empty.start()
+    try:
+        write_wrapper(wrapper, replace(cfg, servers=(*cfg.servers, ServerEntry(
+            empty.address, empty.server_id))))
+        status_file = ln / NETWORK / STATUS_NAME
+        data = json.loads(status_file.read_text())
+        servers = [{**s, "last_acked_data_version": None} for s in data["servers"]]
+        write_status_file(status_file, {**data, "running": True, "pid": os.getpid(),
+                                        "servers": servers, "data_version": None})
+        done = status(ln)
+    finally:
+        empty.stop()
+    assert done.returncode == CODES["failure"], done.stdout + done.stderr
+    assert "None" not in done.stdout and "null" not in done.stdout
+    assert "data_version unknown" in done.stdout
+    assert f"server {empty.address}" in done.stdout and "holds nothing" in done.stdout
+    assert "last ack none yet" in done.stdout
+
+
+def test_status_json_error_is_json(tmp_path: Path) -> None:
+    (tmp_path / NETWORK).mkdir()
+    done = status(tmp_path, "--json")
+    assert done.returncode == CODES["failure"]
+    report = json.loads(done.stdout)
+    assert report["ok"] is False and report["exit_code"] == CODES["failure"]
+    assert WRAPPER_NAME in report["error"] and done.stderr.startswith("error: ")
+
+
+_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^{}]*\})? (\S+)$')
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\["\\n])*)"(,|$)')
+
+
+def parse_prometheus(text: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """A strict reader of Prometheus' text format (0.0.4): every sample's metric has one
+    HELP and one TYPE line before it, labels are well quoted, values are floats."""
+    assert text.endswith("\n")
+    typed: dict[str, str] = {}
+    helped: set[str] = set()
+    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            name = line.split(" ", 3)[2]
+            assert name not in helped, line
+            helped.add(name)
+        elif line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            assert kind in ("gauge", "counter", "untyped") and name not in typed, line
+            typed[name] = kind
+        else:
+            m = _SAMPLE.match(line)
+            assert m, f"not a sample line: {line!r}"
+            name, labels, value = m.groups()
+            assert name in typed and name in helped, f"{name} has no TYPE/HELP before it"
+            pairs: list[tuple[str, str]] = []
+            body = (labels or "{}")[1:-1]
+            while body:
+                lm = _LABEL.match(body)
+                assert lm, f"bad labels in {line!r}"
+                pairs.append((lm.group(1), lm.group(2)))
+                body = body[lm.end():]
+            key = tuple(sorted(pairs))
+            assert key not in out.setdefault(name, {}), f"duplicate sample {line!r}"
+            out[name][key] = float(value)
+    return out
+
+
+def test_status_prometheus_textfile(setup: Setup, tmp_path: Path) -> None:
+    ln = node_copy(setup, tmp_path)
+    prom = tmp_path / "textfile" / "cldcb.prom"
+    prom.parent.mkdir()
+    addresses = [s.address for s in setup.servers]
+
+    def scrape(*more: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+        status(ln, "--prometheus", str(prom), *more)
+        assert [p.name for p in prom.parent.iterdir()] == ["cldcb.prom"]   # no temp left
+        return parse_prometheus(prom.read_text())
+
+    m = scrape()
+    per_server = {(("server", a),) for a in addresses}
+    assert set(m["cldcb_backup_lag_data_versions"]) == per_server
+    assert set(m["cldcb_backup_lag_data_versions"].values()) == {0}
+    assert set(m["cldcb_backup_last_ack_age_seconds"]) == per_server
+    assert all(v >= 0 for v in m["cldcb_backup_last_ack_age_seconds"].values())
+    assert m["cldcb_backup_outage"][()] == 0 and m["cldcb_plugin_running"][()] == 0
+    assert m["cldcb_status_exit_code"][()] == 0 and m["cldcb_status_success"][()] == 1
+    commit_unseen(ln, 3)
+    m = scrape()
+    assert set(m["cldcb_backup_lag_data_versions"].values()) == {3}
+    assert m["cldcb_status_exit_code"][()] == CODES["lag"]
+    wrapper = ln / NETWORK / WRAPPER_NAME
+    cfg = read_wrapper(wrapper)
+    dead = f"127.0.0.1:{free_port()}"
+    write_wrapper(wrapper, replace(cfg, servers=(cfg.servers[0], ServerEntry(
+        dead, cfg.servers[1].server_id))))
+    m = scrape()
+    assert m["cldcb_backup_outage"][()] == 1
+    assert m["cldcb_backup_server_up"][(("server", dead),)] == 0
+    assert (("server", dead),) not in m["cldcb_backup_lag_data_versions"]
+    wrapper.unlink()            # status cannot run at all: the file says so
+    m = scrape()
+    assert m["cldcb_status_success"][()] == 0
 
 
 def test_status_without_wrapper(tmp_path: Path) -> None:
@@ -218,6 +360,30 @@ def test_verify_detects_a_differing_live_database(setup: Setup, tmp_path: Path) 
     assert done.returncode == 1
     assert done.stdout.count("DIFFERS: the dumps differ from line") == 2
     assert "(table vars)" in done.stdout
+
+
+def test_verify_json(setup: Setup, tmp_path: Path) -> None:
+    ln = node_copy(setup, tmp_path)
+    done = verify(ln, "--json")
+    assert done.returncode == CODES["ok"], done.stdout + done.stderr
+    report = json.loads(done.stdout)          # one object, no human text beside it
+    assert report["ok"] is True and report["exit_code"] == CODES["ok"]
+    assert report["data_version"] == setup.data_version
+    assert report["database"] == str(db_of(ln))
+    assert [s["result"] for s in report["servers"]] == ["identical", "identical"]
+    assert [s["address"] for s in report["servers"]] == [s.address for s in setup.servers]
+    ahead = commit_unseen(ln, 1)
+    done = verify(ln, "--json")
+    assert done.returncode == CODES["failure"]
+    report = json.loads(done.stdout)
+    assert report["ok"] is False and report["data_version"] == ahead
+    assert {s["result"] for s in report["servers"]} == {"failed"}
+    assert all("it is behind" in s["detail"] for s in report["servers"])
+    other = tmp_path / "other_secret"
+    other.write_bytes(bytes(range(1, 33)))
+    done = verify(ln, "--json", "--hsm-secret", str(other))
+    assert done.returncode == CODES["failure"]
+    assert "give this node's hsm_secret" in json.loads(done.stdout)["error"]
 
 
 def test_verify_live_database_ahead_of_the_backup(setup: Setup, tmp_path: Path) -> None:

@@ -34,6 +34,9 @@ DESIGN section 6. In order:
 
 ``--list`` (with ``--json``) shows, per client of the node and per server, its
 restorable states (:class:`cldcb.wire.RestorableState`) and writes nothing.
+Without ``--list``, ``--json`` prints the summary as one JSON object on stdout
+(what was recovered, each server's outcome, the warning); notes, questions and
+progress stay on stderr, and an error too is one JSON object.
 
 Host keys of ``ssh://`` servers: ``--host-key 'ssh-ed25519 AAAA…'``, one per
 ``ssh://`` server in the order they are given, or else the operator's
@@ -45,8 +48,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sys
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -58,7 +59,13 @@ import click
 
 from cldcb import restore, wire
 from cldcb.alt_hsmd import AltHsmdNodeKey
-from cldcb.cli_common import get_passphrase, local_node_key, stdin_is_terminal
+from cldcb.cli_common import (
+    echo_json,
+    get_passphrase,
+    json_option,
+    local_node_key,
+    stdin_is_terminal,
+)
 from cldcb.client.fallback import (
     DANGER,
     Fallback,
@@ -68,8 +75,9 @@ from cldcb.client.fallback import (
     show_states,
 )
 from cldcb.client.nodeconfig import NodePaths, add_important_plugin
+from cldcb.client.progress import ProgressPrinter
 from cldcb.connection import Connection, ServerAddress, ServerSpec
-from cldcb.errors import CldcbError, HsmSecretError, RecoveryError, UsageError
+from cldcb.errors import CldcbError, ExitCode, HsmSecretError, RecoveryError, UsageError
 from cldcb.hsm_secret import needs_passphrase
 from cldcb.ids import client_id_from_pubkey, parse_server_id
 from cldcb.malloc import keep_freed_memory
@@ -149,72 +157,14 @@ def format_time(ms: int | float | None) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def _mib(n: int) -> str:
-    return f"{n / (1 << 20):.1f}"
-
-
-class ProgressPrinter:
-    """Download and replay progress on stderr: one updated line on a terminal, else a
-    line every few seconds and at the end of each phase."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.tty = _stderr_is_terminal()
-        self._interval = 0.2 if self.tty else 3.0
-        self._last = 0.0
-        self._pending = ""
-        self._phase = ""
-        self.progress = restore.Progress(download=self._download, replay=self._replay)
-
-    def _download(self, done: int, total: int) -> None:
-        pct = 100.0 * done / total if total else 100.0
-        self._show("download", f"{self.name}: snapshot {pct:5.1f}% ({_mib(done)} of "
-                   f"{_mib(total)} MiB)", final=done >= total)
-
-    def _replay(self, records: int) -> None:
-        self._show("replay", f"{self.name}: verified and replayed {records} records")
-
-    def _show(self, phase: str, text: str, final: bool = False) -> None:
-        if phase != self._phase:
-            self._end_phase()
-            self._phase = phase
-            self._last = 0.0
-        self._pending = text
-        now = time.monotonic()
-        if final or now - self._last >= self._interval:
-            self._emit(now)
-
-    def _emit(self, now: float) -> None:
-        if self.tty:
-            sys.stderr.write("\r" + self._pending + "\x1b[K")
-            sys.stderr.flush()
-        else:
-            click.echo(self._pending, err=True)
-        self._pending = ""
-        self._last = now
-
-    def _end_phase(self) -> None:
-        if self._pending:
-            self._emit(time.monotonic())
-        if self._phase and self.tty:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-
-    def done(self) -> None:
-        self._end_phase()
-        self._phase = ""
-
-
-def _stderr_is_terminal() -> bool:
-    try:
-        return sys.stderr.isatty()
-    except (AttributeError, ValueError):
-        return False
+def known_hosts_path() -> Path:
+    """``~/.ssh/known_hosts``, expanded (the file messages name)."""
+    return Path("~/.ssh/known_hosts").expanduser()
 
 
 def known_host_key(address: ServerAddress) -> str | None:
     """The host key ``~/.ssh/known_hosts`` holds for ``address`` (Ed25519 preferred)."""
-    path = Path("~/.ssh/known_hosts").expanduser()
+    path = known_hosts_path()
     if not path.is_file():
         return None
     try:
@@ -253,7 +203,7 @@ def server_specs(servers: Sequence[str], server_ids: Sequence[str],
                 raise UsageError(
                     f"no host key is known for {address}: give --host-key 'ssh-ed25519 "
                     "AAAA…' (ask its operator for /etc/ssh/ssh_host_ed25519_key.pub) or "
-                    "put it in ~/.ssh/known_hosts (ssh once to it)")
+                    f"put it in {known_hosts_path()} (ssh once to it)")
             try:
                 asyncssh.import_public_key(key)
             except (ValueError, asyncssh.KeyImportError):
@@ -577,7 +527,27 @@ async def recover_node(specs: list[ServerSpec], node: NodeKey, dest: Path,
         if chosen is not None and chosen[1].rebuilt is not None:
             restore.discard(chosen[1].rebuilt.path)
         raise
-    return cand, best, _summary(specs, tried[cand.client_pub], best)
+    return cand, best, tried[cand.client_pub]
+
+
+def _outcomes(specs: list[ServerSpec], results: dict[str, ServerResult],
+              best: ServerResult) -> list[dict[str, Any]]:
+    """Each server's part in the recovery, for ``--json``."""
+    assert best.rebuilt is not None
+    out = []
+    for spec in specs:
+        res = results[str(spec.address)]
+        r = res.rebuilt
+        outcome = ("used" if res is best else "failed" if r is None
+                   else "stale" if r.data_version < best.rebuilt.data_version else "same state")
+        out.append({"address": str(spec.address), "server_id": spec.server_id,
+                    "outcome": outcome, "data_version": r.data_version if r else None,
+                    "newest_record_ms": r.newest_time_ms if r else None,
+                    "claimed_data_version": res.claimed,
+                    "older": ({"generation": res.fallback.label, "missing": res.fallback.missing}
+                              if res.fallback else None),
+                    "error": None if r else (res.error or "nothing held")})
+    return out
 
 
 @main.command()
@@ -602,7 +572,8 @@ async def recover_node(specs: list[ServerSpec], node: NodeKey, dest: Path,
 @click.option("--list", "list_only", is_flag=True,
               help="Show each server's restorable states (generation, data_version range, "
                    "times) and write nothing.")
-@click.option("--json", "as_json", is_flag=True, help="With --list: print JSON.")
+@json_option("Print one JSON object on stdout: the summary, or with --list the states "
+             "(an error too).")
 def recover(lightning_dir: Path, network: str, servers: tuple[str, ...],
             server_ids: tuple[str, ...], host_keys: tuple[str, ...], ssh_keys: tuple[Path, ...],
             hsm_secret: Path | None, passphrase_file: Path | None, alt_hsmd: Path | None,
@@ -623,8 +594,6 @@ def recover(lightning_dir: Path, network: str, servers: tuple[str, ...],
             show_states(asyncio.run(list_node_states(specs, node, [str(k) for k in ssh_keys])),
                         as_json)
         return
-    if as_json:
-        raise UsageError("--json goes with --list only")
     restore.refuse_existing(dest)
     if not folder.is_dir():
         raise RecoveryError(f"{folder} does not exist: create it and put the node's "
@@ -637,7 +606,7 @@ def recover(lightning_dir: Path, network: str, servers: tuple[str, ...],
     with open_node_key(lightning_dir, network, hsm_secret, passphrase_file, alt_hsmd) as node:
         node_id = node.node_id
         _say(f"node {node_id}")
-        cand, best, lines = asyncio.run(recover_node(
+        cand, best, results = asyncio.run(recover_node(
             specs, node, dest, [str(k) for k in ssh_keys], yes, accept_older))
     rebuilt = best.rebuilt
     assert rebuilt is not None
@@ -649,6 +618,17 @@ def recover(lightning_dir: Path, network: str, servers: tuple[str, ...],
     write_wrapper(paths.wrapper, cfg)
     added = add_important_plugin(paths, paths.wrapper)
     r = rebuilt
+    if as_json:
+        echo_json({"ok": True, "exit_code": int(ExitCode.OK), "database": str(dest),
+                   "node_id": node_id, "client_id": cand.client_id,
+                   "data_version": r.data_version, "newest_record_ms": r.newest_time_ms,
+                   "snapshot_data_version": r.snapshot_data_version,
+                   "snapshot_ms": r.snapshot_time_ms, "records": r.records,
+                   "servers": _outcomes(specs, results, best), "wrapper": str(paths.wrapper),
+                   "config": str(paths.config), "important_plugin_added": added,
+                   "note": ONE_SERVER if len(specs) == 1 else None, "warning": NEVER_OLDER})
+        return
+    lines = _summary(specs, results, best)
     click.echo(f"Recovered {dest}")
     click.echo(f"  node {node_id}, client {cand.client_id}")
     click.echo(f"  data_version {r.data_version}, newest record of "

@@ -22,7 +22,9 @@ Scratch files live in a temporary folder inside ``<lightning-dir>/<network>``
 (the node's own folder, so the copies of the database, which hold secrets,
 stay as private as the database itself and on a disk with room for it); it is
 removed at the end. Exit status: 0 when every server's backup equals the live
-database, 1 when one differs or fails.
+database, 1 when one differs or fails. ``--json`` prints one JSON object instead
+(``ok``, ``exit_code``, ``database``, ``data_version``, ``compare``, and per server
+``address``, ``server_id``, ``result``: identical, differs or failed, and ``detail``).
 """
 
 from __future__ import annotations
@@ -41,16 +43,13 @@ from pathlib import Path
 import click
 
 from cldcb import restore
+from cldcb.cli_common import echo_json, json_option
 from cldcb.client.cli import main
 from cldcb.client.nodeconfig import NodePaths
-from cldcb.client.recover import (
-    ProgressPrinter,
-    node_dir_options,
-    node_key_options,
-    open_node_key,
-)
+from cldcb.client.progress import ProgressPrinter
+from cldcb.client.recover import node_dir_options, node_key_options, open_node_key
 from cldcb.connection import Connection, ServerAddress, ServerSpec
-from cldcb.errors import CldcbError, RecoveryError
+from cldcb.errors import CldcbError, ExitCode, RecoveryError
 from cldcb.ids import parse_client_id
 from cldcb.nodekey import NodeKey
 from cldcb.plugin.wrapper import WrapperConfig, read_wrapper
@@ -148,9 +147,14 @@ def compare(live: Path, rebuilt: Path, work: Path) -> str | None:
     return None
 
 
+Outcome = dict[str, str | None]
+"""One server's: ``address``, ``server_id``, ``result`` (identical, differs, failed),
+``detail`` (where the dumps differ, why it failed; None when identical)."""
+
+
 async def _drill(cfg: WrapperConfig, node: NodeKey, live: Path, data_version: int,
-                 work: Path) -> list[tuple[str, str | None]]:
-    results: list[tuple[str, str | None]] = []
+                 work: Path) -> list[Outcome]:
+    results: list[Outcome] = []
     client_pub = parse_client_id(cfg.client_id)
     for n, server in enumerate(cfg.servers):
         spec = ServerSpec(ServerAddress.parse(server.address), server.server_id,
@@ -158,27 +162,30 @@ async def _drill(cfg: WrapperConfig, node: NodeKey, live: Path, data_version: in
         name = str(spec.address)
         out = work / f"server-{n}.sqlite3"
         printer = ProgressPrinter(name)
+        outcome: Outcome = {"address": name, "server_id": server.server_id}
         try:
             async with await Connection.open(spec, cfg.client_priv, Role.READER) as conn:
                 await restore.rebuild(conn, node, client_pub, out, at=data_version,
                                       source=name, progress=printer.progress)
             printer.done()
             diff = compare(live, out, work)
-            results.append((name, None if diff is None else f"DIFFERS: {diff}"))
+            outcome.update(result="identical" if diff is None else "differs", detail=diff)
         except CldcbError as exc:
             printer.done()
-            results.append((name, f"FAILED: {exc}"))
+            outcome.update(result="failed", detail=str(exc))
         finally:
             restore.discard(out)
+        results.append(outcome)
     return results
 
 
 @main.command()
 @node_dir_options
 @node_key_options
+@json_option()
 @click.pass_context
 def verify(ctx: click.Context, lightning_dir: Path, network: str, hsm_secret: Path | None,
-           passphrase_file: Path | None, alt_hsmd: Path | None) -> None:
+           passphrase_file: Path | None, alt_hsmd: Path | None, as_json: bool) -> None:
     """Restore drill: rebuild the backup at the live database's data_version and compare.
 
     Exits 1 when a server's backup differs from the live database or cannot be
@@ -195,13 +202,21 @@ def verify(ctx: click.Context, lightning_dir: Path, network: str, hsm_secret: Pa
         try:
             live = work / "live.sqlite3"
             data_version = copy_live(db, live)
-            click.echo(f"live database {db}: data_version {data_version} (consistent copy); "
-                       f"comparing with {compare_method()}")
+            if not as_json:
+                click.echo(f"live database {db}: data_version {data_version} (consistent "
+                           f"copy); comparing with {compare_method()}")
             results = asyncio.run(_drill(cfg, node, live, data_version, work))
         finally:
             shutil.rmtree(work, ignore_errors=True)
-    for name, problem in results:
-        click.echo(f"server {name}: " + (problem or f"backup at data_version {data_version} "
-                                          "is IDENTICAL to the live database"))
-    if any(problem for _, problem in results):
-        ctx.exit(1)
+    ok = all(r["result"] == "identical" for r in results)
+    code = ExitCode.OK if ok else ExitCode.FAILURE
+    if as_json:
+        echo_json({"ok": ok, "exit_code": int(code), "database": str(db),
+                   "data_version": data_version, "compare": compare_method(),
+                   "servers": results})
+        ctx.exit(code)
+    for r in results:
+        click.echo(f"server {r['address']}: " + (
+            f"backup at data_version {data_version} is IDENTICAL to the live database"
+            if r["result"] == "identical" else f"{str(r['result']).upper()}: {r['detail']}"))
+    ctx.exit(code)

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from cldcb.connection import Connection, ServerAddress, ServerSpec
-from cldcb.errors import CldcbError, PluginError
+from cldcb.errors import CldcbError, ExitCode, PluginError
 from cldcb.malloc import keep_freed_memory
 from cldcb.plugin import jsonrpc
 from cldcb.plugin.engine import Engine, HookResult
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: cldcb-plugin WRAPPER_PATH\n\nThe cldcb backup plugin for Core Lightning. "
               "lightningd starts it through cldcb-plugin-wrapper\n(written by `cldcb-client "
               "installplugin`); it is not meant to be run by hand.", file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
     wrapper = Path(args[0])
     keep_freed_memory()
     try:
@@ -278,13 +278,13 @@ def main(argv: list[str] | None = None) -> int:
             server_spec(e.address, e.server_id, e.host_key)
     except CldcbError as exc:
         print(f"cldcb-plugin: error: {exc}", file=sys.stderr)
-        return 1
+        return ExitCode.FAILURE
     workdir = Path.cwd()
     try:
         return asyncio.run(Plugin(cfg, wrapper, workdir).run())
     except PluginError as exc:
         print(f"cldcb-plugin: error: {exc}", file=sys.stderr)
-        return 1
+        return ExitCode.FAILURE
     except KeyboardInterrupt:
         return 130
 

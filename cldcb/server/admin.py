@@ -20,6 +20,7 @@ import time
 
 import click
 
+from cldcb.cli_common import json_option
 from cldcb.errors import StoreError, UsageError
 from cldcb.ids import parse_client_id
 from cldcb.server.cli import ServerContext, main, parse_host_port, pass_server
@@ -115,7 +116,7 @@ def _describe(info: ClientInfo) -> str:
 @click.option("--generations", default=None, type=click.IntRange(1, 1000),
               help="Complete snapshots kept, with their records, for point-in-time recovery "
                    "[default: 2].")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option("Print the result as JSON (an error too).")
 @pass_server
 def add(server: ServerContext, client_id: str, quota: str | None, append_only: bool,
         generations: int | None, as_json: bool) -> None:
@@ -135,7 +136,7 @@ def add(server: ServerContext, client_id: str, quota: str | None, append_only: b
                    "logged in the client's settings.history).")
 @click.option("--generations", default=None, type=click.IntRange(1, 1000),
               help="Complete snapshots kept, with their records, for point-in-time recovery.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option("Print the result as JSON (an error too).")
 @pass_server
 def set_(server: ServerContext, client_id: str, quota: str | None, append_only: bool | None,
          generations: int | None, as_json: bool) -> None:
@@ -180,7 +181,7 @@ def remove(server: ServerContext, client_id: str) -> None:
 
 
 @main.command("list")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option("Print the result as JSON (an error too).")
 @pass_server
 def list_(server: ServerContext, as_json: bool) -> None:
     """Registered clients: bytes used, newest data_version, last seen."""
@@ -213,6 +214,8 @@ def _setup_logging(fmt: str = "%(asctime)s %(name)s %(levelname)s %(message)s",
     logging.basicConfig(level=level, stream=sys.stderr, format=fmt)
 
 
+LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+              "error": logging.ERROR}
 _POSITIVE_INT = click.IntRange(min=1)
 _POSITIVE_SECONDS = click.FloatRange(min=0, min_open=True)
 
@@ -237,8 +240,13 @@ _POSITIVE_SECONDS = click.FloatRange(min=0, min_open=True)
               metavar="SECONDS",
               help="The same before login and for anonymous sessions [default: 60, or "
                    "$CLDCB_SERVER_ANONYMOUS_IDLE_TIMEOUT].")
+@click.option("--log-level", type=click.Choice(list(LOG_LEVELS), case_sensitive=False),
+              default="info", envvar="CLDCB_SERVER_LOG_LEVEL",
+              help="How much goes to the log (stderr): info is cldcb's own lines (one per "
+                   "session); debug adds asyncssh's, per connection [default: info, or "
+                   "$CLDCB_SERVER_LOG_LEVEL].")
 @pass_server
-def serve(server: ServerContext, listen: str, **limits: float | None) -> None:
+def serve(server: ServerContext, listen: str, log_level: str, **limits: float | None) -> None:
     """Run the standalone SSH daemon (subsystem `cldcb`).
 
     What strangers can make it hold is bounded by the limits below (and one channel
@@ -254,7 +262,11 @@ def serve(server: ServerContext, listen: str, **limits: float | None) -> None:
     parse_host_port(f"{host}:{port if port != '0' else 1}", "--listen")
     priv, server_id = server.read_key()
     _open_store(server).close()
-    _setup_logging()
+    level = LOG_LEVELS[log_level.lower()]
+    _setup_logging(level=level)
+    # asyncssh's per-connection lines are not the operator's log, except to debug
+    logging.getLogger("asyncssh").setLevel(level if level <= logging.DEBUG
+                                           else max(level, logging.WARNING))
     logging.getLogger("cldcb.server").info("server id %s", server_id)
     try:
         asyncio.run(run(server.data_dir, priv, host.strip("[]"), int(port), limits=bounds))

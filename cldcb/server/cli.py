@@ -5,7 +5,8 @@ A thin layer. The group's ``--data-dir`` (default ``$CLDCB_SERVER_DIR``, else
 as a :class:`ServerContext` through :data:`pass_server`.
 
 The data directory holds ``server_key`` (the server's key file, mode 0600) and
-``server.json`` (``{"public_address": "HOST:PORT" or null}``).
+``server.json`` (``{"public_address": "HOST:PORT" or null}``; ``init`` writes it,
+``set-address`` changes it and never touches the key).
 """
 
 from __future__ import annotations
@@ -114,6 +115,23 @@ def init(server: ServerContext, public_address: str | None) -> None:
     server_id = write_key_file(server.key_path, new_privkey(), "server")
     _write_json(server.json_path, {"public_address": public_address})
     click.echo(server_id)
+
+
+@main.command("set-address")
+@click.argument("address", required=False, metavar="HOST:PORT")
+@click.option("--clear", is_flag=True, help="Remove the public address instead.")
+@pass_server
+def set_address(server: ServerContext, address: str | None, clear: bool) -> None:
+    """Change the public address clients are told (`add --json`); the key stays."""
+    if clear == (address is not None):
+        raise UsageError("give the new address as HOST:PORT, or --clear (not both)")
+    if address is not None:
+        parse_host_port(address)
+    server.read_key()    # a clear error when `init` was not run
+    old = server.public_address()
+    _write_json(server.json_path, {"public_address": address})
+    click.echo(f"public address changed from {old or 'none'} to {address or 'none'} "
+               "(the server key and id are unchanged)")
 
 
 @main.command("id")

@@ -250,7 +250,8 @@ async def serve(data_dir: Path, server_priv: bytes, host: str, port: int,
     keep_freed_memory()
     _raise_file_limit()
     limits = limits or Limits.from_env()
-    logging.getLogger("asyncssh").setLevel(logging.WARNING)    # not 3 lines per connection
+    if logging.getLogger("asyncssh").level == logging.NOTSET:   # `serve --log-level` sets it
+        logging.getLogger("asyncssh").setLevel(logging.WARNING)  # not 3 lines per connection
     core = ServerCore(data_dir, server_priv)
     host_key = secp256k1_ssh_key(server_priv)
     slots: dict[object, Slot] = {}
