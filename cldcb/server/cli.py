@@ -88,7 +88,7 @@ def parse_host_port(value: str, option: str = "--public-address") -> str:
     return value
 
 
-@cldcb_group()
+@cldcb_group("cldcb-server")
 @click.option("--data-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="The server's data directory [default: $CLDCB_SERVER_DIR, else "
                    "/var/lib/cldcb for root, else ~/.local/share/cldcb].")

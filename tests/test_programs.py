@@ -1,0 +1,59 @@
+"""What every program answers the way operators expect (issue 14): ``--version`` on each,
+``--debug`` anywhere on the line, ``cldcb-plugin --help`` a success."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cldcb import __version__
+from tests.test_cli_keys import CLIENT, SERVER, console_script, run
+
+PLUGIN = console_script("cldcb-plugin")
+
+
+@pytest.mark.parametrize("program", [CLIENT, SERVER, PLUGIN])
+def test_version(program: str) -> None:
+    done = run(program, "--version")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"{Path(program).name} {__version__}"
+
+
+def test_plugin_help_is_a_success() -> None:
+    done = run(PLUGIN, "--help")
+    assert done.returncode == 0, done.stderr
+    assert "usage: cldcb-plugin [--debug] WRAPPER_PATH" in done.stdout
+
+
+def test_plugin_without_a_wrapper_is_a_usage_error() -> None:
+    done = run(PLUGIN)
+    assert done.returncode == 2
+    assert "usage: cldcb-plugin [--debug] WRAPPER_PATH" in done.stderr
+
+
+@pytest.mark.parametrize("where", ["after the command", "at the end"])
+def test_debug_anywhere_on_the_line(tmp_path: Path, where: str) -> None:
+    absent = str(tmp_path / "absent")
+    args = (["nodeid", "--debug", "--hsm-secret", absent] if where == "after the command"
+            else ["nodeid", "--hsm-secret", absent, "--debug"])
+    done = run(CLIENT, *args)
+    assert done.returncode != 0
+    assert "Traceback" in done.stderr
+    assert done.stderr.rstrip().splitlines()[-1].startswith("error: ")
+    plain = run(CLIENT, "nodeid", "--hsm-secret", absent)
+    assert "Traceback" not in plain.stderr and plain.stderr.startswith("error: ")
+
+
+def test_debug_on_the_server_after_the_command(tmp_path: Path) -> None:
+    done = run(SERVER, "--data-dir", str(tmp_path / "none"), "id", "--debug")
+    assert done.returncode != 0
+    assert "Traceback" in done.stderr and "error: no server key" in done.stderr
+
+
+def test_plugin_debug_shows_the_traceback_of_a_bad_wrapper(tmp_path: Path) -> None:
+    wrapper = tmp_path / "cldcb-plugin-wrapper"
+    wrapper.write_text("not a wrapper\n")
+    done = run(PLUGIN, str(wrapper), "--debug")
+    assert done.returncode == 1
+    assert "Traceback" in done.stderr and "cldcb-plugin: error: " in done.stderr
