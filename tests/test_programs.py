@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -57,3 +60,36 @@ def test_plugin_debug_shows_the_traceback_of_a_bad_wrapper(tmp_path: Path) -> No
     done = run(PLUGIN, str(wrapper), "--debug")
     assert done.returncode == 1
     assert "Traceback" in done.stderr and "cldcb-plugin: error: " in done.stderr
+
+
+# --- the forced command names the server program by its absolute path ---------------------
+
+def test_sshkey_names_the_server_program_by_its_absolute_path(tmp_path: Path) -> None:
+    key = tmp_path / "client.key"
+    client_id = run(CLIENT, "newclient", str(key)).stdout.strip()
+    server = os.path.abspath(Path(CLIENT).parent / "cldcb-server")
+    done = run(CLIENT, "sshkey", "--client-privkey", str(key))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f'restrict,command="{server} stdio --client {client_id}" '
+                                  "ssh-ed25519 ")
+    assert f"forced command: {server}" in done.stderr and "--server-command" in done.stderr
+    given = run(CLIENT, "sshkey", "--client-privkey", str(key), "--server-command",
+                "/opt/cldcb/bin/cldcb-server")
+    assert given.stdout.startswith('restrict,command="/opt/cldcb/bin/cldcb-server stdio '
+                                   f'--client {client_id}" ')
+
+
+def test_add_reports_the_command_that_runs_this_server(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    assert run(SERVER, "--data-dir", str(data), "init").returncode == 0
+    key = tmp_path / "client.key"
+    client_id = run(CLIENT, "newclient", str(key)).stdout.strip()
+    done = run(SERVER, "--data-dir", str(data), "add", client_id, "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["server_command"] == f"{SERVER} --data-dir {data}"
+    # run by a relative path from its own folder: still absolute
+    env = {**os.environ, "CLDCB_SERVER_DIR": str(data)}
+    relative = subprocess.run(["./cldcb-server", "add", client_id, "--json"],
+                              cwd=Path(SERVER).parent, capture_output=True, text=True, env=env,
+                              timeout=60)
+    assert json.loads(relative.stdout)["server_command"] == f"{SERVER} --data-dir {data}"

@@ -62,6 +62,7 @@ from cldcb.plugin.wrapper import (
     read_wrapper,
     write_wrapper,
 )
+from cldcb.programs import SERVER_PROGRAM, find_program
 from cldcb.recognition import make_recognition, message_for_client
 from cldcb.rpc import LightningRpc, RpcError, database_from_wallet
 from cldcb.session import Role
@@ -397,8 +398,9 @@ def uninstallplugin(lightning_dir: Path | None, network: str, yes: bool) -> None
               default=None, help="Read the client key from this node's wrapper instead.")
 @click.option("--network", default="bitcoin", show_default=True,
               help="The node's network (with --lightning-dir).")
-@click.option("--server-command", default="cldcb-server", show_default=True,
-              help="How the server runs cldcb-server (the forced command's program).")
+@click.option("--server-command", default=None, metavar="COMMAND",
+              help="How the server host runs cldcb-server (the forced command's program) "
+                   "[default: the absolute path of cldcb-server on this host].")
 def sshkey(client_privkey: Path | None, lightning_dir: Path | None, network: str,
            server_command: str) -> None:
     """Print the authorized_keys line for a server behind OpenSSH sshd."""
@@ -410,5 +412,13 @@ def sshkey(client_privkey: Path | None, lightning_dir: Path | None, network: str
         assert lightning_dir is not None
         cfg = read_wrapper(NodePaths(lightning_dir, network).wrapper)
         priv, client_id = cfg.client_priv, cfg.client_id
+    if server_command is None:
+        server_command = find_program(SERVER_PROGRAM)
+        if server_command is None:
+            raise UsageError("cldcb-server is not installed on this host: give its absolute "
+                             "path on the server host with --server-command")
+        click.echo(f"forced command: {server_command} (where cldcb-server is on this host; "
+                   "if the server host has it elsewhere, give that path with "
+                   "--server-command)", err=True)
     click.echo(authorized_keys_line(priv, client_id, server_command))
 

@@ -87,7 +87,7 @@ def add_client(server: ServerContext, client_id: str, as_json: bool, *,
             "client_id": client_id, "server_id": server_id, "public_address": public,
             "ssh": f"ssh://{user}@{host}", "quota": info.quota,
             "append_only": info.append_only, "generations": info.generations,
-            "already_registered": not created}))
+            "already_registered": not created, "server_command": server.command()}))
         return
     if created:
         click.echo(f"added client {client_id}")
