@@ -22,6 +22,7 @@ import click
 
 from cldcb.errors import StoreError, UsageError
 from cldcb.ids import parse_client_id
+from cldcb.server import hostfiles  # noqa: F401  (registers systemd-unit, sshd-config)
 from cldcb.server.cli import ServerContext, main, parse_host_port, pass_server
 from cldcb.store import ClientInfo, Store
 from cldcb.store.settings import Settings
