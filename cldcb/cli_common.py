@@ -132,3 +132,13 @@ def local_node_key(hsm_secret: Path, passphrase_file: Path | None) -> LocalNodeK
         return LocalNodeKey.from_hsm_secret_bytes(file_bytes, passphrase)
     except HsmSecretError as err:
         raise with_path(err, hsm_secret) from None
+
+
+def ask(value: str | None, flag: str, question: str) -> str:
+    """``value``, else an answer typed on the terminal, else a UsageError naming ``flag``."""
+    if value:
+        return value
+    if not stdin_is_terminal():
+        raise UsageError(f"missing {flag}: give it on the command line (stdin is not a "
+                         "terminal to ask for it)")
+    return str(click.prompt(question, err=True)).strip()

@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 
 import click
 
-from cldcb.cli_common import stdin_is_terminal
+from cldcb.cli_common import ask, stdin_is_terminal
 from cldcb.client.cli import main
 from cldcb.client.firstsnapshot import wait_first_snapshot
 from cldcb.client.nodeconfig import (
@@ -49,7 +49,13 @@ from cldcb.client.nodeconfig import (
     remove_important_plugin,
 )
 from cldcb.client.nodeconfig import wallet_from_config_files as config_wallet
-from cldcb.client.recover import node_key_options, open_node_key, server_specs
+from cldcb.client.nodedir import node_dir_options
+from cldcb.client.recover import (
+    asked_servers,
+    node_key_options,
+    open_node_key,
+    server_specs,
+)
 from cldcb.connection import Connection, ServerSpec
 from cldcb.errors import CldcbError, PluginError, UsageError
 from cldcb.ids import client_id_from_pubkey, parse_node_id, pubkey_of
@@ -76,16 +82,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 # --- asking -------------------------------------------------------------------------------
 
-def ask(value: str | None, flag: str, question: str) -> str:
-    """``value``, else an answer typed on the terminal, else a UsageError naming ``flag``."""
-    if value:
-        return value
-    if not stdin_is_terminal():
-        raise UsageError(f"missing {flag}: give it on the command line (stdin is not a "
-                         "terminal to ask for it)")
-    return str(click.prompt(question, err=True)).strip()
-
-
 def confirm(question: str, yes: bool) -> None:
     """Go on if ``yes`` or the operator answers yes on a terminal; else stop."""
     if yes:
@@ -95,21 +91,6 @@ def confirm(question: str, yes: bool) -> None:
                          "ask).")
     if not click.confirm(question, default=False, err=True):
         raise UsageError("stopped: nothing was changed")
-
-
-def node_dir_options(func: F) -> F:
-    """``--lightning-dir DIR`` (asked for on a terminal when missing) and ``--network``."""
-    func = click.option("--network", default="bitcoin", show_default=True,
-                        help="The node's network; its files are in <lightning-dir>/<network>.")(
-                            func)
-    return click.option("--lightning-dir", type=click.Path(path_type=Path, file_okay=False),
-                        default=None, help="lightningd's --lightning-dir (asked for on a "
-                        "terminal when not given).")(func)
-
-
-def lightning_dir_of(value: Path | None) -> Path:
-    return Path(os.path.expanduser(ask(str(value) if value else None, "--lightning-dir",
-                                       "lightningd's --lightning-dir")))
 
 
 # --- the node's part --------------------------------------------------------------------
@@ -338,14 +319,10 @@ def installplugin(lightning_dir: Path | None, network: str, client_privkey: Path
                   hsm_secret: Path | None, passphrase_file: Path | None,
                   alt_hsmd: Path | None, wait: float, yes: bool) -> None:
     """Install the backup plugin on this node for an existing client key."""
-    lightning_dir = lightning_dir_of(lightning_dir)
     key_path = Path(os.path.expanduser(ask(
         str(client_privkey) if client_privkey else None, "--client-privkey",
         "Client key file (made by `cldcb-client newclient`)")))
-    if not servers and not server_ids:
-        servers = (ask(None, "--server", "Server address (HOST:PORT or ssh://USER@HOST)"),)
-        server_ids = (ask(None, "--server-id", "Its server id (52…/53…)"),)
-    specs = server_specs(servers, server_ids, host_keys)
+    specs = server_specs(*asked_servers(servers, server_ids), host_keys)
     check_quorum(quorum, len(specs))
     client_priv, client_id = read_client_key(key_path)
     paths = NodePaths(lightning_dir, network)
@@ -364,7 +341,6 @@ def installplugin(lightning_dir: Path | None, network: str, client_privkey: Path
 @click.option("--yes", is_flag=True, help="Answer yes to the confirmation.")
 def uninstallplugin(lightning_dir: Path | None, network: str, yes: bool) -> None:
     """Remove the backup plugin from this node (the wrapper and its config line)."""
-    lightning_dir = lightning_dir_of(lightning_dir)
     paths = NodePaths(lightning_dir, network)
     wrapper = paths.wrapper
     if not wrapper.exists() and not has_important_plugin(paths, wrapper):

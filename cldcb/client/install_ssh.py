@@ -39,7 +39,6 @@ from cldcb.client.install import (
     ask,
     check_existing_wrapper,
     echo_out,
-    lightning_dir_of,
     node_dir_options,
     node_side,
     run_install,
@@ -128,7 +127,6 @@ def install(lightning_dir: Path | None, network: str, ssh_target: str | None, se
     The client key is made in memory and written nowhere but the wrapper.
     """
     echo = echo_out
-    lightning_dir = lightning_dir_of(lightning_dir)
     target = resolve(SshTarget.parse(ask(ssh_target, "--ssh", "Server host "
                                          "([USER@]HOST[:PORT])")), ssh_config)
     backup_address = ServerAddress.parse(server) if server else None
