@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from conftest import require_tool
 from servers import free_port
+from test_cli_keys import SERVER, run
 
 from cldcb.server.hostfiles import sshd_config, systemd_unit
-from tests.test_cli_keys import SERVER, run
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCUMENTED = "/opt/cldcb/bin/cldcb-server --data-dir /var/lib/cldcb"

@@ -9,9 +9,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from test_cli_keys import CLIENT, SERVER, console_script, run
 
 from cldcb import __version__
-from tests.test_cli_keys import CLIENT, SERVER, console_script, run
 
 PLUGIN = console_script("cldcb-plugin")
 

@@ -53,7 +53,7 @@ def systemd_unit(command: str, data_dir: str, user: str, listen: str) -> str:
     return f"""\
 # cldcb standalone daemon, as `cldcb-server systemd-unit` writes it for this host.
 # Install (as root):
-#   useradd --system --home-dir {data_dir} --create-home --shell /usr/sbin/nologin {user}
+#   useradd --system --home-dir {data_dir} --create-home --shell /bin/sh {user}
 #   runuser -u {user} -- {command} init --public-address HOST:PORT
 #   {program} --data-dir {data_dir} systemd-unit \\
 #       > /etc/systemd/system/cldcb-server.service
