@@ -11,8 +11,11 @@
 3. the address the plugin uses: ``--server``, else the public address from
    ``add --json``, else ``ssh://`` to the account set up through. In that last
    case the client's derived SSH key must be let in: its ``authorized_keys``
-   line (forced command ``cldcb-server stdio --client …``) is added to the
-   account's ``~/.ssh/authorized_keys`` when the account has a shell;
+   line (forced command ``/abs/cldcb-server --data-dir DIR stdio --client …``:
+   ``--server-command`` if given, else the command that host's ``add --json``
+   reported of itself, never a bare name looked up on that session's PATH; the
+   command used is printed) is added to the account's ``~/.ssh/authorized_keys``
+   when the account has a shell;
    otherwise the line is printed, with what to do (on a terminal, the setup
    waits for it);
 4. what ``installplugin`` does (:func:`cldcb.client.install.run_install`).
