@@ -7,7 +7,7 @@ from ``ExecStart``. None of them may depend on the PATH of the session that runs
 (another cldcb installation may come first there), so each is written with an absolute
 path:
 
-- :func:`find_program`: ``NAME`` beside the running program (the folder of
+- :func:`find_program`: ``NAME`` beside the running cldcb program (the folder of
   ``sys.argv[0]``, e.g. pipx's ``~/.local/bin``), else beside the Python running it (a
   virtual environment's ``bin``), else on PATH; made absolute, symlinks kept (pipx
   and ``/usr/local/bin`` links stay valid across upgrades); None when not found.
@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 SERVER_PROGRAM = "cldcb-server"
+PROGRAMS = ("cldcb-client", SERVER_PROGRAM, "cldcb-plugin")
 
 
 def _runnable(path: Path) -> bool:
@@ -32,7 +33,8 @@ def _runnable(path: Path) -> bool:
 
 def find_program(name: str) -> str | None:
     """The absolute path of cldcb's program ``name`` on this host, or None."""
-    for folder in (Path(sys.argv[0]).parent if sys.argv and sys.argv[0] else None,
+    argv0 = Path(sys.argv[0] if sys.argv else "")
+    for folder in (argv0.parent if argv0.name in PROGRAMS else None,
                    Path(sys.executable).parent):
         if folder is not None and _runnable(folder / name):
             return os.path.abspath(folder / name)
