@@ -35,7 +35,6 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
 
 import click
 
@@ -77,7 +76,6 @@ from cldcb.sshkeys import authorized_keys_line
 _FILE = click.Path(path_type=Path, dir_okay=False)
 DEFAULT_WAIT = 600.0
 Echo = Callable[[str], None]
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 # --- asking -------------------------------------------------------------------------------
@@ -313,7 +311,7 @@ def echo_out(text: str) -> None:
 @click.option("--wait", "wait", type=float, default=DEFAULT_WAIT, show_default=True,
               help="Seconds to wait for the first snapshot when lightningd is running.")
 @click.option("--yes", is_flag=True, help="Answer yes to confirmations.")
-def installplugin(lightning_dir: Path | None, network: str, client_privkey: Path | None,
+def installplugin(lightning_dir: Path, network: str, client_privkey: Path | None,
                   servers: tuple[str, ...], server_ids: tuple[str, ...],
                   host_keys: tuple[str, ...], quorum: int | None, outage_limit: float,
                   hsm_secret: Path | None, passphrase_file: Path | None,
@@ -339,7 +337,7 @@ def installplugin(lightning_dir: Path | None, network: str, client_privkey: Path
 @main.command()
 @node_dir_options
 @click.option("--yes", is_flag=True, help="Answer yes to the confirmation.")
-def uninstallplugin(lightning_dir: Path | None, network: str, yes: bool) -> None:
+def uninstallplugin(lightning_dir: Path, network: str, yes: bool) -> None:
     """Remove the backup plugin from this node (the wrapper and its config line)."""
     paths = NodePaths(lightning_dir, network)
     wrapper = paths.wrapper
@@ -378,7 +376,7 @@ def uninstallplugin(lightning_dir: Path | None, network: str, yes: bool) -> None
               help="How the server host runs cldcb-server (the forced command's program) "
                    "[default: the absolute path of cldcb-server on this host].")
 def sshkey(client_privkey: Path | None, lightning_dir: Path | None, network: str,
-           server_command: str) -> None:
+           server_command: str | None) -> None:
     """Print the authorized_keys line for a server behind OpenSSH sshd."""
     if (client_privkey is None) == (lightning_dir is None):
         raise UsageError("give either --client-privkey FILE or --lightning-dir DIR")

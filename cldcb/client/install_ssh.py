@@ -121,7 +121,7 @@ def _wait_until_authorized(spec: ServerSpec, client_priv: bytes, line: str, setu
 @click.option("--wait", "wait", type=float, default=DEFAULT_WAIT, show_default=True,
               help="Seconds to wait for the first snapshot when lightningd is running.")
 @click.option("--yes", is_flag=True, help="Answer yes to confirmations about this node.")
-def install(lightning_dir: Path | None, network: str, ssh_target: str | None, server: str | None,
+def install(lightning_dir: Path, network: str, ssh_target: str | None, server: str | None,
             ssh_config: Path | None, accept_host_key: str | None, server_command: str | None,
             outage_limit: float, hsm_secret: Path | None, passphrase_file: Path | None,
             alt_hsmd: Path | None, wait: float, yes: bool) -> None:
