@@ -1,6 +1,7 @@
 """What every cldcb command-line program shares.
 
-- :func:`cldcb_group`: a click group with a global ``--debug`` option whose
+- :func:`cldcb_group`: a click group with ``--version`` and a ``--debug``
+  option accepted anywhere on the command line (before ``--``), whose
   commands report any :class:`~cldcb.errors.CldcbError` as
   ``error: <message>`` on stderr and exit with ``err.exit_code``; the
   traceback is printed only with ``--debug``.
@@ -26,6 +27,7 @@ from typing import Any, TypeVar
 
 import click
 
+from cldcb import __version__
 from cldcb.errors import CldcbError, HsmSecretError, UsageError
 from cldcb.hsm_secret import needs_passphrase
 from cldcb.keyfile import read_passphrase_file
@@ -92,22 +94,36 @@ class CldcbGroup(click.Group):
             ctx.exit(err.exit_code)
 
     def main(self, args: Any = None, *rest: Any, **kwargs: Any) -> Any:
+        argv = hoist_debug(sys.argv[1:] if args is None else list(args))
         # Errors raised before a command runs (while options are parsed).
         try:
-            return super().main(args, *rest, **kwargs)
+            return super().main(argv, *rest, **kwargs)
         except CldcbError as err:
-            argv = sys.argv[1:] if args is None else list(args)
             report_error(err, "--debug" in argv, "--json" in argv)
             sys.exit(err.exit_code)
 
 
-def cldcb_group(**attrs: Any) -> Callable[[F], CldcbGroup]:
-    """``@cldcb_group()``: like ``@click.group()``, with ``--debug`` and error reporting."""
+def hoist_debug(argv: list[str]) -> list[str]:
+    """``argv`` with every ``--debug`` before ``--`` moved to the front (the group's option),
+    so ``--debug`` works anywhere on the line."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    if "--debug" not in argv[:end]:
+        return argv
+    return ["--debug", *[a for a in argv[:end] if a != "--debug"], *argv[end:]]
+
+
+def cldcb_group(program: str, **attrs: Any) -> Callable[[F], CldcbGroup]:
+    """``@cldcb_group("cldcb-x")``: like ``@click.group()``, with ``--debug``, ``--version``
+    (``cldcb-x 0.1.0``) and error reporting."""
 
     def decorator(func: F) -> CldcbGroup:
         func = click.option("--debug", is_flag=True, expose_value=False, is_eager=True,
                             callback=_set_debug,
-                            help="Show a traceback when a command fails.")(func)
+                            help="Show a traceback when a command fails (anywhere on the "
+                                 "line).")(func)
+        func = click.version_option(__version__, "--version", prog_name=program,
+                                    message="%(prog)s %(version)s",
+                                    help="Print the version and exit.")(func)
         attrs.setdefault("context_settings", {"help_option_names": ["-h", "--help"]})
         return click.group(cls=CldcbGroup, **attrs)(func)
 
@@ -149,3 +165,13 @@ def local_node_key(hsm_secret: Path, passphrase_file: Path | None) -> LocalNodeK
         return LocalNodeKey.from_hsm_secret_bytes(file_bytes, passphrase)
     except HsmSecretError as err:
         raise with_path(err, hsm_secret) from None
+
+
+def ask(value: str | None, flag: str, question: str) -> str:
+    """``value``, else an answer typed on the terminal, else a UsageError naming ``flag``."""
+    if value:
+        return value
+    if not stdin_is_terminal():
+        raise UsageError(f"missing {flag}: give it on the command line (stdin is not a "
+                         "terminal to ask for it)")
+    return str(click.prompt(question, err=True)).strip()

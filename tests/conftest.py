@@ -1,15 +1,24 @@
-"""Shared fixtures: test data, required external tools."""
+"""Shared fixtures: test data, required external tools.
+
+The folder of the Python running the tests (a virtual environment's ``bin``) comes
+first on PATH, so the programs the tests start by name (``cldcb-*``, scripts that run
+``#!/usr/bin/env python3``) are this environment's, not the system's.
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 
 DATA = Path(__file__).parent / "data"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+_BIN = str(Path(sys.executable).parent)
+if os.environ.get("PATH", "").split(os.pathsep)[0] != _BIN:
+    os.environ["PATH"] = os.pathsep.join([_BIN, os.environ.get("PATH", "")])
 
 
 def require_tool(name: str) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shlex
 import sys
 import time
@@ -391,7 +392,9 @@ def test_sshkey_from_the_key_file_or_the_wrapper(daemon: CldcbServer, tmp_path: 
     from_wrapper = run_cli("sshkey", "--lightning-dir", str(ln), "--network", "regtest")
     assert from_key.returncode == 0 and from_key.stdout == from_wrapper.stdout
     line = from_key.stdout.strip()
-    assert line.startswith(f'restrict,command="cldcb-server stdio --client {cid}" ssh-ed25519 ')
+    # the server program by its absolute path, never whatever PATH finds first
+    forced = re.match(rf'restrict,command="(/\S+) stdio --client {cid}" ssh-ed25519 ', line)
+    assert forced and Path(forced[1]).name == "cldcb-server" and Path(forced[1]).is_file()
     assert run_cli("sshkey").returncode == 2
 
 

@@ -320,7 +320,8 @@ def test_install_with_a_forced_add_key(root_sshd: PrivateSshd, tmp_path: Path) -
             assert refused.returncode != 0
             added = sorted(set(clients(root_sshd.data_dir)) - set(before))
             assert len(added) == 1
-            assert f'restrict,command="cldcb-server stdio --client {added[0]}"' in refused.stdout
+            assert f'restrict,command="{forced} stdio --client {added[0]}"' in refused.stdout
+            assert "as the server host reported it" in refused.stdout
             assert f"cldcb-server remove {added[0]}" in refused.stderr
             assert "--server" in refused.stderr
             assert not (node.network_dir / WRAPPER_NAME).exists()

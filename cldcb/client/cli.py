@@ -16,7 +16,7 @@ from cldcb.keyfile import write_key_file
 _FILE = click.Path(path_type=Path, dir_okay=False)
 
 
-@cldcb_group()
+@cldcb_group("cldcb-client")
 def main() -> None:
     """cldcb client: keys, plugin install, status, restore drill, disaster recovery."""
 

@@ -35,11 +35,10 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
 
 import click
 
-from cldcb.cli_common import stdin_is_terminal
+from cldcb.cli_common import ask, stdin_is_terminal
 from cldcb.client.cli import main
 from cldcb.client.firstsnapshot import wait_first_snapshot
 from cldcb.client.nodeconfig import (
@@ -49,7 +48,13 @@ from cldcb.client.nodeconfig import (
     remove_important_plugin,
 )
 from cldcb.client.nodeconfig import wallet_from_config_files as config_wallet
-from cldcb.client.recover import node_key_options, open_node_key, server_specs
+from cldcb.client.nodedir import node_dir_options
+from cldcb.client.recover import (
+    asked_servers,
+    node_key_options,
+    open_node_key,
+    server_specs,
+)
 from cldcb.connection import Connection, ServerSpec
 from cldcb.errors import CldcbError, PluginError, RemoteError, UsageError
 from cldcb.ids import client_id_from_pubkey, new_privkey, parse_node_id, pubkey_of
@@ -62,6 +67,7 @@ from cldcb.plugin.wrapper import (
     read_wrapper,
     write_wrapper,
 )
+from cldcb.programs import SERVER_PROGRAM, find_program
 from cldcb.recognition import make_recognition, message_for_client
 from cldcb.rpc import LightningRpc, RpcError, database_from_wallet
 from cldcb.session import Role
@@ -71,20 +77,9 @@ from cldcb.wire import ErrorCode
 _FILE = click.Path(path_type=Path, dir_okay=False)
 DEFAULT_WAIT = 600.0
 Echo = Callable[[str], None]
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 # --- asking -------------------------------------------------------------------------------
-
-def ask(value: str | None, flag: str, question: str) -> str:
-    """``value``, else an answer typed on the terminal, else a UsageError naming ``flag``."""
-    if value:
-        return value
-    if not stdin_is_terminal():
-        raise UsageError(f"missing {flag}: give it on the command line (stdin is not a "
-                         "terminal to ask for it)")
-    return str(click.prompt(question, err=True)).strip()
-
 
 def confirm(question: str, yes: bool) -> None:
     """Go on if ``yes`` or the operator answers yes on a terminal; else stop."""
@@ -95,21 +90,6 @@ def confirm(question: str, yes: bool) -> None:
                          "ask).")
     if not click.confirm(question, default=False, err=True):
         raise UsageError("stopped: nothing was changed")
-
-
-def node_dir_options(func: F) -> F:
-    """``--lightning-dir DIR`` (asked for on a terminal when missing) and ``--network``."""
-    func = click.option("--network", default="bitcoin", show_default=True,
-                        help="The node's network; its files are in <lightning-dir>/<network>.")(
-                            func)
-    return click.option("--lightning-dir", type=click.Path(path_type=Path, file_okay=False),
-                        default=None, help="lightningd's --lightning-dir (asked for on a "
-                        "terminal when not given).")(func)
-
-
-def lightning_dir_of(value: Path | None) -> Path:
-    return Path(os.path.expanduser(ask(str(value) if value else None, "--lightning-dir",
-                                       "lightningd's --lightning-dir")))
 
 
 # --- the node's part --------------------------------------------------------------------
@@ -335,20 +315,16 @@ def echo_out(text: str) -> None:
 @click.option("--wait", "wait", type=float, default=DEFAULT_WAIT, show_default=True,
               help="Seconds to wait for the first snapshot when lightningd is running.")
 @click.option("--yes", is_flag=True, help="Answer yes to confirmations.")
-def installplugin(lightning_dir: Path | None, network: str, client_privkey: Path | None,
+def installplugin(lightning_dir: Path, network: str, client_privkey: Path | None,
                   servers: tuple[str, ...], server_ids: tuple[str, ...],
                   host_keys: tuple[str, ...], quorum: int | None, outage_limit: float,
                   hsm_secret: Path | None, passphrase_file: Path | None,
                   alt_hsmd: Path | None, wait: float, yes: bool) -> None:
     """Install the backup plugin on this node for an existing client key."""
-    lightning_dir = lightning_dir_of(lightning_dir)
     key_path = Path(os.path.expanduser(ask(
         str(client_privkey) if client_privkey else None, "--client-privkey",
         "Client key file (made by `cldcb-client newclient`)")))
-    if not servers and not server_ids:
-        servers = (ask(None, "--server", "Server address (HOST:PORT or ssh://USER@HOST)"),)
-        server_ids = (ask(None, "--server-id", "Its server id (52…/53…)"),)
-    specs = server_specs(servers, server_ids, host_keys)
+    specs = server_specs(*asked_servers(servers, server_ids), host_keys)
     check_quorum(quorum, len(specs))
     client_priv, client_id = read_client_key(key_path)
     paths = NodePaths(lightning_dir, network)
@@ -365,9 +341,8 @@ def installplugin(lightning_dir: Path | None, network: str, client_privkey: Path
 @main.command()
 @node_dir_options
 @click.option("--yes", is_flag=True, help="Answer yes to the confirmation.")
-def uninstallplugin(lightning_dir: Path | None, network: str, yes: bool) -> None:
+def uninstallplugin(lightning_dir: Path, network: str, yes: bool) -> None:
     """Remove the backup plugin from this node (the wrapper and its config line)."""
-    lightning_dir = lightning_dir_of(lightning_dir)
     paths = NodePaths(lightning_dir, network)
     wrapper = paths.wrapper
     if not wrapper.exists() and not has_important_plugin(paths, wrapper):
@@ -401,10 +376,11 @@ def uninstallplugin(lightning_dir: Path | None, network: str, yes: bool) -> None
               default=None, help="Read the client key from this node's wrapper instead.")
 @click.option("--network", default="bitcoin", show_default=True,
               help="The node's network (with --lightning-dir).")
-@click.option("--server-command", default="cldcb-server", show_default=True,
-              help="How the server runs cldcb-server (the forced command's program).")
+@click.option("--server-command", default=None, metavar="COMMAND",
+              help="How the server host runs cldcb-server (the forced command's program) "
+                   "[default: the absolute path of cldcb-server on this host].")
 def sshkey(client_privkey: Path | None, lightning_dir: Path | None, network: str,
-           server_command: str) -> None:
+           server_command: str | None) -> None:
     """Print the authorized_keys line for a server behind OpenSSH sshd."""
     if (client_privkey is None) == (lightning_dir is None):
         raise UsageError("give either --client-privkey FILE or --lightning-dir DIR")
@@ -414,5 +390,13 @@ def sshkey(client_privkey: Path | None, lightning_dir: Path | None, network: str
         assert lightning_dir is not None
         cfg = read_wrapper(NodePaths(lightning_dir, network).wrapper)
         priv, client_id = cfg.client_priv, cfg.client_id
+    if server_command is None:
+        server_command = find_program(SERVER_PROGRAM)
+        if server_command is None:
+            raise UsageError("cldcb-server is not installed on this host: give its absolute "
+                             "path on the server host with --server-command")
+        click.echo(f"forced command: {server_command} (where cldcb-server is on this host; "
+                   "if the server host has it elsewhere, give that path with "
+                   "--server-command)", err=True)
     click.echo(authorized_keys_line(priv, client_id, server_command))
 

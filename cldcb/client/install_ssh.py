@@ -11,8 +11,11 @@
 3. the address the plugin uses: ``--server``, else the public address from
    ``add --json``, else ``ssh://`` to the account set up through. In that last
    case the client's derived SSH key must be let in: its ``authorized_keys``
-   line (forced command ``cldcb-server stdio --client …``) is added to the
-   account's ``~/.ssh/authorized_keys`` when the account has a shell;
+   line (forced command ``/abs/cldcb-server --data-dir DIR stdio --client …``:
+   ``--server-command`` if given, else the command that host's ``add --json``
+   reported of itself, never a bare name looked up on that session's PATH; the
+   command used is printed) is added to the account's ``~/.ssh/authorized_keys``
+   when the account has a shell;
    otherwise the line is printed, with what to do (on a terminal, the setup
    waits for it);
 4. what ``installplugin`` does (:func:`cldcb.client.install.run_install`).
@@ -39,18 +42,18 @@ from cldcb.client.install import (
     ask,
     check_existing_wrapper,
     echo_out,
-    lightning_dir_of,
     node_dir_options,
     node_side,
     run_install,
 )
 from cldcb.client.nodeconfig import NodePaths
 from cldcb.client.recover import node_key_options, server_specs
-from cldcb.client.ssh_setup import SetupConnection, SshTarget, resolve
+from cldcb.client.ssh_setup import Added, SetupConnection, SshTarget, resolve
 from cldcb.connection import Connection, ServerAddress, ServerSpec
 from cldcb.errors import AuthError, CldcbError, UsageError
 from cldcb.ids import client_id_from_pubkey, new_privkey, pubkey_of
 from cldcb.plugin.wrapper import DEFAULT_OUTAGE_LIMIT, read_wrapper
+from cldcb.programs import SERVER_PROGRAM
 from cldcb.rpc import LightningRpc
 from cldcb.session import Role
 from cldcb.sshkeys import authorized_keys_line
@@ -108,17 +111,18 @@ def _wait_until_authorized(spec: ServerSpec, client_priv: bytes, line: str, setu
 @click.option("--accept-host-key", default=None, metavar="SHA256:…",
               help="Trust an unknown host whose key has exactly this fingerprint (it is "
                    "added to known_hosts). --yes does not accept host keys.")
-@click.option("--server-command", default="cldcb-server", show_default=True,
-              help="How to run cldcb-server on the host (a forced `forced --allow add` key "
-                   "accepts only the default).")
+@click.option("--server-command", default=None, metavar="COMMAND",
+              help="How to run cldcb-server on the host, also in the client key's forced "
+                   "command [default: `cldcb-server` to add the client; in the forced command "
+                   "the absolute path that server reports of itself].")
 @click.option("--outage-limit", type=float, default=DEFAULT_OUTAGE_LIMIT, show_default=True,
               help="Seconds lightningd waits for the server before the plugin makes it stop.")
 @node_key_options
 @click.option("--wait", "wait", type=float, default=DEFAULT_WAIT, show_default=True,
               help="Seconds to wait for the first snapshot when lightningd is running.")
 @click.option("--yes", is_flag=True, help="Answer yes to confirmations about this node.")
-def install(lightning_dir: Path | None, network: str, ssh_target: str | None, server: str | None,
-            ssh_config: Path | None, accept_host_key: str | None, server_command: str,
+def install(lightning_dir: Path, network: str, ssh_target: str | None, server: str | None,
+            ssh_config: Path | None, accept_host_key: str | None, server_command: str | None,
             outage_limit: float, hsm_secret: Path | None, passphrase_file: Path | None,
             alt_hsmd: Path | None, wait: float, yes: bool) -> None:
     """Single-step setup: register a new client on a server over SSH and install the plugin.
@@ -126,7 +130,6 @@ def install(lightning_dir: Path | None, network: str, ssh_target: str | None, se
     The client key is made in memory and written nowhere but the wrapper.
     """
     echo = echo_out
-    lightning_dir = lightning_dir_of(lightning_dir)
     target = resolve(SshTarget.parse(ask(ssh_target, "--ssh", "Server host "
                                          "([USER@]HOST[:PORT])")), ssh_config)
     backup_address = ServerAddress.parse(server) if server else None
@@ -144,7 +147,7 @@ def install(lightning_dir: Path | None, network: str, ssh_target: str | None, se
     echo(f"connecting to {target.user}@{target.hostname}:{target.port}")
     with SetupConnection(target, accept_host_key=accept_host_key, interactive=interactive,
                          echo=echo) as setup:
-        added = setup.add_client(client_id, server_command)
+        added = setup.add_client(client_id, server_command or SERVER_PROGRAM)
         echo(f"added client {client_id} on {target.hostname} (server {added.server_id})")
         try:
             if backup_address is None:
@@ -153,12 +156,14 @@ def install(lightning_dir: Path | None, network: str, ssh_target: str | None, se
                                   ServerAddress("ssh", target.hostname, target.port,
                                                 target.user))
             spec = _server_spec(backup_address, added.server_id, setup)
-            line = authorized_keys_line(client_priv, client_id, server_command)
+            forced, whence = _forced_program(server_command, added)
+            line = authorized_keys_line(client_priv, client_id, forced)
             if spec.address.scheme == "ssh":
+                echo(f"the client key's forced command runs {forced} ({whence})")
                 same_account = (spec.address.host, spec.address.port, spec.address.user) == (
                     target.hostname, target.port, target.user)
                 if same_account and setup.authorize(line):
-                    echo(f"added the client's SSH key (forced command `{server_command} "
+                    echo(f"added the client's SSH key (forced command `{forced} "
                          f"stdio --client {client_id[:12]}…`) to ~/.ssh/authorized_keys "
                          f"of {target.user}")
         except CldcbError as exc:
@@ -178,6 +183,16 @@ def install(lightning_dir: Path | None, network: str, ssh_target: str | None, se
                      f"{client_id}`") from None
     echo(f"done: client {client_id} backs up this node to {spec.address}. Its key is only "
          f"in {paths.wrapper}.")
+
+
+def _forced_program(given: str | None, added: Added) -> tuple[str, str]:
+    """The program of the client key's forced command, and where it came from."""
+    if given:
+        return given, "--server-command"
+    if added.server_command:
+        return added.server_command, "as the server host reported it"
+    return SERVER_PROGRAM, ("found through PATH there: the server host did not report its "
+                            "path; give --server-command to pin it")
 
 
 def _holds(paths: NodePaths, client_id: str) -> bool:

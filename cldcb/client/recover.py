@@ -60,6 +60,7 @@ import click
 from cldcb import restore, wire
 from cldcb.alt_hsmd import AltHsmdNodeKey
 from cldcb.cli_common import (
+    ask,
     echo_json,
     get_passphrase,
     json_option,
@@ -75,6 +76,7 @@ from cldcb.client.fallback import (
     show_states,
 )
 from cldcb.client.nodeconfig import NodePaths, add_important_plugin
+from cldcb.client.nodedir import node_dir_options
 from cldcb.client.progress import ProgressPrinter
 from cldcb.connection import Connection, ServerAddress, ServerSpec
 from cldcb.errors import CldcbError, ExitCode, HsmSecretError, RecoveryError, UsageError
@@ -105,14 +107,14 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 # --- what recover, verify and status share -------------------------------------------
 
-def node_dir_options(func: F) -> F:
-    """``--lightning-dir DIR`` and ``--network NET``."""
-    func = click.option("--network", default="bitcoin", show_default=True,
-                        help="The node's network; its files are in <lightning-dir>/<network>.")(
-                            func)
-    return click.option("--lightning-dir", required=True,
-                        type=click.Path(path_type=Path, file_okay=False),
-                        help="lightningd's --lightning-dir.")(func)
+def asked_servers(servers: tuple[str, ...], server_ids: tuple[str, ...]
+                  ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``servers`` and ``server_ids``; when neither was given, one of each asked for on a
+    terminal (else a UsageError naming ``--server``)."""
+    if servers or server_ids:
+        return servers, server_ids
+    return ((ask(None, "--server", "Server address (HOST:PORT or ssh://USER@HOST)"),),
+            (ask(None, "--server-id", "Its server id (52…/53…)"),))
 
 
 def node_key_options(func: F) -> F:
@@ -552,10 +554,11 @@ def _outcomes(specs: list[ServerSpec], results: dict[str, ServerResult],
 
 @main.command()
 @node_dir_options
-@click.option("--server", "servers", multiple=True, required=True, metavar="ADDR",
+@click.option("--server", "servers", multiple=True, metavar="ADDR",
               help="A server: HOST:PORT (cldcb-server serve) or ssh://[USER@]HOST[:PORT] "
-                   "(OpenSSH). Repeat for several, each with its --server-id.")
-@click.option("--server-id", "server_ids", multiple=True, required=True, metavar="ID",
+                   "(OpenSSH). Repeat for several, each with its --server-id (asked for on a "
+                   "terminal when not given).")
+@click.option("--server-id", "server_ids", multiple=True, metavar="ID",
               help="The server id (52…/53…) of each --server, in the same order.")
 @click.option("--host-key", "host_keys", multiple=True, metavar="'TYPE BASE64'",
               help="The sshd host key of each ssh:// server, in their order (default: "
@@ -588,7 +591,7 @@ def recover(lightning_dir: Path, network: str, servers: tuple[str, ...],
     folder = paths.network_dir
     dest = folder / DATABASE_NAME
     if list_only:
-        specs = server_specs(servers, server_ids, host_keys)
+        specs = server_specs(*asked_servers(servers, server_ids), host_keys)
         with open_node_key(lightning_dir, network, hsm_secret, passphrase_file,
                            alt_hsmd) as node:
             show_states(asyncio.run(list_node_states(specs, node, [str(k) for k in ssh_keys])),
@@ -598,7 +601,7 @@ def recover(lightning_dir: Path, network: str, servers: tuple[str, ...],
     if not folder.is_dir():
         raise RecoveryError(f"{folder} does not exist: create it and put the node's "
                             "hsm_secret in it (or give --hsm-secret)")
-    specs = server_specs(servers, server_ids, host_keys)
+    specs = server_specs(*asked_servers(servers, server_ids), host_keys)
     plugin_path = default_plugin_path()
     keep_freed_memory()                 # megabyte chunks, fetched and opened one by one
     for stale in restore.remove_stale_scratch(dest):

@@ -295,6 +295,9 @@ class Added:
     client_id: str
     server_id: str
     public_address: str | None
+    #: the command that runs cldcb-server on that host, as it reported it (absolute
+    #: paths); None from an older server or one that reported something unusable
+    server_command: str | None = None
 
 
 class SetupConnection:
@@ -390,7 +393,8 @@ class SetupConnection:
                 parse_server_id(server_id)
                 public = data.get("public_address")
                 return Added(client_id, server_id.lower(),
-                             public if isinstance(public, str) and public else None)
+                             public if isinstance(public, str) and public else None,
+                             _forced_command(data.get("server_command")))
         raise TransportError(f"`cldcb-server add --json` on {self.target.hostname} did not "
                              "print the expected JSON: is cldcb-server up to date there?")
 
@@ -402,6 +406,16 @@ class SetupConnection:
                   "echo cldcb-authorized")
         status, out, _ = self.run(f"sh -c {shlex.quote(script)} sh {shlex.quote(line)}")
         return status == 0 and "cldcb-authorized" in out.split()
+
+
+def _forced_command(value: object) -> str | None:
+    """A reported server command fit for an ``authorized_keys`` ``command="…"``: an
+    absolute path first, nothing that could end the quoted string or the line."""
+    if not isinstance(value, str) or not value.startswith("/"):
+        return None
+    if any(c in value for c in '"\\') or escape_remote(value) != value:
+        return None
+    return value
 
 
 def _last_line(text: str) -> str:

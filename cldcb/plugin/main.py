@@ -33,9 +33,11 @@ import os
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
+from cldcb import __version__
 from cldcb.connection import Connection, ServerAddress, ServerSpec
 from cldcb.errors import CldcbError, ExitCode, PluginError
 from cldcb.malloc import keep_freed_memory
@@ -263,12 +265,26 @@ class _StdinProtocol(asyncio.Protocol):
             self._done.set_result(None)
 
 
+USAGE = ("usage: cldcb-plugin [--debug] WRAPPER_PATH\n\nThe cldcb backup plugin for Core "
+         "Lightning. lightningd starts it through cldcb-plugin-wrapper\n(written by "
+         "`cldcb-client installplugin`); it is not meant to be run by hand.\n\n"
+         "  --version  print the version and exit\n"
+         "  --debug    show a traceback when it stops on an error\n"
+         "  --help     show this and exit")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1 or args[0] in ("-h", "--help"):
-        print("usage: cldcb-plugin WRAPPER_PATH\n\nThe cldcb backup plugin for Core Lightning. "
-              "lightningd starts it through cldcb-plugin-wrapper\n(written by `cldcb-client "
-              "installplugin`); it is not meant to be run by hand.", file=sys.stderr)
+    if "--version" in args:
+        print(f"cldcb-plugin {__version__}")
+        return 0
+    if "-h" in args or "--help" in args:
+        print(USAGE)
+        return 0
+    debug = "--debug" in args
+    args = [a for a in args if a != "--debug"]
+    if len(args) != 1:
+        print(USAGE, file=sys.stderr)
         return ExitCode.USAGE
     wrapper = Path(args[0])
     keep_freed_memory()
@@ -277,16 +293,21 @@ def main(argv: list[str] | None = None) -> int:
         for e in cfg.servers:
             server_spec(e.address, e.server_id, e.host_key)
     except CldcbError as exc:
-        print(f"cldcb-plugin: error: {exc}", file=sys.stderr)
-        return ExitCode.FAILURE
+        return _failed(exc, debug)
     workdir = Path.cwd()
     try:
         return asyncio.run(Plugin(cfg, wrapper, workdir).run())
     except PluginError as exc:
-        print(f"cldcb-plugin: error: {exc}", file=sys.stderr)
-        return ExitCode.FAILURE
+        return _failed(exc, debug)
     except KeyboardInterrupt:
         return 130
+
+
+def _failed(exc: CldcbError, debug: bool) -> int:
+    if debug:
+        traceback.print_exception(exc)
+    print(f"cldcb-plugin: error: {exc}", file=sys.stderr)
+    return ExitCode.FAILURE
 
 
 if __name__ == "__main__":

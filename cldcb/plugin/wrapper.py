@@ -45,8 +45,6 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +58,7 @@ from cldcb.ids import (
     parse_server_id,
     pubkey_of,
 )
+from cldcb.programs import find_program
 
 WRAPPER_NAME = "cldcb-plugin-wrapper"
 DEFAULT_DATABASE = "lightningd.sqlite3"
@@ -272,14 +271,11 @@ def format_wrapper(cfg: WrapperConfig) -> str:
 
 def default_plugin_path() -> str:
     """The absolute path of the installed ``cldcb-plugin`` program."""
-    beside = Path(sys.executable).parent / "cldcb-plugin"
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside.absolute())
-    found = shutil.which("cldcb-plugin")
+    found = find_program("cldcb-plugin")
     if found is None:
         raise PluginError("cannot find the cldcb-plugin program: install cldcb so that it is "
                           "on PATH, or beside the Python that runs cldcb-client")
-    return str(Path(found).absolute())
+    return found
 
 
 def write_wrapper(path: Path, cfg: WrapperConfig) -> None:

@@ -23,6 +23,7 @@ import click
 from cldcb.cli_common import json_option
 from cldcb.errors import StoreError, UsageError
 from cldcb.ids import parse_client_id
+from cldcb.server import hostfiles  # noqa: F401  (registers systemd-unit, sshd-config)
 from cldcb.server.cli import ServerContext, main, parse_host_port, pass_server
 from cldcb.store import ClientInfo, Store
 from cldcb.store.settings import Settings
@@ -88,7 +89,7 @@ def add_client(server: ServerContext, client_id: str, as_json: bool, *,
             "client_id": client_id, "server_id": server_id, "public_address": public,
             "ssh": f"ssh://{user}@{host}", "quota": info.quota,
             "append_only": info.append_only, "generations": info.generations,
-            "already_registered": not created}))
+            "already_registered": not created, "server_command": server.command()}))
         return
     if created:
         click.echo(f"added client {client_id}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from cldcb.durable import replace_file
 from cldcb.errors import KeyFileError, UsageError
 from cldcb.ids import new_privkey
 from cldcb.keyfile import read_server_key, write_key_file
+from cldcb.programs import running_server_command
 
 SERVER_KEY_NAME = "server_key"
 SERVER_JSON_NAME = "server.json"
@@ -71,6 +73,12 @@ class ServerContext:
                                "and run `cldcb-server init` again") from None
         return value if isinstance(value, str) else None
 
+    def command(self) -> str:
+        """The command line that runs this server program on this data directory (absolute
+        paths), for ``authorized_keys``, sshd's ``Subsystem`` and systemd's ``ExecStart``."""
+        return shlex.join([*running_server_command(), "--data-dir",
+                           os.path.abspath(self.data_dir)])
+
 
 pass_server = click.make_pass_decorator(ServerContext)
 
@@ -89,7 +97,7 @@ def parse_host_port(value: str, option: str = "--public-address") -> str:
     return value
 
 
-@cldcb_group()
+@cldcb_group("cldcb-server")
 @click.option("--data-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="The server's data directory [default: $CLDCB_SERVER_DIR, else "
                    "/var/lib/cldcb for root, else ~/.local/share/cldcb].")
