@@ -15,10 +15,16 @@ directory are edited the way dishonest or unlucky servers would hold them:
 Both are at data_version 13. Recovery must use the replacement's tip whatever
 the order of the servers, name the other as replaced, and with the ``batch``
 server alone say that an uncommitted tip cannot be ruled out.
+
+A second server (``fork``) holds another chain of the same client: the same
+calls up to the batch, played again by another plugin process (another
+ephemeral key, so other sealed bytes). Its tip is also at data_version 13, but
+neither tip replaces the other: recovery must refuse and name both.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -49,6 +55,7 @@ class World:
     data_dir: Path
     server_id: str
     client_id: str
+    fork: CldcbServer
     expected: bytes      # the state lightningd committed: data_version 13 replaced
     batch_state: bytes   # the state of the uncommitted batch
 
@@ -61,26 +68,32 @@ def _key_secret() -> bytes:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     root = tmp_path_factory.mktemp("replaced")
+    node = LocalNodeKey.from_hsm_secret_bytes(_key_secret())
+    client_priv = new_privkey()
+    client_id = client_id_from_pubkey(pubkey_of(client_priv))
     daemon = CldcbServer(root / "daemon").init().start()
+    fork = CldcbServer(root / "fork").init().start()
     try:
-        lightning_dir = root / "node"
-        network_dir = lightning_dir / NETWORK
-        network_dir.mkdir(parents=True)
-        (network_dir / "hsm_secret").write_bytes(_key_secret())
-        node = LocalNodeKey.from_hsm_secret_bytes(_key_secret())
-        client_priv = new_privkey()
-        client_id = client_id_from_pubkey(pubkey_of(client_priv))
-        daemon.add(client_id)
-        install_client(network_dir, node, [Target(daemon.address, daemon.server_id)],
-                       client_priv)
-        assert play(lightning_dir, TRACE, stop=CALLS) == 13
-        delete_all_but_hsm_secret(network_dir)
-    finally:
+        for server, calls in ((daemon, CALLS), (fork, CALLS - 1)):
+            lightning_dir = root / f"node-{calls}"
+            network_dir = lightning_dir / NETWORK
+            network_dir.mkdir(parents=True)
+            (network_dir / "hsm_secret").write_bytes(_key_secret())
+            server.add(client_id)
+            install_client(network_dir, node, [Target(server.address, server.server_id)],
+                           client_priv)
+            committed = play(lightning_dir, TRACE, stop=calls)
+            assert committed == (13 if calls == CALLS else 12)   # the batch: never committed
+            delete_all_but_hsm_secret(network_dir)
         daemon.stop()
-    replay_trace(TRACE, root / "committed.sqlite3", calls=slice(0, CALLS))
-    replay_trace(TRACE, root / "batch.sqlite3", calls=slice(0, CALLS - 1))
-    yield World(root, daemon.data_dir, daemon.server_id, client_id,
-                dump(root / "committed.sqlite3"), dump(root / "batch.sqlite3"))
+        replay_trace(TRACE, root / "committed.sqlite3", calls=slice(0, CALLS))
+        replay_trace(TRACE, root / "batch.sqlite3", calls=slice(0, CALLS - 1))
+        yield World(root, daemon.data_dir, daemon.server_id, client_id, fork,
+                    dump(root / "committed.sqlite3"), dump(root / "batch.sqlite3"))
+    finally:
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            daemon.stop()
+        fork.stop()
 
 
 def edited_copy(world: World, where: Path, drop: str, own_key: bool) -> CldcbServer:
@@ -146,3 +159,22 @@ def test_one_server_ending_on_a_batch_says_it_cannot_be_ruled_out(world: World,
     assert f"note: its newest record (data_version 13) is held by {batch.address} alone: " \
            "that lightningd never committed it" in out, out
     assert "cannot be ruled out" in out
+
+
+def test_two_tips_at_one_data_version_without_a_replacement_are_refused(
+        world: World, tmp_path: Path) -> None:
+    batch = edited_copy(world, tmp_path, drop="replacement", own_key=False)
+    batch.start()
+    try:
+        lightning_dir = fresh_node(tmp_path, SECRET)
+        done = client(*recover_args(lightning_dir, *_server_args(batch, world.fork)))
+    finally:
+        batch.stop()
+    assert done.returncode != 0, done.stdout
+    assert "error: the servers disagree: each verifies up to data_version 13, but with a " \
+           "different newest record" in done.stderr, done.stderr
+    assert f"  {batch.address}: newest record of" in done.stderr
+    assert f"  {world.fork.address}: newest record of" in done.stderr
+    assert "Nothing was written" in done.stderr and "recover --list" in done.stderr
+    assert os.listdir(lightning_dir / NETWORK) == ["hsm_secret"]
+    assert not list((lightning_dir / NETWORK).glob(".*"))       # no scratch file left
