@@ -16,8 +16,11 @@ DESIGN section 6. In order:
    what each client holds (``status``), use the client whose backup reaches the
    highest data_version, and name the others;
 5. fetch that client's backup from every server, verify and rebuild each into
-   a scratch file beside the destination (:mod:`cldcb.restore`), keep the
-   highest verified data_version, report the others as stale or failed; a
+   a scratch file beside the destination (:mod:`cldcb.restore`), choose by
+   :mod:`cldcb.client.tips` (tips compared by hash: a tip that another server's
+   chain replaced is never used; then the highest verified data_version; two
+   different tips there, neither replacing the other, are refused), report the
+   others as replaced, stale or failed; a
    server whose newest generation fails is asked for its older ones, newest
    first (:mod:`cldcb.client.fallback`), and one whose verified state stops
    short of what it claims is asked why;
@@ -30,7 +33,9 @@ DESIGN section 6. In order:
    node's config, so that the recovered node goes on backing up as the same
    client, and print the summary with the warning never to start an older
    state; with a single server, also that it cannot be told from one that
-   withholds its newest records (a second, independent server is the defence).
+   withholds its newest records (a second, independent server is the defence),
+   and whenever one server alone holds the newest record (a normal batch), that
+   it may be a batch lightningd never committed.
 
 ``--list`` (with ``--json``) shows, per client of the node and per server, its
 restorable states (:class:`cldcb.wire.RestorableState`) and writes nothing.
