@@ -56,8 +56,9 @@ supersedes, the tip the plugin held, else 32 zero bytes. It travels in the
 clear in the header, so it is inside the associated data too: a server
 cannot alter it, and a recovery that fetched the replacement from one server
 knows it supersedes the tip another server ends on, even when the server that
-holds the replacement never held the batch it replaces (:attr:`ChainVerifier.
-replaced`; :mod:`cldcb.client.tips` compares tips across servers). The
+holds the replacement never held the batch it replaces
+(:attr:`ChainVerifier.replaced`; :mod:`cldcb.client.tips` compares tips across
+servers). The
 verifier does not require ``replaces`` to equal the record it drops: a server
 that was not in step when the batch was sent holds the replacement as an
 append, and ``replaces`` still names the batch.
@@ -68,14 +69,14 @@ A record's plaintext of format 2 is padded with zero bytes to a size class
 (:func:`padded_size`): a power of two, at least :data:`MIN_PADDED` bytes; above
 :data:`PAD_STEP` a multiple of it; never past :data:`MAX_PADDED` (so padding
 never makes a record the wire cannot carry). Unpadded, the sealed size alone
-names the statement a record carries (on the recorded channel trace, 90% of
-records by their first statement's table); padded, 6% (``bench/padding.py``
-measures it, with the bytes it costs). The padding is inside the ciphertext,
-so it is authenticated; :func:`decode_change` accepts only zero bytes after the
-statements. Snapshot chunks are not padded: a snapshot is cut into chunks of
-one fixed size, so only the last chunk's size varies, and it tells the
-database's size, which the snapshot's total reveals anyway; manifests have
-one fixed size.
+names the statement a record carries (on the recorded channel trace, the
+verb and table of the first statement of 90% of records); padded, of 6%, for
+19% more sealed bytes (``bench/padding.py`` measures both on every trace).
+The padding is inside the ciphertext, so it is authenticated;
+:func:`decode_change` accepts only zero bytes after the statements.
+Snapshot chunks are not padded: a snapshot is cut into chunks of one fixed
+size, so only the last chunk's size varies, and it tells the database's size,
+which the snapshot's total reveals anyway; manifests have one fixed size.
 
 Compatibility: :class:`ChainVerifier` opens records of both formats (a
 backup made before format 2 stays recoverable: format 1 has no ``replaces``
