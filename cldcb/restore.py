@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Protocol
 
 from cldcb import wire
-from cldcb.dataversion import Kind
+from cldcb.dataversion import Kind, Tip
 from cldcb.durable import fsync_dir
 from cldcb.errors import ChainError, RecoveryError, ReplayError, SealError
 from cldcb.replay import Replayer
@@ -94,6 +94,11 @@ class Rebuilt:
     snapshot_bytes: int
     received_bytes: int
     """Sealed bytes received (chunks, manifest and records)."""
+    tip: Tip | None = None
+    """Where the verified chain ends (the newest record, or the snapshot's anchor)."""
+    replaced: frozenset[bytes] = frozenset()
+    """Hashes of the uncommitted batches the chain replaced (see
+    :attr:`cldcb.seal.ChainVerifier.replaced`)."""
 
 
 def temp_path(dest: Path, tag: str = "") -> Path:
@@ -291,7 +296,8 @@ async def rebuild_from(messages: AsyncIterator[wire.Message], node: EcdhKey,
                    snapshot_data_version=manifest.data_version,
                    snapshot_time_ms=manifest.time_ms, newest_time_ms=newest_ms,
                    records=verifier.position, snapshot_bytes=written,
-                   received_bytes=received)
+                   received_bytes=received, tip=verifier.tip,
+                   replaced=frozenset(verifier.replaced))
 
 
 async def _download(it: AsyncIterator[wire.Message], opener: SnapshotOpener, path: Path,

@@ -112,7 +112,8 @@ def rec() -> Recorder:
 
 @pytest.fixture
 def w(tmp_path: Path, rec: Recorder) -> Writer:
-    store = Store.open(tmp_path, fs=rec, segment_bytes=1000)
+    # about six records a segment (records are padded to 256 bytes of plaintext and more)
+    store = Store.open(tmp_path, fs=rec, segment_bytes=2500)
     store.add_client(CID)
     w = Writer(store.client(CID))
     w.snapshot(10)

@@ -16,8 +16,11 @@ DESIGN section 6. In order:
    what each client holds (``status``), use the client whose backup reaches the
    highest data_version, and name the others;
 5. fetch that client's backup from every server, verify and rebuild each into
-   a scratch file beside the destination (:mod:`cldcb.restore`), keep the
-   highest verified data_version, report the others as stale or failed; a
+   a scratch file beside the destination (:mod:`cldcb.restore`), choose by
+   :mod:`cldcb.client.tips` (tips compared by hash: a tip that another server's
+   chain replaced is never used; then the highest verified data_version; two
+   different tips there, neither replacing the other, are refused), report the
+   others as replaced, stale or failed; a
    server whose newest generation fails is asked for its older ones, newest
    first (:mod:`cldcb.client.fallback`), and one whose verified state stops
    short of what it claims is asked why;
@@ -30,7 +33,9 @@ DESIGN section 6. In order:
    node's config, so that the recovered node goes on backing up as the same
    client, and print the summary with the warning never to start an older
    state; with a single server, also that it cannot be told from one that
-   withholds its newest records (a second, independent server is the defence).
+   withholds its newest records (a second, independent server is the defence),
+   and whenever one server alone holds the newest record (a normal batch), that
+   it may be a batch lightningd never committed.
 
 ``--list`` (with ``--json``) shows, per client of the node and per server, its
 restorable states (:class:`cldcb.wire.RestorableState`) and writes nothing.
@@ -78,6 +83,7 @@ from cldcb.client.fallback import (
 from cldcb.client.nodeconfig import NodePaths, add_important_plugin
 from cldcb.client.nodedir import node_dir_options
 from cldcb.client.progress import ProgressPrinter
+from cldcb.client.tips import compare, tip_hash, unconfirmed
 from cldcb.connection import Connection, ServerAddress, ServerSpec
 from cldcb.errors import CldcbError, ExitCode, HsmSecretError, RecoveryError, UsageError
 from cldcb.hsm_secret import needs_passphrase
@@ -230,6 +236,7 @@ class ServerResult:
     rebuilt: restore.Rebuilt | None = None
     error: str = ""
     fallback: Fallback | None = None     # rebuilt is an older generation: what it lacks
+    replaced_by: str = ""                # its tip is a batch another server's chain replaced
 
 
 @dataclass
@@ -301,7 +308,11 @@ async def _claims(specs: list[ServerSpec], cand: Candidate,
 
 async def _fetch_all(specs: list[ServerSpec], node: NodeKey, cand: Candidate, dest: Path,
                      results: dict[str, ServerResult]) -> ServerResult | None:
-    """Rebuild from every server in turn; keep only the best scratch file."""
+    """Rebuild from every server in turn and choose by :mod:`cldcb.client.tips`; keep the
+    scratch files of the states that may still win, and in the end the winner's only.
+    RecoveryError when the newest tips disagree."""
+    done: list[ServerResult] = []
+    kept: set[int] = set()
     best: ServerResult | None = None
     try:
         for spec in specs:
@@ -310,20 +321,48 @@ async def _fetch_all(specs: list[ServerSpec], node: NodeKey, cand: Candidate, de
                 continue
             res.error = ""
             await _fetch_one(spec, node, cand, dest, res)
-            r = res.rebuilt
-            if r is None:
-                continue
-            if best is None or best.rebuilt is None or r.data_version > best.rebuilt.data_version:
-                if best is not None and best.rebuilt is not None:
-                    restore.discard(best.rebuilt.path)
-                best = res
-            else:
-                restore.discard(r.path)
+            if res.rebuilt is not None:
+                done.append(res)
+                kept.add(len(done) - 1)
+                kept = _keep_only(done, kept, compare(_states(done)).winners)
+        verdict = compare(_states(done))
+        for i, by in verdict.superseded.items():
+            done[i].replaced_by = str(done[by].spec.address)
+        if verdict.disagree:
+            raise RecoveryError(_disagreement(done, verdict.winners))
+        if done:
+            best = done[verdict.winners[0]]
+            kept = _keep_only(done, kept, [verdict.winners[0]])
     except BaseException:
-        if best is not None and best.rebuilt is not None:
-            restore.discard(best.rebuilt.path)
+        _keep_only(done, kept, [])
         raise
     return best
+
+
+def _states(done: list[ServerResult]) -> list[restore.Rebuilt]:
+    return [r.rebuilt for r in done if r.rebuilt is not None]
+
+
+def _keep_only(done: list[ServerResult], kept: set[int], keep: list[int]) -> set[int]:
+    """Discard the scratch files of the results in ``kept`` but not in ``keep``."""
+    for i in kept - set(keep):
+        rebuilt = done[i].rebuilt
+        assert rebuilt is not None
+        restore.discard(rebuilt.path)
+    return kept & set(keep)
+
+
+def _disagreement(done: list[ServerResult], winners: list[int]) -> str:
+    states = _states(done)
+    lines = [f"{done[i].spec.address}: newest record of "
+             f"{format_time(states[i].newest_time_ms)}, hash "
+             f"{(tip_hash(states[i]) or b'').hex()[:16]}…" for i in winners]
+    dv = states[winners[0]].data_version
+    return (f"the servers disagree: each verifies up to data_version {dv}, but with a "
+            "different newest record, and none replaces another:\n  " + "\n  ".join(lines)
+            + "\nOnly one of them was committed by lightningd; recovery cannot tell which. "
+            "Nothing was written. See each server's states with `recover --list`, then run "
+            "recover again with only the --server you trust")
 
 
 async def _fetch_one(spec: ServerSpec, node: NodeKey, cand: Candidate, dest: Path,
@@ -413,6 +452,10 @@ def _summary(specs: list[ServerSpec], results: dict[str, ServerResult],
                          f"{format_time(r.newest_time_ms)}" + (
                              f" (OLDER: {res.fallback.label}, "
                              f"{res.fallback.missing})" if res.fallback else ""))
+        elif res.rebuilt is not None and res.replaced_by:
+            lines.append(head + f"REPLACED: it ends on data_version {res.rebuilt.data_version}"
+                         f", a batch lightningd never committed: the chain on {res.replaced_by}"
+                         " holds the record that replaced it")
         elif res.rebuilt is not None:
             r = res.rebuilt
             state = "stale" if r.data_version < top else "same state"
@@ -421,6 +464,14 @@ def _summary(specs: list[ServerSpec], results: dict[str, ServerResult],
         else:
             claim = f" (it claims data_version {res.claimed})" if res.claimed is not None else ""
             lines.append(head + f"FAILED{claim}: {res.error or 'nothing held'}")
+    others = [r.rebuilt for r in results.values() if r is not best and r.rebuilt is not None]
+    if unconfirmed(best.rebuilt, others):
+        lines.append(
+            f"note: its newest record (data_version {top}) is held by "
+            f"{best.spec.address} alone: that lightningd never committed it, and that the "
+            "record which replaced it was dropped (with everything after it) or never "
+            "reached this server, cannot be ruled out; a second server holding the "
+            "replacement would show it")
     return lines
 
 
@@ -541,9 +592,11 @@ def _outcomes(specs: list[ServerSpec], results: dict[str, ServerResult],
         res = results[str(spec.address)]
         r = res.rebuilt
         outcome = ("used" if res is best else "failed" if r is None
+                   else "replaced" if res.replaced_by
                    else "stale" if r.data_version < best.rebuilt.data_version else "same state")
         out.append({"address": str(spec.address), "server_id": spec.server_id,
-                    "outcome": outcome, "data_version": r.data_version if r else None,
+                    "outcome": outcome, "replaced_by": res.replaced_by or None,
+                    "data_version": r.data_version if r else None,
                     "newest_record_ms": r.newest_time_ms if r else None,
                     "claimed_data_version": res.claimed,
                     "older": ({"generation": res.fallback.label, "missing": res.fallback.missing}
@@ -629,7 +682,11 @@ def recover(lightning_dir: Path, network: str, servers: tuple[str, ...],
                    "snapshot_ms": r.snapshot_time_ms, "records": r.records,
                    "servers": _outcomes(specs, results, best), "wrapper": str(paths.wrapper),
                    "config": str(paths.config), "important_plugin_added": added,
-                   "note": ONE_SERVER if len(specs) == 1 else None, "warning": NEVER_OLDER})
+                   "note": ONE_SERVER if len(specs) == 1 else None,
+                   "newest_record_unconfirmed": unconfirmed(
+                       r, [x.rebuilt for x in results.values()
+                           if x is not best and x.rebuilt is not None]),
+                   "warning": NEVER_OLDER})
         return
     lines = _summary(specs, results, best)
     click.echo(f"Recovered {dest}")

@@ -16,7 +16,8 @@ Each call ``(data_version, writes)``:
    - APPEND / REPLACE: the change is sealed once (one
      :class:`~cldcb.seal.RecordSealer` with a fresh ephemeral key per plugin
      process) and appended to the :class:`RecordLog`; every server link
-     sends it to its server in parallel;
+     sends it to its server in parallel; a REPLACE names the head it
+     supersedes (``replaces``, see :mod:`cldcb.seal`);
    - SNAPSHOT (first contact, a gap): a *blocking* snapshot. A consistent
      copy of the database is taken now (the call is pending, so it holds the
      last committed state), with a fresh random anchor; the log restarts at
@@ -87,7 +88,7 @@ from cldcb.plugin.snapshot import (
     copy_database,
 )
 from cldcb.plugin.wrapper import WrapperConfig
-from cldcb.seal import ZERO_HASH, RecordSealer, item_hash
+from cldcb.seal import ZERO_HASH, RecordSealer, item_hash, replaced_hash
 
 STARTUP_GRACE = 2.0
 LOG_LIMIT = 64 * 1024 * 1024
@@ -307,6 +308,7 @@ class Engine:
             return False
         kind = classify(writes)
         link = next_link(log.head, data_version, kind)     # the usual case: the next change
+        replaces = ZERO_HASH
         if link is None:
             try:
                 decision = decide(log.head, data_version, kind)
@@ -315,9 +317,10 @@ class Engine:
             link = decision.link
             if decision.action is Action.SNAPSHOT or link is None:
                 return False
+            replaces = replaced_hash(log.head, decision)
         started = time.monotonic()
         try:
-            sealed = self._seal(data_version, kind, link, writes)
+            sealed = self._seal(data_version, kind, link, writes, replaces)
         except SealError:
             return False                      # the general path answers the malformed call
         seq = log.next_seq
@@ -336,10 +339,12 @@ class Engine:
             self.hot_trouble()
         return True
 
-    def _seal(self, dv: int, kind: Kind, link: bytes, writes: list[str]) -> bytes:
+    def _seal(self, dv: int, kind: Kind, link: bytes, writes: list[str],
+              replaces: bytes) -> bytes:
         """The change sealed once (the same bytes go to every server); SealError if a
-        statement is not text."""
-        return self.sealer.seal_change(dv, kind, link, writes, int(time.time() * 1000))
+        statement is not text. ``replaces``: see :func:`replaced_hash`."""
+        return self.sealer.seal_change(dv, kind, link, writes, int(time.time() * 1000),
+                                       replaces)
 
     def _record(self, dv: int, kind: Kind, link: bytes, sealed: bytes) -> Entry:
         """Append the sealed change to the record log as the chain's next tip (``link``:
@@ -430,7 +435,8 @@ class Engine:
                 self._wake_links()
             assert decision.link is not None
             entry = self._record(dv, kind, decision.link,
-                                 self._seal(dv, kind, decision.link, writes))
+                                 self._seal(dv, kind, decision.link, writes,
+                                            replaced_hash(log.head, decision)))
             hook.anchor, hook.next_seq = entry.link, entry.seq
             self._wake_links()
             return await self._await_quorum(hook, entry.seq, deadline)
