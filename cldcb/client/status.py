@@ -37,10 +37,11 @@ import click
 from cldcb.client.cli import main
 from cldcb.client.nodeconfig import NodePaths
 from cldcb.client.recover import format_time, node_dir_options
-from cldcb.connection import Connection, ServerAddress, ServerSpec
+from cldcb.connection import Connection, ServerSpec
 from cldcb.errors import CldcbError
 from cldcb.plugin.status import read_status_file
 from cldcb.plugin.wrapper import WrapperConfig, read_wrapper
+from cldcb.proxy import Proxy, parse_optional
 from cldcb.restore import pid_alive
 from cldcb.rpc import LightningRpc
 from cldcb.session import Role
@@ -85,10 +86,10 @@ def plugin_state(path: Path) -> dict[str, Any]:
 
 async def _ask(spec: ServerSpec, cfg: WrapperConfig) -> dict[str, Any]:
     out: dict[str, Any] = {"address": str(spec.address), "server_id": spec.server_id,
-                           "reachable": False}
+                           "route": spec.describe_route(), "reachable": False}
     try:
         async with await Connection.open(spec, cfg.client_priv, Role.READER,
-                                         timeout=SERVER_TIMEOUT) as conn:
+                                         timeout=spec.timeout(SERVER_TIMEOUT)) as conn:
             st = await conn.status()
     except CldcbError as exc:
         out["error"] = str(exc)
@@ -105,13 +106,11 @@ async def _ask(spec: ServerSpec, cfg: WrapperConfig) -> dict[str, Any]:
     return out
 
 
-async def _ask_all(cfg: WrapperConfig) -> list[dict[str, Any]]:
-    specs = [ServerSpec(ServerAddress.parse(s.address), s.server_id, s.host_key)
-             for s in cfg.servers]
-    return list(await asyncio.gather(*(_ask(s, cfg) for s in specs)))
+async def _ask_all(cfg: WrapperConfig, proxy: Proxy | None) -> list[dict[str, Any]]:
+    return list(await asyncio.gather(*(_ask(s, cfg) for s in cfg.specs(proxy))))
 
 
-def gather(paths: NodePaths, max_lag: int) -> dict[str, Any]:
+def gather(paths: NodePaths, max_lag: int, proxy: Proxy | None = None) -> dict[str, Any]:
     """Every fact ``status`` reports, and the list of problems."""
     cfg = read_wrapper(paths.wrapper)
     db = cfg.database_path(paths.network_dir)
@@ -127,7 +126,7 @@ def gather(paths: NodePaths, max_lag: int) -> dict[str, Any]:
         problems.append(f"lightningd is running but the cldcb plugin is not ({plugin['why']}): "
                         "changes may be committed that no server holds; restart lightningd "
                         "(its important-plugin line makes it start the plugin)")
-    servers = asyncio.run(_ask_all(cfg))
+    servers = asyncio.run(_ask_all(cfg, proxy))
     plugin_servers = {s.get("server_id"): s for s in
                       ((plugin["file"] or {}).get("servers") or []) if isinstance(s, dict)}
     for srv in servers:
@@ -179,7 +178,8 @@ def _print(report: dict[str, Any]) -> None:
                   f"{_age(int(pf['written_at'] * 1000), now)})"
                   if isinstance(pf.get("written_at"), int | float) else ""))
     for srv in report["servers"]:
-        head = f"server {srv['address']} ({srv['server_id'][:14]}…): "
+        route = f", {srv['route']}" if srv.get("route", "direct") != "direct" else ""
+        head = f"server {srv['address']} ({srv['server_id'][:14]}…{route}): "
         if not srv["reachable"]:
             click.echo(head + "UNREACHABLE")
             continue
@@ -211,15 +211,18 @@ def _print(report: dict[str, Any]) -> None:
 @click.option("--max-lag", type=click.IntRange(min=0), default=0, show_default=True,
               help="How many data_versions a server may be behind the database.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--proxy", default=None, metavar="socks5://HOST:PORT",
+              help="Reach every server through this SOCKS5 proxy [default: the route the "
+                   "wrapper records for each].")
 @click.pass_context
 def status(ctx: click.Context, lightning_dir: Path, network: str, max_lag: int,
-           as_json: bool) -> None:
+           as_json: bool, proxy: str | None) -> None:
     """Show what every server holds against the node's database; exit 1 on a problem.
 
     A problem: a server unreachable or behind by more than --max-lag, or the
     plugin not running while lightningd is.
     """
-    report = gather(NodePaths(lightning_dir, network), max_lag)
+    report = gather(NodePaths(lightning_dir, network), max_lag, parse_optional(proxy))
     if as_json:
         click.echo(json.dumps(report, indent=1, default=str))
     else:

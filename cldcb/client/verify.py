@@ -49,11 +49,12 @@ from cldcb.client.recover import (
     node_key_options,
     open_node_key,
 )
-from cldcb.connection import Connection, ServerAddress, ServerSpec
+from cldcb.connection import Connection
 from cldcb.errors import CldcbError, RecoveryError
 from cldcb.ids import parse_client_id
 from cldcb.nodekey import NodeKey
 from cldcb.plugin.wrapper import WrapperConfig, read_wrapper
+from cldcb.proxy import Proxy, parse_optional
 from cldcb.session import Role
 
 COPY_TIMEOUT = 30.0
@@ -149,12 +150,10 @@ def compare(live: Path, rebuilt: Path, work: Path) -> str | None:
 
 
 async def _drill(cfg: WrapperConfig, node: NodeKey, live: Path, data_version: int,
-                 work: Path) -> list[tuple[str, str | None]]:
+                 work: Path, proxy: Proxy | None = None) -> list[tuple[str, str | None]]:
     results: list[tuple[str, str | None]] = []
     client_pub = parse_client_id(cfg.client_id)
-    for n, server in enumerate(cfg.servers):
-        spec = ServerSpec(ServerAddress.parse(server.address), server.server_id,
-                          server.host_key)
+    for n, spec in enumerate(cfg.specs(proxy)):
         name = str(spec.address)
         out = work / f"server-{n}.sqlite3"
         printer = ProgressPrinter(name)
@@ -176,9 +175,12 @@ async def _drill(cfg: WrapperConfig, node: NodeKey, live: Path, data_version: in
 @main.command()
 @node_dir_options
 @node_key_options
+@click.option("--proxy", default=None, metavar="socks5://HOST:PORT",
+              help="Reach every server through this SOCKS5 proxy [default: the route the "
+                   "wrapper records for each].")
 @click.pass_context
 def verify(ctx: click.Context, lightning_dir: Path, network: str, hsm_secret: Path | None,
-           passphrase_file: Path | None, alt_hsmd: Path | None) -> None:
+           passphrase_file: Path | None, alt_hsmd: Path | None, proxy: str | None) -> None:
     """Restore drill: rebuild the backup at the live database's data_version and compare.
 
     Exits 1 when a server's backup differs from the live database or cannot be
@@ -197,7 +199,8 @@ def verify(ctx: click.Context, lightning_dir: Path, network: str, hsm_secret: Pa
             data_version = copy_live(db, live)
             click.echo(f"live database {db}: data_version {data_version} (consistent copy); "
                        f"comparing with {compare_method()}")
-            results = asyncio.run(_drill(cfg, node, live, data_version, work))
+            results = asyncio.run(_drill(cfg, node, live, data_version, work,
+                                         parse_optional(proxy)))
         finally:
             shutil.rmtree(work, ignore_errors=True)
     for name, problem in results:

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cldcb.connection import Connection, ServerAddress, ServerSpec
+from cldcb.connection import Connection
 from cldcb.errors import CldcbError, PluginError
 from cldcb.malloc import keep_freed_memory
 from cldcb.plugin import jsonrpc
@@ -64,10 +64,6 @@ ENV_CHUNK_DELAY = "CLDCB_PLUGIN_TEST_CHUNK_DELAY"
 ENV_CHUNK_SIZE = "CLDCB_PLUGIN_TEST_CHUNK_SIZE"
 
 
-def server_spec(address: str, server_id: str, host_key: str | None) -> ServerSpec:
-    return ServerSpec(ServerAddress.parse(address), server_id, host_key)
-
-
 class Plugin:
     """The plugin process: stdin/stdout protocol around an :class:`Engine`."""
 
@@ -75,8 +71,7 @@ class Plugin:
         self.cfg = cfg
         self.wrapper_path = wrapper_path
         self.workdir = workdir
-        self.specs = {e.address: server_spec(e.address, e.server_id, e.host_key)
-                      for e in cfg.servers}
+        self.specs = {e.address: e.spec() for e in cfg.servers}
         self.out = jsonrpc.StdoutWriter(sys.stdout.fileno())
         self._manifest_sent = False
         self._early_logs: list[dict[str, Any]] = []
@@ -95,7 +90,7 @@ class Plugin:
     async def _connect(self, entry: Any) -> ServerConnection:
         spec = self.specs[entry.address]
         return await Connection.open(spec, self.cfg.client_priv, Role.WRITER,
-                                     timeout=CONNECT_TIMEOUT)
+                                     timeout=spec.timeout(CONNECT_TIMEOUT))
 
     # -- output -----------------------------------------------------------------------------
     def _send(self, message: dict[str, Any] | bytes) -> None:
@@ -275,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = read_wrapper(wrapper)
         for e in cfg.servers:
-            server_spec(e.address, e.server_id, e.host_key)
+            e.spec()
     except CldcbError as exc:
         print(f"cldcb-plugin: error: {exc}", file=sys.stderr)
         return 1
