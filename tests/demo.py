@@ -52,7 +52,7 @@ from servers import CldcbServer  # noqa: E402
 from simlightningd import SimLightningd  # noqa: E402
 from traces import load_trace  # noqa: E402
 
-from cldcb.connection import Connection, ServerAddress, ServerSpec  # noqa: E402
+from cldcb.connection import Connection, ServerSpec  # noqa: E402
 from cldcb.ids import client_id_from_pubkey, new_privkey, pubkey_of  # noqa: E402
 from cldcb.nodekey import NodeKey  # noqa: E402
 from cldcb.plugin.wrapper import (  # noqa: E402
@@ -82,10 +82,15 @@ class Target:
     address: str
     server_id: str
     host_key: str | None = None
+    proxy: str | None = None            # socks5://HOST:PORT
 
     @property
     def spec(self) -> ServerSpec:
-        return ServerSpec(ServerAddress.parse(self.address), self.server_id, self.host_key)
+        return self.entry.spec()
+
+    @property
+    def entry(self) -> ServerEntry:
+        return ServerEntry(self.address, self.server_id, self.host_key, self.proxy)
 
 
 async def _put_recognition(targets: Sequence[Target], client_priv: bytes, entry: bytes) -> None:
@@ -103,8 +108,7 @@ def install_client(network_dir: Path, node: NodeKey, targets: Sequence[Target],
     entry = make_recognition(client_priv, node.pubkey, signed.zbase, new_privkey()).encode()
     asyncio.run(_put_recognition(targets, client_priv, entry))
     cfg = WrapperConfig(client_id_from_pubkey(pubkey_of(client_priv)), client_priv,
-                        node.node_id, tuple(ServerEntry(t.address, t.server_id, t.host_key)
-                                            for t in targets),
+                        node.node_id, tuple(t.entry for t in targets),
                         quorum=quorum, plugin_path=default_plugin_path())
     write_wrapper(network_dir / WRAPPER_NAME, cfg)
     return cfg
