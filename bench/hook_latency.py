@@ -27,8 +27,12 @@ machine; the distance from it to the first row is cldcb's own share.
 
 A sixth row is the plugin again, to a server of its own reached through a
 SOCKS5 proxy on loopback (Debian's ``microsocks``, the server named
-``localhost`` so that the proxy resolves it, as Tor would): the proxy's own
-cost, printed as a ratio to the first row. ``--tor N`` adds a row measured
+``localhost`` so that the proxy resolves it, as Tor would), printed as a
+ratio to the first row. microsocks sets no ``TCP_NODELAY`` on the
+connections it forwards, so a message that reaches it in two segments waits
+for the far end's delayed ACK (about 40 ms each way); a seventh row goes
+through the tests' SOCKS5 proxy (``tests/socks5.py``, a fake onion name) with
+``TCP_NODELAY``: what relaying through a proxy costs by itself. ``--tor N`` adds a row measured
 apart (after the others, N calls): the plugin through a private Tor network
 on 127.0.0.1 (``tests/tornet.py``) to a server behind an onion service.
 
@@ -330,7 +334,7 @@ def measure(folder: Path, trace_name: str, rounds: int, pacing: bool = True) -> 
     stretch of the disk weighs on all three alike)."""
     from servers import CldcbServer
     from simlightningd import SimLightningd
-    from socks5 import Microsocks
+    from socks5 import Microsocks, RecordingSocks5
     from traces import load_trace
 
     from cldcb.ids import new_privkey, pubkey_of
@@ -340,15 +344,18 @@ def measure(folder: Path, trace_name: str, rounds: int, pacing: bool = True) -> 
     sizes = [12 + sum(4 + len(w.encode()) for w in writes) + OVERHEAD for _, writes in trace]
     node_pub = pubkey_of(new_privkey())
     servers = []
-    for name in ("server-direct", "server", "server-socks"):
+    for name in ("server-direct", "server", "server-socks", "server-relay"):
         servers.append(_server(CldcbServer(folder / name)))
     shm = Path("/dev/shm")
     ld = Path(tempfile.mkdtemp(prefix="cldcb-bench-node-", dir=shm if shm.is_dir()
                                else folder)) / "lightning"
     loop = asyncio.new_event_loop()
     rows: dict[str, list[float]] = {"plugin": [], "direct": [], "floor": [], "pipes": [],
-                                    "forward": [], "socks": []}
+                                    "forward": [], "socks": [], "relay": []}
     socks = Microsocks(folder).start()
+    relay_name = "bench.onion"
+    relay = RecordingSocks5({relay_name: ("127.0.0.1", servers[3][0].port)}, nodelay=True)
+    relay.start()
     echo = SimLightningd(ld.parent / "echo", _plugin_wrapper(ld.parent / "echo", "--echo-plugin"))
     cpu: dict[str, float] = {}
     try:
@@ -356,14 +363,17 @@ def measure(folder: Path, trace_name: str, rounds: int, pacing: bool = True) -> 
             forward = SimLightningd(ld.parent / "forward", _plugin_wrapper(
                 ld.parent / "forward", f"--forward-plugin {port}"))
             floor = loop.run_until_complete(_FloorClient.open(port))
-            (direct_server, direct_client), (server, client), (via, via_client) = servers
+            ((direct_server, direct_client), (server, client), (via, via_client),
+             (relayed, relayed_client)) = servers
             direct = loop.run_until_complete(
                 _DirectClient.open(direct_server.spec, direct_client, node_pub))
             node = plugin_node(ld, client, node_pub, ServerEntry(server.address,
                                                                  server.server_id))
             proxied = plugin_node(ld.parent / "socks", via_client, node_pub, ServerEntry(
                 f"localhost:{via.port}", via.server_id, proxy=socks.url))
-            sims = (node, echo, forward, proxied)
+            relayed_node = plugin_node(ld.parent / "relay", relayed_client, node_pub, ServerEntry(
+                f"{relay_name}:29735", relayed.server_id, proxy=relay.url))
+            sims = (node, echo, forward, proxied, relayed_node)
             for sim in sims:
                 sim.start()
             try:
@@ -376,8 +386,8 @@ def measure(folder: Path, trace_name: str, rounds: int, pacing: bool = True) -> 
                 pacer = Pacer(0.0)
                 for r, i in enumerate(range(1, len(trace), step)):
                     j = min(i + step, len(trace))
-                    for k in range(6):     # a different order each round; the plugin first
-                        part = (r + k) % 6
+                    for k in range(7):     # a different order each round; the plugin first
+                        part = (r + k) % 7
                         if part == 0:
                             node.run_trace(trace, start=i, stop=j)
                             if pacing:
@@ -392,8 +402,10 @@ def measure(folder: Path, trace_name: str, rounds: int, pacing: bool = True) -> 
                             echo.run_trace(trace, start=i, stop=j)
                         elif part == 4:
                             forward.run_trace(trace, start=i, stop=j)
-                        else:
+                        elif part == 5:
                             proxied.run_trace(trace, start=i, stop=j)
+                        else:
+                            relayed_node.run_trace(trace, start=i, stop=j)
                 calls = len(node.calls) - 1
                 cpu["plugin"] = (cpu_ns(node.plugin.pid) - cpu0[0]) / 1e3 / calls
                 cpu["server"] = (cpu_ns(server.proc.pid) - cpu0[1]) / 1e3 / calls
@@ -404,13 +416,14 @@ def measure(folder: Path, trace_name: str, rounds: int, pacing: bool = True) -> 
                     sim.close()
                 shutil.rmtree(ld.parent, ignore_errors=True)
             for name, sim in (("plugin", node), ("pipes", echo), ("forward", forward),
-                              ("socks", proxied)):
+                              ("socks", proxied), ("relay", relayed_node)):
                 rows[name] = latencies(sim)
             loop.run_until_complete(direct.conn.close())
             loop.run_until_complete(floor.close())
     finally:
         loop.close()
         socks.stop()
+        relay.stop()
         for server, _ in servers:
             server.stop()
     return {"rows": rows, "plugin_mb": plugin_mb, "server_mb": server_mb, "calls": len(trace),
@@ -448,9 +461,11 @@ def main() -> None:
     lat, direct, floor = m["rows"]["plugin"], m["rows"]["direct"], m["rows"]["floor"]
     plugin_mb, server_mb, n = m["plugin_mb"], m["server_mb"], m["calls"]
     pipes, forward, socks = m["rows"]["pipes"], m["rows"]["forward"], m["rows"]["socks"]
+    relay = m["rows"]["relay"]
     rows = [("through the plugin", lat), ("cldcb write, no plugin", direct),
             ("floor: request → fsync → ack", floor), ("pipes: plugin answers at once", pipes),
-            ("plugin that only forwards", forward), ("plugin, SOCKS5 proxy (loopback)", socks)]
+            ("plugin that only forwards", forward), ("plugin, microsocks (loopback)", socks),
+            ("plugin, SOCKS5 relay, NODELAY", relay)]
     if tor:
         rows.append((f"plugin, private Tor ({len(tor)} calls)", tor))
     print(f"db_write round trip, {args.trace}: {n} calls ({len(lat)} measured); floor and "
@@ -468,7 +483,9 @@ def main() -> None:
     print(f"CPU per call (all threads): plugin {m['cpu_us']['plugin']:.0f} µs, "
           f"server {m['cpu_us']['server']:.0f} µs")
     socks_ratio = pct(socks, .5) / pct(lat, .5)
-    print(f"through the SOCKS5 proxy: p50 {socks_ratio:.2f}× the plugin's direct p50"
+    relay_ratio = pct(relay, .5) / pct(lat, .5)
+    print(f"through microsocks: p50 {socks_ratio:.2f}× the plugin's direct p50; through a "
+          f"SOCKS5 relay with TCP_NODELAY: {relay_ratio:.2f}×"
           + (f"; through private Tor: p50 {pct(tor, .5) / pct(lat, .5):.1f}×" if tor else ""))
     extra: dict[str, Any] = {}
     if tor:
@@ -483,7 +500,8 @@ def main() -> None:
         "forward_p50_us": round(pct(forward, .5)), "forward_p99_us": round(pct(forward, .99)),
         "forward_ratio": round(pct(forward, .5) / pct(floor, .5), 3),
         "socks_p50_us": round(pct(socks, .5)), "socks_p99_us": round(pct(socks, .99)),
-        "socks_ratio": round(socks_ratio, 3), **extra,
+        "socks_ratio": round(socks_ratio, 3), "relay_p50_us": round(pct(relay, .5)),
+        "relay_p99_us": round(pct(relay, .99)), "relay_ratio": round(relay_ratio, 3), **extra,
         "plugin_cpu_us_per_call": round(m["cpu_us"]["plugin"]),
         "server_cpu_us_per_call": round(m["cpu_us"]["server"]),
         "period_us": round(m["period_us"]),

@@ -18,11 +18,11 @@ import select
 import socket
 import struct
 import subprocess
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from conftest import require_tool
+from listener import LoopbackListener
 from servers import free_port, stop_pid, wait_port
 
 ATYP_IPV4, ATYP_DOMAIN, ATYP_IPV6 = 1, 3, 4
@@ -45,34 +45,19 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return data
 
 
-class RecordingSocks5:
+class RecordingSocks5(LoopbackListener):
     """See the module docstring. ``names``: host name → (ip, port) it stands for."""
 
-    def __init__(self, names: dict[str, tuple[str, int]] | None = None) -> None:
+    def __init__(self, names: dict[str, tuple[str, int]] | None = None,
+                 nodelay: bool = False) -> None:
+        super().__init__()
+        self.nodelay = nodelay
         self.names = dict(names or {})
         self.requests: list[Request] = []
-        self._listener = socket.socket()
-        self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen(16)
-        self._listener.settimeout(0.2)
-        self.port = int(self._listener.getsockname()[1])
-        self._stopping = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._lock = threading.Lock()
 
     @property
     def url(self) -> str:
         return f"socks5://127.0.0.1:{self.port}"
-
-    def start(self) -> RecordingSocks5:
-        self._spawn(self._accept_loop)
-        return self
-
-    def stop(self) -> None:
-        self._stopping.set()
-        for t in list(self._threads):
-            t.join(10)
-        self._listener.close()
 
     def __enter__(self) -> RecordingSocks5:
         return self.start()
@@ -80,19 +65,8 @@ class RecordingSocks5:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _spawn(self, target: object, *args: object) -> None:
-        t = threading.Thread(target=target, args=args, daemon=True)  # type: ignore[arg-type]
-        with self._lock:
-            self._threads.append(t)
-        t.start()
-
-    def _accept_loop(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                conn, _ = self._listener.accept()
-            except (TimeoutError, OSError):
-                continue
-            self._spawn(self._serve, conn)
+    def accepted(self, conn: socket.socket) -> None:
+        self._spawn(self._serve, conn)
 
     def _handshake(self, conn: socket.socket) -> socket.socket | None:
         ver, nmethods = _recv_exact(conn, 2)
@@ -137,6 +111,9 @@ class RecordingSocks5:
                 return
             conn.settimeout(None)
             upstream.settimeout(None)
+            if self.nodelay:
+                for s in (conn, upstream):
+                    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             pair = {conn: upstream, upstream: conn}
             while not self._stopping.is_set():
                 ready, _, _ = select.select(list(pair), [], [], 0.2)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from demo import NETWORK, Target, client, dump, install_client, play
+from demo import NETWORK, Target, client, dump, new_node, play
 from demo import vector_secret as secret_of
 from servers import CldcbServer, free_port
 from socks5 import ATYP_DOMAIN, Microsocks, RecordingSocks5
@@ -26,8 +26,7 @@ from traces import expected_dump_bytes
 
 from cldcb.connection import Connection, ServerAddress, ServerSpec
 from cldcb.errors import AuthError, PluginError, TransportError, UsageError
-from cldcb.ids import client_id_from_pubkey, new_privkey, pubkey_of
-from cldcb.nodekey import LocalNodeKey
+from cldcb.ids import client_id_from_pubkey, pubkey_of
 from cldcb.plugin.wrapper import WRAPPER_NAME, ServerEntry, parse, read_wrapper
 from cldcb.proxy import PROXIED, TOR_SOCKS, Proxy, route
 from cldcb.session import Role
@@ -56,16 +55,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     proxy = RecordingSocks5({ONION: ("127.0.0.1", server.port)}).start()
     try:
         lightning_dir = root / "node"
-        network_dir = lightning_dir / NETWORK
-        network_dir.mkdir(parents=True)
-        secret = bytes.fromhex(secret_of(SECRET)["file_hex"])
-        (network_dir / "hsm_secret").write_bytes(secret)
-        client_priv = new_privkey()
-        server.add(client_id_from_pubkey(pubkey_of(client_priv)))
-        install_client(network_dir, LocalNodeKey.from_hsm_secret_bytes(secret),
-                       [Target(ONION_ADDRESS, server.server_id, proxy=proxy.url)], client_priv)
+        client_priv = new_node(lightning_dir, SECRET, [server],
+                               [Target(ONION_ADDRESS, server.server_id, proxy=proxy.url)])
         play(lightning_dir, TRACE)
-        original = dump(network_dir / "lightningd.sqlite3")
+        original = dump(lightning_dir / NETWORK / "lightningd.sqlite3")
         yield World(root, server, proxy, lightning_dir, client_priv, original)
     finally:
         proxy.stop()

@@ -11,13 +11,10 @@ the database through Tor, byte-identical.
 from __future__ import annotations
 
 import pytest
-from demo import NETWORK, Target, client, delete_all_but_hsm_secret, dump, install_client, play
-from demo import vector_secret as secret_of
+from demo import NETWORK, Target, client, delete_all_but_hsm_secret, dump, new_node, play
 from servers import CldcbServer
 from tornet import PrivateTorNetwork
 
-from cldcb.ids import client_id_from_pubkey, new_privkey, pubkey_of
-from cldcb.nodekey import LocalNodeKey
 from cldcb.plugin.wrapper import WRAPPER_NAME, read_wrapper
 
 pytestmark = [pytest.mark.tor, pytest.mark.timeout(420)]
@@ -31,14 +28,8 @@ def test_backup_and_recover_through_an_onion_service(tmp_path) -> None:  # type:
         with PrivateTorNetwork(tmp_path / "tor", server.port) as tor:
             lightning_dir = tmp_path / "node"
             network_dir = lightning_dir / NETWORK
-            network_dir.mkdir(parents=True)
-            secret = bytes.fromhex(secret_of(SECRET)["file_hex"])
-            (network_dir / "hsm_secret").write_bytes(secret)
-            client_priv = new_privkey()
-            server.add(client_id_from_pubkey(pubkey_of(client_priv)))
-            install_client(network_dir, LocalNodeKey.from_hsm_secret_bytes(secret),
-                           [Target(tor.address, server.server_id, proxy=tor.socks_url)],
-                           client_priv)
+            new_node(lightning_dir, SECRET, [server],
+                     [Target(tor.address, server.server_id, proxy=tor.socks_url)])
             play(lightning_dir, TRACE)
             original = dump(network_dir / "lightningd.sqlite3")
 
