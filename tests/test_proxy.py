@@ -12,6 +12,7 @@ SOCKS5 domain-name request (address type 3) for the onion name.
 from __future__ import annotations
 
 import asyncio
+import random
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,11 +25,12 @@ from servers import CldcbServer, free_port
 from socks5 import ATYP_DOMAIN, Microsocks, RecordingSocks5
 from traces import expected_dump_bytes
 
+from cldcb import proxy as proxy_mod
 from cldcb.connection import Connection, ServerAddress, ServerSpec
 from cldcb.errors import AuthError, PluginError, TransportError, UsageError
 from cldcb.ids import client_id_from_pubkey, pubkey_of
 from cldcb.plugin.wrapper import WRAPPER_NAME, ServerEntry, parse, read_wrapper
-from cldcb.proxy import PROXIED, TOR_SOCKS, Proxy, route
+from cldcb.proxy import DIRECT, PROXIED, TOR_SOCKS, Proxy, route
 from cldcb.session import Role
 
 pytestmark = pytest.mark.timeout(300)
@@ -210,3 +212,33 @@ def test_wrapper_records_the_proxy_per_server() -> None:
     assert parse(_wrapper(f"203.0.113.5:29735 {sid}")).outage_limit == 300
     with pytest.raises(PluginError, match="socks5://HOST:PORT"):
         parse(_wrapper(f"{ONION_ADDRESS} {sid} proxy=http://127.0.0.1:8080"))
+
+
+def test_onion_without_a_proxy_names_tor_when_nothing_listens(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An onion address with no proxy named goes to Tor's usual SOCKS port (here made a
+    free port of this test, where nothing listens): the error says to start Tor."""
+    nobody = f"socks5://127.0.0.1:{free_port()}"
+    monkeypatch.setattr(proxy_mod, "TOR_SOCKS", nobody)
+    spec = ServerSpec(ServerAddress.parse(ONION_ADDRESS), world.server.server_id)
+    assert spec.describe_route() == f"via {nobody}"
+
+    async def attempt() -> None:
+        async with await Connection.open(spec, world.client_priv, Role.READER):
+            pass
+
+    with pytest.raises(TransportError) as err:
+        asyncio.run(attempt())
+    assert f"cannot reach the SOCKS5 proxy {nobody}" in str(err.value)
+    assert "is Tor running" in str(err.value) and "--proxy" in str(err.value)
+
+
+def test_reconnection_through_a_proxy_backs_off_with_jitter() -> None:
+    rng = random.Random(7)
+    delays = [PROXIED.reconnect_min]
+    for _ in range(12):
+        delays.append(PROXIED.next_delay(delays[-1], rng))
+    assert all(PROXIED.reconnect_min <= d <= PROXIED.reconnect_max for d in delays)
+    assert max(delays) > 0.7 * PROXIED.reconnect_max       # it grows to tens of seconds
+    assert len({round(d, 6) for d in delays[6:]}) > 1      # and retries do not go in step
+    assert [DIRECT.next_delay(d) for d in (0.1, 0.2, 1.6, 2.0)] == [0.2, 0.4, 2.0, 2.0]
