@@ -108,6 +108,15 @@ def node_dir_options(func: F) -> F:
                         "terminal when not given).")(func)
 
 
+def outage_limit_option(func: F) -> F:
+    """``--outage-limit SECONDS`` (default: the wrapper's default for the servers' routes)."""
+    return click.option(
+        "--outage-limit", type=float, default=None,
+        help="Seconds lightningd waits for the servers before the plugin makes it stop "
+             f"[default: {DEFAULT_OUTAGE_LIMIT:g}, {PROXIED.outage_limit:g} through a "
+             "proxy].")(func)
+
+
 def lightning_dir_of(value: Path | None) -> Path:
     return Path(os.path.expanduser(ask(str(value) if value else None, "--lightning-dir",
                                        "lightningd's --lightning-dir")))
@@ -327,10 +336,7 @@ def echo_out(text: str) -> None:
 @click.option("--quorum", type=int, default=None,
               help="Servers that must hold each change before lightningd commits it "
                    "[default: all].")
-@click.option("--outage-limit", type=float, default=None,
-              help="Seconds lightningd waits for the servers before the plugin makes it stop "
-                   f"[default: {DEFAULT_OUTAGE_LIMIT:g}, {PROXIED.outage_limit:g} through a "
-                   "proxy].")
+@outage_limit_option
 @proxy_option
 @node_key_options
 @click.option("--wait", "wait", type=float, default=DEFAULT_WAIT, show_default=True,

@@ -43,6 +43,7 @@ from cldcb.client.install import (
     lightning_dir_of,
     node_dir_options,
     node_side,
+    outage_limit_option,
     run_install,
 )
 from cldcb.client.nodeconfig import NodePaths
@@ -51,8 +52,8 @@ from cldcb.client.ssh_setup import SetupConnection, SshTarget, resolve
 from cldcb.connection import Connection, ServerAddress, ServerSpec
 from cldcb.errors import AuthError, CldcbError, UsageError
 from cldcb.ids import client_id_from_pubkey, new_privkey, pubkey_of
-from cldcb.plugin.wrapper import DEFAULT_OUTAGE_LIMIT, read_wrapper
-from cldcb.proxy import PROXIED, parse_optional
+from cldcb.plugin.wrapper import read_wrapper
+from cldcb.proxy import parse_optional
 from cldcb.rpc import LightningRpc
 from cldcb.session import Role
 from cldcb.sshkeys import authorized_keys_line
@@ -114,10 +115,7 @@ def _wait_until_authorized(spec: ServerSpec, client_priv: bytes, line: str, setu
 @click.option("--server-command", default="cldcb-server", show_default=True,
               help="How to run cldcb-server on the host (a forced `forced --allow add` key "
                    "accepts only the default).")
-@click.option("--outage-limit", type=float, default=None,
-              help="Seconds lightningd waits for the server before the plugin makes it stop "
-                   f"[default: {DEFAULT_OUTAGE_LIMIT:g}, {PROXIED.outage_limit:g} through a "
-                   "proxy].")
+@outage_limit_option
 @click.option("--proxy", default=None, metavar="socks5://HOST:PORT",
               help="Reach the host (setup login and backups) through this SOCKS5 proxy (Tor: "
                    "socks5://127.0.0.1:9050, the default for .onion hosts).")
