@@ -25,6 +25,17 @@ server, and the call is answered when that request is acknowledged
 no cldcb code at all. It is what any plugin built this way costs on this
 machine; the distance from it to the first row is cldcb's own share.
 
+A sixth row is the plugin again, to a server of its own reached through a
+SOCKS5 proxy on loopback (Debian's ``microsocks``, the server named
+``localhost`` so that the proxy resolves it, as Tor would), printed as a
+ratio to the first row. microsocks sets no ``TCP_NODELAY`` on the
+connections it forwards, so a message that reaches it in two segments waits
+for the far end's delayed ACK (about 40 ms each way); a seventh row goes
+through the tests' SOCKS5 proxy (``tests/socks5.py``, a fake onion name) with
+``TCP_NODELAY``: what relaying through a proxy costs by itself. ``--tor N`` adds a row measured
+apart (after the others, N calls): the plugin through a private Tor network
+on 127.0.0.1 (``tests/tornet.py``) to a server behind an onion service.
+
 The rows take turns over slices of the trace (``--rounds``, in a different
 order each round) against servers that all stay up, so that a slow stretch
 of the disk's fsync, which dominates every row, weighs on all of them alike
@@ -261,31 +272,90 @@ def _plugin_wrapper(folder: Path, args: str) -> Path:
     return wrapper
 
 
+def _server(server: Any) -> tuple[Any, bytes]:
+    """A started ``cldcb-server serve`` with a new client registered: (server, client key)."""
+    from cldcb.ids import client_id_from_pubkey, new_privkey, pubkey_of
+
+    server.init()
+    client = new_privkey()
+    server.add(client_id_from_pubkey(pubkey_of(client)))
+    return server.start(), client
+
+
+def plugin_node(ld: Path, client: bytes, node_pub: bytes, entry: Any) -> Any:
+    """A simulated lightningd in ``ld`` whose cldcb plugin backs up to ``entry`` only."""
+    from simlightningd import SimLightningd
+
+    from cldcb.ids import client_id_from_pubkey, node_id_from_pubkey, pubkey_of
+    from cldcb.plugin.wrapper import WrapperConfig, default_plugin_path, write_wrapper
+
+    (ld / "regtest").mkdir(parents=True)
+    wrapper = ld / "regtest" / "cldcb-plugin-wrapper"
+    write_wrapper(wrapper, WrapperConfig(
+        client_id=client_id_from_pubkey(pubkey_of(client)), client_priv=client,
+        node_id=node_id_from_pubkey(node_pub), servers=(entry,),
+        plugin_path=default_plugin_path()))
+    return SimLightningd(ld, wrapper)
+
+
+def latencies(sim: Any) -> list[float]:
+    """The committed calls' round trips (µs), the first (first-contact snapshot) left out."""
+    return [c.latency * 1e6 for c in sim.calls[1:]
+            if c.latency is not None and c.outcome == "committed"]
+
+
+def measure_tor(folder: Path, trace_name: str, calls: int) -> list[float]:
+    """The plugin's round trips through a private Tor network to an onion service."""
+    from servers import CldcbServer
+    from tornet import PrivateTorNetwork
+    from traces import load_trace
+
+    from cldcb.ids import new_privkey, pubkey_of
+    from cldcb.plugin.wrapper import ServerEntry
+
+    trace = load_trace(trace_name)[:calls + 1]
+    server, client = _server(CldcbServer(folder / "server-tor"))
+    try:
+        with PrivateTorNetwork(folder / "tor", server.port) as tor:
+            node = plugin_node(folder / "node-tor", client, pubkey_of(new_privkey()),
+                               ServerEntry(tor.address, server.server_id, proxy=tor.socks_url))
+            node.start()
+            try:
+                node.run_trace(trace)
+            finally:
+                node.close()
+            return latencies(node)
+    finally:
+        server.stop()
+
+
 def measure(folder: Path, trace_name: str, rounds: int, pacing: bool = True) -> dict[str, Any]:
     """The rows, measured in alternating slices of the trace (so that a slow
     stretch of the disk weighs on all three alike)."""
     from servers import CldcbServer
     from simlightningd import SimLightningd
+    from socks5 import Microsocks, RecordingSocks5
     from traces import load_trace
 
-    from cldcb.ids import client_id_from_pubkey, new_privkey, node_id_from_pubkey, pubkey_of
-    from cldcb.plugin.wrapper import ServerEntry, WrapperConfig, default_plugin_path, write_wrapper
+    from cldcb.ids import new_privkey, pubkey_of
+    from cldcb.plugin.wrapper import ServerEntry
 
     trace = load_trace(trace_name)
     sizes = [12 + sum(4 + len(w.encode()) for w in writes) + OVERHEAD for _, writes in trace]
     node_pub = pubkey_of(new_privkey())
     servers = []
-    for name in ("server-direct", "server"):
-        server = CldcbServer(folder / name).init()
-        client = new_privkey()
-        server.add(client_id_from_pubkey(pubkey_of(client)))
-        servers.append((server.start(), client))
+    for name in ("server-direct", "server", "server-socks", "server-relay"):
+        servers.append(_server(CldcbServer(folder / name)))
     shm = Path("/dev/shm")
     ld = Path(tempfile.mkdtemp(prefix="cldcb-bench-node-", dir=shm if shm.is_dir()
                                else folder)) / "lightning"
     loop = asyncio.new_event_loop()
     rows: dict[str, list[float]] = {"plugin": [], "direct": [], "floor": [], "pipes": [],
-                                    "forward": []}
+                                    "forward": [], "socks": [], "relay": []}
+    socks = Microsocks(folder).start()
+    relay_name = "bench.onion"
+    relay = RecordingSocks5({relay_name: ("127.0.0.1", servers[3][0].port)}, nodelay=True)
+    relay.start()
     echo = SimLightningd(ld.parent / "echo", _plugin_wrapper(ld.parent / "echo", "--echo-plugin"))
     cpu: dict[str, float] = {}
     try:
@@ -293,24 +363,22 @@ def measure(folder: Path, trace_name: str, rounds: int, pacing: bool = True) -> 
             forward = SimLightningd(ld.parent / "forward", _plugin_wrapper(
                 ld.parent / "forward", f"--forward-plugin {port}"))
             floor = loop.run_until_complete(_FloorClient.open(port))
-            (direct_server, direct_client), (server, client) = servers
+            ((direct_server, direct_client), (server, client), (via, via_client),
+             (relayed, relayed_client)) = servers
             direct = loop.run_until_complete(
                 _DirectClient.open(direct_server.spec, direct_client, node_pub))
-            (ld / "regtest").mkdir(parents=True)
-            wrapper = ld / "regtest" / "cldcb-plugin-wrapper"
-            write_wrapper(wrapper, WrapperConfig(
-                client_id=client_id_from_pubkey(pubkey_of(client)), client_priv=client,
-                node_id=node_id_from_pubkey(node_pub),
-                servers=(ServerEntry(server.address, server.server_id),),
-                plugin_path=default_plugin_path()))
-            node = SimLightningd(ld, wrapper)
-            node.start()
-            echo.start()
-            forward.start()
+            node = plugin_node(ld, client, node_pub, ServerEntry(server.address,
+                                                                 server.server_id))
+            proxied = plugin_node(ld.parent / "socks", via_client, node_pub, ServerEntry(
+                f"localhost:{via.port}", via.server_id, proxy=socks.url))
+            relayed_node = plugin_node(ld.parent / "relay", relayed_client, node_pub, ServerEntry(
+                f"{relay_name}:29735", relayed.server_id, proxy=relay.url))
+            sims = (node, echo, forward, proxied, relayed_node)
+            for sim in sims:
+                sim.start()
             try:
-                node.run_trace(trace, stop=1)          # the first-contact snapshot: not counted
-                echo.run_trace(trace, stop=1)
-                forward.run_trace(trace, stop=1)
+                for sim in sims:
+                    sim.run_trace(trace, stop=1)       # the first-contact snapshot: not counted
                 assert node.plugin is not None and server.proc is not None
                 cpu0 = (cpu_ns(node.plugin.pid), cpu_ns(server.proc.pid))
                 loop.run_until_complete(direct.run(trace[:1], Pacer(0.0)))
@@ -318,8 +386,8 @@ def measure(folder: Path, trace_name: str, rounds: int, pacing: bool = True) -> 
                 pacer = Pacer(0.0)
                 for r, i in enumerate(range(1, len(trace), step)):
                     j = min(i + step, len(trace))
-                    for k in range(5):     # a different order each round; the plugin first
-                        part = (r + k) % 5
+                    for k in range(7):     # a different order each round; the plugin first
+                        part = (r + k) % 7
                         if part == 0:
                             node.run_trace(trace, start=i, stop=j)
                             if pacing:
@@ -332,25 +400,30 @@ def measure(folder: Path, trace_name: str, rounds: int, pacing: bool = True) -> 
                                 direct.run(trace[i:j], pacer))
                         elif part == 3:
                             echo.run_trace(trace, start=i, stop=j)
-                        else:
+                        elif part == 4:
                             forward.run_trace(trace, start=i, stop=j)
+                        elif part == 5:
+                            proxied.run_trace(trace, start=i, stop=j)
+                        else:
+                            relayed_node.run_trace(trace, start=i, stop=j)
                 calls = len(node.calls) - 1
                 cpu["plugin"] = (cpu_ns(node.plugin.pid) - cpu0[0]) / 1e3 / calls
                 cpu["server"] = (cpu_ns(server.proc.pid) - cpu0[1]) / 1e3 / calls
                 plugin_mb = vm_hwm_mb(node.plugin.pid)
                 server_mb = vm_hwm_mb(server.proc.pid)
             finally:
-                node.close()
-                echo.close()
-                forward.close()
+                for sim in sims:
+                    sim.close()
                 shutil.rmtree(ld.parent, ignore_errors=True)
-            for name, sim in (("plugin", node), ("pipes", echo), ("forward", forward)):
-                rows[name] = [c.latency * 1e6 for c in sim.calls[1:]
-                              if c.latency is not None and c.outcome == "committed"]
+            for name, sim in (("plugin", node), ("pipes", echo), ("forward", forward),
+                              ("socks", proxied), ("relay", relayed_node)):
+                rows[name] = latencies(sim)
             loop.run_until_complete(direct.conn.close())
             loop.run_until_complete(floor.close())
     finally:
         loop.close()
+        socks.stop()
+        relay.stop()
         for server, _ in servers:
             server.stop()
     return {"rows": rows, "plugin_mb": plugin_mb, "server_mb": server_mb, "calls": len(trace),
@@ -365,6 +438,9 @@ def main() -> None:
     ap.add_argument("--floor-server", nargs=2, metavar=("DIR", "PORT"), help=argparse.SUPPRESS)
     ap.add_argument("--echo-plugin", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--forward-plugin", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    ap.add_argument("--tor", type=int, default=0, metavar="N",
+                    help="also measure N calls through a private Tor network on 127.0.0.1 "
+                         "to an onion service (apart from the other rows; tor needed)")
     ap.add_argument("--no-pacing", action="store_true",
                     help="send the floor's and the direct row's requests back to back, "
                          "not at the rate of the simulated lightningd's calls")
@@ -381,12 +457,17 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory(prefix="cldcb-bench-") as tmp:
         m = measure(Path(tmp), args.trace, args.rounds, pacing=not args.no_pacing)
+        tor = measure_tor(Path(tmp), args.trace, args.tor) if args.tor else []
     lat, direct, floor = m["rows"]["plugin"], m["rows"]["direct"], m["rows"]["floor"]
     plugin_mb, server_mb, n = m["plugin_mb"], m["server_mb"], m["calls"]
-    pipes, forward = m["rows"]["pipes"], m["rows"]["forward"]
+    pipes, forward, socks = m["rows"]["pipes"], m["rows"]["forward"], m["rows"]["socks"]
+    relay = m["rows"]["relay"]
     rows = [("through the plugin", lat), ("cldcb write, no plugin", direct),
             ("floor: request → fsync → ack", floor), ("pipes: plugin answers at once", pipes),
-            ("plugin that only forwards", forward)]
+            ("plugin that only forwards", forward), ("plugin, microsocks (loopback)", socks),
+            ("plugin, SOCKS5 relay, NODELAY", relay)]
+    if tor:
+        rows.append((f"plugin, private Tor ({len(tor)} calls)", tor))
     print(f"db_write round trip, {args.trace}: {n} calls ({len(lat)} measured); floor and "
           f"direct requests paced like the simulated lightningd's calls: one every "
           f"{m['period_us']:.0f} µs")
@@ -401,6 +482,15 @@ def main() -> None:
           f"peak RSS plugin {plugin_mb:.0f} MB, server {server_mb:.0f} MB")
     print(f"CPU per call (all threads): plugin {m['cpu_us']['plugin']:.0f} µs, "
           f"server {m['cpu_us']['server']:.0f} µs")
+    socks_ratio = pct(socks, .5) / pct(lat, .5)
+    relay_ratio = pct(relay, .5) / pct(lat, .5)
+    print(f"through microsocks: p50 {socks_ratio:.2f}× the plugin's direct p50; through a "
+          f"SOCKS5 relay with TCP_NODELAY: {relay_ratio:.2f}×"
+          + (f"; through private Tor: p50 {pct(tor, .5) / pct(lat, .5):.1f}×" if tor else ""))
+    extra: dict[str, Any] = {}
+    if tor:
+        extra = {"tor_calls": len(tor), "tor_p50_us": round(pct(tor, .5)),
+                 "tor_p99_us": round(pct(tor, .99))}
     print(json.dumps({
         "bench": "hook_latency", "trace": args.trace, "changes": len(lat),
         "p50_us": round(pct(lat, .5)), "p99_us": round(pct(lat, .99)),
@@ -409,6 +499,9 @@ def main() -> None:
         "pipes_p50_us": round(pct(pipes, .5)), "pipes_p99_us": round(pct(pipes, .99)),
         "forward_p50_us": round(pct(forward, .5)), "forward_p99_us": round(pct(forward, .99)),
         "forward_ratio": round(pct(forward, .5) / pct(floor, .5), 3),
+        "socks_p50_us": round(pct(socks, .5)), "socks_p99_us": round(pct(socks, .99)),
+        "socks_ratio": round(socks_ratio, 3), "relay_p50_us": round(pct(relay, .5)),
+        "relay_p99_us": round(pct(relay, .99)), "relay_ratio": round(relay_ratio, 3), **extra,
         "plugin_cpu_us_per_call": round(m["cpu_us"]["plugin"]),
         "server_cpu_us_per_call": round(m["cpu_us"]["server"]),
         "period_us": round(m["period_us"]),

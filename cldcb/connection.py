@@ -11,6 +11,11 @@ Two kinds of address, one protocol (:mod:`cldcb.session`):
   session authenticates with the Ed25519 key derived from the client secret,
   an anonymous session (recovery) with the operator's own SSH keys and agent.
 
+Either may go through a SOCKS5 proxy (:mod:`cldcb.proxy`): the spec's
+``proxy``, else Tor's usual SOCKS port for a ``….onion`` host. The proxy
+resolves the host name; the host key is checked exactly as on a direct
+connection; timeouts and keepalives are those of the route's patience.
+
 Requests may be issued concurrently from several tasks: each one is written
 and its waiter queued without yielding in between, and the server answers in
 order. :meth:`Connection.write_nowait` is the callback form of ``write`` for
@@ -44,6 +49,7 @@ from cldcb.errors import (
 )
 from cldcb.ids import parse_server_id
 from cldcb.keepalive import Keepalive
+from cldcb.proxy import Patience, Proxy, patience, route
 from cldcb.remote_text import escape_remote
 from cldcb.session import ClientSession, HelloComplete, Received, Role
 from cldcb.sshkeys import (
@@ -123,11 +129,31 @@ class ServerAddress:
 
 @dataclass(frozen=True)
 class ServerSpec:
-    """A server to talk to: address, pinned server id, pinned sshd host key (ssh:// only)."""
+    """A server to talk to: address, pinned server id, pinned sshd host key (ssh:// only),
+    and the SOCKS5 proxy named for it (None: direct, or Tor's port for an onion)."""
 
     address: ServerAddress
     server_id: str
     host_key: str | None = None
+    proxy: Proxy | None = None
+
+    @property
+    def route(self) -> Proxy | None:
+        """The proxy connections go through (None: direct)."""
+        return route(self.address.host, self.proxy)
+
+    @property
+    def patience(self) -> Patience:
+        return patience(self.route)
+
+    def timeout(self, direct: float) -> float:
+        """``direct`` seconds on a direct route, the proxied connect timeout otherwise."""
+        return direct if self.route is None else self.patience.connect_timeout
+
+    def describe_route(self) -> str:
+        """``direct`` or ``via socks5://HOST:PORT``."""
+        via = self.route
+        return "direct" if via is None else f"via {via}"
 
 
 class _Channel(asyncssh.SSHClientSession[bytes]):
@@ -174,18 +200,21 @@ class Connection:
     # -- opening -------------------------------------------------------------------
     @classmethod
     async def open(cls, spec: ServerSpec, client_priv: bytes | None, role: Role = Role.READER,
-                   *, timeout: float = 15.0,
+                   *, timeout: float | None = None,
                    operator_keys: list[str] | None = None) -> Connection:
         """Connect, run the SSH handshake and the cldcb hello; raise on any failure.
 
         ``operator_keys``: for an anonymous session through sshd, the SSH
         private key files to log in with (default: the user's own keys and
-        agent, as ``ssh`` would).
+        agent, as ``ssh`` would). ``timeout``: for the whole opening (default: the
+        route's connect timeout).
         """
         server_pub = parse_server_id(spec.server_id)
         session = ClientSession(spec.server_id, client_priv, role, os.urandom(32))
         self = cls(spec, session)
         addr = spec.address
+        via = spec.route
+        timeout = timeout if timeout is not None else spec.patience.connect_timeout
         opts: dict[str, Any] = dict(
             encryption_algs=PREFERRED_CIPHERS, keepalive_interval=0,  # see cldcb.keepalive
             connect_timeout=timeout, agent_forwarding=False, x11_forwarding=False,
@@ -208,11 +237,21 @@ class Connection:
                             password=None, kbdint_auth=False, gss_host=None)
             elif operator_keys:
                 opts.update(client_keys=operator_keys)
+            if via is not None:
+                opts.update(gss_host=None)          # no Kerberos lookup of the host name
+        sock: socket.socket | None = None
         try:
             async with asyncio.timeout(timeout):
-                self._ssh = await asyncssh.connect(addr.host, addr.port, **opts)
+                if via is not None:
+                    sock = opts["sock"] = await via.connect(addr.host, addr.port, timeout)
+                try:
+                    self._ssh = await asyncssh.connect(addr.host, addr.port, **opts)
+                except BaseException:
+                    if sock is not None:
+                        sock.close()
+                    raise
                 _set_nodelay(self._ssh)
-                self._keepalive = Keepalive(self._ssh)
+                self._keepalive = Keepalive(self._ssh, spec.patience.keepalive_interval)
                 self._chan, _ = await self._ssh.create_session(
                     lambda: _Channel(self), subsystem=SUBSYSTEM, encoding=None)
                 self._chan.write(session.start())
@@ -222,8 +261,9 @@ class Connection:
             raise
         except TimeoutError:
             await self.close()
-            raise TransportError(f"no answer from {addr} within {timeout:.0f} s: check the "
-                                 "address and that the server is running") from None
+            how = "" if via is None else f" (via {via})"
+            raise TransportError(f"no answer from {addr}{how} within {timeout:.0f} s: check "
+                                 "the address and that the server is running") from None
         except asyncssh.HostKeyNotVerifiable:
             await self.close()
             raise AuthError(

@@ -21,13 +21,13 @@ if os.environ.get("PATH", "").split(os.pathsep)[0] != _BIN:
     os.environ["PATH"] = os.pathsep.join([_BIN, os.environ.get("PATH", "")])
 
 
-def require_tool(name: str) -> str:
+def require_tool(name: str, package: str = "openssh-server sqlite3") -> str:
     """Return the path of program ``name``; skip without it, fail under CI=true."""
     path = shutil.which(name)
     if path is None and os.path.exists(f"/usr/sbin/{name}"):
         path = f"/usr/sbin/{name}"
     if path is None:
-        msg = f"{name} is not installed (apt-get install -y openssh-server sqlite3)"
+        msg = f"{name} is not installed (apt-get install -y {package})"
         if IN_CI:
             pytest.fail(msg)
         pytest.skip(msg)

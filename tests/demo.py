@@ -52,9 +52,9 @@ from servers import CldcbServer  # noqa: E402
 from simlightningd import SimLightningd  # noqa: E402
 from traces import load_trace  # noqa: E402
 
-from cldcb.connection import Connection, ServerAddress, ServerSpec  # noqa: E402
+from cldcb.connection import Connection, ServerSpec  # noqa: E402
 from cldcb.ids import client_id_from_pubkey, new_privkey, pubkey_of  # noqa: E402
-from cldcb.nodekey import NodeKey  # noqa: E402
+from cldcb.nodekey import LocalNodeKey, NodeKey  # noqa: E402
 from cldcb.plugin.wrapper import (  # noqa: E402
     WRAPPER_NAME,
     ServerEntry,
@@ -82,10 +82,15 @@ class Target:
     address: str
     server_id: str
     host_key: str | None = None
+    proxy: str | None = None            # socks5://HOST:PORT
 
     @property
     def spec(self) -> ServerSpec:
-        return ServerSpec(ServerAddress.parse(self.address), self.server_id, self.host_key)
+        return self.entry.spec()
+
+    @property
+    def entry(self) -> ServerEntry:
+        return ServerEntry(self.address, self.server_id, self.host_key, self.proxy)
 
 
 async def _put_recognition(targets: Sequence[Target], client_priv: bytes, entry: bytes) -> None:
@@ -103,11 +108,27 @@ def install_client(network_dir: Path, node: NodeKey, targets: Sequence[Target],
     entry = make_recognition(client_priv, node.pubkey, signed.zbase, new_privkey()).encode()
     asyncio.run(_put_recognition(targets, client_priv, entry))
     cfg = WrapperConfig(client_id_from_pubkey(pubkey_of(client_priv)), client_priv,
-                        node.node_id, tuple(ServerEntry(t.address, t.server_id, t.host_key)
-                                            for t in targets),
+                        node.node_id, tuple(t.entry for t in targets),
                         quorum=quorum, plugin_path=default_plugin_path())
     write_wrapper(network_dir / WRAPPER_NAME, cfg)
     return cfg
+
+
+def new_node(lightning_dir: Path, secret_name: str, servers: Sequence[CldcbServer],
+             targets: Sequence[Target]) -> bytes:
+    """A node folder holding the ``hsm_secret`` of ``secret_name`` (``cln-keys.json``) and
+    a new client, registered on ``servers`` and installed for ``targets``; its key."""
+    network_dir = lightning_dir / NETWORK
+    network_dir.mkdir(parents=True)
+    vector = vector_secret(secret_name)
+    secret = bytes.fromhex(vector["file_hex"])
+    (network_dir / "hsm_secret").write_bytes(secret)
+    client_priv = new_privkey()
+    for server in servers:
+        server.add(client_id_from_pubkey(pubkey_of(client_priv)))
+    install_client(network_dir, LocalNodeKey.from_hsm_secret_bytes(secret, vector["passphrase"]),
+                   targets, client_priv)
+    return client_priv
 
 
 def play(lightning_dir: Path, trace: str, *, start: int = 0, stop: int | None = None,

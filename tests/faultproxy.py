@@ -27,9 +27,10 @@ import random
 import select
 import socket
 import struct
-import threading
 import time
 from dataclasses import dataclass
+
+from listener import LoopbackListener
 
 FAULTS = ("cut", "reset", "stall")
 
@@ -41,13 +42,14 @@ class Plan:
     stall: float
 
 
-class FaultProxy:
+class FaultProxy(LoopbackListener):
     """See the module docstring. ``faults``: how many faults in all (then clean)."""
 
     def __init__(self, target_port: int, seed: int, *, faults: int = 4,
                  window: int = 200_000, kinds: tuple[str, ...] = FAULTS,
                  delay_p: float = 0.02, max_delay: float = 0.02,
                  max_stall: float = 1.5) -> None:
+        super().__init__()
         self.target_port = target_port
         self.kinds = kinds
         self.rng = random.Random(seed)
@@ -59,24 +61,12 @@ class FaultProxy:
         self.armed = False
         #: what was done, e.g. "connection 3: reset at byte 1234"
         self.events: list[str] = []
-        self._listener = socket.socket()
-        self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen(16)
-        self._listener.settimeout(0.2)
-        self.port = int(self._listener.getsockname()[1])
-        self._stopping = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._lock = threading.Lock()
         self._count = 0
         self._live: dict[int, tuple[socket.socket, socket.socket]] = {}
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
-
-    def start(self) -> FaultProxy:
-        self._spawn(self._accept_loop)
-        return self
 
     def arm(self) -> None:
         """Faults for the connections accepted from now on."""
@@ -94,18 +84,6 @@ class FaultProxy:
                 except OSError:
                     pass
 
-    def stop(self) -> None:
-        self._stopping.set()
-        for t in list(self._threads):
-            t.join(10)
-        self._listener.close()
-
-    def _spawn(self, target, *args) -> None:  # noqa: ANN001
-        t = threading.Thread(target=target, args=args, daemon=True)
-        with self._lock:
-            self._threads.append(t)
-        t.start()
-
     def _note(self, text: str) -> None:
         with self._lock:
             self.events.append(text)
@@ -119,17 +97,9 @@ class FaultProxy:
                 kind = rng.choice(self.kinds)
         return Plan(kind, passed + rng.randrange(self.window), rng.uniform(0.1, self.max_stall))
 
-    def _accept_loop(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                conn, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self._count += 1
-            self._spawn(self._forward, conn, random.Random(self.rng.getrandbits(64)),
-                        self._count)
+    def accepted(self, conn: socket.socket) -> None:
+        self._count += 1
+        self._spawn(self._forward, conn, random.Random(self.rng.getrandbits(64)), self._count)
 
     def _forward(self, down: socket.socket, rng: random.Random, n: int) -> None:
         try:

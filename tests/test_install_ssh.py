@@ -381,3 +381,46 @@ def test_an_unknown_or_changed_host_key_changes_nothing(root_sshd: PrivateSshd,
                       env=client_env(home))
     assert refused.returncode != 0 and "NOT the one in known_hosts" in refused.stderr
     unchanged()
+
+
+def test_install_through_a_socks5_proxy_to_onion_addresses(root_sshd: PrivateSshd,
+                                                            tmp_path: Path) -> None:
+    """``install --proxy``: the setup login and the plugin's backups both go through the
+    proxy by name (the onion names resolve nowhere else), the host keys are checked as
+    ever, and the wrapper records the daemon's onion public address with its route."""
+    from socks5 import ATYP_DOMAIN, RecordingSocks5
+
+    from cldcb.proxy import PROXIED
+
+    setup_onion = "cldcbsetuphostxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx.onion"
+    backup_onion = "cldcbbackupxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx.onion"
+    port = free_port()
+    data = tmp_path / "daemon"
+    sid = run_server_cmd(data, "init", "--public-address",
+                         f"{backup_onion}:29735").stdout.strip()
+    daemon = CldcbServer(data, server_id=sid).start(port)
+    try:
+        home = tmp_path / "home"
+        public = new_ssh_key(home / ".ssh" / "id_ed25519")
+        (home / ".ssh" / "known_hosts").write_text(f"{setup_onion} {root_sshd.host_key}\n")
+        forced = " ".join([*SERVER_CMD, "--data-dir", str(data)])
+        root_sshd.authorized_keys.write_text(
+            f'restrict,command="{forced} forced --allow add" {public}\n')
+        with RecordingSocks5({setup_onion: ("127.0.0.1", root_sshd.port),
+                              backup_onion: ("127.0.0.1", port)}) as proxy:
+            ln = tmp_path / "ln"
+            with SimRpcNode(ln, preplay=40) as node:
+                done = run_cli(*install_args(ln, f"{root_sshd.user}@{setup_onion}",
+                                             "--proxy", proxy.url), env=client_env(home))
+                assert done.returncode == 0, done.stdout + done.stderr
+                assert f"via {proxy.url}" in done.stdout
+                cfg = read_wrapper(node.network_dir / WRAPPER_NAME)
+                assert [(s.address, s.server_id, s.proxy) for s in cfg.servers] == [
+                    (f"{backup_onion}:29735", sid, proxy.url)]
+                assert cfg.outage_limit == PROXIED.outage_limit
+                data_version = node.feed(10)
+                wait_tip(cfg.specs()[0], cfg.client_priv, data_version)
+            assert {(r.atyp, r.host) for r in proxy.requests} == {
+                (ATYP_DOMAIN, setup_onion), (ATYP_DOMAIN, backup_onion)}
+    finally:
+        daemon.stop()

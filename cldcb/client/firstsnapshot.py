@@ -101,9 +101,9 @@ class _Poller:
         try:
             conn = self._conns.get(i)
             if conn is None or conn.is_closed:
-                conn = self._conns[i] = await Connection.open(self.specs[i], self._priv,
-                                                              Role.READER, timeout=10)
-            return await asyncio.wait_for(conn.status(), 10)
+                conn = self._conns[i] = await Connection.open(
+                    self.specs[i], self._priv, Role.READER, timeout=self.specs[i].timeout(10))
+            return await asyncio.wait_for(conn.status(), self.specs[i].timeout(10))
         except CldcbError as exc:
             self._conns.pop(i, None)
             return exc

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import click
 
-from cldcb.cli_common import ask, stdin_is_terminal
+from cldcb.cli_common import F, ask, stdin_is_terminal
 from cldcb.client.cli import main
 from cldcb.client.firstsnapshot import wait_first_snapshot
 from cldcb.client.nodeconfig import (
@@ -53,6 +53,7 @@ from cldcb.client.recover import (
     asked_servers,
     node_key_options,
     open_node_key,
+    proxy_option,
     server_specs,
 )
 from cldcb.connection import Connection, ServerSpec
@@ -63,11 +64,13 @@ from cldcb.plugin.wrapper import (
     DEFAULT_OUTAGE_LIMIT,
     ServerEntry,
     WrapperConfig,
+    default_outage_limit,
     default_plugin_path,
     read_wrapper,
     write_wrapper,
 )
 from cldcb.programs import SERVER_PROGRAM, find_program
+from cldcb.proxy import PROXIED
 from cldcb.recognition import make_recognition, message_for_client
 from cldcb.rpc import LightningRpc, RpcError, database_from_wallet
 from cldcb.session import Role
@@ -90,6 +93,15 @@ def confirm(question: str, yes: bool) -> None:
                          "ask).")
     if not click.confirm(question, default=False, err=True):
         raise UsageError("stopped: nothing was changed")
+
+
+def outage_limit_option(func: F) -> F:
+    """``--outage-limit SECONDS`` (default: the wrapper's default for the servers' routes)."""
+    return click.option(
+        "--outage-limit", type=float, default=None,
+        help="Seconds lightningd waits for the servers before the plugin makes it stop "
+             f"[default: {DEFAULT_OUTAGE_LIMIT:g}, {PROXIED.outage_limit:g} through a "
+             "proxy].")(func)
 
 
 # --- the node's part --------------------------------------------------------------------
@@ -201,7 +213,7 @@ class Install:
     client_priv: bytes = field(repr=False)
     specs: list[ServerSpec]
     quorum: int | None = None
-    outage_limit: float = DEFAULT_OUTAGE_LIMIT
+    outage_limit: float | None = None     # None: default_outage_limit of the servers
     wait: float = DEFAULT_WAIT
 
     @property
@@ -209,11 +221,11 @@ class Install:
         return client_id_from_pubkey(pubkey_of(self.client_priv))
 
     def wrapper_config(self, node: NodeSide) -> WrapperConfig:
-        servers = tuple(ServerEntry(str(s.address), s.server_id, s.host_key)
-                        for s in self.specs)
+        servers = tuple(ServerEntry.of(s) for s in self.specs)
+        limit = self.outage_limit or default_outage_limit(servers)
         return WrapperConfig(client_id=self.client_id, client_priv=self.client_priv,
                              node_id=node.node_id, servers=servers, database=node.database,
-                             quorum=self.quorum, outage_limit=self.outage_limit,
+                             quorum=self.quorum, outage_limit=limit,
                              plugin_path=default_plugin_path()).validate()
 
 
@@ -309,22 +321,22 @@ def echo_out(text: str) -> None:
 @click.option("--quorum", type=int, default=None,
               help="Servers that must hold each change before lightningd commits it "
                    "[default: all].")
-@click.option("--outage-limit", type=float, default=DEFAULT_OUTAGE_LIMIT, show_default=True,
-              help="Seconds lightningd waits for the servers before the plugin makes it stop.")
+@outage_limit_option
+@proxy_option
 @node_key_options
 @click.option("--wait", "wait", type=float, default=DEFAULT_WAIT, show_default=True,
               help="Seconds to wait for the first snapshot when lightningd is running.")
 @click.option("--yes", is_flag=True, help="Answer yes to confirmations.")
 def installplugin(lightning_dir: Path, network: str, client_privkey: Path | None,
                   servers: tuple[str, ...], server_ids: tuple[str, ...],
-                  host_keys: tuple[str, ...], quorum: int | None, outage_limit: float,
-                  hsm_secret: Path | None, passphrase_file: Path | None,
+                  host_keys: tuple[str, ...], quorum: int | None, outage_limit: float | None,
+                  proxies: tuple[str, ...], hsm_secret: Path | None, passphrase_file: Path | None,
                   alt_hsmd: Path | None, wait: float, yes: bool) -> None:
     """Install the backup plugin on this node for an existing client key."""
     key_path = Path(os.path.expanduser(ask(
         str(client_privkey) if client_privkey else None, "--client-privkey",
         "Client key file (made by `cldcb-client newclient`)")))
-    specs = server_specs(*asked_servers(servers, server_ids), host_keys)
+    specs = server_specs(*asked_servers(servers, server_ids), host_keys, proxies)
     check_quorum(quorum, len(specs))
     client_priv, client_id = read_client_key(key_path)
     paths = NodePaths(lightning_dir, network)

@@ -28,6 +28,7 @@ there.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -44,6 +45,7 @@ from cldcb.client.install import (
     echo_out,
     node_dir_options,
     node_side,
+    outage_limit_option,
     run_install,
 )
 from cldcb.client.nodeconfig import NodePaths
@@ -52,8 +54,9 @@ from cldcb.client.ssh_setup import Added, SetupConnection, SshTarget, resolve
 from cldcb.connection import Connection, ServerAddress, ServerSpec
 from cldcb.errors import AuthError, CldcbError, UsageError
 from cldcb.ids import client_id_from_pubkey, new_privkey, pubkey_of
-from cldcb.plugin.wrapper import DEFAULT_OUTAGE_LIMIT, read_wrapper
+from cldcb.plugin.wrapper import read_wrapper
 from cldcb.programs import SERVER_PROGRAM
+from cldcb.proxy import parse_optional
 from cldcb.rpc import LightningRpc
 from cldcb.session import Role
 from cldcb.sshkeys import authorized_keys_line
@@ -62,11 +65,12 @@ _FILE = click.Path(path_type=Path, dir_okay=False)
 
 def _server_spec(address: ServerAddress, server_id: str, setup: SetupConnection) -> ServerSpec:
     """The spec of the backup server; an ssh:// server on the setup host is pinned to the
-    host key seen (and confirmed) by the setup login, any other to known_hosts."""
+    host key seen (and confirmed) by the setup login, any other to known_hosts. It goes
+    through the setup's proxy (--proxy) too."""
     t = setup.target
     if address.scheme == "ssh" and (address.host, address.port) == (t.hostname, t.port):
-        return ServerSpec(address, server_id, setup.host_key)
-    return server_specs([str(address)], [server_id])[0]
+        return ServerSpec(address, server_id, setup.host_key, setup.proxy)
+    return replace(server_specs([str(address)], [server_id])[0], proxy=setup.proxy)
 
 
 async def _probe(spec: ServerSpec, client_priv: bytes) -> None:
@@ -115,16 +119,18 @@ def _wait_until_authorized(spec: ServerSpec, client_priv: bytes, line: str, setu
               help="How to run cldcb-server on the host, also in the client key's forced "
                    "command [default: `cldcb-server` to add the client; in the forced command "
                    "the absolute path that server reports of itself].")
-@click.option("--outage-limit", type=float, default=DEFAULT_OUTAGE_LIMIT, show_default=True,
-              help="Seconds lightningd waits for the server before the plugin makes it stop.")
+@outage_limit_option
+@click.option("--proxy", default=None, metavar="socks5://HOST:PORT",
+              help="Reach the host (setup login and backups) through this SOCKS5 proxy (Tor: "
+                   "socks5://127.0.0.1:9050, the default for .onion hosts).")
 @node_key_options
 @click.option("--wait", "wait", type=float, default=DEFAULT_WAIT, show_default=True,
               help="Seconds to wait for the first snapshot when lightningd is running.")
 @click.option("--yes", is_flag=True, help="Answer yes to confirmations about this node.")
 def install(lightning_dir: Path, network: str, ssh_target: str | None, server: str | None,
             ssh_config: Path | None, accept_host_key: str | None, server_command: str | None,
-            outage_limit: float, hsm_secret: Path | None, passphrase_file: Path | None,
-            alt_hsmd: Path | None, wait: float, yes: bool) -> None:
+            outage_limit: float | None, proxy: str | None, hsm_secret: Path | None,
+            passphrase_file: Path | None, alt_hsmd: Path | None, wait: float, yes: bool) -> None:
     """Single-step setup: register a new client on a server over SSH and install the plugin.
 
     The client key is made in memory and written nowhere but the wrapper.
@@ -146,7 +152,7 @@ def install(lightning_dir: Path, network: str, ssh_target: str | None, server: s
     interactive = stdin_is_terminal()
     echo(f"connecting to {target.user}@{target.hostname}:{target.port}")
     with SetupConnection(target, accept_host_key=accept_host_key, interactive=interactive,
-                         echo=echo) as setup:
+                         echo=echo, proxy=parse_optional(proxy)) as setup:
         added = setup.add_client(client_id, server_command or SERVER_PROGRAM)
         echo(f"added client {client_id} on {target.hostname} (server {added.server_id})")
         try:
@@ -169,7 +175,7 @@ def install(lightning_dir: Path, network: str, ssh_target: str | None, server: s
         except CldcbError as exc:
             raise _noted(exc, f"client {client_id} was added on {target.hostname}; remove "
                          f"it there with `cldcb-server remove {client_id}`") from None
-    echo(f"the plugin will use {spec.address}")
+    echo(f"the plugin will use {spec.address} ({spec.describe_route()})")
     try:
         if spec.address.scheme == "ssh":
             _wait_until_authorized(spec, client_priv, line, target.user, echo)

@@ -93,9 +93,11 @@ from cldcb.nodekey import NodeKey, read_hsm_secret_file, with_path
 from cldcb.plugin.wrapper import (
     ServerEntry,
     WrapperConfig,
+    default_outage_limit,
     default_plugin_path,
     write_wrapper,
 )
+from cldcb.proxy import Proxy, parse_optional
 from cldcb.recognition import Recognition, find_own
 from cldcb.session import Role
 
@@ -186,20 +188,43 @@ def known_host_key(address: ServerAddress) -> str | None:
     return " ".join(keys[0].export_public_key("openssh").decode("ascii").split()[:2])
 
 
+def proxy_option(func: F) -> F:
+    """``--proxy``: the SOCKS5 proxy (Tor) of the servers, once for all or once each."""
+    return click.option(
+        "--proxy", "proxies", multiple=True, metavar="socks5://HOST:PORT",
+        help="Reach the servers through this SOCKS5 proxy (Tor: socks5://127.0.0.1:9050, the "
+             "default for .onion addresses). Once for all servers, or once per --server in "
+             "their order ('direct' for none).")(func)
+
+
+def server_proxies(proxies: Sequence[str], count: int) -> list[Proxy | None]:
+    """``--proxy`` given once (for all), once per server, or not at all."""
+    if not proxies:
+        return [None] * count
+    if len(proxies) == 1:
+        return [parse_optional(proxies[0])] * count
+    if len(proxies) != count:
+        raise UsageError(f"{len(proxies)} --proxy for {count} servers: give one for all, or "
+                         "one per --server in their order ('direct' for none)")
+    return [parse_optional(p) for p in proxies]
+
+
 def server_specs(servers: Sequence[str], server_ids: Sequence[str],
-                 host_keys: Sequence[str] = ()) -> list[ServerSpec]:
-    """``--server``/``--server-id``/``--host-key`` as ServerSpecs (host keys for ssh://)."""
+                 host_keys: Sequence[str] = (), proxies: Sequence[str] = ()) -> list[ServerSpec]:
+    """``--server``/``--server-id``/``--host-key``/``--proxy`` as ServerSpecs (host keys
+    for ssh://)."""
     if len(servers) != len(server_ids):
         raise UsageError(f"{len(servers)} --server but {len(server_ids)} --server-id: give "
                          "one --server-id after each --server")
     addresses = [ServerAddress.parse(s) for s in servers]
+    via = server_proxies(proxies, len(addresses))
     ssh = [a for a in addresses if a.scheme == "ssh"]
     if host_keys and len(host_keys) != len(ssh):
         raise UsageError(f"{len(host_keys)} --host-key for {len(ssh)} ssh:// servers: give "
                          "one per ssh:// server, in their order")
     given = iter(host_keys)
     specs, seen = [], set()
-    for address, sid in zip(addresses, server_ids, strict=True):
+    for address, sid, proxy in zip(addresses, server_ids, via, strict=True):
         parse_server_id(sid)
         if sid.lower() in seen:
             raise UsageError(f"server id {sid[:14]}… is given twice")
@@ -218,7 +243,7 @@ def server_specs(servers: Sequence[str], server_ids: Sequence[str],
                 raise UsageError(f"--host-key for {address} is not an SSH public key "
                                  "('TYPE BASE64')") from None
             key = " ".join(key.split()[:2])
-        specs.append(ServerSpec(address, sid.lower(), key))
+        specs.append(ServerSpec(address, sid.lower(), key, proxy))
     return specs
 
 
@@ -495,10 +520,11 @@ def _confirm_older(results: dict[str, ServerResult], top: int, yes: bool) -> Non
 
 def _wrapper_config(specs: list[ServerSpec], cand: Candidate, node_id: str,
                     plugin_path: str) -> WrapperConfig:
+    servers = tuple(ServerEntry.of(s) for s in specs)
     return WrapperConfig(
         client_id=cand.client_id, client_priv=cand.client_priv, node_id=node_id,
-        servers=tuple(ServerEntry(str(s.address), s.server_id, s.host_key) for s in specs),
-        database=DATABASE_NAME, plugin_path=plugin_path).validate()
+        servers=servers, database=DATABASE_NAME, outage_limit=default_outage_limit(servers),
+        plugin_path=plugin_path).validate()
 
 
 async def _node_clients(specs: list[ServerSpec], node: NodeKey, operator_keys: list[str]
@@ -620,6 +646,7 @@ def _outcomes(specs: list[ServerSpec], results: dict[str, ServerResult],
               type=click.Path(path_type=Path, dir_okay=False, exists=True),
               help="Your SSH private key for listing this node's entries on ssh:// servers "
                    "(default: your keys and agent, as ssh uses them).")
+@proxy_option
 @node_key_options
 @click.option("--yes", is_flag=True, help="Answer yes to confirmations.")
 @click.option("--accept-older", is_flag=True,
@@ -632,8 +659,9 @@ def _outcomes(specs: list[ServerSpec], results: dict[str, ServerResult],
              "(an error too).")
 def recover(lightning_dir: Path, network: str, servers: tuple[str, ...],
             server_ids: tuple[str, ...], host_keys: tuple[str, ...], ssh_keys: tuple[Path, ...],
-            hsm_secret: Path | None, passphrase_file: Path | None, alt_hsmd: Path | None,
-            yes: bool, accept_older: bool, list_only: bool, as_json: bool) -> None:
+            proxies: tuple[str, ...], hsm_secret: Path | None, passphrase_file: Path | None,
+            alt_hsmd: Path | None, yes: bool, accept_older: bool, list_only: bool,
+            as_json: bool) -> None:
     """Rebuild the node's database from the servers, with its hsm_secret alone.
 
     Writes <lightning-dir>/<network>/lightningd.sqlite3 (never over an existing
@@ -644,7 +672,7 @@ def recover(lightning_dir: Path, network: str, servers: tuple[str, ...],
     folder = paths.network_dir
     dest = folder / DATABASE_NAME
     if list_only:
-        specs = server_specs(*asked_servers(servers, server_ids), host_keys)
+        specs = server_specs(*asked_servers(servers, server_ids), host_keys, proxies)
         with open_node_key(lightning_dir, network, hsm_secret, passphrase_file,
                            alt_hsmd) as node:
             show_states(asyncio.run(list_node_states(specs, node, [str(k) for k in ssh_keys])),
@@ -654,7 +682,7 @@ def recover(lightning_dir: Path, network: str, servers: tuple[str, ...],
     if not folder.is_dir():
         raise RecoveryError(f"{folder} does not exist: create it and put the node's "
                             "hsm_secret in it (or give --hsm-secret)")
-    specs = server_specs(*asked_servers(servers, server_ids), host_keys)
+    specs = server_specs(*asked_servers(servers, server_ids), host_keys, proxies)
     plugin_path = default_plugin_path()
     keep_freed_memory()                 # megabyte chunks, fetched and opened one by one
     for stale in restore.remove_stale_scratch(dest):

@@ -19,7 +19,9 @@ would and runs ``cldcb-server add CLIENT_ID --json`` there:
   terminal), the agent and the default ``~/.ssh/id_*`` keys (unless
   ``IdentitiesOnly``), then keyboard-interactive and password prompts (getpass)
   when stdin is a terminal;
-- the socket is opened here with TCP_NODELAY.
+- the socket is opened here with TCP_NODELAY; without a ``ProxyCommand``, it
+  goes through the SOCKS5 proxy given (``install --proxy``, and always for an
+  onion host: :mod:`cldcb.proxy`), which resolves the host name.
 
 Secrets typed here (passwords, key passphrases) go to paramiko only: never
 to a command line, the environment or a log.
@@ -46,6 +48,7 @@ from paramiko.ssh_exception import PartialAuthentication
 
 from cldcb.errors import AuthError, CldcbError, TransportError, UsageError
 from cldcb.ids import parse_server_id
+from cldcb.proxy import PROXIED, Proxy, route
 from cldcb.remote_text import escape_remote
 
 DEFAULT_CONFIG = "~/.ssh/config"
@@ -304,8 +307,9 @@ class SetupConnection:
     """The admin's SSH session to the server host (a context manager)."""
 
     def __init__(self, target: ResolvedTarget, *, accept_host_key: str | None,
-                 interactive: bool, echo: Echo) -> None:
+                 interactive: bool, echo: Echo, proxy: Proxy | None = None) -> None:
         self.target = target
+        self.proxy = proxy
         self.interactive = interactive
         self.echo = echo
         self.accept_host_key = accept_host_key
@@ -323,6 +327,11 @@ class SetupConnection:
         t = self.target
         if t.proxy_command:
             return paramiko.ProxyCommand(t.proxy_command)
+        via = route(t.hostname, self.proxy)
+        if via is not None:
+            sock = via.connect_sync(t.hostname, t.port, PROXIED.connect_timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return sock
         try:
             sock = socket.create_connection((t.hostname, t.port), timeout=TIMEOUT)
         except OSError as exc:
@@ -343,8 +352,9 @@ class SetupConnection:
             ConfirmUnknownHost(self.accept_host_key, self.interactive, save_to, self.echo))
         sock = self._socket()
         try:
+            wait = TIMEOUT if route(t.hostname, self.proxy) is None else PROXIED.connect_timeout
             self.client.connect(t.hostname, t.port, username=t.user, sock=sock,
-                                timeout=TIMEOUT, banner_timeout=TIMEOUT, auth_timeout=TIMEOUT,
+                                timeout=wait, banner_timeout=wait, auth_timeout=wait,
                                 auth_strategy=_Login(t, self.interactive, self.echo))
         except CldcbError:
             self.client.close()

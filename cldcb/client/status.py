@@ -46,10 +46,11 @@ from cldcb.client.cli import main
 from cldcb.client.nodeconfig import NodePaths
 from cldcb.client.prometheus import write_textfile
 from cldcb.client.recover import format_time, node_dir_options
-from cldcb.connection import Connection, ServerAddress, ServerSpec
+from cldcb.connection import Connection, ServerSpec
 from cldcb.errors import CldcbError, ExitCode
 from cldcb.plugin.status import read_status_file
 from cldcb.plugin.wrapper import WrapperConfig, read_wrapper
+from cldcb.proxy import Proxy, parse_optional
 from cldcb.restore import pid_alive
 from cldcb.rpc import LightningRpc
 from cldcb.session import Role
@@ -96,10 +97,10 @@ def plugin_state(path: Path) -> dict[str, Any]:
 
 async def _ask(spec: ServerSpec, cfg: WrapperConfig) -> dict[str, Any]:
     out: dict[str, Any] = {"address": str(spec.address), "server_id": spec.server_id,
-                           "reachable": False}
+                           "route": spec.describe_route(), "reachable": False}
     try:
         async with await Connection.open(spec, cfg.client_priv, Role.READER,
-                                         timeout=SERVER_TIMEOUT) as conn:
+                                         timeout=spec.timeout(SERVER_TIMEOUT)) as conn:
             st = await conn.status()
     except CldcbError as exc:
         out["error"] = str(exc)
@@ -116,13 +117,11 @@ async def _ask(spec: ServerSpec, cfg: WrapperConfig) -> dict[str, Any]:
     return out
 
 
-async def _ask_all(cfg: WrapperConfig) -> list[dict[str, Any]]:
-    specs = [ServerSpec(ServerAddress.parse(s.address), s.server_id, s.host_key)
-             for s in cfg.servers]
-    return list(await asyncio.gather(*(_ask(s, cfg) for s in specs)))
+async def _ask_all(cfg: WrapperConfig, proxy: Proxy | None) -> list[dict[str, Any]]:
+    return list(await asyncio.gather(*(_ask(s, cfg) for s in cfg.specs(proxy))))
 
 
-def gather(paths: NodePaths, max_lag: int) -> dict[str, Any]:
+def gather(paths: NodePaths, max_lag: int, proxy: Proxy | None = None) -> dict[str, Any]:
     """Every fact ``status`` reports, and the list of problems."""
     cfg = read_wrapper(paths.wrapper)
     db = cfg.database_path(paths.network_dir)
@@ -145,7 +144,7 @@ def gather(paths: NodePaths, max_lag: int) -> dict[str, Any]:
                 f"lightningd is running but the cldcb plugin is not ({plugin['why']}): "
                         "changes may be committed that no server holds; restart lightningd "
                         "(its important-plugin line makes it start the plugin)")
-    servers = asyncio.run(_ask_all(cfg))
+    servers = asyncio.run(_ask_all(cfg, proxy))
     plugin_servers = {s.get("server_id"): s for s in
                       ((plugin["file"] or {}).get("servers") or []) if isinstance(s, dict)}
     for srv in servers:
@@ -213,7 +212,8 @@ def _print(report: dict[str, Any]) -> None:
     click.echo(f"lightningd {'running' if report['lightningd_running'] else 'not running'}; "
                + _plugin_line(report, now))
     for srv in report["servers"]:
-        head = f"server {srv['address']} ({srv['server_id'][:14]}…): "
+        route = f", {srv['route']}" if srv.get("route", "direct") != "direct" else ""
+        head = f"server {srv['address']} ({srv['server_id'][:14]}…{route}): "
         if not srv["reachable"]:
             click.echo(head + "UNREACHABLE")
             continue
@@ -252,9 +252,12 @@ def _print(report: dict[str, Any]) -> None:
               default=None, metavar="FILE",
               help="Also write the state in Prometheus' text format to FILE (replaced "
                    "atomically), e.g. for node_exporter's textfile collector.")
+@click.option("--proxy", default=None, metavar="socks5://HOST:PORT",
+              help="Reach every server through this SOCKS5 proxy [default: the route the "
+                   "wrapper records for each].")
 @click.pass_context
 def status(ctx: click.Context, lightning_dir: Path, network: str, max_lag: int,
-           as_json: bool, prometheus: Path | None) -> None:
+           as_json: bool, prometheus: Path | None, proxy: str | None) -> None:
     """Show what every server holds against the node's database; exit non-zero on a problem.
 
     Exit 3: a server lags by more than --max-lag; 4: a server is unreachable or
@@ -262,7 +265,7 @@ def status(ctx: click.Context, lightning_dir: Path, network: str, max_lag: int,
     database cannot be read or is older than its backup (see the README's exit codes).
     """
     try:
-        report = gather(NodePaths(lightning_dir, network), max_lag)
+        report = gather(NodePaths(lightning_dir, network), max_lag, parse_optional(proxy))
     except CldcbError as exc:
         if prometheus is not None:
             write_textfile(prometheus, None, error_code=exc.exit_code)

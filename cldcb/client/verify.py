@@ -48,11 +48,12 @@ from cldcb.client.cli import main
 from cldcb.client.nodeconfig import NodePaths
 from cldcb.client.progress import ProgressPrinter
 from cldcb.client.recover import node_dir_options, node_key_options, open_node_key
-from cldcb.connection import Connection, ServerAddress, ServerSpec
+from cldcb.connection import Connection
 from cldcb.errors import CldcbError, ExitCode, RecoveryError
 from cldcb.ids import parse_client_id
 from cldcb.nodekey import NodeKey
 from cldcb.plugin.wrapper import WrapperConfig, read_wrapper
+from cldcb.proxy import Proxy, parse_optional
 from cldcb.session import Role
 
 COPY_TIMEOUT = 30.0
@@ -153,16 +154,14 @@ Outcome = dict[str, str | None]
 
 
 async def _drill(cfg: WrapperConfig, node: NodeKey, live: Path, data_version: int,
-                 work: Path) -> list[Outcome]:
+                 work: Path, proxy: Proxy | None = None) -> list[Outcome]:
     results: list[Outcome] = []
     client_pub = parse_client_id(cfg.client_id)
-    for n, server in enumerate(cfg.servers):
-        spec = ServerSpec(ServerAddress.parse(server.address), server.server_id,
-                          server.host_key)
+    for n, spec in enumerate(cfg.specs(proxy)):
         name = str(spec.address)
         out = work / f"server-{n}.sqlite3"
         printer = ProgressPrinter(name)
-        outcome: Outcome = {"address": name, "server_id": server.server_id}
+        outcome: Outcome = {"address": name, "server_id": spec.server_id}
         try:
             async with await Connection.open(spec, cfg.client_priv, Role.READER) as conn:
                 await restore.rebuild(conn, node, client_pub, out, at=data_version,
@@ -183,9 +182,13 @@ async def _drill(cfg: WrapperConfig, node: NodeKey, live: Path, data_version: in
 @node_dir_options
 @node_key_options
 @json_option()
+@click.option("--proxy", default=None, metavar="socks5://HOST:PORT",
+              help="Reach every server through this SOCKS5 proxy [default: the route the "
+                   "wrapper records for each].")
 @click.pass_context
 def verify(ctx: click.Context, lightning_dir: Path, network: str, hsm_secret: Path | None,
-           passphrase_file: Path | None, alt_hsmd: Path | None, as_json: bool) -> None:
+           passphrase_file: Path | None, alt_hsmd: Path | None, as_json: bool,
+           proxy: str | None) -> None:
     """Restore drill: rebuild the backup at the live database's data_version and compare.
 
     Exits 1 when a server's backup differs from the live database or cannot be
@@ -205,7 +208,8 @@ def verify(ctx: click.Context, lightning_dir: Path, network: str, hsm_secret: Pa
             if not as_json:
                 click.echo(f"live database {db}: data_version {data_version} (consistent "
                            f"copy); comparing with {compare_method()}")
-            results = asyncio.run(_drill(cfg, node, live, data_version, work))
+            results = asyncio.run(_drill(cfg, node, live, data_version, work,
+                                         parse_optional(proxy)))
         finally:
             shutil.rmtree(work, ignore_errors=True)
     ok = all(r["result"] == "identical" for r in results)

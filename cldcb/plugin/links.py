@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from cldcb import wire
@@ -57,6 +58,7 @@ from cldcb.plugin.snapshot import (
     upload_snapshot,
 )
 from cldcb.plugin.wrapper import ServerEntry
+from cldcb.proxy import DIRECT, Patience, Proxy, patience
 from cldcb.seal import ZERO_HASH
 from cldcb.session import check_ack
 
@@ -172,10 +174,27 @@ class ServerLink:
         elif self.compaction_copy is not None:
             snap = {"kind": "compaction", "data_version": self.compaction_copy.data_version,
                     "bytes_sent": self.compaction_sent, "bytes": self.compaction_copy.size}
+        via = self._route()
         return {"address": self.entry.address, "server_id": self.entry.server_id,
-                "connected": self.connected, "state": self.state,
+                "route": f"via {via}" if via else "direct", "connected": self.connected,
+                "state": self.state,
                 "last_acked_data_version": self.last_ack_dv, "last_ack_at": self.last_ack_at,
                 "lag": lag, "snapshot": snap, "last_error": self.last_error}
+
+    @property
+    def patience(self) -> Patience:
+        """Backoff of this server's route: :data:`RECONNECT_MIN` to :data:`RECONNECT_MAX`
+        direct, slower with jitter through a proxy (see cldcb.proxy)."""
+        via = self._route()
+        if via is not None:
+            return patience(via)
+        return replace(DIRECT, reconnect_min=RECONNECT_MIN, reconnect_max=RECONNECT_MAX)
+
+    def _route(self) -> Proxy | None:
+        try:
+            return self.entry.route()
+        except CldcbError:              # the plugin checked every spec before starting
+            return None
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._run(), name=f"link {self.name}")
@@ -192,27 +211,28 @@ class ServerLink:
 
     # -- the driver ----------------------------------------------------------------------
     async def _run(self) -> None:
-        delay = RECONNECT_MIN
+        patience = self.patience
+        delay = patience.reconnect_min
         while not self.engine.closing:
             try:
                 conn = await self.engine.connect(self.entry)
             except CldcbError as exc:
                 self._down(str(exc))
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, RECONNECT_MAX)
+                delay = patience.next_delay(delay)
                 continue
             self.conn = conn
             watch = asyncio.get_running_loop().create_task(self._watch(conn))
             try:
                 st = await conn.status()
                 self.connected = True
-                delay = RECONNECT_MIN
+                delay = patience.reconnect_min
                 self._on_status(st)
                 await self._sync(conn)
             except (CldcbError, OSError) as exc:
                 self._down(str(exc) or type(exc).__name__)
                 if isinstance(exc, AckMismatch):
-                    delay = RECONNECT_MAX        # a server that lied is not hurried back
+                    delay = patience.reconnect_max   # a server that lied is not hurried back
             finally:
                 watch.cancel()
                 await self._drop()

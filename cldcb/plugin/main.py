@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from cldcb import __version__
-from cldcb.connection import Connection, ServerAddress, ServerSpec
+from cldcb.connection import Connection
 from cldcb.errors import CldcbError, ExitCode, PluginError
 from cldcb.malloc import keep_freed_memory
 from cldcb.plugin import jsonrpc
@@ -66,10 +66,6 @@ ENV_CHUNK_DELAY = "CLDCB_PLUGIN_TEST_CHUNK_DELAY"
 ENV_CHUNK_SIZE = "CLDCB_PLUGIN_TEST_CHUNK_SIZE"
 
 
-def server_spec(address: str, server_id: str, host_key: str | None) -> ServerSpec:
-    return ServerSpec(ServerAddress.parse(address), server_id, host_key)
-
-
 class Plugin:
     """The plugin process: stdin/stdout protocol around an :class:`Engine`."""
 
@@ -77,8 +73,7 @@ class Plugin:
         self.cfg = cfg
         self.wrapper_path = wrapper_path
         self.workdir = workdir
-        self.specs = {e.address: server_spec(e.address, e.server_id, e.host_key)
-                      for e in cfg.servers}
+        self.specs = {e.address: e.spec() for e in cfg.servers}
         self.out = jsonrpc.StdoutWriter(sys.stdout.fileno())
         self._manifest_sent = False
         self._early_logs: list[dict[str, Any]] = []
@@ -97,7 +92,7 @@ class Plugin:
     async def _connect(self, entry: Any) -> ServerConnection:
         spec = self.specs[entry.address]
         return await Connection.open(spec, self.cfg.client_priv, Role.WRITER,
-                                     timeout=CONNECT_TIMEOUT)
+                                     timeout=spec.timeout(CONNECT_TIMEOUT))
 
     # -- output -----------------------------------------------------------------------------
     def _send(self, message: dict[str, Any] | bytes) -> None:
@@ -291,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = read_wrapper(wrapper)
         for e in cfg.servers:
-            server_spec(e.address, e.server_id, e.host_key)
+            e.spec()
     except CldcbError as exc:
         return _failed(exc, debug)
     workdir = Path.cwd()

@@ -13,6 +13,7 @@ no environment. Grammar (DESIGN section 5)::
     # database = lightningd.sqlite3
     # server = 203.0.113.5:29735 52…
     # server = ssh://cldcb@backup.example:22 53… ssh-ed25519 AAAA…
+    # server = abcd…xyz.onion:29735 52… proxy=socks5://127.0.0.1:9050
     # quorum = 1
     # outage-limit = 300
     exec '/absolute/path/to/cldcb-plugin' "$0"
@@ -30,10 +31,14 @@ Rules of :func:`parse`:
 - ``server = ADDRESS SERVER_ID [HOST_KEY]``: ``HOST:PORT`` for a standalone
   ``cldcb-server serve`` (no host key), ``ssh://[USER@]HOST[:PORT]`` for
   OpenSSH sshd, which needs the pinned host key (``ssh-ed25519 AAAA…``);
+  a last word ``proxy=socks5://HOST:PORT`` routes it through that SOCKS5
+  proxy (:mod:`cldcb.proxy`); an onion address goes through Tor's usual
+  SOCKS port when no proxy is named (``install`` writes it out anyway);
 - ``database`` defaults to ``lightningd.sqlite3``, relative to the plugin's
   working directory (``<lightning-dir>/<network>``) unless absolute;
 - ``quorum`` defaults to the number of servers (all), 1 ≤ quorum ≤ servers;
-- ``outage-limit`` (seconds, > 0) defaults to 300.
+- ``outage-limit`` (seconds, > 0) defaults to 300, or 900 when a server
+  is reached through a proxy (Tor).
 
 Errors are :class:`~cldcb.errors.PluginError` naming the line; they never
 quote the secret key. :func:`format_wrapper` writes exactly this grammar,
@@ -45,9 +50,10 @@ from __future__ import annotations
 import os
 import re
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from cldcb.connection import ServerAddress, ServerSpec
 from cldcb.durable import replace_file
 from cldcb.errors import CldcbError, KeyFormatError, PluginError
 from cldcb.ids import (
@@ -59,6 +65,7 @@ from cldcb.ids import (
     pubkey_of,
 )
 from cldcb.programs import find_program
+from cldcb.proxy import PROXIED, Proxy
 
 WRAPPER_NAME = "cldcb-plugin-wrapper"
 DEFAULT_DATABASE = "lightningd.sqlite3"
@@ -68,17 +75,20 @@ _KEYS = ("cid", "cpk", "node", "database", "server", "quorum", "outage-limit")
 _CONFIG_LINE = re.compile(r"^#\s*([A-Za-z][A-Za-z0-9_-]*)\s*=\s*(.*?)\s*$")
 _HOSTPORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^:/@\s\[\]]+):(\d{1,5})$")
 _SSH = re.compile(r"^ssh://(?:[^@\s/]+@)?(\[[0-9A-Fa-f:.]+\]|[^:/@\s\[\]]+)(?::(\d{1,5}))?/?$")
+PROXY_WORD = "proxy="
 _HOST_KEY_TYPES = ("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
                    "ecdsa-sha2-nistp521", "ssh-rsa")
 
 
 @dataclass(frozen=True)
 class ServerEntry:
-    """One ``server =`` line: where, which server id, and (ssh://) the pinned host key."""
+    """One ``server =`` line: where, which server id, (ssh://) the pinned host key, and
+    the SOCKS5 proxy named for it."""
 
     address: str
     server_id: str
     host_key: str | None = None
+    proxy: str | None = None
 
     @property
     def is_ssh(self) -> bool:
@@ -88,7 +98,26 @@ class ServerEntry:
         parts = [self.address, self.server_id]
         if self.host_key:
             parts.append(self.host_key)
+        if self.proxy:
+            parts.append(f"{PROXY_WORD}{self.proxy}")
         return " ".join(parts)
+
+    @classmethod
+    def of(cls, spec: ServerSpec) -> ServerEntry:
+        """The line for ``spec``, with its route written out (an onion address's default
+        proxy included, so that the plugin uses exactly the route that was checked)."""
+        via = spec.route
+        return cls(str(spec.address), spec.server_id, spec.host_key,
+                   str(via) if via is not None else None)
+
+    def route(self) -> Proxy | None:
+        """The proxy the plugin connects through (None: direct)."""
+        return self.spec().route
+
+    def spec(self) -> ServerSpec:
+        """The :class:`~cldcb.connection.ServerSpec` to connect with."""
+        return ServerSpec(ServerAddress.parse(self.address), self.server_id, self.host_key,
+                          Proxy.parse(self.proxy) if self.proxy else None)
 
 
 @dataclass(frozen=True)
@@ -107,6 +136,12 @@ class WrapperConfig:
     @property
     def effective_quorum(self) -> int:
         return self.quorum if self.quorum is not None else len(self.servers)
+
+    def specs(self, proxy: Proxy | None = None) -> list[ServerSpec]:
+        """The servers to connect to, each by its recorded route, or all through ``proxy``
+        when one is given (``status --proxy``, ``verify --proxy``)."""
+        specs = [s.spec() for s in self.servers]
+        return specs if proxy is None else [replace(s, proxy=proxy) for s in specs]
 
     def database_path(self, cwd: Path) -> Path:
         p = Path(self.database)
@@ -154,6 +189,11 @@ def _check_server(s: ServerEntry) -> None:
         parse_server_id(s.server_id)
     except KeyFormatError as exc:
         raise PluginError(f"wrapper: server {s.address}: {exc}") from None
+    if s.proxy is not None:
+        try:
+            Proxy.parse(s.proxy)
+        except CldcbError as exc:
+            raise PluginError(f"wrapper: server {s.address}: {exc}") from None
     if s.is_ssh:
         m = _SSH.match(s.address)
         if not m or (m.group(2) and not 0 < int(m.group(2)) < 65536):
@@ -202,8 +242,11 @@ def parse(text: str) -> WrapperConfig:
                 if len(words) < 2:
                     raise PluginError(f"wrapper line {number}: `server =` needs an address "
                                       "and a server id")
+                proxy = None
+                if len(words) > 2 and words[-1].startswith(PROXY_WORD):
+                    proxy = words.pop()[len(PROXY_WORD):]
                 servers.append(ServerEntry(words[0], words[1].lower(),
-                                           " ".join(words[2:]) or None))
+                                           " ".join(words[2:]) or None, proxy))
             elif key in values:
                 raise PluginError(f"wrapper line {number}: {key} is set twice")
             else:
@@ -224,7 +267,7 @@ def parse(text: str) -> WrapperConfig:
     except ValueError:
         raise PluginError("wrapper: quorum must be a whole number") from None
     try:
-        outage = float(values.get("outage-limit", DEFAULT_OUTAGE_LIMIT))
+        outage = float(values.get("outage-limit", default_outage_limit(servers)))
     except ValueError:
         raise PluginError("wrapper: outage-limit must be a number of seconds") from None
     cfg = WrapperConfig(client_id=values["cid"].lower(), client_priv=bytes.fromhex(cpk),
@@ -232,6 +275,15 @@ def parse(text: str) -> WrapperConfig:
                         database=values.get("database", DEFAULT_DATABASE), quorum=quorum,
                         outage_limit=outage, plugin_path=plugin_path)
     return cfg.validate()
+
+
+def default_outage_limit(servers: list[ServerEntry] | tuple[ServerEntry, ...]) -> float:
+    """300 s, or the proxied default (Tor) when any server is reached through a proxy."""
+    try:
+        proxied = any(s.route() is not None for s in servers)
+    except CldcbError:
+        proxied = False                     # validate() names the bad proxy
+    return PROXIED.outage_limit if proxied else DEFAULT_OUTAGE_LIMIT
 
 
 def _parse_exec(exec_line: tuple[int, str] | None) -> str:
