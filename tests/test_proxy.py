@@ -101,7 +101,7 @@ def test_status_says_when_the_proxy_is_not_there(world: World, tmp_path: Path) -
     nobody = f"socks5://127.0.0.1:{free_port()}"
     done = client("status", "--lightning-dir", str(node), "--network", NETWORK,
                   "--proxy", nobody)
-    assert done.returncode == 1
+    assert done.returncode == ExitCode.OUTAGE
     assert f"cannot reach the SOCKS5 proxy {nobody} to get to {ONION_ADDRESS}" in done.stdout
     assert "UNREACHABLE" in done.stdout
 
