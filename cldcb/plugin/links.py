@@ -210,9 +210,10 @@ class ServerLink:
                 self._on_status(st)
                 await self._sync(conn)
             except (CldcbError, OSError) as exc:
-                self._down(str(exc) or type(exc).__name__)
                 if isinstance(exc, AckMismatch):
+                    self._violation(conn, exc)   # (a forged answer fails the connection)
                     delay = RECONNECT_MAX        # a server that lied is not hurried back
+                self._down(str(exc) or type(exc).__name__)
             finally:
                 watch.cancel()
                 await self._drop()
@@ -399,6 +400,8 @@ class ServerLink:
         if conn is not self.conn:             # an answer from a connection already dropped
             return
         self.inflight -= 1
+        if isinstance(res, AckMismatch):      # an Ack without the session's MAC
+            self._violation(conn, res)
         if isinstance(res, BaseException):
             # the task raises it, as if its own write had failed (then reconnects)
             self.failure = res
@@ -419,8 +422,8 @@ class ServerLink:
         """The server acknowledged something it was not sent (``exc`` says what). Drop the
         connection now (whatever waits on it fails with ``exc``; the task raises it and
         reconnects), log it, and show it as the last error until an Ack matches."""
-        if conn is None or conn is not self.conn:
-            return                            # (a connection already dropped)
+        if conn is None or conn is not self.conn or self.failure is exc:
+            return                            # (a connection already dropped; told already)
         self.violation = self.last_error = str(exc)
         self._was_down_logged = True          # logged here, not again by _down
         self.failure = exc
