@@ -41,6 +41,17 @@ Because both nonces enter ``th``, neither signature can be replayed into
 another session. On the asyncssh daemon the same keys also authenticate the
 SSH connection; under OpenSSH the hello is what proves both identities.
 
+The hello is not bound to the SSH connection: whoever holds the sshd host key
+can relay it. So, in a client session, every answer that counts toward
+durability (``Ack``, ``ChunkAck``, ``SnapshotAck``) ends with a MAC under a
+session key from ECDH(client key, server key) and both nonces, over the
+requests of the session up to the one it answers (:mod:`cldcb.answermac`):
+the server session puts it in, the client session takes no acknowledgement
+without it (:class:`~cldcb.errors.ForgedAnswer`, which closes the session).
+Protocol version 3; the client offers no other, so a version-2 server (whose
+acknowledgements carry no MAC) ends the hello with ``Error(VERSION)``, raised
+as :class:`~cldcb.errors.RemoteError` saying to upgrade it.
+
 Requests and responses
 ----------------------
 After ``AuthOk`` the client sends requests and the server answers each one,
@@ -70,11 +81,12 @@ in order (responses never overtake each other):
   interleave with the chunks of a snapshot.
 - Every acknowledgement names what it answers: an ``Ack`` the data_version,
   kind and link of its ``Write``; a ``ChunkAck`` the snapshot id and the
-  chunk's index; a ``SnapshotAck`` the snapshot id and data_version. A client
-  counts an acknowledgement as durability only when it names exactly the
-  request it answers (answers come in order, so that is the oldest one
-  unanswered); anything else is a protocol violation: the client drops the
-  connection and trusts nothing more that came on it.
+  chunk's index; a ``SnapshotAck`` the snapshot id and data_version; and each
+  carries the session's MAC (above). A client counts an acknowledgement as
+  durability only when its MAC verifies and it names exactly the request it
+  answers (answers come in order, so that is the oldest one unanswered);
+  anything else is a protocol violation: the client drops the connection and
+  trusts nothing more that came on it.
 - ``Fetch(at_data_version)`` → ``FetchSnapshot``, ``FetchChunk``×n,
   ``FetchRecord``×m, ``FetchEnd(m)``; or ``Error(NOT_FOUND)``. The records are
   those of the snapshot's own chain (see "Fetching" in :mod:`cldcb.store`).

@@ -20,10 +20,12 @@ the same connection, so records keep flowing while it uploads.
 Acknowledgements count only when they match (:mod:`cldcb.session`): an
 ``Ack`` must name the data_version, kind and link of the record it answers, a
 ``ChunkAck`` its chunk's index, a ``SnapshotAck`` the snapshot's id and
-data_version. Anything else is a protocol violation
-(:class:`~cldcb.errors.AckMismatch`): the position does not move, the
-connection is dropped at once (whatever else waits on it fails, nothing more
-received on it is taken), the log says so, and the status file shows it as
+data_version, and each must carry the session's MAC (which only the server key's
+holder can make: :mod:`cldcb.answermac`). Anything else is a protocol violation
+(:class:`~cldcb.errors.AckMismatch`, :class:`~cldcb.errors.ForgedAnswer`): the
+position does not move, the connection is dropped at once (whatever else waits
+on it fails, nothing more received on it is taken), the log says so, and the
+status file shows it as
 the server's last error until an ``Ack`` that matches comes. The link
 reconnects after :data:`RECONNECT_MAX`; meanwhile the server counts for
 nothing, and a call that needs it fails at the outage limit.
