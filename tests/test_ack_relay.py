@@ -14,17 +14,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 from servers import PrivateSshd
-from simlightningd import NodeStopped
-from test_plugin_acks import K_DV, OUTAGE, WORKLOAD, _k, violation
-from test_plugin_harness import (
-    Target,
-    logs_matching,
-    make_node,
-    new_keys,
-    server_status,
-)
+from test_plugin_acks import K_DV, OUTAGE, WORKLOAD, _k, stopped_by, violation
+from test_plugin_harness import Target, logs_matching, server_status
 from traces import load_trace
 
 RELAY = Path(__file__).with_name("ack_relay.py")
@@ -45,21 +37,13 @@ def test_a_relay_holding_the_ssh_host_key_cannot_acknowledge(tmp_path: Path) -> 
     k = _k()
     relay = RelaySshd(tmp_path / "sshd", from_dv=K_DV).init().start()
     try:
-        keys = new_keys()
-        target = Target(sshd=relay)
-        node = make_node(tmp_path, keys, [target], outage_limit=OUTAGE, hook_timeout=40)
-        node.start()
-        try:
-            with pytest.raises(NodeStopped) as stopped:
-                node.run_trace(trace, stop=k + 5)
-        finally:
-            node.crash()
+        node, keys, target, stopped = stopped_by(Target(sshd=relay), tmp_path, k + 5)
         call = node.calls[-1]
         assert call.index == k and call.outcome == "refused", [
             (c.index, c.data_version, c.outcome) for c in node.calls[k - 2:]]
         assert all(c.outcome == "committed" for c in node.calls[:k])
         assert node.committed_data_version() == trace[k - 1][0]
-        assert f"not held by 1 server(s) after {OUTAGE:g} s" in stopped.value.reason
+        assert f"not held by 1 server(s) after {OUTAGE:g} s" in stopped.reason
         shown = violation(node)
         assert "protocol violation" in shown and "MAC" in shown, shown
         assert logs_matching(node, "does not carry this session's MAC"), \
