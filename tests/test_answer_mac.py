@@ -14,7 +14,7 @@ import pytest
 from test_session import CLIENT, SERVER_ID, make, pump
 
 from cldcb import wire
-from cldcb.errors import AckMismatch, ForgedAnswer, RemoteError
+from cldcb.errors import AckMismatch, ForgedAnswer, ProtocolError, RemoteError
 from cldcb.session import ClientSession, Received, Role, ServerSession
 
 LINK = b"l" * 32
@@ -133,6 +133,6 @@ def test_an_older_server_is_refused_with_a_reason() -> None:
     s.receive_data(c.start())
     reply = wire.FrameDecoder().feed(s.data_to_send())[0]
     assert isinstance(reply, wire.HelloReply)
-    with pytest.raises(Exception, match="version 2"):
+    with pytest.raises(ProtocolError, match="version 2, which we do not speak"):
         c.receive_data(wire.encode(replace(reply, version=2)))
     assert not c.established
