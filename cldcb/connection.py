@@ -7,7 +7,9 @@ Two kinds of address, one protocol (:mod:`cldcb.session`):
   the SSH user is ``cldcb`` (``cldcb-recover``, with no credentials, for an
   anonymous session).
 - ``ssh://[USER@]HOST[:PORT]``: OpenSSH sshd with the ``cldcb`` subsystem.
-  The host key is the one pinned at install time (or known_hosts); a client
+  The host key is the one given (pinned at install time and recorded in the
+  wrapper; ``recover`` may read it from known_hosts, and shows it), never
+  looked up in ``~/.ssh/known_hosts`` here; a client
   session authenticates with the Ed25519 key derived from the client secret,
   an anonymous session (recovery) with the operator's own SSH keys and agent.
 
@@ -228,10 +230,13 @@ class Connection:
                 agent_path=None, password=None, kbdint_auth=False, gss_host=None,
                 preferred_auth="publickey,none" if client_priv else "none")
         else:
+            if not spec.host_key:
+                raise UsageError(f"no sshd host key is pinned for {addr}: give it "
+                                 "(--host-key 'ssh-ed25519 AAAA…'); a known_hosts file is "
+                                 "never trusted on its own")
             if addr.user:
                 opts["username"] = addr.user
-            if spec.host_key:
-                opts["known_hosts"] = ([asyncssh.import_public_key(spec.host_key)], [], [])
+            opts["known_hosts"] = ([asyncssh.import_public_key(spec.host_key)], [], [])
             if client_priv is not None:
                 opts.update(client_keys=[derived_ssh_key(client_priv)], agent_path=None,
                             password=None, kbdint_auth=False, gss_host=None)

@@ -98,6 +98,12 @@ class AckMismatch(ProtocolError):
     protocol violation. The acknowledgement never counts and the connection is dropped."""
 
 
+class ForgedAnswer(AckMismatch):
+    """An acknowledgement without this session's MAC (:mod:`cldcb.answermac`): the holder
+    of the server key did not make it (someone who holds only the SSH host key answers in
+    its place, or the server is faulty). Never counted; the connection is dropped."""
+
+
 class AuthError(CldcbError):
     """The hello failed: wrong server id, unknown client, bad signature."""
 

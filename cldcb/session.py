@@ -41,6 +41,17 @@ Because both nonces enter ``th``, neither signature can be replayed into
 another session. On the asyncssh daemon the same keys also authenticate the
 SSH connection; under OpenSSH the hello is what proves both identities.
 
+The hello is not bound to the SSH connection: whoever holds the sshd host key
+can relay it. So, in a client session, every answer that counts toward
+durability (``Ack``, ``ChunkAck``, ``SnapshotAck``) ends with a MAC under a
+session key from ECDH(client key, server key) and both nonces, over the
+requests of the session up to the one it answers (:mod:`cldcb.answermac`):
+the server session puts it in, the client session takes no acknowledgement
+without it (:class:`~cldcb.errors.ForgedAnswer`, which closes the session).
+Protocol version 3; the client offers no other, so a version-2 server (whose
+acknowledgements carry no MAC) ends the hello with ``Error(VERSION)``, raised
+as :class:`~cldcb.errors.RemoteError` saying to upgrade it.
+
 Requests and responses
 ----------------------
 After ``AuthOk`` the client sends requests and the server answers each one,
@@ -72,11 +83,12 @@ in order (responses never overtake each other):
   interleave with the chunks of a snapshot.
 - Every acknowledgement names what it answers: an ``Ack`` the data_version,
   kind and link of its ``Write``; a ``ChunkAck`` the snapshot id and the
-  chunk's index; a ``SnapshotAck`` the snapshot id and data_version. A client
-  counts an acknowledgement as durability only when it names exactly the
-  request it answers (answers come in order, so that is the oldest one
-  unanswered); anything else is a protocol violation: the client drops the
-  connection and trusts nothing more that came on it.
+  chunk's index; a ``SnapshotAck`` the snapshot id and data_version; and each
+  carries the session's MAC (above). A client counts an acknowledgement as
+  durability only when its MAC verifies and it names exactly the request it
+  answers (answers come in order, so that is the oldest one unanswered);
+  anything else is a protocol violation: the client drops the connection and
+  trusts nothing more that came on it.
 - ``Fetch(at_data_version)`` → ``FetchSnapshot``, ``FetchChunk``×n,
   ``FetchRecord``×m, ``FetchEnd(m)``; or ``Error(NOT_FOUND)``. The records are
   those of the snapshot's own chain (see "Fetching" in :mod:`cldcb.store`).
@@ -101,7 +113,15 @@ from enum import IntEnum
 import coincurve
 
 from cldcb import wire
-from cldcb.errors import AckMismatch, AuthError, CldcbError, ProtocolError, RemoteError
+from cldcb.answermac import MACED_TYPES, AnswerMacs, session_key
+from cldcb.errors import (
+    AckMismatch,
+    AuthError,
+    CldcbError,
+    ForgedAnswer,
+    ProtocolError,
+    RemoteError,
+)
 from cldcb.ids import client_id_from_pubkey, server_id_from_pubkey
 from cldcb.wire import ErrorCode
 
@@ -164,6 +184,13 @@ def check_snapshot_ack(ack: wire.SnapshotAck, snapshot_id: int, data_version: in
         raise _mismatch(f"SnapshotAck(snapshot {ack.snapshot_id}, data_version "
                         f"{ack.data_version})", f"SnapshotEnd(snapshot {snapshot_id}, "
                         f"data_version {data_version})")
+
+
+def _older_server(text: str) -> str:
+    return (f"{text} (this cldcb speaks protocol version {wire.PROTOCOL_VERSION}, in which "
+            "the server key authenticates every acknowledgement; an older server's "
+            "acknowledgements cannot be told from a forger's, so none is counted: upgrade "
+            "cldcb on the server, or this end if the server is newer)")
 
 
 def _mismatch(got: str, sent: str) -> AckMismatch:
@@ -245,6 +272,7 @@ class ClientSession(_Base):
         self._hello = b""
         self._state = "new"
         self.version = 0
+        self._macs: AnswerMacs | None = None
 
     @property
     def established(self) -> bool:
@@ -264,7 +292,10 @@ class ClientSession(_Base):
             raise ProtocolError("the session is not open (hello not complete, or closed)")
         if self._priv is None and not isinstance(msg, wire.ListRecognitions):
             raise ProtocolError("an anonymous session can only list recognition entries")
-        return self._emit(msg)
+        frame = self._emit(msg)
+        if self._macs is not None:
+            self._macs.request(frame)
+        return frame
 
     def write_frame(self, data_version: int, kind: int, link: bytes, sealed: bytes) -> bytes:
         """The bytes to write for ``Write(data_version, kind, link, sealed)``: what
@@ -273,15 +304,21 @@ class ClientSession(_Base):
         if self._state != "open" or self._priv is None:
             self.send(wire.Write(data_version, kind, link, sealed))   # raises the reason
         frame = wire.write_frame(data_version, kind, link, sealed)
+        assert self._macs is not None
+        self._macs.request(frame)
         return self.data_to_send() + frame if self._out else frame
 
     def ack_in(self, data: bytes) -> wire.Ack | None:
-        """The Ack that ``data`` is, when it is exactly one whole Ack frame and nothing
-        else was received before it: the event :meth:`receive_data` would give, without
-        the decoder (the answer to nearly every Write). None: feed :meth:`receive_data`."""
+        """The Ack that ``data`` is, when it is exactly one whole Ack frame with this
+        session's MAC and nothing else was received before it: the event
+        :meth:`receive_data` would give, without the decoder (the answer to nearly every
+        Write). None: feed :meth:`receive_data` (which raises what is wrong)."""
         if self._state != "open" or self.closed or self._decoder.pending:
             return None
-        return wire.ack_in(data)
+        ack = wire.ack_in(data)
+        if ack is None or self._macs is None or not self._macs.check(data):
+            return None
+        return ack
 
     def receive_data(self, data: bytes) -> list[Event]:
         if self.closed:
@@ -304,7 +341,11 @@ class ClientSession(_Base):
                 self._state = "closed"
                 if msg.code == ErrorCode.AUTH:
                     raise AuthError(f"server {self.server_id[:12]}… refused us: {msg.text}")
+                if msg.code == ErrorCode.VERSION:
+                    raise RemoteError(msg.code, _older_server(msg.text))
                 raise RemoteError(msg.code, msg.text)
+            if self._macs is not None:
+                self._macs.take(msg.TYPE)
             return [Received(msg)]
         if self._state == "hello-sent":
             if not isinstance(msg, wire.HelloReply):
@@ -316,6 +357,19 @@ class ClientSession(_Base):
             self._state = "open"
             return [HelloComplete(self.server_id, self.version, Role(msg.role))]
         if self._state == "open":
+            if msg.TYPE in MACED_TYPES:
+                if self._macs is None or not self._macs.check(wire.encode(msg)):
+                    self.closed = True
+                    self._state = "closed"
+                    raise ForgedAnswer(
+                        f"protocol violation: the server's {type(msg).__name__} does not "
+                        "carry this session's MAC, so the holder of the key of server "
+                        f"{self.server_id[:14]}… did not make it (someone who holds the "
+                        "SSH host key but not the server key is in the middle, or the "
+                        "server is faulty); not counted, connection dropped: tell the "
+                        "server's operator")
+            elif self._macs is not None:
+                self._macs.take(msg.TYPE)
             return [Received(msg)]
         raise self._fail(f"unexpected {type(msg).__name__} before the hello")
 
@@ -342,6 +396,11 @@ class ClientSession(_Base):
             raise AuthError(f"server {self.server_id[:12]}… did not prove its key "
                             "(bad hello signature): someone may be in the middle")
         self.version = msg.version
+        if self._priv is not None:
+            assert self.client_pub is not None
+            self._macs = AnswerMacs(session_key(self._priv, msg.server_pub, self._nonce,
+                                                msg.server_nonce, self.client_pub,
+                                                msg.server_pub))
         if self._priv is None:
             self._emit(wire.Auth(True, _ZERO33, int(Role.READER), b""))
         else:
@@ -385,6 +444,9 @@ class ServerSession(_Base):
         self._allow_anon = allow_anonymous and self._forced is None
         self._state = "new"
         self._th = b""
+        self._client_nonce = b""
+        self._macs: AnswerMacs | None = None
+        self._pending_macs: AnswerMacs | None = None
         self.client_id: str | None = None
         self.role = Role.READER
 
@@ -392,7 +454,10 @@ class ServerSession(_Base):
         """Queue a response (or ``Error``) for the transport to write."""
         if isinstance(msg, wire.Error) and msg.code in FATAL_CODES:
             self.closed = True
-        self._emit(msg)
+        if self._macs is None:
+            self._emit(msg)
+        else:
+            self._out.append(self._macs.seal(wire.encode(msg)))
 
     def write_in(self, data: bytes) -> wire.Write | None:
         """The Write that ``data`` is, when this is an open writing session, ``data`` is
@@ -401,12 +466,17 @@ class ServerSession(_Base):
         request of a streaming writer). None: feed :meth:`receive_data`."""
         if self.role is not Role.WRITER or self.closed or self._decoder.pending:
             return None
-        return wire.write_in(data)
+        write = wire.write_in(data)
+        if write is not None and self._macs is not None:
+            self._macs.request(data)
+        return write
 
     def ack(self, data_version: int, kind: int, link: bytes, want_snapshot: bool) -> bytes:
         """The bytes to write for ``Ack(data_version, kind, link, want_snapshot)``: what
         :meth:`send` then :meth:`data_to_send` give, without the message object."""
         frame = wire.ack_frame(data_version, kind, link, want_snapshot)
+        if self._macs is not None:
+            frame = self._macs.seal(frame)
         return self.data_to_send() + frame if self._out else frame
 
     def accept(self) -> None:
@@ -416,9 +486,12 @@ class ServerSession(_Base):
             return
         self.client_id, self.role = self._pending
         self._state = "open"
+        self._emit(wire.AuthOk(int(self.role)))
         if self.client_id is not None:
             self._decoder.max_frame = wire.MAX_FRAME
-        self._emit(wire.AuthOk(int(self.role)))
+            self._macs = self._pending_macs
+            assert self._macs is not None
+            self._decoder.on_frame = self._macs.request
 
     def refuse(self, code: ErrorCode, text: str) -> None:
         """Answer with a fatal error and close (e.g. a writer was superseded)."""
@@ -478,6 +551,7 @@ class ServerSession(_Base):
                         f"{msg.max_version}: upgrade the older side")
             return []
         hello_frame = wire.encode(msg)
+        self._client_nonce = msg.client_nonce
         self._th = _transcript(hello_frame, hi, self.server_pub, self._nonce)
         sig = self._priv.sign(_server_digest(self._th), hasher=None)
         self._emit(wire.HelloReply(hi, self.server_pub, self._nonce, sig))
@@ -510,6 +584,9 @@ class ServerSession(_Base):
             self.refuse(ErrorCode.AUTH, f"client {client_id} is not registered on this server; "
                                         f"run `cldcb-server add {client_id}` there")
             return []
+        self._pending_macs = AnswerMacs(session_key(self._priv, msg.client_pub,
+                                                    self._client_nonce, self._nonce,
+                                                    msg.client_pub, self.server_pub))
         return self._authenticated(client_id, Role(msg.role))
 
     def _authenticated(self, client_id: str | None, role: Role) -> list[Event]:

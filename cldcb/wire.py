@@ -23,6 +23,7 @@ The messages and what they mean are in :mod:`cldcb.session`.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from enum import IntEnum
 from typing import Any, ClassVar
@@ -45,9 +46,15 @@ RECOGNITION_PAGE = 256
 """Most entries in one ``Recognitions`` page: 256 of the largest entries make a frame of
 about 260 KiB, whatever the number of clients a server holds."""
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 """2: an Ack names its write's kind and link; the recognition listing comes in pages;
-ListStates, States and FetchGeneration. Version 1 peers are refused with Error(VERSION)."""
+ListStates, States and FetchGeneration. 3: Ack, ChunkAck and SnapshotAck carry a MAC under
+the session key (:mod:`cldcb.answermac`). Older peers are refused with Error(VERSION)."""
+
+MAC_SIZE = 16
+"""Bytes of the MAC that ends every Ack, ChunkAck and SnapshotAck."""
+NO_MAC = bytes(MAC_SIZE)
+"""The MAC field of an answer not yet authenticated (the session fills it in)."""
 
 
 class ErrorCode(IntEnum):
@@ -74,7 +81,7 @@ def _fixed(n: int) -> tuple[str, int]:
 
 
 U8, U16, U32, U64, I64, BOOL = ("B", 1), ("H", 2), ("I", 4), ("Q", 8), ("q", 8), ("?", 1)
-B32, B33 = _fixed(32), _fixed(33)
+B32, B33, B16 = _fixed(32), _fixed(33), _fixed(MAC_SIZE)
 BYTES = ("bytes", 0)
 STR = ("str", 0)
 LIST_BYTES = ("list", 0)
@@ -385,15 +392,17 @@ class Status(Message):
     generations: int
 
 
-@message(33, I64, U8, B32, BOOL)
+@message(33, I64, U8, B32, BOOL, B16)
 class Ack(Message):
     """The answer to ``Write(data_version, kind, link, …)`` once it is durable: it names
-    that write (see :mod:`cldcb.session`: a client counts only an Ack that matches)."""
+    that write (see :mod:`cldcb.session`: a client counts only an Ack that matches, and
+    whose ``mac`` the server key's session key made)."""
 
     data_version: int
     kind: int
     link: bytes
     want_snapshot: bool
+    mac: bytes = NO_MAC
 
 
 @message(34, I64, STR)
@@ -402,16 +411,22 @@ class NeedSnapshot(Message):
     reason: str
 
 
-@message(35, U32, U32)
+@message(35, U32, U32, B16)
 class ChunkAck(Message):
     snapshot_id: int
     index: int
+    mac: bytes = NO_MAC
 
 
-@message(36, U32, I64)
+@message(36, U32, I64, B16)
 class SnapshotAck(Message):
     snapshot_id: int
     data_version: int
+    mac: bytes = NO_MAC
+
+
+MACED = (Ack, ChunkAck, SnapshotAck)
+"""The answers that count toward durability: each ends with a MAC (:mod:`cldcb.answermac`)."""
 
 
 @message(37, I64, B32, U32, BYTES, U64)
@@ -536,7 +551,7 @@ def decode(type_: int, body: bytes | memoryview) -> Message:
 # (tests/test_wire.py checks both).
 
 _WRITE_HEAD = struct.Struct(">IBqB32sI")   # length, type, data_version, kind, link, len
-_ACK_FRAME = struct.Struct(">IBqB32sB")     # length, type, data_version, kind, link, want
+_ACK_FRAME = struct.Struct(">IBqB32sB16s")  # length, type, data_version, kind, link, want, mac
 _ACK_LENGTH = _ACK_FRAME.size - 4
 _WRITE, _ACK = Write.TYPE, Ack.TYPE
 
@@ -566,13 +581,17 @@ def write_in(data: bytes) -> Write | None:
     return Write(data_version, kind, link, data[_WRITE_HEAD.size:])
 
 
-def ack_frame(data_version: int, kind: int, link: bytes, want_snapshot: bool) -> bytes:
-    """``encode(Ack(data_version, kind, link, want_snapshot))``; ProtocolError as encode."""
+def ack_frame(data_version: int, kind: int, link: bytes, want_snapshot: bool,
+              mac: bytes = NO_MAC) -> bytes:
+    """``encode(Ack(data_version, kind, link, want_snapshot, mac))``; ProtocolError as
+    encode."""
     if not isinstance(link, bytes) or len(link) != 32:
         raise ProtocolError("field must be 32 bytes")
+    if not isinstance(mac, bytes) or len(mac) != MAC_SIZE:
+        raise ProtocolError(f"field must be {MAC_SIZE} bytes")
     try:
         return _ACK_FRAME.pack(_ACK_LENGTH, _ACK, data_version, kind, link,
-                               1 if want_snapshot else 0)
+                               1 if want_snapshot else 0, mac)
     except struct.error as exc:
         raise ProtocolError(f"field out of range: {exc}") from None
 
@@ -581,10 +600,10 @@ def ack_in(data: bytes) -> Ack | None:
     """The Ack ``data`` is, if it is exactly one whole well-formed Ack frame; else None."""
     if len(data) != _ACK_FRAME.size or data[4] != _ACK:
         return None
-    length, _, data_version, kind, link, want = _ACK_FRAME.unpack(data)
+    length, _, data_version, kind, link, want, mac = _ACK_FRAME.unpack(data)
     if length != _ACK_LENGTH or want > 1:
         return None
-    return Ack(data_version, kind, link, want == 1)
+    return Ack(data_version, kind, link, want == 1, mac)
 
 
 class FrameDecoder:
@@ -594,6 +613,9 @@ class FrameDecoder:
         self._buf = bytearray()
         self.max_frame = max_frame
         """Longer frames are refused as soon as their length arrives (may change)."""
+        self.on_frame: Callable[[bytes | memoryview], None] | None = None
+        """Called with each whole frame (length included) before it is decoded; it must
+        not keep the view (may change)."""
 
     def feed(self, data: bytes) -> list[Message]:
         if not self._buf and len(data) > 4:
@@ -602,6 +624,8 @@ class FrameDecoder:
             (length,) = _U32.unpack_from(data, 0)
             if length == len(data) - 4 and length <= self.max_frame:
                 type_ = data[4]
+                if self.on_frame is not None:
+                    self.on_frame(data)
                 return [decode(type_, memoryview(data)[5:] if type_ in _FAST else data[5:])]
         self._buf += data
         out: list[Message] = []
@@ -616,6 +640,9 @@ class FrameDecoder:
                 break
             type_ = self._buf[4]
             with memoryview(self._buf) as view:
+                if self.on_frame is not None:
+                    with view[:4 + length] as frame:
+                        self.on_frame(frame)
                 body = bytes(view[5:4 + length])
             del self._buf[:4 + length]
             out.append(decode(type_, body))

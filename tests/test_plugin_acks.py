@@ -57,12 +57,12 @@ def violation(node: SimLightningd) -> str:
     return str(server["last_error"] or "")
 
 
-def stopped_by(liar: CldcbServer, tmp: Path, stop: int
+def stopped_by(liar: CldcbServer | Target, tmp: Path, stop: int
                ) -> tuple[SimLightningd, Keys, Target, NodeStopped]:
     """Play the workload's first ``stop`` calls to a node backed up to ``liar`` only; the
     node, its keys, the target and how the node stopped (it must)."""
     keys = new_keys()
-    target = Target(daemon=liar)
+    target = liar if isinstance(liar, Target) else Target(daemon=liar)
     node = make_node(tmp, keys, [target], outage_limit=OUTAGE, hook_timeout=40)
     node.start()
     try:

@@ -27,7 +27,7 @@ from traces import expected_dump_bytes
 
 from cldcb import proxy as proxy_mod
 from cldcb.connection import Connection, ServerAddress, ServerSpec
-from cldcb.errors import AuthError, PluginError, TransportError, UsageError
+from cldcb.errors import AuthError, ExitCode, PluginError, TransportError, UsageError
 from cldcb.ids import client_id_from_pubkey, pubkey_of
 from cldcb.plugin.wrapper import WRAPPER_NAME, ServerEntry, parse, read_wrapper
 from cldcb.proxy import DIRECT, PROXIED, TOR_SOCKS, Proxy, route

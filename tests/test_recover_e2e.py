@@ -33,6 +33,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import asyncssh
 import pytest
 from demo import (
     CLIENT_CMD,
@@ -237,6 +238,9 @@ def test_sshd_with_known_hosts_and_default_keys(world: World, tmp_path: Path) ->
     check_recovered(lightning_dir, world.backups["mn_nopass"], done.stdout + done.stderr)
     cfg = read_wrapper(lightning_dir / NETWORK / WRAPPER_NAME)
     assert cfg.servers[0].host_key == world.sshd.host_key
+    # the key taken from known_hosts is shown, by its fingerprint, to be checked
+    fingerprint = asyncssh.import_public_key(world.sshd.host_key).get_fingerprint("sha256")
+    assert f"from ~/.ssh/known_hosts: ssh-ed25519 {fingerprint}" in done.stderr, done.stderr
     # Without any known host key: an error naming --host-key, nothing written.
     (home / ".ssh" / "known_hosts").unlink()
     other = fresh_node(tmp_path / "b", "mn_nopass")

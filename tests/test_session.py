@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import pytest
 
@@ -57,7 +58,9 @@ def test_hello_completes_and_requests_flow() -> None:
     (ev,) = s.receive_data(c.data_to_send())
     assert ev == Received(wire.Write(3, 0, bytes(32), b"x"))
     s.send(wire.Ack(3, 0, b"l" * 32, False))
-    assert c.receive_data(s.data_to_send()) == [Received(wire.Ack(3, 0, b"l" * 32, False))]
+    (got,) = c.receive_data(s.data_to_send())
+    assert isinstance(got, Received) and got.message.mac != wire.NO_MAC
+    assert replace(got.message, mac=wire.NO_MAC) == wire.Ack(3, 0, b"l" * 32, False)
 
 
 def test_a_server_whose_key_is_not_the_pinned_id_is_refused() -> None:
@@ -126,18 +129,23 @@ def test_the_per_change_shortcuts_keep_the_sessions_rules() -> None:
     frame = c.write_frame(3, 0, bytes(32), b"x")
     assert frame == wire.encode(wire.Write(3, 0, bytes(32), b"x")) and not c.data_to_send()
     assert s.write_in(frame) == wire.Write(3, 0, bytes(32), b"x")
+    one = s.ack(3, 0, bytes(32), False)
+    assert c.ack_in(one) == wire.FrameDecoder().feed(one)[0]          # with its MAC
+    frame = c.write_frame(4, 0, bytes(32), b"y")
     assert s.write_in(frame[:7]) is None and s.receive_data(frame[:7]) == []
     assert s.write_in(frame) is None                       # bytes are held: not in one piece
-    assert s.receive_data(frame[7:]) == [Received(wire.Write(3, 0, bytes(32), b"x"))]
+    assert s.receive_data(frame[7:]) == [Received(wire.Write(4, 0, bytes(32), b"y"))]
+    c.write_frame(5, 0, bytes(32), b"z")
+    assert s.write_in(wire.encode(wire.Write(5, 0, bytes(32), b"z"))) is not None
     s.send(wire.Error(int(wire.ErrorCode.QUOTA), "full"))
-    answer = s.ack(3, 0, bytes(32), True)                  # after what was queued before it
-    assert wire.FrameDecoder().feed(answer) == [wire.Error(int(wire.ErrorCode.QUOTA), "full"),
-                                                wire.Ack(3, 0, bytes(32), True)]
-    ack = wire.Ack(3, 0, bytes(32), True)
-    assert c.ack_in(wire.encode(ack)) == ack
+    answer = s.ack(5, 0, bytes(32), True)                  # after what was queued before it
+    err, ack = wire.FrameDecoder().feed(answer)
+    assert err == wire.Error(int(wire.ErrorCode.QUOTA), "full")
+    assert replace(ack, mac=wire.NO_MAC) == wire.Ack(5, 0, bytes(32), True)
     assert c.ack_in(answer) is None                        # two frames: the usual way
     c.receive_data(answer[:3])
-    assert c.ack_in(wire.encode(wire.Ack(4, 0, bytes(32), False))) is None  # bytes are held
+    assert c.ack_in(answer[len(wire.encode(err)):]) is None           # bytes are held
+    assert c.receive_data(answer[3:]) == [Received(err), Received(ack)]
     reader, rs = make(role=Role.READER)
     pump(reader, rs, reader.start())
     assert rs.write_in(frame) is None                      # a reader's Write is refused...

@@ -21,7 +21,7 @@ from servers import SERVER_CMD, CldcbServer, PrivateSshd, run_server_cmd
 from cldcb import wire
 from cldcb.connection import Connection, ServerAddress, ServerSpec
 from cldcb.dataversion import Kind
-from cldcb.errors import AuthError, RemoteError, TransportError
+from cldcb.errors import AuthError, RemoteError, TransportError, UsageError
 from cldcb.ids import client_id_from_pubkey, pubkey_of
 from cldcb.nodekey import LocalNodeKey
 from cldcb.seal import ChainVerifier, RecordSealer, SnapshotOpener, SnapshotSealer, item_hash
@@ -306,3 +306,27 @@ def test_address_parsing() -> None:
     for bad in ("backup.example", "host:99999", "ssh://@h", "a b:1"):
         with pytest.raises(Exception, match="address"):
             ServerAddress.parse(bad)
+
+
+def test_only_the_pinned_sshd_host_key_is_trusted(sshd: PrivateSshd, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection to sshd uses the host key it is given (the wrapper's, recorded at
+    install) and never falls back to ``~/.ssh/known_hosts``, even when that file holds
+    the right key: no key given is an error naming --host-key; a wrong one is refused."""
+    priv, _, spec = Transport("sshd-subsystem", None, sshd).register()
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "known_hosts").write_text(f"[127.0.0.1]:{sshd.port} {sshd.host_key}\n")
+    monkeypatch.setenv("HOME", str(home))
+    with pytest.raises(UsageError, match="no sshd host key is pinned.*--host-key"):
+        run(Connection.open(ServerSpec(spec.address, spec.server_id, None), priv, Role.WRITER))
+    other = derived_public_line(os.urandom(32), "x").split()[:2]
+    with pytest.raises(AuthError, match="SSH host key"):
+        run(Connection.open(ServerSpec(spec.address, spec.server_id, " ".join(other)), priv,
+                            Role.WRITER))
+    run(_status_of(spec, priv))                    # the pinned key itself: in
+
+
+async def _status_of(spec: ServerSpec, priv: bytes) -> wire.Status:
+    async with await Connection.open(spec, priv, Role.WRITER) as conn:
+        return await conn.status()

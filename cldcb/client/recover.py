@@ -209,6 +209,14 @@ def server_proxies(proxies: Sequence[str], count: int) -> list[Proxy | None]:
     return [parse_optional(p) for p in proxies]
 
 
+def _fingerprint(key: str) -> str:
+    """``SHA256:…`` of an SSH public key given as ``TYPE BASE64`` ("?" if unreadable)."""
+    try:
+        return asyncssh.import_public_key(key).get_fingerprint("sha256")
+    except (ValueError, asyncssh.KeyImportError):
+        return "(unreadable key)"
+
+
 def server_specs(servers: Sequence[str], server_ids: Sequence[str],
                  host_keys: Sequence[str] = (), proxies: Sequence[str] = ()) -> list[ServerSpec]:
     """``--server``/``--server-id``/``--host-key``/``--proxy`` as ServerSpecs (host keys
@@ -231,7 +239,13 @@ def server_specs(servers: Sequence[str], server_ids: Sequence[str],
         seen.add(sid.lower())
         key = None
         if address.scheme == "ssh":
-            key = next(given, None) or known_host_key(address)
+            key = next(given, None)
+            if key is None:
+                key = known_host_key(address)
+                if key is not None:
+                    _say(f"{address}: the sshd host key comes from ~/.ssh/known_hosts: "
+                         f"{key.split()[0]} {_fingerprint(key)}; check it with the server's "
+                         "operator (or give --host-key): it is recorded for the plugin")
             if key is None:
                 raise UsageError(
                     f"no host key is known for {address}: give --host-key 'ssh-ed25519 "

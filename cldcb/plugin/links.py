@@ -20,10 +20,12 @@ the same connection, so records keep flowing while it uploads.
 Acknowledgements count only when they match (:mod:`cldcb.session`): an
 ``Ack`` must name the data_version, kind and link of the record it answers, a
 ``ChunkAck`` its chunk's index, a ``SnapshotAck`` the snapshot's id and
-data_version. Anything else is a protocol violation
-(:class:`~cldcb.errors.AckMismatch`): the position does not move, the
-connection is dropped at once (whatever else waits on it fails, nothing more
-received on it is taken), the log says so, and the status file shows it as
+data_version, and each must carry the session's MAC (which only the server key's
+holder can make: :mod:`cldcb.answermac`). Anything else is a protocol violation
+(:class:`~cldcb.errors.AckMismatch`, :class:`~cldcb.errors.ForgedAnswer`): the
+position does not move, the connection is dropped at once (whatever else waits
+on it fails, nothing more received on it is taken), the log says so, and the
+status file shows it as
 the server's last error until an ``Ack`` that matches comes. The link
 reconnects after :data:`RECONNECT_MAX`; meanwhile the server counts for
 nothing, and a call that needs it fails at the outage limit.
@@ -230,9 +232,10 @@ class ServerLink:
                 self._on_status(st)
                 await self._sync(conn)
             except (CldcbError, OSError) as exc:
-                self._down(str(exc) or type(exc).__name__)
                 if isinstance(exc, AckMismatch):
-                    delay = patience.reconnect_max   # a server that lied is not hurried back
+                    self._violation(conn, exc)   # (a forged answer fails the connection)
+                    delay = patience.reconnect_max  # a server that lied is not hurried back
+                self._down(str(exc) or type(exc).__name__)
             finally:
                 watch.cancel()
                 await self._drop()
@@ -419,6 +422,8 @@ class ServerLink:
         if conn is not self.conn:             # an answer from a connection already dropped
             return
         self.inflight -= 1
+        if isinstance(res, AckMismatch):      # an Ack without the session's MAC
+            self._violation(conn, res)
         if isinstance(res, BaseException):
             # the task raises it, as if its own write had failed (then reconnects)
             self.failure = res
@@ -439,8 +444,8 @@ class ServerLink:
         """The server acknowledged something it was not sent (``exc`` says what). Drop the
         connection now (whatever waits on it fails with ``exc``; the task raises it and
         reconnects), log it, and show it as the last error until an Ack matches."""
-        if conn is None or conn is not self.conn:
-            return                            # (a connection already dropped)
+        if conn is None or conn is not self.conn or self.failure is exc:
+            return                            # (a connection already dropped; told already)
         self.violation = self.last_error = str(exc)
         self._was_down_logged = True          # logged here, not again by _down
         self.failure = exc

@@ -35,7 +35,8 @@ returns only once the record is fsynced; a ``SnapshotAck`` only after the
 snapshot is visible. Each names what it answers (:mod:`cldcb.session`): the
 store's ``Ack`` the record's data_version, kind and link, a ``ChunkAck`` the
 chunk's snapshot id and index, a ``SnapshotAck`` the snapshot id and the
-data_version its ``SnapshotBegin`` gave.
+data_version its ``SnapshotBegin`` gave; the session puts in each one's MAC
+(:mod:`cldcb.answermac`).
 
 Latency: a hop to a worker thread and back costs about 200 µs, as much as
 the fsync itself. When the server is quiet (no store call in flight and no
