@@ -29,8 +29,12 @@ DESIGN section 6. In order:
    (:mod:`cldcb.plugin.wrapper`) and the ``important-plugin=`` line of the
    node's config, so that the recovered node goes on backing up as the same
    client, and print the summary with the warning never to start an older
-   state; with a single server, also that it cannot be told from one that
-   withholds its newest records (a second, independent server is the defence).
+   state. A wrapper already there that holds another client (possibly the only
+   copy of its key) is replaced only with ``--replace-wrapper`` or a yes on a
+   terminal, and then kept as ``cldcb-plugin-wrapper.replaced-<time>``; without
+   either, recovery stops before writing anything. With a single server, the
+   summary also says that it cannot be told from one that withholds its
+   newest records (a second, independent server is the defence).
 
 ``--list`` (with ``--json``) shows, per client of the node and per server, its
 restorable states (:class:`cldcb.wire.RestorableState`) and writes nothing.
@@ -78,6 +82,7 @@ from cldcb.plugin.wrapper import (
     ServerEntry,
     WrapperConfig,
     default_plugin_path,
+    other_holder,
     write_wrapper,
 )
 from cldcb.recognition import Recognition, find_own
@@ -490,6 +495,23 @@ def _confirm_older(results: dict[str, ServerResult], top: int, yes: bool) -> Non
         raise RecoveryError("stopped; nothing was written")
 
 
+def confirm_replace_wrapper(wrapper: Path, client_id: str, replace: bool) -> None:
+    """Before writing anything: a wrapper that holds another client is replaced only with
+    ``--replace-wrapper`` or a yes on a terminal (it is then kept aside)."""
+    holder = other_holder(wrapper, client_id)
+    if holder is None or replace:
+        return
+    text = (f"{wrapper} holds {holder}, not the recovered client {client_id}; it may be the "
+            "only copy of that key")
+    if not stdin_is_terminal():
+        raise RecoveryError(f"{text}. Nothing was written. Give --replace-wrapper to keep it "
+                            f"as {wrapper.name}.replaced-<time> and write the new one, or move "
+                            "it away first")
+    if not click.confirm(f"{text}. Keep it as {wrapper.name}.replaced-<time> and write the "
+                         "new one?", default=False, err=True):
+        raise RecoveryError("stopped; nothing was written")
+
+
 def _wrapper_config(specs: list[ServerSpec], cand: Candidate, node_id: str,
                     plugin_path: str) -> WrapperConfig:
     return WrapperConfig(
@@ -603,10 +625,14 @@ async def recover_node(specs: list[ServerSpec], node: NodeKey, dest: Path,
               help="Show each server's restorable states (generation, data_version range, "
                    "times) and write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="With --list: print JSON.")
+@click.option("--replace-wrapper", is_flag=True,
+              help="Replace a cldcb-plugin-wrapper that holds another client; the old one is "
+                   "kept as cldcb-plugin-wrapper.replaced-<time>.")
 def recover(lightning_dir: Path, network: str, servers: tuple[str, ...],
             server_ids: tuple[str, ...], host_keys: tuple[str, ...], ssh_keys: tuple[Path, ...],
             hsm_secret: Path | None, passphrase_file: Path | None, alt_hsmd: Path | None,
-            yes: bool, accept_older: bool, list_only: bool, as_json: bool) -> None:
+            yes: bool, accept_older: bool, list_only: bool, as_json: bool,
+            replace_wrapper: bool) -> None:
     """Rebuild the node's database from the servers, with its hsm_secret alone.
 
     Writes <lightning-dir>/<network>/lightningd.sqlite3 (never over an existing
@@ -643,10 +669,11 @@ def recover(lightning_dir: Path, network: str, servers: tuple[str, ...],
     assert rebuilt is not None
     try:
         cfg = _wrapper_config(specs, cand, node_id, plugin_path)
+        confirm_replace_wrapper(paths.wrapper, cand.client_id, replace_wrapper)
         restore.install(rebuilt.path, dest)
     finally:
         restore.discard(rebuilt.path)
-    write_wrapper(paths.wrapper, cfg)
+    kept = write_wrapper(paths.wrapper, cfg)
     added = add_important_plugin(paths, paths.wrapper)
     r = rebuilt
     click.echo(f"Recovered {dest}")
@@ -659,6 +686,8 @@ def recover(lightning_dir: Path, network: str, servers: tuple[str, ...],
     for line in lines:
         click.echo(line)
     click.echo(f"  wrote {paths.wrapper}: backups go on as the same client")
+    if kept is not None:
+        click.echo(f"  kept the wrapper it replaced (another client's key) as {kept}")
     click.echo(f"  {'added' if added else 'kept'} important-plugin={paths.wrapper} in "
                f"{paths.config}")
     if len(specs) == 1:

@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cldcb.cli_common import require_protocol_pipes
 from cldcb.connection import Connection, ServerAddress, ServerSpec
 from cldcb.errors import CldcbError, PluginError
 from cldcb.malloc import keep_freed_memory
@@ -273,12 +274,14 @@ def main(argv: list[str] | None = None) -> int:
     wrapper = Path(args[0])
     keep_freed_memory()
     try:
+        require_protocol_pipes("cldcb-plugin (through cldcb-plugin-wrapper)",
+                               "lightningd (`important-plugin=` in its config)")
         cfg = read_wrapper(wrapper)
         for e in cfg.servers:
             server_spec(e.address, e.server_id, e.host_key)
     except CldcbError as exc:
         print(f"cldcb-plugin: error: {exc}", file=sys.stderr)
-        return 1
+        return exc.exit_code
     workdir = Path.cwd()
     try:
         return asyncio.run(Plugin(cfg, wrapper, workdir).run())
