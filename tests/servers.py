@@ -166,6 +166,8 @@ class PrivateSshd:
     password_auth: bool = False
     #: also read each account's own ~/.ssh/authorized_keys, as a stock sshd does
     user_authorized_keys: bool = False
+    #: offer the ``cldcb`` Subsystem (False: an sshd that was not set up for cldcb)
+    subsystem: bool = True
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -221,8 +223,7 @@ PermitUserEnvironment no
 ClientAliveInterval 30
 LogLevel VERBOSE
 SetEnv CLDCB_SERVER_DIR={self.data_dir} PYTHONPATH={CHECKOUT}
-Subsystem cldcb {self.server_command()} stdio
-""")
+""" + (f"Subsystem cldcb {self.server_command()} stdio\n" if self.subsystem else ""))
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen([sshd, "-D", "-e", "-f", str(self.config)],
                                          stdout=log, stderr=log)

@@ -526,12 +526,22 @@ async def _node_clients(specs: list[ServerSpec], node: NodeKey, operator_keys: l
     listing = {str(s.address): ServerResult(s) for s in specs}
     found = await _find_candidates(specs, node, operator_keys, listing)
     if not found:
-        problems = "; ".join(f"{n}: {r.error}" for n, r in listing.items() if r.error)
-        raise RecoveryError(
-            f"no server holds a backup of node {node.node_id}"
-            + (f" ({problems})" if problems else "")
-            + ": check the server addresses and ids, and that this is the node's hsm_secret")
+        raise RecoveryError(_nothing_found(node.node_id, listing))
     return listing, found
+
+
+def _nothing_found(node_id: str, listing: dict[str, ServerResult]) -> str:
+    """Why no backup of the node was found: the servers that answered without one (then
+    the node key may be the wrong one), and each failure with its own advice."""
+    problems = "; ".join(f"{n}: {r.error}" for n, r in listing.items() if r.error)
+    answered = [n for n, r in listing.items() if not r.error]
+    if not answered:
+        return (f"could not list the backups of node {node_id} on any server ({problems}). "
+                "Nothing was written")
+    return (f"no server holds a backup of node {node_id}: {', '.join(answered)} answered but "
+            f"holds no backup of node {node_id}: check that this is the node's hsm_secret "
+            "(and passphrase) and that these are its servers"
+            + (f". Not asked: {problems}" if problems else ""))
 
 
 async def list_node_states(specs: list[ServerSpec], node: NodeKey, operator_keys: list[str]
