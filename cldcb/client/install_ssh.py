@@ -17,9 +17,15 @@
    waits for it);
 4. what ``installplugin`` does (:func:`cldcb.client.install.run_install`).
 
-The client key is written nowhere but the wrapper. If the setup stops after
-the client was added on the server, the error names the client to remove
-there.
+The client key is written nowhere but the wrapper. Once the client is added
+on the server, its wrapper is first written as ``cldcb-plugin-wrapper.pending``
+(mode 0700, beside the wrapper, not in lightningd's config): if the setup
+stops after that (no terminal to wait at, end of input at a prompt, a server
+error), the error names the client, the server and that file, and running
+``install`` again reuses that client key (``add`` of a registered client
+changes nothing) instead of registering another; the pending file is removed
+when the install is done. To give up instead, remove the client on the server
+(``cldcb-server remove``) and delete the file.
 """
 
 from __future__ import annotations
@@ -50,7 +56,12 @@ from cldcb.client.ssh_setup import SetupConnection, SshTarget, resolve
 from cldcb.connection import Connection, ServerAddress, ServerSpec
 from cldcb.errors import AuthError, CldcbError, UsageError
 from cldcb.ids import client_id_from_pubkey, new_privkey, pubkey_of
-from cldcb.plugin.wrapper import DEFAULT_OUTAGE_LIMIT, read_wrapper
+from cldcb.plugin.wrapper import (
+    DEFAULT_OUTAGE_LIMIT,
+    PENDING_NAME,
+    read_wrapper,
+    write_wrapper,
+)
 from cldcb.rpc import LightningRpc
 from cldcb.session import Role
 from cldcb.sshkeys import authorized_keys_line
@@ -90,8 +101,11 @@ def _wait_until_authorized(spec: ServerSpec, client_priv: bytes, line: str, setu
                 "(see the line above), and this account does not let cldcb add it. Add it "
                 "and run install again on a terminal, or give --server with the address of "
                 "a `cldcb-server serve` daemon")
-        answer = click.prompt("Press Enter once it is there (q to stop)", default="",
-                              show_default=False, err=True)
+        try:
+            answer = click.prompt("Press Enter once it is there (q to stop)", default="",
+                                  show_default=False, err=True)
+        except click.exceptions.Abort:
+            raise UsageError("stopped: no answer at the prompt (end of input)") from None
         if answer.strip().lower() == "q":
             raise UsageError("stopped")
 
@@ -134,7 +148,8 @@ def install(lightning_dir: Path | None, network: str, ssh_target: str | None, se
     if not paths.network_dir.is_dir():
         raise UsageError(f"{paths.network_dir} does not exist: check --lightning-dir and "
                          "--network")
-    client_priv = new_privkey()
+    pending = paths.network_dir / PENDING_NAME
+    client_priv = _pending_key(pending, echo) or new_privkey()
     client_id = client_id_from_pubkey(pubkey_of(client_priv))
     check_existing_wrapper(paths, client_id, yes)
     rpc = LightningRpc.for_node(lightning_dir, network)
@@ -153,6 +168,8 @@ def install(lightning_dir: Path | None, network: str, ssh_target: str | None, se
                                   ServerAddress("ssh", target.hostname, target.port,
                                                 target.user))
             spec = _server_spec(backup_address, added.server_id, setup)
+            job = Install(paths, client_priv, [spec], None, outage_limit, wait)
+            write_wrapper(pending, job.wrapper_config(node))
             line = authorized_keys_line(client_priv, client_id, server_command)
             if spec.address.scheme == "ssh":
                 same_account = (spec.address.host, spec.address.port, spec.address.user) == (
@@ -162,22 +179,43 @@ def install(lightning_dir: Path | None, network: str, ssh_target: str | None, se
                          f"stdio --client {client_id[:12]}…`) to ~/.ssh/authorized_keys "
                          f"of {target.user}")
         except CldcbError as exc:
-            raise _noted(exc, f"client {client_id} was added on {target.hostname}; remove "
-                         f"it there with `cldcb-server remove {client_id}`") from None
+            raise _noted(exc, _left(client_id, target.hostname, pending)) from None
     echo(f"the plugin will use {spec.address}")
     try:
         if spec.address.scheme == "ssh":
             _wait_until_authorized(spec, client_priv, line, target.user, echo)
-        run_install(Install(paths, client_priv, [spec], None, outage_limit, wait), node,
-                    rpc, echo)
+        run_install(job, node, rpc, echo)
     except CldcbError as exc:
         if paths.wrapper.exists() and _holds(paths, client_id):
+            pending.unlink(missing_ok=True)
             raise
-        raise _noted(exc, f"client {client_id} was added on {target.hostname} but nothing "
-                     f"was installed here; remove it there with `cldcb-server remove "
-                     f"{client_id}`") from None
+        raise _noted(exc, _left(client_id, target.hostname, pending)) from None
+    pending.unlink(missing_ok=True)
     echo(f"done: client {client_id} backs up this node to {spec.address}. Its key is only "
          f"in {paths.wrapper}.")
+
+
+def _pending_key(pending: Path, echo: Echo) -> bytes | None:
+    """The client key kept by an install that stopped after adding its client, if any."""
+    if not pending.exists():
+        return None
+    try:
+        cfg = read_wrapper(pending)
+    except CldcbError as exc:
+        raise UsageError(f"{exc}. It was left by an install that stopped; if its client is "
+                         "no longer wanted, remove the client on the server and delete the "
+                         "file, then run again") from None
+    echo(f"reusing client {cfg.client_id}, kept in {pending} by an install that stopped")
+    return cfg.client_priv
+
+
+def _left(client_id: str, host: str, pending: Path) -> str:
+    """What a stopped install left, and where."""
+    where = (f"its key is kept in {pending} (mode 0700): run install again to finish with "
+             "this same client (nothing new is registered), or " if pending.exists() else "")
+    return (f"client {client_id} is registered on {host} but nothing was installed here; "
+            f"{where}remove it there with `cldcb-server remove {client_id}`"
+            + (f" and delete {pending}" if where else ""))
 
 
 def _holds(paths: NodePaths, client_id: str) -> bool:

@@ -72,6 +72,9 @@ from cldcb.ids import (
 )
 
 WRAPPER_NAME = "cldcb-plugin-wrapper"
+PENDING_NAME = WRAPPER_NAME + ".pending"
+"""The wrapper of a client added on a server by an install that has not finished (see
+:mod:`cldcb.client.install_ssh`): same grammar and mode, not in lightningd's config."""
 DEFAULT_DATABASE = "lightningd.sqlite3"
 DEFAULT_OUTAGE_LIMIT = 300.0
 HEADER = "# cldcb-plugin-wrapper, written by cldcb-client: it holds a secret key."
