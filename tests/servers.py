@@ -168,6 +168,8 @@ class PrivateSshd:
     user_authorized_keys: bool = False
     #: offer the ``cldcb`` Subsystem (False: an sshd that was not set up for cldcb)
     subsystem: bool = True
+    #: AuthorizedKeysFile instead of this sshd's own file (e.g. ``/etc/keys/%u``)
+    authorized_keys_file: str | None = None
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -208,7 +210,7 @@ Port {self.port}
 ListenAddress 127.0.0.1
 HostKey {self.root / 'ssh_host_ed25519_key'}
 PidFile {self.root / 'sshd.pid'}
-AuthorizedKeysFile {self.authorized_keys}{own_keys}
+AuthorizedKeysFile {self.authorized_keys_file or str(self.authorized_keys) + own_keys}
 StrictModes no
 UsePAM no
 PermitRootLogin prohibit-password

@@ -83,24 +83,31 @@ async def _probe(spec: ServerSpec, client_priv: bytes) -> None:
 
 
 def _wait_until_authorized(spec: ServerSpec, client_priv: bytes, line: str, setup_user: str,
-                           echo: Echo) -> None:
-    """Check the client's SSH key gets in; if not, show the line to add and (on a
-    terminal) wait for the operator to add it."""
+                           written: str | None, echo: Echo) -> None:
+    """Check the client's SSH key gets in; if not, show the line to add, say plainly where
+    it must go, and (on a terminal) wait for the operator to add it. ``written``: where
+    cldcb added it already (None: it could not)."""
+    user = spec.address.user or setup_user
+    where = (f"the file that sshd's AuthorizedKeysFile names for {user} (as root there, "
+             f"`sshd -T -C user={user},host=localhost,addr=127.0.0.1 | grep -i "
+             "authorizedkeysfile` shows it; the default is ~/.ssh/authorized_keys)")
     while True:
         try:
             asyncio.run(_probe(spec, client_priv))
             return
         except AuthError as exc:
             reason = str(exc)
+        done = (f"cldcb added it to {written}, but sshd does not take it from there. "
+                if written else "")
         echo(f"The client's SSH key is not let into {spec.address} ({reason}).\n"
-             f"Add this line to the authorized_keys of {spec.address.user or setup_user} "
-             f"there:\n\n{line}\n")
+             f"{done}Add this line to {where}:\n\n{line}\n")
         if not stdin_is_terminal():
+            why = ("sshd does not read it where cldcb added it" if written else
+                   "this account does not let cldcb add it")
             raise UsageError(
-                f"the client's SSH key must be in the authorized_keys of {spec.address} "
-                "(see the line above), and this account does not let cldcb add it. Add it "
-                "and run install again on a terminal, or give --server with the address of "
-                "a `cldcb-server serve` daemon")
+                f"the client's SSH key must be in {where} on {spec.address} (see the line "
+                f"above), and {why}. Add it and run install again, or give --server with "
+                "the address of a `cldcb-server serve` daemon")
         try:
             answer = click.prompt("Press Enter once it is there (q to stop)", default="",
                                   show_default=False, err=True)
@@ -171,19 +178,20 @@ def install(lightning_dir: Path | None, network: str, ssh_target: str | None, se
             job = Install(paths, client_priv, [spec], None, outage_limit, wait)
             write_wrapper(pending, job.wrapper_config(node))
             line = authorized_keys_line(client_priv, client_id, server_command)
+            written: str | None = None
             if spec.address.scheme == "ssh":
                 same_account = (spec.address.host, spec.address.port, spec.address.user) == (
                     target.hostname, target.port, target.user)
-                if same_account and setup.authorize(line):
+                written = setup.authorize(line) if same_account else None
+                if written:
                     echo(f"added the client's SSH key (forced command `{server_command} "
-                         f"stdio --client {client_id[:12]}…`) to ~/.ssh/authorized_keys "
-                         f"of {target.user}")
+                         f"stdio --client {client_id[:12]}…`) to {written} for {target.user}")
         except CldcbError as exc:
             raise _noted(exc, _left(client_id, target.hostname, pending)) from None
     echo(f"the plugin will use {spec.address}")
     try:
         if spec.address.scheme == "ssh":
-            _wait_until_authorized(spec, client_priv, line, target.user, echo)
+            _wait_until_authorized(spec, client_priv, line, target.user, written, echo)
         run_install(job, node, rpc, echo)
     except CldcbError as exc:
         if paths.wrapper.exists() and _holds(paths, client_id):
