@@ -54,7 +54,7 @@ from traces import load_trace  # noqa: E402
 
 from cldcb.connection import Connection, ServerAddress, ServerSpec  # noqa: E402
 from cldcb.ids import client_id_from_pubkey, new_privkey, pubkey_of  # noqa: E402
-from cldcb.nodekey import NodeKey  # noqa: E402
+from cldcb.nodekey import LocalNodeKey, NodeKey  # noqa: E402
 from cldcb.plugin.wrapper import (  # noqa: E402
     WRAPPER_NAME,
     ServerEntry,
@@ -108,6 +108,22 @@ def install_client(network_dir: Path, node: NodeKey, targets: Sequence[Target],
                         quorum=quorum, plugin_path=default_plugin_path())
     write_wrapper(network_dir / WRAPPER_NAME, cfg)
     return cfg
+
+
+def backed_node(lightning_dir: Path, server: CldcbServer, secret: str,
+                *add_args: str) -> tuple[Path, str]:
+    """A node folder holding the ``secret`` vector's hsm_secret and the wrapper of a new
+    client registered on ``server`` (``add_args``: its settings); (network dir, client id)."""
+    file_bytes = bytes.fromhex(vector_secret(secret)["file_hex"])
+    network_dir = lightning_dir / NETWORK
+    network_dir.mkdir(parents=True)
+    (network_dir / "hsm_secret").write_bytes(file_bytes)
+    priv = new_privkey()
+    cid = client_id_from_pubkey(pubkey_of(priv))
+    server.add(cid, *add_args)
+    install_client(network_dir, LocalNodeKey.from_hsm_secret_bytes(file_bytes),
+                   [Target(server.address, server.server_id)], priv)
+    return network_dir, cid
 
 
 def play(lightning_dir: Path, trace: str, *, start: int = 0, stop: int | None = None,

@@ -21,7 +21,6 @@ from servers import CldcbServer
 from test_recover_e2e import fresh_node, recover_args
 
 from cldcb.ids import client_id_from_pubkey, new_privkey, pubkey_of
-from cldcb.nodekey import LocalNodeKey
 from cldcb.plugin.wrapper import (
     WRAPPER_NAME,
     ServerEntry,
@@ -46,16 +45,8 @@ def backed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backed]:
     root = tmp_path_factory.mktemp("keep")
     server = CldcbServer(root / "server").init().start()
     try:
-        file_bytes = bytes.fromhex(demo.vector_secret(SECRET)["file_hex"])
         lightning_dir = root / "node"
-        network_dir = lightning_dir / NETWORK
-        network_dir.mkdir(parents=True)
-        (network_dir / "hsm_secret").write_bytes(file_bytes)
-        priv = new_privkey()
-        cid = client_id_from_pubkey(pubkey_of(priv))
-        server.add(cid)
-        demo.install_client(network_dir, LocalNodeKey.from_hsm_secret_bytes(file_bytes),
-                            [demo.Target(server.address, server.server_id)], priv)
+        _, cid = demo.backed_node(lightning_dir, server, SECRET)
         demo.play(lightning_dir, "cln-workload", stop=30)
         yield Backed(server, cid)
     finally:

@@ -11,10 +11,12 @@
 3. the address the plugin uses: ``--server``, else the public address from
    ``add --json``, else ``ssh://`` to the account set up through. In that last
    case the client's derived SSH key must be let in: its ``authorized_keys``
-   line (forced command ``cldcb-server stdio --client …``) is added to the
-   account's ``~/.ssh/authorized_keys`` when the account has a shell;
-   otherwise the line is printed, with what to do (on a terminal, the setup
-   waits for it);
+   line (forced command ``cldcb-server stdio --client …``) is added, when the
+   account has a shell, to the file sshd reads for it (sshd's
+   ``AuthorizedKeysFile``: see :meth:`SetupConnection.authorize`), and the
+   output says which; otherwise, or when sshd still refuses the key, the line
+   is printed with the file it must go to (on a terminal, the setup waits for
+   it);
 4. what ``installplugin`` does (:func:`cldcb.client.install.run_install`).
 
 The client key is written nowhere but the wrapper. Once the client is added
