@@ -14,7 +14,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from installkit import client_env, run_cli
+from installkit import PtyRun, client_env, run_cli
 from servers import SERVER_CMD, PrivateSshd
 from simrpc import SimRpcNode
 from test_install_ssh import clients, install_args, new_ssh_key
@@ -25,17 +25,23 @@ pytestmark = pytest.mark.timeout(600)
 PENDING = WRAPPER_NAME + ".pending"
 
 
-def test_failed_setup_key_install_is_reused_not_repeated(tmp_path: Path) -> None:
+def setup_key_sshd(tmp_path: Path) -> tuple[PrivateSshd, Path, str]:
+    """A started sshd whose only key (the test HOME's default key) is a setup key; (sshd,
+    HOME, the --ssh target)."""
     sshd = PrivateSshd(tmp_path / "sshd").init().start()
+    home = tmp_path / "home"
+    public = new_ssh_key(home / ".ssh" / "id_ed25519")
+    (home / ".ssh" / "known_hosts").write_text(f"[127.0.0.1]:{sshd.port} {sshd.host_key}\n")
+    forced = " ".join([*SERVER_CMD, "--data-dir", str(sshd.data_dir)])
+    sshd.authorized_keys.write_text(f'restrict,command="{forced} forced --allow add" '
+                                    f"{public}\n")
+    return sshd, home, f"{sshd.user}@127.0.0.1:{sshd.port}"
+
+
+def test_failed_setup_key_install_is_reused_not_repeated(tmp_path: Path) -> None:
+    sshd, home, target = setup_key_sshd(tmp_path)
     try:
-        home = tmp_path / "home"
-        public = new_ssh_key(home / ".ssh" / "id_ed25519")
-        (home / ".ssh" / "known_hosts").write_text(f"[127.0.0.1]:{sshd.port} {sshd.host_key}\n")
-        forced = " ".join([*SERVER_CMD, "--data-dir", str(sshd.data_dir)])
-        sshd.authorized_keys.write_text(f'restrict,command="{forced} forced --allow add" '
-                                        f"{public}\n")
         ln = tmp_path / "ln"
-        target = f"{sshd.user}@127.0.0.1:{sshd.port}"
         with SimRpcNode(ln, preplay=5) as node:
             first = run_cli(*install_args(ln, target), env=client_env(home))
             assert first.returncode != 0
@@ -59,5 +65,22 @@ def test_failed_setup_key_install_is_reused_not_repeated(tmp_path: Path) -> None
             assert clients(sshd.data_dir) == added
             assert read_wrapper(node.network_dir / WRAPPER_NAME).client_id == added[0]
             assert not pending.exists()
+    finally:
+        sshd.stop()
+
+
+def test_end_of_input_at_the_prompt_says_what_was_left(tmp_path: Path) -> None:
+    sshd, home, target = setup_key_sshd(tmp_path)
+    try:
+        ln = tmp_path / "ln"
+        with SimRpcNode(ln, preplay=5) as node:
+            term = PtyRun.cli(*install_args(ln, target), env=client_env(home))
+            term.expect("Press Enter once it is there")
+            term.send("\x04")                               # end of input (Ctrl-D)
+            assert term.wait() != 0
+            (added,) = clients(sshd.data_dir)
+            assert "end of input" in term.output and "Aborted" not in term.output
+            assert f"client {added} is registered" in term.output
+            assert str(node.network_dir / PENDING) in term.output.replace("\r\n", "")
     finally:
         sshd.stop()
