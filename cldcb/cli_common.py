@@ -14,11 +14,18 @@
   :class:`~cldcb.errors.UsageError` naming ``--passphrase-file``.
 - :func:`local_node_key`: the node key from ``--hsm-secret`` /
   ``--passphrase-file`` with the above.
+- :func:`require_protocol_pipes`: a program that speaks a protocol on
+  stdin/stdout (``cldcb-server stdio``, ``cldcb-plugin``) refuses, with a
+  :class:`~cldcb.errors.UsageError` saying what starts it, to run when either
+  is not a pipe or a socket (a terminal, /dev/null, a file): run by hand it
+  would otherwise wait forever or fail inside the event loop.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import stat
 import sys
 import traceback
 from collections.abc import Callable
@@ -175,3 +182,29 @@ def ask(value: str | None, flag: str, question: str) -> str:
         raise UsageError(f"missing {flag}: give it on the command line (stdin is not a "
                          "terminal to ask for it)")
     return str(click.prompt(question, err=True)).strip()
+
+
+def _stream_kind(fd: int) -> str | None:
+    """None for a pipe or a socket; else what the stream is, in words."""
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        return "closed"
+    if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+        return None
+    if os.isatty(fd):
+        return "a terminal"
+    if stat.S_ISCHR(mode):
+        return "a character device (such as /dev/null)"
+    if stat.S_ISREG(mode):
+        return "a file"
+    return "not a pipe"
+
+
+def require_protocol_pipes(program: str, started_by: str) -> None:
+    """Refuse to speak a protocol on a stdin/stdout that is not a pipe or a socket."""
+    for name, fd in (("stdin", 0), ("stdout", 1)):
+        kind = _stream_kind(fd)
+        if kind is not None:
+            raise UsageError(f"{program} speaks the cldcb protocol on stdin/stdout and is "
+                             f"started by {started_by}, not by hand: {name} is {kind}")

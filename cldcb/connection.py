@@ -271,23 +271,18 @@ class Connection:
                                  "the address and that the server is running") from None
         except asyncssh.HostKeyNotVerifiable:
             await self.close()
-            raise AuthError(
-                f"the SSH host key of {addr} is not the pinned one ({spec.server_id[:14]}… "
-                "or the recorded sshd host key): wrong server, or someone in the middle"
-            ) from None
+            raise AuthError(_host_key_mismatch(spec)) from None
         except asyncssh.PermissionDenied:
             await self.close()
-            raise AuthError(
-                f"{addr} refused our SSH login: the client is not registered there "
-                "(run `cldcb-server add CLIENT_ID` on the server) or, behind sshd, its key "
-                "is not in the account's authorized_keys (see `cldcb-client sshkey`)") from None
+            raise AuthError(_login_refused(spec, client_priv is not None)) from None
         except asyncssh.ChannelOpenError as exc:
             await self.close()
             raise TransportError(f"{addr} refused the cldcb subsystem ({_reason(exc)}): is "
                                  "`Subsystem cldcb …` in its sshd_config?") from None
         except (OSError, asyncssh.Error) as exc:
             await self.close()
-            raise TransportError(f"cannot connect to {addr}: {_reason(exc)}") from None
+            raise TransportError(f"cannot connect to {addr}: {_reason(exc)}; check the address "
+                                 "and that the server is running") from None
         return self
 
     # -- callbacks -----------------------------------------------------------------
@@ -489,6 +484,10 @@ class Connection:
                 return
 
     async def close(self) -> None:
+        if not self._hello.done():
+            self._hello.cancel()        # no one awaits the hello any more
+        elif not self._hello.cancelled():
+            self._hello.exception()     # seen: open() raised its own error for it
         if self._keepalive is not None:
             self._keepalive.stop()
         if self._error is None:
@@ -508,6 +507,31 @@ class Connection:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def _host_key_mismatch(spec: ServerSpec) -> str:
+    addr = spec.address
+    if addr.scheme == "cldcb":
+        return (f"{addr} is not server {spec.server_id[:14]}…: its key differs. Check the "
+                "server id given for this address (--server-id, `cldcb-server id` on the "
+                "server); if it is right, someone is in the middle")
+    return (f"the SSH host key of {addr} is not the pinned one (--host-key, the wrapper, or "
+            "known_hosts): check that it is the right host; if it is, someone is in the "
+            "middle or its host key changed")
+
+
+def _login_refused(spec: ServerSpec, as_client: bool) -> str:
+    addr = spec.address
+    if as_client:
+        return (f"{addr} refused our SSH login: the client is not registered there (run "
+                "`cldcb-server add CLIENT_ID` on the server) or, behind sshd, its key is not "
+                "in the account's authorized_keys (see `cldcb-client sshkey`)")
+    if addr.scheme == "cldcb":
+        return (f"{addr} refused the anonymous login ({RECOVER_USER}) that lists backups: "
+                "check that this address is a `cldcb-server serve` daemon")
+    return (f"{addr} refused our SSH login{' as ' + addr.user if addr.user else ''}: none of "
+            "the SSH keys tried (--ssh-key, else your own keys and agent) is let into that "
+            "account; give the key that logs in to the cldcb account there with --ssh-key")
 
 
 def _set_nodelay(conn: asyncssh.SSHClientConnection) -> None:

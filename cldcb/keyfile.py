@@ -8,7 +8,9 @@ A key file is text, mode 0600, two lines::
 The server's is the same with ``sid`` (a server id, ``52…``/``53…``) and
 ``spk``. Parsing checks that the private key gives the id written beside it.
 Key files are created atomically, never overwrite anything, and messages never
-show the private key.
+show the private key. As OpenSSH does with private keys, a key file that
+other users may read or write (any group or other permission bit) is
+refused, with the ``chmod 600`` that fixes it.
 """
 
 from __future__ import annotations
@@ -194,14 +196,27 @@ def _read_text(path: Path | str, what: str) -> str:
                            "right file") from None
 
 
+def _private(path: Path | str, what: str) -> None:
+    """Refuse a key file that other users may read or write (as OpenSSH does)."""
+    mode = os.stat(path).st_mode & 0o777
+    if mode & 0o077:
+        raise KeyFileError(f"{what} {path} is readable by other users (mode {mode:04o}); "
+                           f"it holds a secret key, so it is not used: run `chmod 600 {path}` "
+                           "and try again")
+
+
 def read_client_key(path: Path | str) -> tuple[bytes, str]:
-    """``(privkey32, client_id)`` from a client key file."""
-    return parse_key_file(_read_text(path, "client key file"), "client", str(path))
+    """``(privkey32, client_id)`` from a client key file (refused if not private)."""
+    found = parse_key_file(_read_text(path, "client key file"), "client", str(path))
+    _private(path, "client key file")
+    return found
 
 
 def read_server_key(path: Path | str) -> tuple[bytes, str]:
-    """``(privkey32, server_id)`` from a server key file."""
-    return parse_key_file(_read_text(path, "server key file"), "server", str(path))
+    """``(privkey32, server_id)`` from a server key file (refused if not private)."""
+    found = parse_key_file(_read_text(path, "server key file"), "server", str(path))
+    _private(path, "server key file")
+    return found
 
 
 def read_passphrase_file(path: Path | str) -> str:

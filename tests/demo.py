@@ -115,9 +115,10 @@ def install_client(network_dir: Path, node: NodeKey, targets: Sequence[Target],
 
 
 def new_node(lightning_dir: Path, secret_name: str, servers: Sequence[CldcbServer],
-             targets: Sequence[Target]) -> bytes:
+             targets: Sequence[Target], add_args: Sequence[str] = ()) -> bytes:
     """A node folder holding the ``hsm_secret`` of ``secret_name`` (``cln-keys.json``) and
-    a new client, registered on ``servers`` and installed for ``targets``; its key."""
+    a new client, registered on ``servers`` (``add_args``: its settings) and installed for
+    ``targets``; its key."""
     network_dir = lightning_dir / NETWORK
     network_dir.mkdir(parents=True)
     vector = vector_secret(secret_name)
@@ -125,10 +126,19 @@ def new_node(lightning_dir: Path, secret_name: str, servers: Sequence[CldcbServe
     (network_dir / "hsm_secret").write_bytes(secret)
     client_priv = new_privkey()
     for server in servers:
-        server.add(client_id_from_pubkey(pubkey_of(client_priv)))
+        server.add(client_id_from_pubkey(pubkey_of(client_priv)), *add_args)
     install_client(network_dir, LocalNodeKey.from_hsm_secret_bytes(secret, vector["passphrase"]),
                    targets, client_priv)
     return client_priv
+
+
+def backed_node(lightning_dir: Path, server: CldcbServer, secret: str,
+                *add_args: str) -> tuple[Path, str]:
+    """A node folder holding the ``secret`` vector's hsm_secret and the wrapper of a new
+    client registered on ``server`` (``add_args``: its settings); (network dir, client id)."""
+    priv = new_node(lightning_dir, secret, [server], [Target(server.address, server.server_id)],
+                    add_args)
+    return lightning_dir / NETWORK, client_id_from_pubkey(pubkey_of(priv))
 
 
 def play(lightning_dir: Path, trace: str, *, start: int = 0, stop: int | None = None,

@@ -166,6 +166,10 @@ class PrivateSshd:
     password_auth: bool = False
     #: also read each account's own ~/.ssh/authorized_keys, as a stock sshd does
     user_authorized_keys: bool = False
+    #: offer the ``cldcb`` Subsystem (False: an sshd that was not set up for cldcb)
+    subsystem: bool = True
+    #: AuthorizedKeysFile instead of this sshd's own file (e.g. ``/etc/keys/%u``)
+    authorized_keys_file: str | None = None
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -206,7 +210,7 @@ Port {self.port}
 ListenAddress 127.0.0.1
 HostKey {self.root / 'ssh_host_ed25519_key'}
 PidFile {self.root / 'sshd.pid'}
-AuthorizedKeysFile {self.authorized_keys}{own_keys}
+AuthorizedKeysFile {self.authorized_keys_file or str(self.authorized_keys) + own_keys}
 StrictModes no
 UsePAM no
 PermitRootLogin prohibit-password
@@ -221,8 +225,7 @@ PermitUserEnvironment no
 ClientAliveInterval 30
 LogLevel VERBOSE
 SetEnv CLDCB_SERVER_DIR={self.data_dir} PYTHONPATH={CHECKOUT}
-Subsystem cldcb {self.server_command()} stdio
-""")
+""" + (f"Subsystem cldcb {self.server_command()} stdio\n" if self.subsystem else ""))
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen([sshd, "-D", "-e", "-f", str(self.config)],
                                          stdout=log, stderr=log)

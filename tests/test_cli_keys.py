@@ -270,3 +270,17 @@ def test_server_id_before_init(tmp_path: Path) -> None:
     result = run(SERVER, "--data-dir", str(tmp_path / "empty"), "id")
     assert result.returncode == 1
     assert "run `cldcb-server init` first" in result.stderr
+
+
+def test_server_refuses_a_key_file_readable_by_others(tmp_path: Path) -> None:
+    data = tmp_path / "srv"
+    assert run(SERVER, "--data-dir", str(data), "init").returncode == 0
+    keys = [data / "server_key"]
+    assert keys[0].stat().st_mode & 0o777 == 0o600
+    keys[0].chmod(0o644)
+    result = run(SERVER, "--data-dir", str(data), "id")
+    assert result.returncode != 0
+    assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+    assert "readable by other users" in result.stderr and f"chmod 600 {keys[0]}" in result.stderr
+    keys[0].chmod(0o600)
+    assert run(SERVER, "--data-dir", str(data), "id").returncode == 0

@@ -12,6 +12,7 @@ import asyncio
 import os
 import re
 import shlex
+import stat
 import sys
 import time
 from collections.abc import Iterator
@@ -367,10 +368,14 @@ def test_a_wrapper_of_another_client_is_replaced_only_when_confirmed(
     assert refused.returncode != 0 and "--yes" in refused.stderr and cid1 in refused.stderr
     wrapper = ln / "regtest" / WRAPPER_NAME
     assert read_wrapper(wrapper).client_id == cid1
+    before = wrapper.read_bytes()
     done = run_cli(*install_args(ln, second, daemon, "--yes"))
     assert done.returncode == 0, done.stderr
     assert read_wrapper(wrapper).client_id == cid2
     assert len(config_lines(ln)) == 1
+    (kept,) = (ln / "regtest").glob(WRAPPER_NAME + ".replaced-*")   # the old key, kept
+    assert kept.read_bytes() == before and read_wrapper(kept).client_id == cid1
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o700 and str(kept) in done.stdout
 
 
 def test_an_unregistered_client_changes_nothing_locally(daemon: CldcbServer,

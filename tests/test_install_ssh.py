@@ -424,3 +424,40 @@ def test_install_through_a_socks5_proxy_to_onion_addresses(root_sshd: PrivateSsh
                 (ATYP_DOMAIN, setup_onion), (ATYP_DOMAIN, backup_onion)}
     finally:
         daemon.stop()
+
+
+def test_install_writes_where_sshds_authorized_keys_file_says(test_user: SshUser,
+                                                              tmp_path: Path) -> None:
+    """sshd reads keys from ``<folder>/%u``, not ~/.ssh/authorized_keys: install asks sshd
+    (its config, as the account cannot run ``sshd -T``) and adds the client's line there."""
+    keys = test_user.base / "keys"
+    keys.mkdir(exist_ok=True)
+    user_file = keys / test_user.name
+    home = tmp_path / "home"
+    user_file.write_text(new_ssh_key(home / ".ssh" / "id_ed25519") + "\n")
+    entry = pwd.getpwnam(test_user.name)
+    os.chown(user_file, entry.pw_uid, entry.pw_gid)
+    srv = PrivateSshd(test_user.base / "sshd-akf", user=test_user.name,
+                      authorized_keys_file=f"{keys}/%u").init()
+    for dirpath, _, files in os.walk(srv.data_dir):
+        os.chown(dirpath, entry.pw_uid, entry.pw_gid)
+        for f in files:
+            os.chown(Path(dirpath) / f, entry.pw_uid, entry.pw_gid)
+    srv.start()
+    try:
+        (home / ".ssh" / "known_hosts").write_text(f"[127.0.0.1]:{srv.port} {srv.host_key}\n")
+        ln = tmp_path / "ln"
+        with SimRpcNode(ln, preplay=20) as node:
+            done = run_cli(*install_args(ln, f"{test_user.name}@127.0.0.1:{srv.port}",
+                                         "--server-command", srv.server_command()),
+                           env=client_env(home))
+            assert done.returncode == 0, done.stdout + done.stderr
+            cfg = read_wrapper(node.network_dir / WRAPPER_NAME)
+            line = authorized_keys_line(cfg.client_priv, cfg.client_id, srv.server_command())
+            assert line in user_file.read_text().splitlines()
+            assert str(user_file) in done.stdout
+            assert not (test_user.home / ".ssh" / "authorized_keys").exists() or line not in \
+                (test_user.home / ".ssh" / "authorized_keys").read_text()
+            wait_tip(spec_of(cfg), cfg.client_priv, node.feed(5))
+    finally:
+        srv.stop()

@@ -149,3 +149,21 @@ def test_passphrase_file_errors(tmp_path: Path) -> None:
     (tmp_path / "empty").write_bytes(b"\n")
     with pytest.raises(KeyFileError, match="is empty"):
         read_passphrase_file(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660])
+def test_key_file_readable_by_others_is_refused(tmp_path: Path, mode: int) -> None:
+    for kind, read in (("client", read_client_key), ("server", read_server_key)):
+        path = tmp_path / f"{kind}.key"
+        write_key_file(path, PRIV, kind)
+        path.chmod(mode)
+        with pytest.raises(KeyFileError) as err:
+            read(path)
+        text = str(err.value)
+        assert f"{mode:04o}" in text and f"chmod 600 {path}" in text
+        assert PRIV.hex() not in text
+        path.chmod(0o600)
+        assert read(path)[0] == PRIV
+        path.chmod(0o400)
+        assert read(path)[0] == PRIV
+        path.unlink()

@@ -136,7 +136,13 @@ def test_write_wrapper_is_0700_atomic_and_readable(tmp_path: Path) -> None:
     assert stat.S_IMODE(st.st_mode) == 0o700
     assert read_wrapper(path) == config()
     assert not exposed(path)
-    assert [p.name for p in tmp_path.iterdir()] == ["cldcb-plugin-wrapper"]
+    # no temporary file left; the unreadable old file (it might hold a key) is kept aside
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert len(names) == 2 and names[0] == "cldcb-plugin-wrapper"
+    assert names[1].startswith("cldcb-plugin-wrapper.replaced-")
+    assert (tmp_path / names[1]).read_text() == "old\n"
+    write_wrapper(path, config())                    # the same client: rewritten in place
+    assert len(list(tmp_path.iterdir())) == 2
     path.chmod(0o744)
     assert exposed(path)
 

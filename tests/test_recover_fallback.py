@@ -29,8 +29,6 @@ from simlightningd import SimLightningd
 from test_recover_e2e import fresh_node, recover_args
 from traces import load_trace
 
-from cldcb.ids import client_id_from_pubkey, new_privkey, pubkey_of
-from cldcb.nodekey import LocalNodeKey
 from cldcb.plugin.wrapper import WRAPPER_NAME
 from cldcb.store import Store
 
@@ -53,16 +51,9 @@ def chains(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoChains]:
     root = tmp_path_factory.mktemp("fallback")
     server = CldcbServer(root / "server").init().start()
     try:
-        file_bytes = bytes.fromhex(demo.vector_secret("mn_nopass")["file_hex"])
         lightning_dir = root / "node"
-        network_dir = lightning_dir / NETWORK
-        network_dir.mkdir(parents=True)
-        (network_dir / "hsm_secret").write_bytes(file_bytes)
-        priv = new_privkey()
-        cid = client_id_from_pubkey(pubkey_of(priv))
-        server.add(cid, "--generations", "5")
-        demo.install_client(network_dir, LocalNodeKey.from_hsm_secret_bytes(file_bytes),
-                            [demo.Target(server.address, server.server_id)], priv)
+        network_dir, cid = demo.backed_node(lightning_dir, server, "mn_nopass",
+                                            "--generations", "5")
         old_dv = demo.play(lightning_dir, "cln-workload", stop=FIRST)
         old_dump = dump(network_dir / "lightningd.sqlite3")
         node = SimLightningd(lightning_dir, network_dir / WRAPPER_NAME, network=NETWORK)

@@ -66,6 +66,7 @@ from cldcb.plugin.wrapper import (
     WrapperConfig,
     default_outage_limit,
     default_plugin_path,
+    other_holder,
     read_wrapper,
     write_wrapper,
 )
@@ -154,18 +155,13 @@ def node_side(paths: NodePaths, client_priv: bytes, rpc: LightningRpc, keys: Key
 def check_existing_wrapper(paths: NodePaths, client_id: str, yes: bool) -> None:
     """Ask before replacing a wrapper that holds another client's key."""
     wrapper = paths.wrapper
-    if not wrapper.exists():
+    what = other_holder(wrapper, client_id)
+    if what is None:
         return
-    try:
-        old = read_wrapper(wrapper).client_id
-    except CldcbError:
-        old = None
-    if old == client_id:
-        return
-    what = f"client {old}" if old else "a configuration cldcb cannot read"
     confirm(f"{wrapper} already holds {what}. Replacing it makes this node back up as "
             f"client {client_id} from now on (the old client's backup stays on its servers, "
-            "and recovery still finds it). Replace it?", yes)
+            f"and recovery still finds it; the old wrapper is kept as {wrapper.name}"
+            ".replaced-<time>). Replace it?", yes)
 
 
 # --- the servers' part ------------------------------------------------------------------
@@ -247,8 +243,10 @@ def run_install(job: Install, node: NodeSide, rpc: LightningRpc, echo: Echo) -> 
     store_recognition(job.specs, job.client_priv, node, echo)
     wrapper = job.paths.wrapper
     unchanged = wrapper.exists() and _same_config(wrapper, cfg)
-    write_wrapper(wrapper, cfg)
+    kept = write_wrapper(wrapper, cfg)
     echo(f"wrote {wrapper} (mode 0700; it holds the client key)")
+    if kept is not None:
+        echo(f"kept the wrapper it replaced (another client's key) as {kept}")
     if not node.running:
         config_line(job.paths, echo)
         echo("lightningd is not running: its next start begins the backup (the plugin "

@@ -14,15 +14,22 @@
    line (forced command ``/abs/cldcb-server --data-dir DIR stdio --client …``:
    ``--server-command`` if given, else the command that host's ``add --json``
    reported of itself, never a bare name looked up on that session's PATH; the
-   command used is printed) is added to the account's ``~/.ssh/authorized_keys``
-   when the account has a shell;
-   otherwise the line is printed, with what to do (on a terminal, the setup
-   waits for it);
+   command used is printed) is added, when the account has a shell, to the file
+   sshd reads for it (sshd's ``AuthorizedKeysFile``: see
+   :meth:`SetupConnection.authorize`), and the output says which; otherwise, or
+   when sshd still refuses the key, the line is printed with the file it must go
+   to (on a terminal, the setup waits for it);
 4. what ``installplugin`` does (:func:`cldcb.client.install.run_install`).
 
-The client key is written nowhere but the wrapper. If the setup stops after
-the client was added on the server, the error names the client to remove
-there.
+The client key is written nowhere but the wrapper. Once the client is added
+on the server, its wrapper is first written as ``cldcb-plugin-wrapper.pending``
+(mode 0700, beside the wrapper, not in lightningd's config): if the setup
+stops after that (no terminal to wait at, end of input at a prompt, a server
+error), the error names the client, the server and that file, and running
+``install`` again reuses that client key (``add`` of a registered client
+changes nothing) instead of registering another; the pending file is removed
+when the install is done. To give up instead, remove the client on the server
+(``cldcb-server remove``) and delete the file.
 """
 
 from __future__ import annotations
@@ -54,7 +61,7 @@ from cldcb.client.ssh_setup import Added, SetupConnection, SshTarget, resolve
 from cldcb.connection import Connection, ServerAddress, ServerSpec
 from cldcb.errors import AuthError, CldcbError, UsageError
 from cldcb.ids import client_id_from_pubkey, new_privkey, pubkey_of
-from cldcb.plugin.wrapper import read_wrapper
+from cldcb.plugin.wrapper import PENDING_NAME, read_wrapper, write_wrapper
 from cldcb.programs import SERVER_PROGRAM
 from cldcb.proxy import parse_optional
 from cldcb.rpc import LightningRpc
@@ -79,26 +86,36 @@ async def _probe(spec: ServerSpec, client_priv: bytes) -> None:
 
 
 def _wait_until_authorized(spec: ServerSpec, client_priv: bytes, line: str, setup_user: str,
-                           echo: Echo) -> None:
-    """Check the client's SSH key gets in; if not, show the line to add and (on a
-    terminal) wait for the operator to add it."""
+                           written: str | None, echo: Echo) -> None:
+    """Check the client's SSH key gets in; if not, show the line to add, say plainly where
+    it must go, and (on a terminal) wait for the operator to add it. ``written``: where
+    cldcb added it already (None: it could not)."""
+    user = spec.address.user or setup_user
+    where = (f"the file that sshd's AuthorizedKeysFile names for {user} (as root there, "
+             f"`sshd -T -C user={user},host=localhost,addr=127.0.0.1 | grep -i "
+             "authorizedkeysfile` shows it; the default is ~/.ssh/authorized_keys)")
     while True:
         try:
             asyncio.run(_probe(spec, client_priv))
             return
         except AuthError as exc:
             reason = str(exc)
+        done = (f"cldcb added it to {written}, but sshd does not take it from there. "
+                if written else "")
         echo(f"The client's SSH key is not let into {spec.address} ({reason}).\n"
-             f"Add this line to the authorized_keys of {spec.address.user or setup_user} "
-             f"there:\n\n{line}\n")
+             f"{done}Add this line to {where}:\n\n{line}\n")
         if not stdin_is_terminal():
+            why = ("sshd does not read it where cldcb added it" if written else
+                   "this account does not let cldcb add it")
             raise UsageError(
-                f"the client's SSH key must be in the authorized_keys of {spec.address} "
-                "(see the line above), and this account does not let cldcb add it. Add it "
-                "and run install again on a terminal, or give --server with the address of "
-                "a `cldcb-server serve` daemon")
-        answer = click.prompt("Press Enter once it is there (q to stop)", default="",
-                              show_default=False, err=True)
+                f"the client's SSH key must be in {where} on {spec.address} (see the line "
+                f"above), and {why}. Add it and run install again, or give --server with "
+                "the address of a `cldcb-server serve` daemon")
+        try:
+            answer = click.prompt("Press Enter once it is there (q to stop)", default="",
+                                  show_default=False, err=True)
+        except click.exceptions.Abort:
+            raise UsageError("stopped: no answer at the prompt (end of input)") from None
         if answer.strip().lower() == "q":
             raise UsageError("stopped")
 
@@ -143,7 +160,8 @@ def install(lightning_dir: Path, network: str, ssh_target: str | None, server: s
     if not paths.network_dir.is_dir():
         raise UsageError(f"{paths.network_dir} does not exist: check --lightning-dir and "
                          "--network")
-    client_priv = new_privkey()
+    pending = paths.network_dir / PENDING_NAME
+    client_priv = _pending_key(pending, echo) or new_privkey()
     client_id = client_id_from_pubkey(pubkey_of(client_priv))
     check_existing_wrapper(paths, client_id, yes)
     rpc = LightningRpc.for_node(lightning_dir, network)
@@ -162,31 +180,32 @@ def install(lightning_dir: Path, network: str, ssh_target: str | None, server: s
                                   ServerAddress("ssh", target.hostname, target.port,
                                                 target.user))
             spec = _server_spec(backup_address, added.server_id, setup)
+            job = Install(paths, client_priv, [spec], None, outage_limit, wait)
+            write_wrapper(pending, job.wrapper_config(node))
             forced, whence = _forced_program(server_command, added)
             line = authorized_keys_line(client_priv, client_id, forced)
+            written: str | None = None
             if spec.address.scheme == "ssh":
                 echo(f"the client key's forced command runs {forced} ({whence})")
                 same_account = (spec.address.host, spec.address.port, spec.address.user) == (
                     target.hostname, target.port, target.user)
-                if same_account and setup.authorize(line):
+                written = setup.authorize(line) if same_account else None
+                if written:
                     echo(f"added the client's SSH key (forced command `{forced} "
-                         f"stdio --client {client_id[:12]}…`) to ~/.ssh/authorized_keys "
-                         f"of {target.user}")
+                         f"stdio --client {client_id[:12]}…`) to {written} for {target.user}")
         except CldcbError as exc:
-            raise _noted(exc, f"client {client_id} was added on {target.hostname}; remove "
-                         f"it there with `cldcb-server remove {client_id}`") from None
+            raise _noted(exc, _left(client_id, target.hostname, pending)) from None
     echo(f"the plugin will use {spec.address} ({spec.describe_route()})")
     try:
         if spec.address.scheme == "ssh":
-            _wait_until_authorized(spec, client_priv, line, target.user, echo)
-        run_install(Install(paths, client_priv, [spec], None, outage_limit, wait), node,
-                    rpc, echo)
+            _wait_until_authorized(spec, client_priv, line, target.user, written, echo)
+        run_install(job, node, rpc, echo)
     except CldcbError as exc:
         if paths.wrapper.exists() and _holds(paths, client_id):
+            pending.unlink(missing_ok=True)
             raise
-        raise _noted(exc, f"client {client_id} was added on {target.hostname} but nothing "
-                     f"was installed here; remove it there with `cldcb-server remove "
-                     f"{client_id}`") from None
+        raise _noted(exc, _left(client_id, target.hostname, pending)) from None
+    pending.unlink(missing_ok=True)
     echo(f"done: client {client_id} backs up this node to {spec.address}. Its key is only "
          f"in {paths.wrapper}.")
 
@@ -199,6 +218,29 @@ def _forced_program(given: str | None, added: Added) -> tuple[str, str]:
         return added.server_command, "as the server host reported it"
     return SERVER_PROGRAM, ("found through PATH there: the server host did not report its "
                             "path; give --server-command to pin it")
+
+
+def _pending_key(pending: Path, echo: Echo) -> bytes | None:
+    """The client key kept by an install that stopped after adding its client, if any."""
+    if not pending.exists():
+        return None
+    try:
+        cfg = read_wrapper(pending)
+    except CldcbError as exc:
+        raise UsageError(f"{exc}. It was left by an install that stopped; if its client is "
+                         "no longer wanted, remove the client on the server and delete the "
+                         "file, then run again") from None
+    echo(f"reusing client {cfg.client_id}, kept in {pending} by an install that stopped")
+    return cfg.client_priv
+
+
+def _left(client_id: str, host: str, pending: Path) -> str:
+    """What a stopped install left, and where."""
+    where = (f"its key is kept in {pending} (mode 0700): run install again to finish with "
+             "this same client (nothing new is registered), or " if pending.exists() else "")
+    return (f"client {client_id} is registered on {host} but nothing was installed here; "
+            f"{where}remove it there with `cldcb-server remove {client_id}`"
+            + (f" and delete {pending}" if where else ""))
 
 
 def _holds(paths: NodePaths, client_id: str) -> bool:

@@ -32,10 +32,14 @@ DESIGN section 6. In order:
    (:mod:`cldcb.plugin.wrapper`) and the ``important-plugin=`` line of the
    node's config, so that the recovered node goes on backing up as the same
    client, and print the summary with the warning never to start an older
-   state; with a single server, also that it cannot be told from one that
-   withholds its newest records (a second, independent server is the defence),
-   and whenever one server alone holds the newest record (a normal batch), that
-   it may be a batch lightningd never committed.
+   state. A wrapper already there that holds another client (possibly the only
+   copy of its key) is replaced only with ``--replace-wrapper`` or a yes on a
+   terminal, and then kept as ``cldcb-plugin-wrapper.replaced-<time>``; without
+   either, recovery stops before writing anything. With a single server, the
+   summary also says that it cannot be told from one that withholds its
+   newest records (a second, independent server is the defence), and whenever
+   one server alone holds the newest record (a normal batch), that it may be a
+   batch lightningd never committed.
 
 ``--list`` (with ``--json``) shows, per client of the node and per server, its
 restorable states (:class:`cldcb.wire.RestorableState`) and writes nothing.
@@ -95,6 +99,7 @@ from cldcb.plugin.wrapper import (
     WrapperConfig,
     default_outage_limit,
     default_plugin_path,
+    other_holder,
     write_wrapper,
 )
 from cldcb.proxy import Proxy, parse_optional
@@ -532,6 +537,23 @@ def _confirm_older(results: dict[str, ServerResult], top: int, yes: bool) -> Non
         raise RecoveryError("stopped; nothing was written")
 
 
+def confirm_replace_wrapper(wrapper: Path, client_id: str, replace: bool) -> None:
+    """Before writing anything: a wrapper that holds another client is replaced only with
+    ``--replace-wrapper`` or a yes on a terminal (it is then kept aside)."""
+    holder = other_holder(wrapper, client_id)
+    if holder is None or replace:
+        return
+    text = (f"{wrapper} holds {holder}, not the recovered client {client_id}; it may be the "
+            "only copy of that key")
+    if not stdin_is_terminal():
+        raise RecoveryError(f"{text}. Nothing was written. Give --replace-wrapper to keep it "
+                            f"as {wrapper.name}.replaced-<time> and write the new one, or move "
+                            "it away first")
+    if not click.confirm(f"{text}. Keep it as {wrapper.name}.replaced-<time> and write the "
+                         "new one?", default=False, err=True):
+        raise RecoveryError("stopped; nothing was written")
+
+
 def _wrapper_config(specs: list[ServerSpec], cand: Candidate, node_id: str,
                     plugin_path: str) -> WrapperConfig:
     servers = tuple(ServerEntry.of(s) for s in specs)
@@ -547,12 +569,22 @@ async def _node_clients(specs: list[ServerSpec], node: NodeKey, operator_keys: l
     listing = {str(s.address): ServerResult(s) for s in specs}
     found = await _find_candidates(specs, node, operator_keys, listing)
     if not found:
-        problems = "; ".join(f"{n}: {r.error}" for n, r in listing.items() if r.error)
-        raise RecoveryError(
-            f"no server holds a backup of node {node.node_id}"
-            + (f" ({problems})" if problems else "")
-            + ": check the server addresses and ids, and that this is the node's hsm_secret")
+        raise RecoveryError(_nothing_found(node.node_id, listing))
     return listing, found
+
+
+def _nothing_found(node_id: str, listing: dict[str, ServerResult]) -> str:
+    """Why no backup of the node was found: the servers that answered without one (then
+    the node key may be the wrong one), and each failure with its own advice."""
+    problems = "; ".join(f"{n}: {r.error}" for n, r in listing.items() if r.error)
+    answered = [n for n, r in listing.items() if not r.error]
+    if not answered:
+        return (f"could not list the backups of node {node_id} on any server ({problems}). "
+                "Nothing was written")
+    return (f"no server holds a backup of node {node_id}: {', '.join(answered)} answered but "
+            f"holds no backup of node {node_id}: check that this is the node's hsm_secret "
+            "(and passphrase) and that these are its servers"
+            + (f". Not asked: {problems}" if problems else ""))
 
 
 async def list_node_states(specs: list[ServerSpec], node: NodeKey, operator_keys: list[str]
@@ -671,11 +703,14 @@ def _outcomes(specs: list[ServerSpec], results: dict[str, ServerResult],
                    "times) and write nothing.")
 @json_option("Print one JSON object on stdout: the summary, or with --list the states "
              "(an error too).")
+@click.option("--replace-wrapper", is_flag=True,
+              help="Replace a cldcb-plugin-wrapper that holds another client; the old one is "
+                   "kept as cldcb-plugin-wrapper.replaced-<time>.")
 def recover(lightning_dir: Path, network: str, servers: tuple[str, ...],
             server_ids: tuple[str, ...], host_keys: tuple[str, ...], ssh_keys: tuple[Path, ...],
             proxies: tuple[str, ...], hsm_secret: Path | None, passphrase_file: Path | None,
             alt_hsmd: Path | None, yes: bool, accept_older: bool, list_only: bool,
-            as_json: bool) -> None:
+            as_json: bool, replace_wrapper: bool) -> None:
     """Rebuild the node's database from the servers, with its hsm_secret alone.
 
     Writes <lightning-dir>/<network>/lightningd.sqlite3 (never over an existing
@@ -710,10 +745,11 @@ def recover(lightning_dir: Path, network: str, servers: tuple[str, ...],
     assert rebuilt is not None
     try:
         cfg = _wrapper_config(specs, cand, node_id, plugin_path)
+        confirm_replace_wrapper(paths.wrapper, cand.client_id, replace_wrapper)
         restore.install(rebuilt.path, dest)
     finally:
         restore.discard(rebuilt.path)
-    write_wrapper(paths.wrapper, cfg)
+    kept = write_wrapper(paths.wrapper, cfg)
     added = add_important_plugin(paths, paths.wrapper)
     r = rebuilt
     if as_json:
@@ -723,6 +759,7 @@ def recover(lightning_dir: Path, network: str, servers: tuple[str, ...],
                    "snapshot_data_version": r.snapshot_data_version,
                    "snapshot_ms": r.snapshot_time_ms, "records": r.records,
                    "servers": _outcomes(specs, results, best), "wrapper": str(paths.wrapper),
+                   "replaced_wrapper_kept_as": str(kept) if kept is not None else None,
                    "config": str(paths.config), "important_plugin_added": added,
                    "note": ONE_SERVER if len(specs) == 1 else None,
                    "newest_record_unconfirmed": unconfirmed(
@@ -741,6 +778,8 @@ def recover(lightning_dir: Path, network: str, servers: tuple[str, ...],
     for line in lines:
         click.echo(line)
     click.echo(f"  wrote {paths.wrapper}: backups go on as the same client")
+    if kept is not None:
+        click.echo(f"  kept the wrapper it replaced (another client's key) as {kept}")
     click.echo(f"  {'added' if added else 'kept'} important-plugin={paths.wrapper} in "
                f"{paths.config}")
     if len(specs) == 1:

@@ -408,14 +408,54 @@ class SetupConnection:
         raise TransportError(f"`cldcb-server add --json` on {self.target.hostname} did not "
                              "print the expected JSON: is cldcb-server up to date there?")
 
-    def authorize(self, line: str) -> bool:
-        """Append ``line`` to the account's ~/.ssh/authorized_keys (once), if the account
-        has a shell; False if it cannot (e.g. a forced-command key)."""
-        script = ('umask 077 && mkdir -p "$HOME/.ssh" && f="$HOME/.ssh/authorized_keys" && '
-                  'touch "$f" && { grep -qxF "$1" "$f" || printf "%s\\n" "$1" >> "$f"; } && '
-                  "echo cldcb-authorized")
-        status, out, _ = self.run(f"sh -c {shlex.quote(script)} sh {shlex.quote(line)}")
-        return status == 0 and "cldcb-authorized" in out.split()
+    def authorize(self, line: str) -> str | None:
+        """Append ``line`` (once) to the account's authorized_keys file where sshd reads it
+        (:data:`_AUTHORIZE`), if the account has a shell; returns where, in words, or None
+        if it cannot (e.g. a forced-command key)."""
+        status, out, _ = self.run(f"sh -c {shlex.quote(_AUTHORIZE)} sh {shlex.quote(line)}")
+        for row in reversed(out.splitlines()):
+            words = row.split(" ", 2)
+            if status == 0 and len(words) == 3 and words[0] == "cldcb-authorized":
+                how = {"sshd": "as `sshd -T` names it", "config":
+                       "as AuthorizedKeysFile in sshd_config names it"}.get(
+                           words[1], "sshd's default; its config could not be read")
+                return f"{escape_remote(words[2])} ({how})"
+        return None
+
+
+_AUTHORIZE = r"""umask 077; line=$1; cfg=/etc/ssh/sshd_config; bin=sshd; p=$$
+while [ "${p:-1}" -gt 1 ] 2>/dev/null; do
+  set -- $(tr '\0' ' ' < /proc/$p/cmdline 2>/dev/null)
+  [ "$1" = sshd: ] && shift
+  case "$1" in */sshd|sshd) bin=$1
+    while [ $# -gt 1 ]; do [ "$1" = -f ] && cfg=$2; shift; done; break;; esac
+  p=$(awk '{print $4}' /proc/$p/stat 2>/dev/null)
+done
+me=$(id -un); how=sshd
+files=$("$bin" -T -f "$cfg" -C "user=$me,host=localhost,addr=127.0.0.1" 2>/dev/null |
+  awk 'tolower($1)=="authorizedkeysfile"{$1="";print;exit}')
+if [ -z "$files" ]; then how=config
+  files=$(awk 'tolower($1)=="match"{exit} tolower($1)=="authorizedkeysfile"{$1="";print;exit}' \
+    "$cfg" 2>/dev/null); fi
+if [ -z "$files" ]; then how=default; files=.ssh/authorized_keys; fi
+set -- $files; [ "$1" = none ] && exit 3
+for a in "$@"; do
+  f=$(printf '%s' "$a" | sed "s|%h|$HOME|g; s|%u|$me|g; s|%U|$(id -u)|g; s|%%|%|g")
+  case "$f" in /*) ;; *) f=$HOME/$f;; esac
+  d=$(dirname "$f")
+  if [ -e "$f" ] && [ ! -w "$f" ]; then continue; fi
+  mkdir -p "$d" 2>/dev/null && [ -w "$d" ] || [ -w "$f" ] || continue
+  touch "$f" && { grep -qxF "$line" "$f" || printf '%s\n' "$line" >> "$f"; } &&
+    echo "cldcb-authorized $how $f" && exit 0
+done
+exit 4
+"""
+"""Add the line to the first file of sshd's ``AuthorizedKeysFile`` for this account that
+it may write:
+from ``sshd -T`` (exact, with Match blocks, when the account may run it), else the
+top of the config file of the sshd serving this session (its ``-f``, found through
+/proc: the listener shows itself as ``sshd: /usr/sbin/sshd -f FILE …``), else
+``~/.ssh/authorized_keys``. Prints ``cldcb-authorized HOW FILE``."""
 
 
 def _forced_command(value: object) -> str | None:

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from cldcb import __version__
+from cldcb.cli_common import require_protocol_pipes
 from cldcb.connection import Connection
 from cldcb.errors import CldcbError, ExitCode, PluginError
 from cldcb.malloc import keep_freed_memory
@@ -284,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     wrapper = Path(args[0])
     keep_freed_memory()
     try:
+        require_protocol_pipes("cldcb-plugin (through cldcb-plugin-wrapper)",
+                               "lightningd (`important-plugin=` in its config)")
         cfg = read_wrapper(wrapper)
         for e in cfg.servers:
             e.spec()
@@ -302,7 +305,7 @@ def _failed(exc: CldcbError, debug: bool) -> int:
     if debug:
         traceback.print_exception(exc)
     print(f"cldcb-plugin: error: {exc}", file=sys.stderr)
-    return ExitCode.FAILURE
+    return exc.exit_code
 
 
 if __name__ == "__main__":

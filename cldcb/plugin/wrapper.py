@@ -43,6 +43,15 @@ Rules of :func:`parse`:
 Errors are :class:`~cldcb.errors.PluginError` naming the line; they never
 quote the secret key. :func:`format_wrapper` writes exactly this grammar,
 :func:`write_wrapper` replaces the file atomically with mode 0700.
+
+A wrapper can be the only copy of a client key (the README tells users to
+shred the key file), so a wrapper is never lost: :func:`write_wrapper` keeps
+one that holds another client (or that cldcb cannot read) under
+``cldcb-plugin-wrapper.replaced-YYYYMMDDTHHMMSSZ`` (a hard link made before
+the new file is renamed over the old: mode and owner kept, never a moment
+without it) and returns that path; callers ask before (see
+:func:`other_holder`) and say where it went. A wrapper of the same client
+is rewritten in place.
 """
 
 from __future__ import annotations
@@ -50,11 +59,12 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cldcb.connection import ServerAddress, ServerSpec
-from cldcb.durable import replace_file
+from cldcb.durable import fsync_dir, replace_file
 from cldcb.errors import CldcbError, KeyFormatError, PluginError
 from cldcb.ids import (
     check_privkey,
@@ -68,6 +78,9 @@ from cldcb.programs import find_program
 from cldcb.proxy import PROXIED, Proxy
 
 WRAPPER_NAME = "cldcb-plugin-wrapper"
+PENDING_NAME = WRAPPER_NAME + ".pending"
+"""The wrapper of a client added on a server by an install that has not finished (see
+:mod:`cldcb.client.install_ssh`): same grammar and mode, not in lightningd's config."""
 DEFAULT_DATABASE = "lightningd.sqlite3"
 DEFAULT_OUTAGE_LIMIT = 300.0
 HEADER = "# cldcb-plugin-wrapper, written by cldcb-client: it holds a secret key."
@@ -330,14 +343,44 @@ def default_plugin_path() -> str:
     return found
 
 
-def write_wrapper(path: Path, cfg: WrapperConfig) -> None:
+def other_holder(path: Path, client_id: str) -> str | None:
+    """What the wrapper at ``path`` holds when it is not ``client_id``'s (``client c3…``,
+    or ``a file cldcb cannot read``); None when there is none or it is that client's."""
+    if not os.path.lexists(path):
+        return None
+    try:
+        old = read_wrapper(path).client_id
+    except CldcbError:
+        return "a file cldcb cannot read (perhaps a client key)"
+    return None if old == client_id.lower() else f"client {old}"
+
+
+def _keep_aside(path: Path) -> Path:
+    """Hard-link the wrapper at ``path`` to a free ``.replaced-<UTC time>`` name."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    for n in range(100):
+        aside = path.with_name(f"{path.name}.replaced-{stamp}" + (f"-{n}" if n else ""))
+        try:
+            os.link(path, aside)
+        except FileExistsError:
+            continue
+        fsync_dir(path.parent)
+        return aside
+    raise PluginError(f"cannot find a free name to keep {path} under: move the "
+                      f"{path.name}.replaced-* files away and run again")
+
+
+def write_wrapper(path: Path, cfg: WrapperConfig) -> Path | None:
     """Replace ``path`` atomically with the wrapper of ``cfg``: mode 0700, owned by the
-    owner of its folder, fsynced (file and folder)."""
+    owner of its folder, fsynced (file and folder). A wrapper there that holds another
+    client is kept aside first; returns where (None when there was nothing to keep)."""
     text = format_wrapper(cfg)
     folder = path.parent
     st = folder.stat()
     owner = (st.st_uid, st.st_gid) if (st.st_uid, st.st_gid) != (0, 0) else None
+    kept = _keep_aside(path) if other_holder(path, cfg.client_id) else None
     replace_file(path, text, mode=0o700, owner=owner)
+    return kept
 
 
 def read_wrapper(path: Path) -> WrapperConfig:

@@ -20,7 +20,7 @@ import time
 
 import click
 
-from cldcb.cli_common import json_option
+from cldcb.cli_common import json_option, require_protocol_pipes
 from cldcb.errors import StoreError, UsageError
 from cldcb.ids import parse_client_id
 from cldcb.server import hostfiles  # noqa: F401  (registers systemd-unit, sshd-config)
@@ -283,6 +283,8 @@ def stdio(server: ServerContext, client_id: str | None) -> None:
     """Serve one session on stdin/stdout (OpenSSH Subsystem or forced command)."""
     from cldcb.server.stdio import run_stdio
 
+    require_protocol_pipes("cldcb-server stdio",
+                           "sshd (a Subsystem line or an authorized_keys forced command)")
     if client_id is not None:
         parse_client_id(client_id)
     priv, _ = server.read_key()
