@@ -79,6 +79,7 @@ from cldcb.dataversion import (
 from cldcb.errors import CldcbError, PluginError, SealError
 from cldcb.ids import new_privkey, parse_node_id
 from cldcb.plugin.links import Connector, ServerLink
+from cldcb.plugin.mirror import Mirror
 from cldcb.plugin.recordlog import Entry, RecordLog
 from cldcb.plugin.snapshot import (
     CHUNK_SIZE,
@@ -138,7 +139,8 @@ class Engine:
     def __init__(self, cfg: WrapperConfig, workdir: Path, connect: Connector, *,
                  emit: Emit | None = None, chunk_size: int = CHUNK_SIZE,
                  chunk_delay: float = 0.0, busy_timeout: float = 1.0,
-                 startup_grace: float = STARTUP_GRACE, log_limit: int = LOG_LIMIT) -> None:
+                 startup_grace: float = STARTUP_GRACE, log_limit: int = LOG_LIMIT,
+                 mirror_path: Path | None = None) -> None:
         self.cfg = cfg
         self.workdir = workdir
         self.db_path = cfg.database_path(workdir)
@@ -172,6 +174,10 @@ class Engine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._hand_over_task: asyncio.Task[None] | None = None
         self._slow_running = False
+        self.mirror_path = mirror_path
+        self.mirror: Mirror | None = None
+        self._mirror_task: asyncio.Task[None] | None = None
+        self._mirror_seq: int | None = None     # next_seq of the copy asked of the mirror
 
     @property
     def busy(self) -> bool:
@@ -180,7 +186,14 @@ class Engine:
 
     # -- life --------------------------------------------------------------------------
     def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
+        if self.mirror_path is not None:
+            self.mirror = Mirror(
+                self.mirror_path, self.db_path,
+                notify=lambda level, message: loop.call_soon_threadsafe(self.emit, level,
+                                                                        message),
+                on_state=lambda: loop.call_soon_threadsafe(self.changed))
+            self.mirror.start()
         for link in self.links:
             link.start()
 
@@ -196,6 +209,10 @@ class Engine:
             self._patience.cancel()
             self._patience = None
         await asyncio.gather(*(link.stop() for link in self.links), return_exceptions=True)
+        if self.mirror is not None:
+            await asyncio.to_thread(self.mirror.close)
+        if self._mirror_task is not None:
+            await asyncio.gather(self._mirror_task, return_exceptions=True)
         for c in self.copies:
             c.users = 0
             c.hook_done()
@@ -326,7 +343,7 @@ class Engine:
         # before this method returns to the event loop).
         sent = all([server.send_now(seq, data_version, kind, link, sealed)
                     for server in self.links])
-        self._record(data_version, kind, link, sealed)
+        self._record(data_version, kind, link, sealed, writes)
         self.last_hook_dv = data_version
         hot = _HotCall(data_version, kind, seq, link, started, done)
         self._hot = hot
@@ -341,13 +358,17 @@ class Engine:
         statement is not text."""
         return self.sealer.seal_change(dv, kind, link, writes, int(time.time() * 1000))
 
-    def _record(self, dv: int, kind: Kind, link: bytes, sealed: bytes) -> Entry:
+    def _record(self, dv: int, kind: Kind, link: bytes, sealed: bytes,
+                writes: list[str]) -> Entry:
         """Append the sealed change to the record log as the chain's next tip (``link``:
         the one :func:`decide` or :func:`next_link` gave; the tip is what
-        :func:`advance` makes of it)."""
+        :func:`advance` makes of it), and hand it to the mirror (a queue put)."""
         log = self.log
         assert log is not None
-        return log.append(dv, kind, link, sealed, Tip(dv, kind, item_hash(sealed), link))
+        entry = log.append(dv, kind, link, sealed, Tip(dv, kind, item_hash(sealed), link))
+        if self.mirror is not None:
+            self.mirror.feed(entry.seq, dv, kind, writes)
+        return entry
 
     def _patience_check(self) -> None:
         """A hot-path call without quorum after :data:`HOT_PATIENCE` goes to the general
@@ -422,6 +443,7 @@ class Engine:
                         "the wrapper this node's database?")
                 seq = log.reset(base)
                 copy.anchor, copy.next_seq, copy.fresh = anchor, seq + 1, True
+                self._rebuild_mirror(copy)
                 self.copies.append(copy)
                 hook.copy = copy
                 for server in self.links:
@@ -430,7 +452,7 @@ class Engine:
                 self._wake_links()
             assert decision.link is not None
             entry = self._record(dv, kind, decision.link,
-                                 self._seal(dv, kind, decision.link, writes))
+                                 self._seal(dv, kind, decision.link, writes), writes)
             hook.anchor, hook.next_seq = entry.link, entry.seq
             self._wake_links()
             return await self._await_quorum(hook, entry.seq, deadline)
@@ -472,6 +494,8 @@ class Engine:
                 hook.copy_attempted = True
                 hook.copy_blocking = self._viable() < self.quorum
                 self.hook_blocking = hook.copy_blocking
+                if not hook.copy_blocking and self._copy_from_mirror(hook):
+                    continue
                 hook.copy_task = asyncio.ensure_future(self._copy(hook, hook.copy_blocking))
                 continue
             if hook.copy is not None and not hook.copy.fresh and compacting:
@@ -528,10 +552,73 @@ class Engine:
         copy.anchor, copy.next_seq = hook.anchor, hook.next_seq
         hook.copy = copy
         self.copies.append(copy)
+        if self.mirror is not None and not self.mirror.usable:
+            self._rebuild_mirror(copy)
         for link in self.links:
             if link.connected and link.needs_copy:
                 link.reserve(copy)
         self._wake_links()
+
+    # -- the mirror (see cldcb.plugin.mirror) -------------------------------------------------
+    def _rebuild_mirror(self, copy: LocalCopy) -> None:
+        """Rebuild the mirror from ``copy`` (a copy of lightningd's database), which is
+        kept until the mirror's thread has read it."""
+        mirror, loop = self.mirror, self._loop
+        if mirror is None or loop is None:
+            return
+        copy.acquire()
+        mirror.rebuild(copy.path, copy.data_version, copy.next_seq,
+                       lambda: loop.call_soon_threadsafe(copy.release))
+
+    def _copy_from_mirror(self, hook: _Hook) -> bool:
+        """Ask the mirror for the copy this call needs (state ``hook.expected_dv``); no
+        call waits for it. False when the mirror cannot be asked (then the database is
+        copied in this call, as without a mirror)."""
+        mirror = self.mirror
+        if mirror is None:
+            return False
+        if self._mirror_task is not None:
+            return True                       # one is coming
+        if not mirror.usable:
+            self.emit("info", "the mirror is not usable: copying the database in this call")
+            return False
+        future = mirror.snapshot(hook.expected_dv, self.workdir)   # queued behind the change
+        self._mirror_seq = hook.next_seq
+        self._mirror_task = asyncio.get_running_loop().create_task(
+            self._mirror_copy_done(asyncio.wrap_future(future), hook.anchor, hook.next_seq))
+        return True
+
+    async def _mirror_copy_done(self, future: asyncio.Future[LocalCopy], anchor: bytes,
+                                next_seq: int) -> None:
+        started = time.monotonic()
+        try:
+            copy = await future
+        except CldcbError as exc:
+            self.emit("unusual", f"no snapshot from the mirror ({exc}); trying again at a "
+                                 "later call")
+            return
+        finally:
+            self._mirror_task = None
+            self._mirror_seq = None
+            self.changed()
+        self.emit("info", f"copied the mirror at data_version {copy.data_version} "
+                          f"({copy.size} bytes) in {time.monotonic() - started:.2f} s; no "
+                          "hook call waited for it")
+        log = self.log
+        copy.anchor, copy.next_seq = anchor, next_seq
+        if self.closing or log is None or not log.holds(next_seq - 1):
+            copy.hook_done()                  # too late: the log moved past it
+            return
+        self.copies.append(copy)
+        for link in self.links:
+            if link.connected and link.needs_copy:
+                link.reserve(copy)
+        for link in self.links:
+            if link.compaction_due():
+                link.start_compaction(copy)
+        copy.hook_done()
+        self._wake_links()
+        self.changed()
 
     def _outage_text(self, dv: int, doing: str) -> str:
         parts = []
@@ -594,6 +681,8 @@ class Engine:
         for c in self.copies:
             if log.holds(c.next_seq - 1):
                 pins.append(c.next_seq - 1)
+        if self._mirror_seq is not None and log.holds(self._mirror_seq - 1):
+            pins.append(self._mirror_seq - 1)
         log.trim(min(pins), self.log_limit)
 
     # -- status ------------------------------------------------------------------------------
@@ -603,4 +692,6 @@ class Engine:
                 "data_version": self.acked_dv, "last_hook_data_version": self.last_hook_dv,
                 "last_hook_result": self.last_hook_result, "quorum": self.quorum,
                 "outage_limit": self.outage_limit,
-                "servers": [link.describe() for link in self.links]}
+                "servers": [link.describe() for link in self.links],
+                "mirror": (self.mirror.describe() if self.mirror is not None
+                           else {"state": "off"})}

@@ -42,6 +42,7 @@ from cldcb.malloc import keep_freed_memory
 from cldcb.plugin import jsonrpc
 from cldcb.plugin.engine import Engine, HookResult
 from cldcb.plugin.links import ServerConnection
+from cldcb.plugin.mirror import MIRROR_NAME
 from cldcb.plugin.snapshot import CHUNK_SIZE, remove_stale_copies
 from cldcb.plugin.status import STATUS_NAME, StatusWriter
 from cldcb.plugin.wrapper import WrapperConfig, exposed, read_wrapper
@@ -88,7 +89,8 @@ class Plugin:
         delay = float(os.environ.get(ENV_CHUNK_DELAY, "0") or 0)
         size = int(os.environ.get(ENV_CHUNK_SIZE, str(CHUNK_SIZE)) or CHUNK_SIZE)
         self.engine = Engine(cfg, workdir, self._connect, emit=self.log, chunk_delay=delay,
-                             chunk_size=size)
+                             chunk_size=size,
+                             mirror_path=workdir / MIRROR_NAME if cfg.mirror else None)
         self.status = StatusWriter(workdir / STATUS_NAME)
         self.engine.on_change = self._status_dirty
 

@@ -1,0 +1,251 @@
+"""The plugin's local mirror (``cldcb.plugin.mirror``) end to end.
+
+Real processes: the simulated lightningd runs the real plugin through its
+wrapper against ``cldcb-server serve`` on 127.0.0.1; the mirror is compared
+with the node's database by the ``sqlite3`` program's ``.dump``, and what the
+servers hold is fetched, unsealed, verified and rebuilt. Waits are bounded
+and wait for a state the plugin reports (its status file, its log), never
+for time to pass.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from simlightningd import SimLightningd
+from test_plugin_harness import (
+    Keys,
+    Target,
+    assert_no_stray_copies,
+    logs_matching,
+    make_node,
+    new_keys,
+    plugin_status,
+    restored_dump,
+    server_status,
+    wait_until,
+)
+from traces import TRACES, expected_dump, load_trace, sqlite_dump
+
+from cldcb.dataversion import Kind, classify
+from cldcb.plugin.mirror import MIRROR_NAME
+
+WORKLOAD = "cln-workload"
+THROWN_AWAY = "the mirror is thrown away"
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Target]:
+    t = Target.new_daemon(tmp_path / "server-a")
+    yield t
+    t.stop()
+
+
+@pytest.fixture
+def daemon_b(tmp_path: Path) -> Iterator[Target]:
+    t = Target.new_daemon(tmp_path / "server-b")
+    yield t
+    t.stop()
+
+
+def mirror_of(node: SimLightningd) -> Path:
+    return node.network_dir / MIRROR_NAME
+
+
+def normal_call_at_or_after(trace: list[tuple[int, list[str]]], i: int) -> int:
+    while classify(trace[i][1]) is not Kind.NORMAL:
+        i += 1
+    return i
+
+
+def wait_mirror_in_step(node: SimLightningd, timeout: float = 60) -> None:
+    """Until the status file shows the mirror holding what lightningd committed (the
+    plugin applies the last change once the live database shows it committed)."""
+    want = node.committed_data_version()
+
+    def in_step() -> bool:
+        m = plugin_status(node).get("mirror", {})
+        return m.get("state") == "in-step" and m.get("data_version") == want
+
+    wait_until(in_step, timeout, f"the mirror to hold data_version {want}")
+
+
+def wait_connected(node: SimLightningd, target: Target) -> None:
+    name = target.entry.address
+    wait_until(lambda: any(x["address"] == name and x["connected"]
+                           for x in plugin_status(node)["servers"]), 30,
+               f"the plugin to reconnect to {name}")
+
+
+@pytest.mark.parametrize("name", TRACES)
+def test_mirror_equals_the_database_after_each_trace(name: str, daemon: Target,
+                                                     tmp_path: Path) -> None:
+    """Crash and restart (a batch sent twice, the plugin restarted), channels, PRAGMA-only
+    calls, repeated data_version: the mirror ends byte-for-byte like the node."""
+    keys = new_keys()
+    node = make_node(tmp_path, keys, [daemon])
+    node.start()
+    try:
+        node.run_trace(load_trace(name))
+    finally:
+        node.close()
+    want = expected_dump(name)
+    assert sqlite_dump(node.db_path) == want, "the simulated node itself diverged"
+    mirror = mirror_of(node)
+    assert sqlite_dump(mirror) == want
+    assert mirror.stat().st_mode & 0o777 == 0o600
+    assert not logs_matching(node, THROWN_AWAY), node.log_messages()
+    assert logs_matching(node, "mirror rebuilt at data_version")   # from the first snapshot
+    assert plugin_status(node)["mirror"]["state"] == "in-step"
+    assert_no_stray_copies(node)
+
+
+def test_mirror_survives_a_plugin_sigkill_and_restart(daemon: Target, tmp_path: Path) -> None:
+    trace = load_trace(WORKLOAD)
+    k = normal_call_at_or_after(trace, 300)
+    keys = new_keys()
+    node = make_node(tmp_path, keys, [daemon])
+    node.start()
+    try:
+        node.run_trace(trace, stop=k)
+        wait_mirror_in_step(node)
+        node.kill_plugin()                           # SIGKILL
+    finally:
+        node.crash()
+    node.start()                                     # lightningd and the plugin again
+    try:
+        node.run_trace(trace, start=k, init_after=k + 1)
+    finally:
+        node.close()
+    assert logs_matching(node, f"mirror at data_version {trace[k - 1][0]}"), \
+        node.log_messages()
+    assert not logs_matching(node, THROWN_AWAY), node.log_messages()
+    assert sqlite_dump(mirror_of(node)) == sqlite_dump(node.db_path) == expected_dump(WORKLOAD)
+
+
+def test_a_mirror_behind_the_database_at_start_is_thrown_away(daemon: Target,
+                                                             tmp_path: Path) -> None:
+    """A mirror that lost committed changes (here: its data_version set back by hand) is
+    not used; the next snapshot comes from the database and rebuilds it."""
+    trace = load_trace(WORKLOAD)
+    k = normal_call_at_or_after(trace, 200)
+    keys = new_keys()
+    node = make_node(tmp_path, keys, [daemon])
+    node.start()
+    try:
+        node.run_trace(trace, stop=k)
+    finally:
+        node.close()
+    mirror = mirror_of(node)
+    with sqlite3.connect(mirror) as con:
+        con.execute("UPDATE vars SET intval = intval - 1 WHERE name = 'data_version'")
+    con.close()
+    node.start()
+    try:
+        node.run_trace(trace, start=k, stop=k + 5, init_after=k + 1)
+    finally:
+        node.close()
+    logs = node.log_messages()
+    thrown = [i for i, m in enumerate(logs) if THROWN_AWAY in m]
+    assert len(thrown) == 1 and f"but the database {trace[k - 1][0]}" in logs[thrown[0]], logs
+    # the server asks for a compaction (its log outgrew the first, empty snapshot): that
+    # snapshot is copied from the database, and the mirror is rebuilt from it
+    copied = [i for i, m in enumerate(logs) if "mirror is not usable: copying the database" in m]
+    rebuilt = [i for i, m in enumerate(logs) if "mirror rebuilt at data_version" in m]
+    assert copied and rebuilt and thrown[0] < copied[0] < rebuilt[-1], logs
+    assert sqlite_dump(mirror) == sqlite_dump(node.db_path)
+
+
+def test_catch_up_from_the_mirror_recovers_byte_identical(
+        daemon: Target, daemon_b: Target, tmp_path: Path) -> None:
+    """Two servers, quorum 1: B is stopped, comes back and is caught up by a snapshot
+    copied from the mirror (no hook call copies the database); both servers' backups
+    rebuild byte-identical to the node."""
+    trace = load_trace(WORKLOAD)
+    k1 = normal_call_at_or_after(trace, 250)
+    k2 = normal_call_at_or_after(trace, 450)
+    keys = new_keys()
+    node = make_node(tmp_path, keys, [daemon, daemon_b], quorum=1)
+
+    def before(i: int, node: SimLightningd) -> None:
+        if i == k1:
+            daemon_b.kill()
+        elif i == k2:
+            daemon_b.restart()
+            wait_connected(node, daemon_b)
+
+    node.start()
+    final_dv = trace[-1][0]
+    try:
+        node.run_trace(trace, before_call=before)
+        wait_until(lambda: server_status(daemon_b, keys).tip_data_version == final_dv, 60,
+                   "server B to be caught up", step=0.5)
+    finally:
+        node.close()
+    from_mirror = logs_matching(node, "copied the mirror at data_version")
+    assert from_mirror, node.log_messages()
+    assert len(logs_matching(node, "copied the database at data_version")) == 1, \
+        "only the first-contact snapshot may copy the database"
+    assert len(logs_matching(node, "blocking snapshot")) == 1      # the first contact
+    snap_dv = int(from_mirror[0].split("data_version ")[1].split()[0])
+    assert server_status(daemon_b, keys).snapshot_data_version == snap_dv
+    want = expected_dump(WORKLOAD)
+    assert sqlite_dump(node.db_path) == want
+    for i, t in enumerate([daemon, daemon_b]):
+        assert restored_dump(t, keys, tmp_path / f"restored-{i}.sqlite3") == want, i
+    assert sqlite_dump(mirror_of(node)) == want
+    assert_no_stray_copies(node)
+
+
+def test_a_corrupted_mirror_is_detected_and_the_next_snapshot_copies_the_database(
+        daemon: Target, daemon_b: Target, tmp_path: Path) -> None:
+    trace = load_trace(WORKLOAD)
+    k0 = normal_call_at_or_after(trace, 150)
+    k1 = normal_call_at_or_after(trace, 250)
+    k2 = normal_call_at_or_after(trace, 450)
+    keys = new_keys()
+    node = make_node(tmp_path, keys, [daemon, daemon_b], quorum=1)
+
+    def before(i: int, node: SimLightningd) -> None:
+        if i == k0:
+            wait_mirror_in_step(node)
+            with sqlite3.connect(mirror_of(node), timeout=30) as con:
+                con.execute("INSERT INTO vars (name, val) VALUES ('cldcb-test', 'corrupt')")
+            con.close()
+            wait_until(lambda: plugin_status(node)["mirror"]["state"] == "discarded", 120,
+                       "the check to find the difference")
+        elif i == k1:
+            daemon_b.kill()
+        elif i == k2:
+            daemon_b.restart()
+            wait_connected(node, daemon_b)
+
+    node.start()
+    final_dv = trace[-1][0]
+    try:
+        node.run_trace(trace, before_call=before)
+        wait_until(lambda: server_status(daemon_b, keys).tip_data_version == final_dv, 60,
+                   "server B to be caught up", step=0.5)
+    finally:
+        node.close()
+    logs = node.log_messages()
+
+    def where(text: str) -> list[int]:
+        return [i for i, m in enumerate(logs) if text in m]
+
+    thrown = where(THROWN_AWAY)
+    assert len(thrown) == 1 and "table vars differs" in logs[thrown[0]], logs
+    # the next snapshot (a compaction, or B's catch-up at the latest) is copied from the
+    # database in a hook call, and rebuilds the mirror; later ones come from the mirror
+    copied = [i for i in where("mirror is not usable: copying the database") if i > thrown[0]]
+    rebuilt = [i for i in where("mirror rebuilt at data_version") if i > thrown[0]]
+    assert copied and rebuilt and copied[0] < rebuilt[0], logs
+    assert not [i for i in where("copied the mirror at") if thrown[0] < i < rebuilt[0]], logs
+    want = expected_dump(WORKLOAD)
+    for i, t in enumerate([daemon, daemon_b]):
+        assert restored_dump(t, keys, tmp_path / f"restored-{i}.sqlite3") == want, i
+    assert sqlite_dump(mirror_of(node)) == want
+    assert_no_stray_copies(node)
