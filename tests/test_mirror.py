@@ -10,14 +10,16 @@ for time to pass.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from realcln import RealCln, data_version, dump, wait_for
 from simlightningd import SimLightningd
 from test_plugin_harness import (
-    Keys,
     Target,
     assert_no_stray_copies,
     logs_matching,
@@ -28,10 +30,12 @@ from test_plugin_harness import (
     server_status,
     wait_until,
 )
+from test_realcln import daemon_for_client, daemon_server
 from traces import TRACES, expected_dump, load_trace, sqlite_dump
 
 from cldcb.dataversion import Kind, classify
 from cldcb.plugin.mirror import MIRROR_NAME
+from cldcb.plugin.wrapper import read_wrapper, write_wrapper
 
 WORKLOAD = "cln-workload"
 THROWN_AWAY = "the mirror is thrown away"
@@ -101,6 +105,23 @@ def test_mirror_equals_the_database_after_each_trace(name: str, daemon: Target,
     assert logs_matching(node, "mirror rebuilt at data_version")   # from the first snapshot
     assert plugin_status(node)["mirror"]["state"] == "in-step"
     assert_no_stray_copies(node)
+
+
+def test_mirror_off_copies_the_database_as_before(daemon: Target, tmp_path: Path) -> None:
+    keys = new_keys()
+    node = make_node(tmp_path, keys, [daemon])
+    assert node.wrapper is not None
+    write_wrapper(node.wrapper, dataclasses.replace(read_wrapper(node.wrapper), mirror=False))
+    name = "cln-crash-restart"
+    node.start()
+    try:
+        node.run_trace(load_trace(name))
+    finally:
+        node.close()
+    assert restored_dump(daemon, keys, tmp_path / "restored.sqlite3") == expected_dump(name)
+    assert not mirror_of(node).exists()
+    assert plugin_status(node)["mirror"] == {"state": "off"}
+    assert not logs_matching(node, "mirror")
 
 
 def test_mirror_survives_a_plugin_sigkill_and_restart(daemon: Target, tmp_path: Path) -> None:
@@ -249,3 +270,38 @@ def test_a_corrupted_mirror_is_detected_and_the_next_snapshot_copies_the_databas
         assert restored_dump(t, keys, tmp_path / f"restored-{i}.sqlite3") == want, i
     assert sqlite_dump(mirror_of(node)) == want
     assert_no_stray_copies(node)
+
+
+@pytest.mark.realcln
+@pytest.mark.slow
+def test_mirror_on_a_real_lightningd(realcln: RealCln, tmp_path: Path) -> None:
+    """installplugin on a running node, a real workload: the mirror follows it, its check
+    finds it equal while lightningd runs, and after a stop (and a restart with more work)
+    it is byte-identical to lightningd's database."""
+    server, client = daemon_for_client(tmp_path)
+    try:
+        node = realcln.node("m").start()
+        client.installplugin(node, [daemon_server(server)])
+        mirror = node.network_dir / MIRROR_NAME
+        status = node.network_dir / "cldcb-status.json"
+
+        def checked_in_step() -> bool:
+            m = json.loads(status.read_text()).get("mirror", {})
+            return (m.get("state") == "in-step" and m.get("checked_rounds", 0) >= 1
+                    and m.get("data_version") == data_version(node.database))
+
+        for round_ in range(2):
+            node.workload(f"w{round_}")
+            node.newaddr()
+            wait_for("the mirror to be checked and in step", checked_in_step, timeout=120,
+                     every=0.5)
+            assert node.stop() == 0
+            assert mirror.stat().st_mode & 0o777 == 0o600
+            assert dump(mirror) == dump(node.database)
+            if round_ == 0:
+                node.start()
+        log = node.log_path.read_text(errors="replace")
+        assert THROWN_AWAY not in log
+        assert log.count("mirror rebuilt at data_version") == 1, "built once, then kept"
+    finally:
+        server.stop()
