@@ -59,6 +59,7 @@ call's start. Both paths make the same records and the same answers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import time
@@ -188,11 +189,13 @@ class Engine:
     def start(self) -> None:
         self._loop = loop = asyncio.get_running_loop()
         if self.mirror_path is not None:
-            self.mirror = Mirror(
-                self.mirror_path, self.db_path,
-                notify=lambda level, message: loop.call_soon_threadsafe(self.emit, level,
-                                                                        message),
-                on_state=lambda: loop.call_soon_threadsafe(self.changed))
+            def soon(callback: Callable[..., None], *args: object) -> None:
+                with contextlib.suppress(RuntimeError):   # a thread outliving the loop
+                    loop.call_soon_threadsafe(callback, *args)
+
+            self.mirror = Mirror(self.mirror_path, self.db_path,
+                                 notify=lambda level, message: soon(self.emit, level, message),
+                                 on_state=lambda: soon(self.changed))
             self.mirror.start()
         for link in self.links:
             link.start()
