@@ -13,13 +13,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from realcln import RealCln, data_version, dump, wait_for
 from simlightningd import SimLightningd
+from test_plugin_e2e import play
+from test_plugin_faults import normal_call_at_or_after
 from test_plugin_harness import (
+    Keys,
     Target,
     assert_no_stray_copies,
     logs_matching,
@@ -33,36 +36,31 @@ from test_plugin_harness import (
 from test_realcln import daemon_for_client, daemon_server
 from traces import TRACES, expected_dump, load_trace, sqlite_dump
 
-from cldcb.dataversion import Kind, classify
 from cldcb.plugin.mirror import MIRROR_NAME
 from cldcb.plugin.wrapper import read_wrapper, write_wrapper
 
 WORKLOAD = "cln-workload"
 THROWN_AWAY = "the mirror is thrown away"
+Daemons = Callable[[int], list[Target]]
 
 
 @pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[Target]:
-    t = Target.new_daemon(tmp_path / "server-a")
-    yield t
-    t.stop()
+def daemons(tmp_path: Path) -> Iterator[Daemons]:
+    """``daemons(n)`` starts n ``cldcb-server serve`` (stopped at the end)."""
+    started: list[Target] = []
 
+    def start(n: int) -> list[Target]:
+        new = [Target.new_daemon(tmp_path / f"server-{len(started) + i}") for i in range(n)]
+        started.extend(new)
+        return new
 
-@pytest.fixture
-def daemon_b(tmp_path: Path) -> Iterator[Target]:
-    t = Target.new_daemon(tmp_path / "server-b")
-    yield t
-    t.stop()
+    yield start
+    for t in started:
+        t.stop()
 
 
 def mirror_of(node: SimLightningd) -> Path:
     return node.network_dir / MIRROR_NAME
-
-
-def normal_call_at_or_after(trace: list[tuple[int, list[str]]], i: int) -> int:
-    while classify(trace[i][1]) is not Kind.NORMAL:
-        i += 1
-    return i
 
 
 def wait_mirror_in_step(node: SimLightningd, timeout: float = 60) -> None:
@@ -84,18 +82,39 @@ def wait_connected(node: SimLightningd, target: Target) -> None:
                f"the plugin to reconnect to {name}")
 
 
+def play_with_b_returning(node: SimLightningd, keys: Keys, daemon_b: Target,
+                          also: Callable[[int, SimLightningd], None] | None = None) -> None:
+    """Play the workload with server B (quorum 1) stopped from call 250 to call 450, until
+    B holds the newest change again (a catch-up snapshot)."""
+    trace = load_trace(WORKLOAD)
+    k1 = normal_call_at_or_after(trace, 250)
+    k2 = normal_call_at_or_after(trace, 450)
+
+    def before(i: int, node: SimLightningd) -> None:
+        if also is not None:
+            also(i, node)
+        if i == k1:
+            daemon_b.kill()
+        elif i == k2:
+            daemon_b.restart()
+            wait_connected(node, daemon_b)
+
+    node.start()
+    try:
+        node.run_trace(trace, before_call=before)
+        wait_until(lambda: server_status(daemon_b, keys).tip_data_version == trace[-1][0], 60,
+                   "server B to be caught up", step=0.5)
+    finally:
+        node.close()
+
+
 @pytest.mark.parametrize("name", TRACES)
-def test_mirror_equals_the_database_after_each_trace(name: str, daemon: Target,
+def test_mirror_equals_the_database_after_each_trace(name: str, daemons: Daemons,
                                                      tmp_path: Path) -> None:
     """Crash and restart (a batch sent twice, the plugin restarted), channels, PRAGMA-only
     calls, repeated data_version: the mirror ends byte-for-byte like the node."""
-    keys = new_keys()
-    node = make_node(tmp_path, keys, [daemon])
-    node.start()
-    try:
-        node.run_trace(load_trace(name))
-    finally:
-        node.close()
+    node = make_node(tmp_path, new_keys(), daemons(1))
+    play(node, name)
     want = expected_dump(name)
     assert sqlite_dump(node.db_path) == want, "the simulated node itself diverged"
     mirror = mirror_of(node)
@@ -107,28 +126,25 @@ def test_mirror_equals_the_database_after_each_trace(name: str, daemon: Target,
     assert_no_stray_copies(node)
 
 
-def test_mirror_off_copies_the_database_as_before(daemon: Target, tmp_path: Path) -> None:
+def test_mirror_off_copies_the_database_as_before(daemons: Daemons, tmp_path: Path) -> None:
     keys = new_keys()
+    (daemon,) = daemons(1)
     node = make_node(tmp_path, keys, [daemon])
     assert node.wrapper is not None
     write_wrapper(node.wrapper, dataclasses.replace(read_wrapper(node.wrapper), mirror=False))
     name = "cln-crash-restart"
-    node.start()
-    try:
-        node.run_trace(load_trace(name))
-    finally:
-        node.close()
+    play(node, name)
     assert restored_dump(daemon, keys, tmp_path / "restored.sqlite3") == expected_dump(name)
     assert not mirror_of(node).exists()
     assert plugin_status(node)["mirror"] == {"state": "off"}
     assert not logs_matching(node, "mirror")
 
 
-def test_mirror_survives_a_plugin_sigkill_and_restart(daemon: Target, tmp_path: Path) -> None:
+def test_mirror_survives_a_plugin_sigkill_and_restart(daemons: Daemons,
+                                                     tmp_path: Path) -> None:
     trace = load_trace(WORKLOAD)
     k = normal_call_at_or_after(trace, 300)
-    keys = new_keys()
-    node = make_node(tmp_path, keys, [daemon])
+    node = make_node(tmp_path, new_keys(), daemons(1))
     node.start()
     try:
         node.run_trace(trace, stop=k)
@@ -136,76 +152,49 @@ def test_mirror_survives_a_plugin_sigkill_and_restart(daemon: Target, tmp_path: 
         node.kill_plugin()                           # SIGKILL
     finally:
         node.crash()
-    node.start()                                     # lightningd and the plugin again
-    try:
-        node.run_trace(trace, start=k, init_after=k + 1)
-    finally:
-        node.close()
+    play(node, WORKLOAD, start=k, init_after=k + 1)     # lightningd and the plugin again
     assert logs_matching(node, f"mirror at data_version {trace[k - 1][0]}"), \
         node.log_messages()
     assert not logs_matching(node, THROWN_AWAY), node.log_messages()
     assert sqlite_dump(mirror_of(node)) == sqlite_dump(node.db_path) == expected_dump(WORKLOAD)
 
 
-def test_a_mirror_behind_the_database_at_start_is_thrown_away(daemon: Target,
+def test_a_mirror_behind_the_database_at_start_is_thrown_away(daemons: Daemons,
                                                              tmp_path: Path) -> None:
     """A mirror that lost committed changes (here: its data_version set back by hand) is
-    not used; the next snapshot comes from the database and rebuilds it."""
+    thrown away at start, never used; the next snapshot copies the database."""
     trace = load_trace(WORKLOAD)
     k = normal_call_at_or_after(trace, 200)
-    keys = new_keys()
-    node = make_node(tmp_path, keys, [daemon])
-    node.start()
-    try:
-        node.run_trace(trace, stop=k)
-    finally:
-        node.close()
+    node = make_node(tmp_path, new_keys(), daemons(1))
+    play(node, WORKLOAD, stop=k)
     mirror = mirror_of(node)
     with sqlite3.connect(mirror) as con:
         con.execute("UPDATE vars SET intval = intval - 1 WHERE name = 'data_version'")
     con.close()
-    node.start()
-    try:
-        node.run_trace(trace, start=k, stop=k + 5, init_after=k + 1)
-    finally:
-        node.close()
+    play(node, WORKLOAD, start=k, stop=k + 5, init_after=k + 1)
     logs = node.log_messages()
     thrown = [i for i, m in enumerate(logs) if THROWN_AWAY in m]
     assert len(thrown) == 1 and f"but the database {trace[k - 1][0]}" in logs[thrown[0]], logs
-    # the server asks for a compaction (its log outgrew the first, empty snapshot): that
-    # snapshot is copied from the database, and the mirror is rebuilt from it
-    copied = [i for i, m in enumerate(logs) if "mirror is not usable: copying the database" in m]
-    rebuilt = [i for i, m in enumerate(logs) if "mirror rebuilt at data_version" in m]
-    assert copied and rebuilt and thrown[0] < copied[0] < rebuilt[-1], logs
-    assert sqlite_dump(mirror) == sqlite_dump(node.db_path)
+    after = logs[thrown[0]:]
+    assert not [m for m in after if "copied the mirror at" in m], after
+    # if the server asked for a compaction meanwhile (its log outgrew the first, empty
+    # snapshot), that snapshot was copied from the database and rebuilt the mirror
+    rebuilt = [m for m in after if "mirror rebuilt at data_version" in m]
+    assert mirror.exists() == bool(rebuilt), after
+    if rebuilt:
+        assert [m for m in after if "mirror is not usable: copying the database" in m]
+        assert sqlite_dump(mirror) == sqlite_dump(node.db_path)
 
 
-def test_catch_up_from_the_mirror_recovers_byte_identical(
-        daemon: Target, daemon_b: Target, tmp_path: Path) -> None:
+def test_catch_up_from_the_mirror_recovers_byte_identical(daemons: Daemons,
+                                                          tmp_path: Path) -> None:
     """Two servers, quorum 1: B is stopped, comes back and is caught up by a snapshot
     copied from the mirror (no hook call copies the database); both servers' backups
     rebuild byte-identical to the node."""
-    trace = load_trace(WORKLOAD)
-    k1 = normal_call_at_or_after(trace, 250)
-    k2 = normal_call_at_or_after(trace, 450)
     keys = new_keys()
+    daemon, daemon_b = daemons(2)
     node = make_node(tmp_path, keys, [daemon, daemon_b], quorum=1)
-
-    def before(i: int, node: SimLightningd) -> None:
-        if i == k1:
-            daemon_b.kill()
-        elif i == k2:
-            daemon_b.restart()
-            wait_connected(node, daemon_b)
-
-    node.start()
-    final_dv = trace[-1][0]
-    try:
-        node.run_trace(trace, before_call=before)
-        wait_until(lambda: server_status(daemon_b, keys).tip_data_version == final_dv, 60,
-                   "server B to be caught up", step=0.5)
-    finally:
-        node.close()
+    play_with_b_returning(node, keys, daemon_b)
     from_mirror = logs_matching(node, "copied the mirror at data_version")
     assert from_mirror, node.log_messages()
     assert len(logs_matching(node, "copied the database at data_version")) == 1, \
@@ -222,15 +211,13 @@ def test_catch_up_from_the_mirror_recovers_byte_identical(
 
 
 def test_a_corrupted_mirror_is_detected_and_the_next_snapshot_copies_the_database(
-        daemon: Target, daemon_b: Target, tmp_path: Path) -> None:
-    trace = load_trace(WORKLOAD)
-    k0 = normal_call_at_or_after(trace, 150)
-    k1 = normal_call_at_or_after(trace, 250)
-    k2 = normal_call_at_or_after(trace, 450)
+        daemons: Daemons, tmp_path: Path) -> None:
+    k0 = normal_call_at_or_after(load_trace(WORKLOAD), 150)
     keys = new_keys()
+    daemon, daemon_b = daemons(2)
     node = make_node(tmp_path, keys, [daemon, daemon_b], quorum=1)
 
-    def before(i: int, node: SimLightningd) -> None:
+    def corrupt(i: int, node: SimLightningd) -> None:
         if i == k0:
             wait_mirror_in_step(node)
             with sqlite3.connect(mirror_of(node), timeout=30) as con:
@@ -238,20 +225,8 @@ def test_a_corrupted_mirror_is_detected_and_the_next_snapshot_copies_the_databas
             con.close()
             wait_until(lambda: plugin_status(node)["mirror"]["state"] == "discarded", 120,
                        "the check to find the difference")
-        elif i == k1:
-            daemon_b.kill()
-        elif i == k2:
-            daemon_b.restart()
-            wait_connected(node, daemon_b)
 
-    node.start()
-    final_dv = trace[-1][0]
-    try:
-        node.run_trace(trace, before_call=before)
-        wait_until(lambda: server_status(daemon_b, keys).tip_data_version == final_dv, 60,
-                   "server B to be caught up", step=0.5)
-    finally:
-        node.close()
+    play_with_b_returning(node, keys, daemon_b, corrupt)
     logs = node.log_messages()
 
     def where(text: str) -> list[int]:
