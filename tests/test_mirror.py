@@ -10,7 +10,6 @@ for time to pass.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sqlite3
 from collections.abc import Callable, Iterator
@@ -37,7 +36,6 @@ from test_realcln import daemon_for_client, daemon_server
 from traces import TRACES, expected_dump, load_trace, sqlite_dump
 
 from cldcb.plugin.mirror import MIRROR_NAME
-from cldcb.plugin.wrapper import read_wrapper, write_wrapper
 
 WORKLOAD = "cln-workload"
 THROWN_AWAY = "the mirror is thrown away"
@@ -129,9 +127,7 @@ def test_mirror_equals_the_database_after_each_trace(name: str, daemons: Daemons
 def test_mirror_off_copies_the_database_as_before(daemons: Daemons, tmp_path: Path) -> None:
     keys = new_keys()
     (daemon,) = daemons(1)
-    node = make_node(tmp_path, keys, [daemon])
-    assert node.wrapper is not None
-    write_wrapper(node.wrapper, dataclasses.replace(read_wrapper(node.wrapper), mirror=False))
+    node = make_node(tmp_path, keys, [daemon], mirror=False)
     name = "cln-crash-restart"
     play(node, name)
     assert restored_dump(daemon, keys, tmp_path / "restored.sqlite3") == expected_dump(name)
