@@ -11,7 +11,9 @@ for time to pass.
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -35,7 +37,8 @@ from test_plugin_harness import (
 from test_realcln import daemon_for_client, daemon_server
 from traces import TRACES, expected_dump, load_trace, sqlite_dump
 
-from cldcb.plugin.mirror import MIRROR_NAME
+from cldcb.dataversion import Kind
+from cldcb.plugin.mirror import MIRROR_NAME, Mirror, MirrorUnusable
 
 WORKLOAD = "cln-workload"
 THROWN_AWAY = "the mirror is thrown away"
@@ -276,3 +279,42 @@ def test_mirror_on_a_real_lightningd(realcln: RealCln, tmp_path: Path) -> None:
         assert log.count("mirror rebuilt at data_version") == 1, "built once, then kept"
     finally:
         server.stop()
+
+
+def test_the_mirror_copies_only_the_state_asked_for_and_follows_the_live_database(
+        tmp_path: Path) -> None:
+    """In process: a change is held until the live database shows it committed; a snapshot
+    is given only at the data_version the mirror holds (anything else is refused, and the
+    mirror stays usable)."""
+    live = tmp_path / "lightningd.sqlite3"
+    with sqlite3.connect(live) as con:
+        con.execute("CREATE TABLE vars (name TEXT PRIMARY KEY, intval INTEGER)")
+        con.execute("INSERT INTO vars VALUES ('data_version', 1)")
+    con.close()
+    base = tmp_path / "base.sqlite3"
+    shutil.copyfile(live, base)
+    said: list[str] = []
+    released = threading.Event()
+    mirror = Mirror(tmp_path / MIRROR_NAME, live, notify=lambda lvl, msg: said.append(msg))
+    mirror.start()
+    try:
+        mirror.rebuild(base, 1, 0, released.set)
+        bump = ["UPDATE vars SET intval = 2 WHERE name = 'data_version'"]
+        mirror.feed(0, 2, Kind.NORMAL, bump)
+        with pytest.raises(MirrorUnusable, match="holds data_version 1, not 2"):
+            mirror.snapshot(2, tmp_path).result(30)
+        copy = mirror.snapshot(1, tmp_path).result(30)
+        assert released.is_set() and mirror.usable and copy.data_version == 1
+        with sqlite3.connect(copy.path) as con:
+            assert con.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+        con.close()
+        copy.hook_done()
+        assert not copy.path.exists()
+        with sqlite3.connect(live) as con:          # lightningd commits change 2
+            con.execute(bump[0])
+        con.close()
+        wait_until(lambda: mirror.data_version == 2, 30, "the mirror to apply change 2")
+    finally:
+        mirror.close()
+    assert not [m for m in said if THROWN_AWAY in m], said
+    assert sqlite_dump(tmp_path / MIRROR_NAME) == sqlite_dump(live)
