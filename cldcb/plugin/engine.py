@@ -26,13 +26,18 @@ Each call ``(data_version, writes)``:
 
 3. While the call waits for ``quorum`` acknowledgements, servers that need a
    snapshot (they fell behind, or answered ``NeedSnapshot``) and servers that
-   asked for compaction get a copy taken inside this call, anchored at the
-   record that holds the copied state (``decision.link``). If the servers in
-   step can still make the quorum, that copy is *not blocking*: it is
-   uploaded in the background while records keep flowing, and a busy
-   database (the exclusive-lock hazard) only means trying again at a later
-   call. If they cannot, the call waits for the catch-up to finish, and a
-   busy database fails the call.
+   asked for compaction get a copy, anchored at the record that holds the
+   copied state (``decision.link``). If the servers in step can still make
+   the quorum, that copy is *not blocking*: with a usable local mirror
+   (:mod:`cldcb.plugin.mirror`) it is asked of the mirror at the state before
+   this call and nothing waits for it (one such copy at a time; it is handed
+   to the servers that need it when it is done); without one it is taken
+   inside this call. Either way it is uploaded in the background while records
+   keep flowing, and a busy database (the exclusive-lock hazard) only means
+   trying again at a later call. If they cannot, the copy is taken inside this
+   call, the call waits for the catch-up to finish, and a busy database fails
+   the call. Every copy taken inside a call while the mirror is not usable
+   rebuilds the mirror, and so does a blocking snapshot's copy.
 4. Servers that are unreachable are reconnected with backoff by their links
    while the call waits. If ``quorum`` is not reached within ``outage-limit``
    seconds (measured from the start of the call, or from the last progress
@@ -41,8 +46,9 @@ Each call ``(data_version, writes)``:
    change it answers (a protocol violation, see :mod:`cldcb.plugin.links`)
    counts for nothing.
 
-The local copy is always finished before the call is answered; it is deleted
-once no upload needs it.
+A local copy of the database is always finished before the call is answered;
+every copy (of the database or of the mirror) is deleted once no upload needs
+it. Each change recorded is also handed to the mirror (a queue put).
 
 The hot path (:meth:`Engine.db_write_now`): when every server is in step
 and idle and nothing else is due (no copy wanted, no compaction due), the
