@@ -69,20 +69,13 @@ next snapshot taken from lightningd's database rebuilds it.
 
 Checking (the mirror is checked, not trusted)
 ---------------------------------------------
-While it is usable the thread compares it with the live database, at most
-one *piece* every :data:`CHECK_INTERVAL` seconds and only when its queue is
-empty: first the schema (``sqlite_schema`` without root pages), then each
-table in ranges of rowid of at most :data:`PIECE_ROWS` rows and about
-:data:`PIECE_BYTES` bytes. Each piece is one short read transaction on the
-live database (read-only connection, no busy wait: a locked database just
-means later) that also reads ``vars.data_version``: the piece is compared
-only when the mirror holds that same data_version. A reader's SHARED lock
-makes lightningd's COMMIT wait (up to its 60 s busy timeout) rather than
-fail, so a piece is kept small: it holds lightningd for well under a
-millisecond on typical rows. On any difference the mirror is discarded and
-the log says where; the next snapshot comes from lightningd's database the
-old way (inside a hook call) and rebuilds it. A table WITHOUT ROWID (Core
-Lightning has none) is compared whole, in one piece.
+While it is usable the thread compares it with the live database
+(:mod:`cldcb.plugin.mirrorcheck`: small pieces, each a short read of the live
+database at the data_version the mirror holds), at most one piece every
+:data:`CHECK_INTERVAL` seconds and only when its queue is empty. On any
+difference the mirror is discarded and the log says where; the next snapshot
+comes from lightningd's database the old way (inside a hook call) and
+rebuilds it.
 
 Thread safety: :meth:`feed`, :meth:`snapshot`, :meth:`rebuild`,
 :meth:`close` and the read-only properties may be used from any thread;
@@ -100,7 +93,6 @@ import shutil
 import sqlite3
 import threading
 import time
-import urllib.parse
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -118,17 +110,15 @@ from cldcb.dataversion import (
     stand_in_hash,
 )
 from cldcb.errors import PluginError
-from cldcb.plugin.snapshot import LocalCopy, _mkstemp, read_data_version
+from cldcb.plugin.mirrorcheck import Checker, MirrorDiffers, is_busy
+from cldcb.plugin.snapshot import LocalCopy, _mkstemp, _ro_uri, read_data_version
 
 MIRROR_NAME = "cldcb-mirror.sqlite3"
 CHECK_INTERVAL = 0.1
 """Seconds between two pieces of the check (the throttle)."""
-PIECE_ROWS = 200
-PIECE_BYTES = 512 * 1024
 RETAIN = 256
 """Changes kept after they were walked, so that a rebuild can walk them again."""
 RETAIN_BYTES = 16 * 1024 * 1024
-_BUSY = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 Notify = Callable[[str, str], None]
 
@@ -171,22 +161,6 @@ class _Rebuild:
 _STOP = object()
 
 
-def _ro_uri(path: Path) -> str:
-    return "file:" + urllib.parse.quote(str(path.absolute())) + "?mode=ro"
-
-
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def _row_size(row: tuple[object, ...]) -> int:
-    return sum(len(v) if isinstance(v, (str, bytes)) else 8 for v in row)
-
-
-def _is_busy(exc: sqlite3.Error) -> bool:
-    return getattr(exc, "sqlite_errorcode", None) in _BUSY or "locked" in str(exc)
-
-
 class Mirror:
     """See the module docstring. :meth:`start` it, :meth:`close` it."""
 
@@ -211,17 +185,19 @@ class Mirror:
         self._usable = False
         self._applied_dv: int | None = None
         self._state = "starting"
-        self._tables: list[tuple[str, bool]] = []
-        self._cursor: tuple[int, int] = (-1, 0)   # (table index, next rowid); -1: schema
+        self._checker = Checker()
         self._next_check = 0.0
-        self.rounds = 0
-        """Complete checks that found the mirror equal to the live database."""
 
     # -- from any thread --------------------------------------------------------------------
     @property
     def usable(self) -> bool:
         """True while the mirror follows the stream (a snapshot may be asked of it)."""
         return self._usable and not self._closing
+
+    @property
+    def rounds(self) -> int:
+        """Complete checks that found the mirror equal to the live database."""
+        return self._checker.rounds
 
     @property
     def data_version(self) -> int | None:
@@ -303,7 +279,7 @@ class Mirror:
         """Run ``step``; a :class:`_Discard` or an SQLite error throws the mirror away."""
         try:
             step()
-        except _Discard as exc:
+        except (_Discard, MirrorDiffers) as exc:
             self._discard(str(exc))
         except (sqlite3.Error, OSError, DataVersionError, PluginError) as exc:
             self._discard(f"it cannot be used ({type(exc).__name__}: {exc})")
@@ -362,7 +338,7 @@ class Mirror:
         try:
             return read_data_version(self._live_conn())
         except sqlite3.Error as exc:
-            if _is_busy(exc):
+            if is_busy(exc):
                 return None
             raise
 
@@ -370,7 +346,7 @@ class Mirror:
         self._tip = snapshot_tip(data_version, STAND_IN_ANCHOR)
         self._held = None
         self._applied_dv = data_version
-        self._cursor = (-1, 0)
+        self._checker.restart()
         self._usable = True
         self._set_state("in-step")
 
@@ -533,92 +509,12 @@ class Mirror:
 
     # -- checking ---------------------------------------------------------------------------
     def _check_piece(self) -> None:
-        live = self._live_conn()
         conn = self._conn
         assert conn is not None
-        index, lo = self._cursor
-        try:
-            live.execute("BEGIN")
-            try:
-                live_dv = read_data_version(live)
-                if index < 0:
-                    live_rows = self._schema(live)
-                else:
-                    name, rowid = self._tables[index]
-                    live_rows, hi = self._piece(live, name, rowid, lo)
-            finally:
-                live.execute("COMMIT")
-        except sqlite3.Error as exc:
-            if _is_busy(exc):
-                return                      # lightningd is committing: later
-            if "no such table" in str(exc):
-                self._cursor = (-1, 0)      # a migration dropped it: start the round again
-                return
-            raise
-        if self._queue.empty():
-            self._confirm_from_live(live_dv)
-        if live_dv != self._applied_dv:
-            return                          # not the same state: later
-        if index < 0:
-            if self._schema(conn) != live_rows:
-                raise _Discard(f"its schema differs from the database's at data_version "
-                               f"{live_dv}")
-            self._tables = [(str(r[1]), "WITHOUT ROWID" not in str(r[3]).upper())
-                            for r in live_rows if r[0] == "table"]
-            self._advance(0, 0)
+        piece = self._checker.read_live(self._live_conn())
+        if piece is None:
             return
-        mirror_rows = self._range(conn, name, rowid, lo, hi)
-        if mirror_rows != live_rows:
-            where = f"rowid {lo} and after" if rowid else "the whole table"
-            raise _Discard(f"table {name} differs from the database's at data_version "
-                           f"{live_dv} ({where})")
-        if hi is None:
-            self._advance(index + 1, 0)
-        else:
-            self._cursor = (index, hi + 1)
-
-    def _advance(self, index: int, lo: int) -> None:
-        if index >= len(self._tables):
-            self.rounds += 1
-            self._cursor = (-1, 0)
-            self._on_state()
-        else:
-            self._cursor = (index, lo)
-
-    @staticmethod
-    def _schema(conn: sqlite3.Connection) -> list[tuple[object, ...]]:
-        return conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_schema "
-                            "ORDER BY type, name").fetchall()
-
-    @staticmethod
-    def _piece(conn: sqlite3.Connection, name: str, rowid: bool,
-               lo: int) -> tuple[list[tuple[object, ...]], int | None]:
-        """Rows of ``name`` from rowid ``lo`` (at most a piece's worth) and the last rowid
-        read, or None when the table ends within the piece."""
-        if not rowid:
-            return conn.execute(f"SELECT * FROM {_quote(name)} ORDER BY 1").fetchall(), None
-        cur = conn.execute(f"SELECT rowid, * FROM {_quote(name)} WHERE rowid >= ? "
-                           f"ORDER BY rowid LIMIT ?", (lo, PIECE_ROWS))
-        rows: list[tuple[object, ...]] = []
-        size = 0
-        for row in cur:
-            rows.append(row)
-            size += _row_size(row)
-            if size >= PIECE_BYTES:
-                break
-        else:
-            if len(rows) < PIECE_ROWS:
-                return rows, None
-        cur.close()
-        return rows, int(rows[-1][0])  # type: ignore[call-overload]
-
-    @staticmethod
-    def _range(conn: sqlite3.Connection, name: str, rowid: bool, lo: int,
-               hi: int | None) -> list[tuple[object, ...]]:
-        if not rowid:
-            return conn.execute(f"SELECT * FROM {_quote(name)} ORDER BY 1").fetchall()
-        if hi is None:
-            return conn.execute(f"SELECT rowid, * FROM {_quote(name)} WHERE rowid >= ? "
-                                "ORDER BY rowid", (lo,)).fetchall()
-        return conn.execute(f"SELECT rowid, * FROM {_quote(name)} WHERE rowid BETWEEN ? AND ? "
-                            "ORDER BY rowid", (lo, hi)).fetchall()
+        if self._queue.empty():
+            self._confirm_from_live(piece.data_version)
+        if piece.data_version == self._applied_dv and self._checker.compare(conn, piece):
+            self._on_state()                # a round found it equal
