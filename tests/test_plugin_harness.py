@@ -121,8 +121,9 @@ class Target:
 def make_node(root: Path, keys: Keys, targets: list[Target], *, quorum: int | None = None,
               outage_limit: float = 120, important: bool = True,
               cache_size: int | None = None, env: dict[str, str] | None = None,
-              hook_timeout: float = 180.0) -> SimLightningd:
-    """A simulated node whose wrapper backs it up to ``targets`` (registered here)."""
+              hook_timeout: float = 180.0, mirror: bool = True) -> SimLightningd:
+    """A simulated node whose wrapper backs it up to ``targets`` (registered here);
+    ``mirror`` False writes ``# mirror = off``."""
     for t in targets:
         t.register(keys)
     ld = root / "lightning"
@@ -131,7 +132,7 @@ def make_node(root: Path, keys: Keys, targets: list[Target], *, quorum: int | No
     cfg = WrapperConfig(client_id=keys.client_id, client_priv=keys.client_priv,
                         node_id=keys.node_id, servers=tuple(t.entry for t in targets),
                         quorum=quorum, outage_limit=outage_limit,
-                        plugin_path=default_plugin_path())
+                        plugin_path=default_plugin_path(), mirror=mirror)
     write_wrapper(wrapper, cfg)
     return SimLightningd(ld, wrapper, network=NETWORK, important=important,
                          cache_size=cache_size, env=dict(env or {}), hook_timeout=hook_timeout)

@@ -92,6 +92,19 @@ def test_wrapper_defaults() -> None:
         Path("/x")) == Path("/abs/db.sqlite3")
 
 
+def test_wrapper_mirror_option() -> None:
+    """On unless ``# mirror = off``; written only when off, so the wrappers written before
+    the option existed stay as they are."""
+    on = format_wrapper(config())
+    assert "mirror" not in on and parse(on).mirror is True
+    off = format_wrapper(config(mirror=False))
+    assert "# mirror = off" in off.splitlines() and parse(off) == config(mirror=False)
+    assert parse(off.replace("# mirror = off", "# mirror = ON")).mirror is True
+    with pytest.raises(PluginError) as err:
+        parse(off.replace("# mirror = off", "# mirror = no"))
+    assert "mirror must be `on` or `off`" in str(err.value)
+
+
 @pytest.mark.parametrize("edit, complaint", [
     (lambda t: t.replace("#!/bin/sh", "#!/bin/bash"), "first line"),
     (lambda t: t.replace("# quorum = 1", "# quorum = 3"), "quorum 3"),

@@ -27,13 +27,18 @@ Each call ``(data_version, writes)``:
 
 3. While the call waits for ``quorum`` acknowledgements, servers that need a
    snapshot (they fell behind, or answered ``NeedSnapshot``) and servers that
-   asked for compaction get a copy taken inside this call, anchored at the
-   record that holds the copied state (``decision.link``). If the servers in
-   step can still make the quorum, that copy is *not blocking*: it is
-   uploaded in the background while records keep flowing, and a busy
-   database (the exclusive-lock hazard) only means trying again at a later
-   call. If they cannot, the call waits for the catch-up to finish, and a
-   busy database fails the call.
+   asked for compaction get a copy, anchored at the record that holds the
+   copied state (``decision.link``). If the servers in step can still make
+   the quorum, that copy is *not blocking*: with a usable local mirror
+   (:mod:`cldcb.plugin.mirror`) it is asked of the mirror at the state before
+   this call and nothing waits for it (one such copy at a time; it is handed
+   to the servers that need it when it is done); without one it is taken
+   inside this call. Either way it is uploaded in the background while records
+   keep flowing, and a busy database (the exclusive-lock hazard) only means
+   trying again at a later call. If they cannot, the copy is taken inside this
+   call, the call waits for the catch-up to finish, and a busy database fails
+   the call. Every copy taken inside a call while the mirror is not usable
+   rebuilds the mirror, and so does a blocking snapshot's copy.
 4. Servers that are unreachable are reconnected with backoff by their links
    while the call waits. If ``quorum`` is not reached within ``outage-limit``
    seconds (measured from the start of the call, or from the last progress
@@ -42,8 +47,9 @@ Each call ``(data_version, writes)``:
    change it answers (a protocol violation, see :mod:`cldcb.plugin.links`)
    counts for nothing.
 
-The local copy is always finished before the call is answered; it is deleted
-once no upload needs it.
+A local copy of the database is always finished before the call is answered;
+every copy (of the database or of the mirror) is deleted once no upload needs
+it. Each change recorded is also handed to the mirror (a queue put).
 
 The hot path (:meth:`Engine.db_write_now`): when every server is in step
 and idle and nothing else is due (no copy wanted, no compaction due), the
@@ -60,6 +66,7 @@ call's start. Both paths make the same records and the same answers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import time
@@ -80,6 +87,7 @@ from cldcb.dataversion import (
 from cldcb.errors import CldcbError, PluginError, SealError
 from cldcb.ids import new_privkey, parse_node_id
 from cldcb.plugin.links import Connector, ServerLink
+from cldcb.plugin.mirror import Mirror
 from cldcb.plugin.recordlog import Entry, RecordLog
 from cldcb.plugin.snapshot import (
     CHUNK_SIZE,
@@ -139,7 +147,8 @@ class Engine:
     def __init__(self, cfg: WrapperConfig, workdir: Path, connect: Connector, *,
                  emit: Emit | None = None, chunk_size: int = CHUNK_SIZE,
                  chunk_delay: float = 0.0, busy_timeout: float = 1.0,
-                 startup_grace: float = STARTUP_GRACE, log_limit: int = LOG_LIMIT) -> None:
+                 startup_grace: float = STARTUP_GRACE, log_limit: int = LOG_LIMIT,
+                 mirror_path: Path | None = None) -> None:
         self.cfg = cfg
         self.workdir = workdir
         self.db_path = cfg.database_path(workdir)
@@ -173,6 +182,10 @@ class Engine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._hand_over_task: asyncio.Task[None] | None = None
         self._slow_running = False
+        self.mirror_path = mirror_path
+        self.mirror: Mirror | None = None
+        self._mirror_task: asyncio.Task[None] | None = None
+        self._mirror_seq: int | None = None     # next_seq of the copy asked of the mirror
 
     @property
     def busy(self) -> bool:
@@ -181,7 +194,16 @@ class Engine:
 
     # -- life --------------------------------------------------------------------------
     def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
+        if self.mirror_path is not None:
+            def soon(callback: Callable[..., None], *args: object) -> None:
+                with contextlib.suppress(RuntimeError):   # a thread outliving the loop
+                    loop.call_soon_threadsafe(callback, *args)
+
+            self.mirror = Mirror(self.mirror_path, self.db_path,
+                                 notify=lambda level, message: soon(self.emit, level, message),
+                                 on_state=lambda: soon(self.changed))
+            self.mirror.start()
         for link in self.links:
             link.start()
 
@@ -197,6 +219,10 @@ class Engine:
             self._patience.cancel()
             self._patience = None
         await asyncio.gather(*(link.stop() for link in self.links), return_exceptions=True)
+        if self.mirror is not None:
+            await asyncio.to_thread(self.mirror.close)
+        if self._mirror_task is not None:
+            await asyncio.gather(self._mirror_task, return_exceptions=True)
         for c in self.copies:
             c.users = 0
             c.hook_done()
@@ -329,7 +355,7 @@ class Engine:
         # before this method returns to the event loop).
         sent = all([server.send_now(seq, data_version, kind, link, sealed)
                     for server in self.links])
-        self._record(data_version, kind, link, sealed)
+        self._record(data_version, kind, link, sealed, writes)
         self.last_hook_dv = data_version
         hot = _HotCall(data_version, kind, seq, link, started, done)
         self._hot = hot
@@ -346,13 +372,17 @@ class Engine:
         return self.sealer.seal_change(dv, kind, link, writes, int(time.time() * 1000),
                                        replaces)
 
-    def _record(self, dv: int, kind: Kind, link: bytes, sealed: bytes) -> Entry:
+    def _record(self, dv: int, kind: Kind, link: bytes, sealed: bytes,
+                writes: list[str]) -> Entry:
         """Append the sealed change to the record log as the chain's next tip (``link``:
         the one :func:`decide` or :func:`next_link` gave; the tip is what
-        :func:`advance` makes of it)."""
+        :func:`advance` makes of it), and hand it to the mirror (a queue put)."""
         log = self.log
         assert log is not None
-        return log.append(dv, kind, link, sealed, Tip(dv, kind, item_hash(sealed), link))
+        entry = log.append(dv, kind, link, sealed, Tip(dv, kind, item_hash(sealed), link))
+        if self.mirror is not None:
+            self.mirror.feed(entry.seq, dv, kind, writes)
+        return entry
 
     def _patience_check(self) -> None:
         """A hot-path call without quorum after :data:`HOT_PATIENCE` goes to the general
@@ -427,6 +457,7 @@ class Engine:
                         "the wrapper this node's database?")
                 seq = log.reset(base)
                 copy.anchor, copy.next_seq, copy.fresh = anchor, seq + 1, True
+                self._rebuild_mirror(copy)
                 self.copies.append(copy)
                 hook.copy = copy
                 for server in self.links:
@@ -436,7 +467,7 @@ class Engine:
             assert decision.link is not None
             entry = self._record(dv, kind, decision.link,
                                  self._seal(dv, kind, decision.link, writes,
-                                            replaced_hash(log.head, decision)))
+                                            replaced_hash(log.head, decision)), writes)
             hook.anchor, hook.next_seq = entry.link, entry.seq
             self._wake_links()
             return await self._await_quorum(hook, entry.seq, deadline)
@@ -478,6 +509,8 @@ class Engine:
                 hook.copy_attempted = True
                 hook.copy_blocking = self._viable() < self.quorum
                 self.hook_blocking = hook.copy_blocking
+                if not hook.copy_blocking and self._copy_from_mirror(hook):
+                    continue
                 hook.copy_task = asyncio.ensure_future(self._copy(hook, hook.copy_blocking))
                 continue
             if hook.copy is not None and not hook.copy.fresh and compacting:
@@ -534,10 +567,73 @@ class Engine:
         copy.anchor, copy.next_seq = hook.anchor, hook.next_seq
         hook.copy = copy
         self.copies.append(copy)
+        if self.mirror is not None and not self.mirror.usable:
+            self._rebuild_mirror(copy)
         for link in self.links:
             if link.connected and link.needs_copy:
                 link.reserve(copy)
         self._wake_links()
+
+    # -- the mirror (see cldcb.plugin.mirror) -------------------------------------------------
+    def _rebuild_mirror(self, copy: LocalCopy) -> None:
+        """Rebuild the mirror from ``copy`` (a copy of lightningd's database), which is
+        kept until the mirror's thread has read it."""
+        mirror, loop = self.mirror, self._loop
+        if mirror is None or loop is None:
+            return
+        copy.acquire()
+        mirror.rebuild(copy.path, copy.data_version, copy.next_seq,
+                       lambda: loop.call_soon_threadsafe(copy.release))
+
+    def _copy_from_mirror(self, hook: _Hook) -> bool:
+        """Ask the mirror for the copy this call needs (state ``hook.expected_dv``); no
+        call waits for it. False when the mirror cannot be asked (then the database is
+        copied in this call, as without a mirror)."""
+        mirror = self.mirror
+        if mirror is None:
+            return False
+        if self._mirror_task is not None:
+            return True                       # one is coming
+        if not mirror.usable:
+            self.emit("info", "the mirror is not usable: copying the database in this call")
+            return False
+        future = mirror.snapshot(hook.expected_dv, self.workdir)   # queued behind the change
+        self._mirror_seq = hook.next_seq
+        self._mirror_task = asyncio.get_running_loop().create_task(
+            self._mirror_copy_done(asyncio.wrap_future(future), hook.anchor, hook.next_seq))
+        return True
+
+    async def _mirror_copy_done(self, future: asyncio.Future[LocalCopy], anchor: bytes,
+                                next_seq: int) -> None:
+        started = time.monotonic()
+        try:
+            copy = await future
+        except CldcbError as exc:
+            self.emit("unusual", f"no snapshot from the mirror ({exc}); trying again at a "
+                                 "later call")
+            return
+        finally:
+            self._mirror_task = None
+            self._mirror_seq = None
+            self.changed()
+        self.emit("info", f"copied the mirror at data_version {copy.data_version} "
+                          f"({copy.size} bytes) in {time.monotonic() - started:.2f} s; no "
+                          "hook call waited for it")
+        log = self.log
+        copy.anchor, copy.next_seq = anchor, next_seq
+        if self.closing or log is None or not log.holds(next_seq - 1):
+            copy.hook_done()                  # too late: the log moved past it
+            return
+        self.copies.append(copy)
+        for link in self.links:
+            if link.connected and link.needs_copy:
+                link.reserve(copy)
+        for link in self.links:
+            if link.compaction_due():
+                link.start_compaction(copy)
+        copy.hook_done()
+        self._wake_links()
+        self.changed()
 
     def _outage_text(self, dv: int, doing: str) -> str:
         parts = []
@@ -600,6 +696,8 @@ class Engine:
         for c in self.copies:
             if log.holds(c.next_seq - 1):
                 pins.append(c.next_seq - 1)
+        if self._mirror_seq is not None and log.holds(self._mirror_seq - 1):
+            pins.append(self._mirror_seq - 1)
         log.trim(min(pins), self.log_limit)
 
     # -- status ------------------------------------------------------------------------------
@@ -609,4 +707,6 @@ class Engine:
                 "data_version": self.acked_dv, "last_hook_data_version": self.last_hook_dv,
                 "last_hook_result": self.last_hook_result, "quorum": self.quorum,
                 "outage_limit": self.outage_limit,
-                "servers": [link.describe() for link in self.links]}
+                "servers": [link.describe() for link in self.links],
+                "mirror": (self.mirror.describe() if self.mirror is not None
+                           else {"state": "off"})}

@@ -11,8 +11,9 @@ to the plugin's record log, forever:
   behind while the log moved on, or it answered ``NeedSnapshot``): it needs a
   snapshot. If the engine has a usable local copy (one whose position is
   still in the log) the task uploads it and continues with the records after
-  it (a *catch-up*); otherwise it says so and waits: copies are only taken
-  inside a hook call, where the database cannot change under the reader.
+  it (a *catch-up*); otherwise it says so and waits: copies are taken inside
+  a hook call, where the database cannot change under the reader, or asked
+  of the local mirror from one (see :mod:`cldcb.plugin.engine`).
 
 Compaction (the server asked for a fresh snapshot) runs as a second task on
 the same connection, so records keep flowing while it uploads.

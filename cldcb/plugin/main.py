@@ -42,9 +42,10 @@ from cldcb.cli_common import require_protocol_pipes
 from cldcb.connection import Connection
 from cldcb.errors import CldcbError, ExitCode, PluginError
 from cldcb.malloc import keep_freed_memory
-from cldcb.plugin import jsonrpc
+from cldcb.plugin import jsonrpc, links
 from cldcb.plugin.engine import Engine, HookResult
 from cldcb.plugin.links import ServerConnection
+from cldcb.plugin.mirror import MIRROR_NAME
 from cldcb.plugin.snapshot import CHUNK_SIZE, remove_stale_copies
 from cldcb.plugin.status import STATUS_NAME, StatusWriter
 from cldcb.plugin.wrapper import WrapperConfig, exposed, read_wrapper
@@ -65,6 +66,8 @@ SHUTDOWN_QUIET = 2.0
 #: Test knobs (never secrets): slow down background snapshot uploads, smaller chunks.
 ENV_CHUNK_DELAY = "CLDCB_PLUGIN_TEST_CHUNK_DELAY"
 ENV_CHUNK_SIZE = "CLDCB_PLUGIN_TEST_CHUNK_SIZE"
+ENV_COMPACTION_INTERVAL = "CLDCB_PLUGIN_TEST_COMPACTION_INTERVAL"
+"""... and the least time between two snapshots (bench/stall.py puts compaction off with it)."""
 
 
 class Plugin:
@@ -85,8 +88,11 @@ class Plugin:
         self._lingering: asyncio.Task[None] | None = None
         delay = float(os.environ.get(ENV_CHUNK_DELAY, "0") or 0)
         size = int(os.environ.get(ENV_CHUNK_SIZE, str(CHUNK_SIZE)) or CHUNK_SIZE)
+        if os.environ.get(ENV_COMPACTION_INTERVAL):
+            links.COMPACTION_MIN_INTERVAL = float(os.environ[ENV_COMPACTION_INTERVAL])
         self.engine = Engine(cfg, workdir, self._connect, emit=self.log, chunk_delay=delay,
-                             chunk_size=size)
+                             chunk_size=size,
+                             mirror_path=workdir / MIRROR_NAME if cfg.mirror else None)
         self.status = StatusWriter(workdir / STATUS_NAME)
         self.engine.on_change = self._status_dirty
 

@@ -16,6 +16,7 @@ no environment. Grammar (DESIGN section 5)::
     # server = abcd…xyz.onion:29735 52… proxy=socks5://127.0.0.1:9050
     # quorum = 1
     # outage-limit = 300
+    # mirror = off
     exec '/absolute/path/to/cldcb-plugin' "$0"
 
 Rules of :func:`parse`:
@@ -38,7 +39,10 @@ Rules of :func:`parse`:
   working directory (``<lightning-dir>/<network>``) unless absolute;
 - ``quorum`` defaults to the number of servers (all), 1 ≤ quorum ≤ servers;
 - ``outage-limit`` (seconds, > 0) defaults to 300, or 900 when a server
-  is reached through a proxy (Tor).
+  is reached through a proxy (Tor);
+- ``mirror`` is ``on`` (the default: the plugin keeps a local mirror of the
+  database, see :mod:`cldcb.plugin.mirror`) or ``off`` (snapshots are copied
+  from lightningd's database inside a hook call); it is written only when off.
 
 Errors are :class:`~cldcb.errors.PluginError` naming the line; they never
 quote the secret key. :func:`format_wrapper` writes exactly this grammar,
@@ -84,7 +88,7 @@ PENDING_NAME = WRAPPER_NAME + ".pending"
 DEFAULT_DATABASE = "lightningd.sqlite3"
 DEFAULT_OUTAGE_LIMIT = 300.0
 HEADER = "# cldcb-plugin-wrapper, written by cldcb-client: it holds a secret key."
-_KEYS = ("cid", "cpk", "node", "database", "server", "quorum", "outage-limit")
+_KEYS = ("cid", "cpk", "node", "database", "server", "quorum", "outage-limit", "mirror")
 _CONFIG_LINE = re.compile(r"^#\s*([A-Za-z][A-Za-z0-9_-]*)\s*=\s*(.*?)\s*$")
 _HOSTPORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^:/@\s\[\]]+):(\d{1,5})$")
 _SSH = re.compile(r"^ssh://(?:[^@\s/]+@)?(\[[0-9A-Fa-f:.]+\]|[^:/@\s\[\]]+)(?::(\d{1,5}))?/?$")
@@ -145,6 +149,7 @@ class WrapperConfig:
     quorum: int | None = None          # None: all servers
     outage_limit: float = DEFAULT_OUTAGE_LIMIT
     plugin_path: str = ""
+    mirror: bool = True
 
     @property
     def effective_quorum(self) -> int:
@@ -283,10 +288,13 @@ def parse(text: str) -> WrapperConfig:
         outage = float(values.get("outage-limit", default_outage_limit(servers)))
     except ValueError:
         raise PluginError("wrapper: outage-limit must be a number of seconds") from None
+    mirror = values.get("mirror", "on").lower()
+    if mirror not in ("on", "off"):
+        raise PluginError(f"wrapper: mirror must be `on` or `off`, not {mirror!r}")
     cfg = WrapperConfig(client_id=values["cid"].lower(), client_priv=bytes.fromhex(cpk),
                         node_id=values["node"].lower(), servers=tuple(servers),
                         database=values.get("database", DEFAULT_DATABASE), quorum=quorum,
-                        outage_limit=outage, plugin_path=plugin_path)
+                        outage_limit=outage, plugin_path=plugin_path, mirror=mirror == "on")
     return cfg.validate()
 
 
@@ -330,6 +338,8 @@ def format_wrapper(cfg: WrapperConfig) -> str:
         lines.append(f"# quorum = {cfg.quorum}")
     limit = cfg.outage_limit
     lines.append(f"# outage-limit = {int(limit) if limit == int(limit) else limit}")
+    if not cfg.mirror:
+        lines.append("# mirror = off")
     lines.append(f"exec {shlex.quote(cfg.plugin_path)} \"$0\"")
     return "\n".join(lines) + "\n"
 
