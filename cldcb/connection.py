@@ -141,9 +141,19 @@ class _Channel(asyncssh.SSHClientSession[bytes]):
         self._owner._on_lost(exc)
 
 
+FETCH_QUEUE_BYTES = 8 << 20
+"""Sealed bytes of fetched items received but not yet taken by the reader of
+:meth:`Connection.fetch` before the channel's reading is paused (resumed below a quarter
+of it): a reader slower than the server (a replay running in a thread while the event
+loop is free to read) holds the server back through the SSH window instead of piling the
+whole backup up in memory."""
+
+
 class _FetchWaiter:
     def __init__(self) -> None:
         self.queue: asyncio.Queue[wire.Message | BaseException] = asyncio.Queue()
+        self.queued = 0                  # sealed bytes in the queue
+        self.paused = False
 
 
 WriteAnswer = wire.Ack | wire.NeedSnapshot | BaseException
@@ -279,6 +289,10 @@ class Connection:
         head = self._waiters[0]
         if isinstance(head, _FetchWaiter):
             head.queue.put_nowait(msg)
+            head.queued += len(getattr(msg, "sealed", b""))
+            if head.queued > FETCH_QUEUE_BYTES and not head.paused and self._chan is not None:
+                head.paused = True
+                self._chan.pause_reading()
             if isinstance(msg, (wire.FetchEnd, wire.Error)):
                 self._waiters.popleft()
             return
@@ -439,6 +453,11 @@ class Connection:
                 raise item
             if isinstance(item, wire.Error):
                 raise RemoteError(item.code, f"{self.spec.address}: {item.text}")
+            waiter.queued -= len(getattr(item, "sealed", b""))
+            if waiter.paused and waiter.queued < FETCH_QUEUE_BYTES // 4:
+                waiter.paused = False
+                if self._chan is not None and self._error is None:
+                    self._chan.resume_reading()
             yield item
             if isinstance(item, wire.FetchEnd):
                 return

@@ -6,13 +6,18 @@ after the items read before it."""
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import pytest
+from test_server_daemon import NODE, run, serving
+from test_server_daemon import Writer as DaemonWriter
 from test_server_quick import CLIENT_PRIV, SERVER_PRIV, Sink, make_store, settle
 
 from cldcb import wire
+from cldcb.connection import FETCH_QUEUE_BYTES, Connection
 from cldcb.ids import pubkey_of, server_id_from_pubkey
+from cldcb.seal import SnapshotSealer
 from cldcb.server.handler import FETCH_BATCH_BYTES, ServerCore, SessionHandler
 from cldcb.session import ClientSession, Received, Role
 from cldcb.store import ClientStore
@@ -102,3 +107,53 @@ def test_a_store_error_comes_after_the_records_read_before_it(
     assert [m.data_version for m in messages if isinstance(m, wire.FetchRecord)] == list(
         range(11, 16))
     assert not any(isinstance(m, wire.FetchEnd) for m in messages)
+
+
+# -- the reading end: a slow reader holds the server back ------------------------------
+
+def queued_bytes(fetched: object) -> tuple[int, bool]:
+    """Sealed bytes received for the fetch ``fetched`` (a running Connection.fetch) and
+    not yet taken; whether FetchEnd is among them."""
+    waiter = fetched.ag_frame.f_locals["waiter"]  # type: ignore[attr-defined]
+    items = list(waiter.queue._queue)
+    return (sum(len(getattr(m, "sealed", b"")) for m in items),
+            any(isinstance(m, wire.FetchEnd) for m in items))
+
+
+def test_a_slow_fetch_reader_pauses_the_connection(tmp_path: Path) -> None:
+    """40 MiB of snapshot chunks: while the reader does not take them, what the
+    connection holds stays near FETCH_QUEUE_BYTES (reading paused) instead of the whole
+    backup; then every chunk arrives, in order."""
+    chunks = 40
+    srv, (priv,) = serving(tmp_path, 1)
+    try:
+        async def body() -> tuple[int, list[int]]:
+            w = DaemonWriter(priv)
+            s = SnapshotSealer(NODE.pubkey, priv, os.urandom(32), w.dv, w.anchor)
+            async with await Connection.open(srv.spec, priv, Role.WRITER) as conn:
+                await conn.begin_snapshot(1, w.dv, w.anchor)
+                for i in range(chunks):
+                    await conn.send_chunk(1, i, s.seal_chunk(os.urandom(1 << 20)))
+                await conn.end_snapshot(1, chunks, s.seal_manifest(0))
+            async with await Connection.open(srv.spec, priv, Role.READER) as conn:
+                fetched = conn.fetch()
+                first = await anext(fetched)
+                assert isinstance(first, wire.FetchSnapshot)
+                most = 0
+                for _ in range(1000):                  # the reader is busy elsewhere
+                    held, ended = queued_bytes(fetched)
+                    most = max(most, held)
+                    waiter = fetched.ag_frame.f_locals["waiter"]  # type: ignore[attr-defined]
+                    if ended or getattr(waiter, "paused", False):
+                        break
+                    await asyncio.sleep(0.01)
+                held, _ = queued_bytes(fetched)
+                most = max(most, held)
+                rest = [m async for m in fetched]
+            return most, [m.index for m in rest if isinstance(m, wire.FetchChunk)]
+
+        most, indexes = run(body())
+    finally:
+        srv.stop()
+    assert indexes == list(range(chunks))
+    assert FETCH_QUEUE_BYTES // 2 < most <= FETCH_QUEUE_BYTES + (2 << 20)
