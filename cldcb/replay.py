@@ -84,7 +84,7 @@ from cldcb.errors import ReplayError
 _STATEMENT_PREVIEW = 60
 BATCH = 1000
 """Kept changes per transaction (fast mode; the durable mode commits each change)."""
-CACHE_KIB = 32 << 10
+CACHE_KIB = 16 << 10
 """SQLite's page cache in the fast mode: holds a large transaction's pages (bounded RSS)."""
 _DATA_VERSION = "SELECT intval FROM vars WHERE name = 'data_version'"
 

@@ -54,6 +54,7 @@ import glob
 import itertools
 import os
 import sqlite3
+import sys
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -71,6 +72,11 @@ from cldcb.seal import ChainVerifier, Change, EcdhKey, SnapshotOpener
 _SIDE_FILES = ("-journal", "-wal", "-shm")
 PIPELINE_DEPTH = 8
 """Jobs (a chunk to write, a batch of records to replay) queued for the rebuild's thread."""
+SWITCH_INTERVAL = 0.0005
+"""The interpreter's thread switch interval while a rebuild runs (Python's default is
+5 ms): the worker thread lets go of the GIL in every SQLite call and must get it back
+after each, while the event loop's thread verifies records without waiting on anything;
+at 5 ms per hand-over the replay would crawl."""
 REPLAY_BATCH = 256
 """Verified records handed to the rebuild's thread in one job."""
 _counter = itertools.count()
@@ -419,15 +425,18 @@ class Pipeline:
         self._pending.clear()
 
     def __enter__(self) -> Pipeline:
+        self._interval = sys.getswitchinterval()
+        sys.setswitchinterval(SWITCH_INTERVAL)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.halt()
         try:
+            self.halt()
             for fn in self._exits:
                 self._pool.submit(fn).result()
         finally:
             self._pool.shutdown(wait=True)
+            sys.setswitchinterval(self._interval)
 
 
 class _Replay:
