@@ -64,11 +64,14 @@ MAX_RECOGNITIONS = 1_000_000
 """Most recognition entries a client reads from one server (a million clients)."""
 
 SSH_WINDOW = 8 << 20
-SSH_MAX_PACKET = 256 << 10
+SSH_MAX_PACKET = 32 << 10
 """Channel window and largest packet this end accepts (asyncssh's defaults: 2 MiB and
-32 KiB). Snapshot chunks are 1 MiB: bigger packets mean 8 times fewer of them to
-encrypt, frame and parse at each end. OpenSSH's sshd keeps its own (smaller) limits
-for what it receives; the protocol works with any."""
+32 KiB). The large window keeps a 1 MiB snapshot chunk stream flowing; the packets stay
+small because the two ends work on a stream at the same time only packet by packet: a
+receiver decrypts one while the sender encrypts the next. Measured on a 512 MiB snapshot
+upload (3 alternating rounds, same load): 137–146 MB/s with 32 KiB packets, 92–119 MB/s
+with 256 KiB ones. OpenSSH's sshd keeps its own limits for what it receives; the
+protocol works with any."""
 
 _HOSTPORT = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:/@\s\[\]]+))"
                        r"(?::(?P<port>\d+))?$")
