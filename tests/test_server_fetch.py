@@ -12,14 +12,13 @@ from pathlib import Path
 import pytest
 from test_server_daemon import NODE, run, serving
 from test_server_daemon import Writer as DaemonWriter
-from test_server_quick import CLIENT_PRIV, SERVER_PRIV, Sink, make_store, settle
+from test_server_quick import SERVER_PRIV, Sink, make_store, open_session, settle
 
 from cldcb import wire
 from cldcb.connection import FETCH_QUEUE_BYTES, Connection
-from cldcb.ids import pubkey_of, server_id_from_pubkey
 from cldcb.seal import SnapshotSealer
-from cldcb.server.handler import FETCH_BATCH_BYTES, ServerCore, SessionHandler
-from cldcb.session import ClientSession, Received, Role
+from cldcb.server.handler import FETCH_BATCH_BYTES, ServerCore
+from cldcb.session import Received, Role
 from cldcb.store import ClientStore
 
 RECORDS = 400
@@ -46,14 +45,7 @@ async def fetch(folder: Path) -> tuple[list[wire.Message], int]:
     """Every message a reader's Fetch gets back, and the sink writes it took."""
     core = ServerCore(folder, SERVER_PRIV, threads=2)
     sink = CountingSink()
-    h = SessionHandler(core, sink)
-    h.start()
-    client = ClientSession(server_id_from_pubkey(pubkey_of(SERVER_PRIV)), CLIENT_PRIV,
-                           Role.READER, bytes(32))
-    h.data_received(client.start())
-    client.receive_data(await settle(h))
-    h.data_received(client.data_to_send())
-    client.receive_data(await settle(h))
+    h, client = await open_session(core, Role.READER, sink)
     before = sink.writes
     h.data_received(client.send(wire.Fetch(-1)))
     messages: list[wire.Message] = []
