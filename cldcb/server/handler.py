@@ -54,6 +54,11 @@ each other, not in front of other sessions' calls; and a session whose unanswere
 requests reach :data:`BACKLOG` or :data:`BACKLOG_BYTES` stops being read until half
 of them are answered (the SSH window then holds that client back, not the others).
 
+A fetch is read from the store in batches of up to :data:`FETCH_BATCH_BYTES` sealed
+bytes per worker call, each batch written to the transport in one piece, then drained
+(the client's SSH window paces it); a store error met while reading a batch is raised
+after the items read before it were sent.
+
 A writer whose records come one after another keeps its client's ``flock``
 from one record to the next (:class:`~cldcb.store.locks.Lease`), for 20 ms at
 most and never across another store call of the session.
