@@ -72,11 +72,14 @@ MAX_RECOGNITIONS = 1_000_000
 """Most recognition entries a client reads from one server (a million clients)."""
 
 SSH_WINDOW = 8 << 20
-SSH_MAX_PACKET = 256 << 10
+SSH_MAX_PACKET = 32 << 10
 """Channel window and largest packet this end accepts (asyncssh's defaults: 2 MiB and
-32 KiB). Snapshot chunks are 1 MiB: bigger packets mean 8 times fewer of them to
-encrypt, frame and parse at each end. OpenSSH's sshd keeps its own (smaller) limits
-for what it receives; the protocol works with any."""
+32 KiB). The large window keeps a 1 MiB snapshot chunk stream flowing; the packets stay
+small because the two ends work on a stream at the same time only packet by packet: a
+receiver decrypts one while the sender encrypts the next. Measured on a 512 MiB snapshot
+upload (3 alternating rounds, same load): 137–146 MB/s with 32 KiB packets, 92–119 MB/s
+with 256 KiB ones. OpenSSH's sshd keeps its own limits for what it receives; the
+protocol works with any."""
 
 _HOSTPORT = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:/@\s\[\]]+))"
                        r"(?::(?P<port>\d+))?$")
@@ -169,9 +172,19 @@ class _Channel(asyncssh.SSHClientSession[bytes]):
         self._owner._on_lost(exc)
 
 
+FETCH_QUEUE_BYTES = 8 << 20
+"""Sealed bytes of fetched items received but not yet taken by the reader of
+:meth:`Connection.fetch` before the channel's reading is paused (resumed below a quarter
+of it): a reader slower than the server (a replay running in a thread while the event
+loop is free to read) holds the server back through the SSH window instead of piling the
+whole backup up in memory."""
+
+
 class _FetchWaiter:
     def __init__(self) -> None:
         self.queue: asyncio.Queue[wire.Message | BaseException] = asyncio.Queue()
+        self.queued = 0                  # sealed bytes in the queue
+        self.paused = False
 
 
 WriteAnswer = wire.Ack | wire.NeedSnapshot | BaseException
@@ -319,6 +332,10 @@ class Connection:
         head = self._waiters[0]
         if isinstance(head, _FetchWaiter):
             head.queue.put_nowait(msg)
+            head.queued += len(getattr(msg, "sealed", b""))
+            if head.queued > FETCH_QUEUE_BYTES and not head.paused and self._chan is not None:
+                head.paused = True
+                self._chan.pause_reading()
             if isinstance(msg, (wire.FetchEnd, wire.Error)):
                 self._waiters.popleft()
             return
@@ -479,6 +496,11 @@ class Connection:
                 raise item
             if isinstance(item, wire.Error):
                 raise RemoteError(item.code, f"{self.spec.address}: {item.text}")
+            waiter.queued -= len(getattr(item, "sealed", b""))
+            if waiter.paused and waiter.queued < FETCH_QUEUE_BYTES // 4:
+                waiter.paused = False
+                if self._chan is not None and self._error is None:
+                    self._chan.resume_reading()
             yield item
             if isinstance(item, wire.FetchEnd):
                 return

@@ -12,15 +12,23 @@ How a change is applied:
   it on every connection it opens and it is not in the stream (without it,
   ``ON DELETE CASCADE``/``SET NULL`` do not fire; ``foreign_keys=False``
   exists to show that).
-* A normal change is one transaction: ``BEGIN``, its statements in order,
-  then a check that ``vars.data_version`` now equals the change's
-  data_version. The transaction is **left open**: the change may be a batch
+* A normal change is one savepoint: ``SAVEPOINT record``, its statements in
+  order, then a check that ``vars.data_version`` now equals the change's
+  data_version. The savepoint is **left open**: the change may be a batch
   lightningd never committed, which only the next change can tell. The next
-  change's decision closes it: COMMIT on APPEND, ROLLBACK on REPLACE.
-  :meth:`Replayer.finish` commits the last one (the newest record is always
+  change's decision closes it: ``RELEASE`` on APPEND (the change joins the
+  transaction), ``ROLLBACK TO`` on REPLACE (it leaves no trace).
+  :meth:`Replayer.finish` keeps the last one (the newest record is always
   kept: it was acknowledged before lightningd could act on it).
+* Large transactions: the savepoints of up to ``batch`` consecutive kept
+  changes live in one transaction (``BEGIN`` … ``COMMIT``), since a COMMIT per
+  change writes its pages to the file each time. The result is the database
+  one transaction per change gives (``batch=1``), the same ``.dump`` byte for
+  byte: each statement still sees exactly the changes before it, foreign keys
+  are immediate constraints (Core Lightning declares none deferred), so a
+  violation or a cascade happens at the statement, as in lightningd.
 * A PRAGMA-only change runs outside any transaction (SQLite ignores
-  ``PRAGMA foreign_keys`` inside one), after the pending transaction is
+  ``PRAGMA foreign_keys`` inside one), after the open transaction is
   committed.
 * A SNAPSHOT decision, a failing statement, a change whose kind does not match
   its statements or a data_version the change did not produce raises
@@ -28,11 +36,13 @@ How a change is applied:
   counted from the Replayer's first ``apply``) and data_version. Messages show
   at most the first 60 characters of a statement, since values inlined further
   on may be sensitive. After an error the database holds every record before
-  the failing one; close the Replayer.
+  the failing one (committed by :meth:`Replayer.finish` or
+  :meth:`Replayer.close`); close the Replayer.
 
 Durability: with ``durable=False`` (the default) the replay runs with
 ``PRAGMA synchronous = OFF`` and ``journal_mode = MEMORY`` (about six times
-faster on the channel trace: no fsync and no journal file per record), and
+faster on the channel trace: no fsync and no journal file per record), a
+page cache of :data:`CACHE_KIB` (a transaction's dirty pages stay in it), and
 :meth:`Replayer.finish` fsyncs the file once. Until ``finish`` returned, treat
 the file as scratch: a crash in the middle can leave it damaged (recovery
 rebuilds in a temporary file and moves it into place only afterwards). With
@@ -72,6 +82,11 @@ from cldcb.dataversion import (
 from cldcb.errors import ReplayError
 
 _STATEMENT_PREVIEW = 60
+BATCH = 1000
+"""Kept changes per transaction (fast mode; the durable mode commits each change)."""
+CACHE_KIB = 16 << 10
+"""SQLite's page cache in the fast mode: holds a large transaction's pages (bounded RSS)."""
+_DATA_VERSION = "SELECT intval FROM vars WHERE name = 'data_version'"
 
 
 def _preview(statement: str) -> str:
@@ -86,12 +101,14 @@ class Replayer:
 
     def __init__(self, db_path: Path, *, foreign_keys: bool = True,
                  decide_fn: DecideFn = decide, check_data_version: bool = True,
-                 durable: bool = False) -> None:
+                 durable: bool = False, batch: int | None = None) -> None:
         self._path = Path(db_path)
         self._durable = durable
         self._decide = decide_fn
         self._check = check_data_version
-        self._pending = False
+        self._batch = max(1, batch if batch is not None else 1 if durable else BATCH)
+        self._pending = False       # the newest change's savepoint is open
+        self._kept = 0              # changes kept in the open transaction
         self._position = 0
         try:
             self._conn = sqlite3.connect(self._path, isolation_level=None)
@@ -105,6 +122,7 @@ class Replayer:
             if not durable:
                 self._conn.execute("PRAGMA synchronous = OFF")
                 self._conn.execute("PRAGMA journal_mode = MEMORY")
+                self._conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
         except BaseException:
             self._conn.close()
             raise
@@ -183,21 +201,34 @@ class Replayer:
                     f"committed ({decision.reason}); the stream does not follow the "
                     "data_version rules"
                 )
-            self._end_pending("ROLLBACK")
+            self._undo_pending()
         else:
-            self._end_pending("COMMIT")
+            self._keep_pending()
         if kind is Kind.PRAGMA:
+            self._commit()
             self._run(where, writes)
         else:
-            self._run_transaction(where, data_version, writes)
+            self._run_change(where, data_version, writes)
         self._tip = advance(self._tip, data_version, kind, stand_in_hash(position),
                             decision=decision)
 
-    def _end_pending(self, verb: str) -> None:
+    def _keep_pending(self) -> None:
+        if self._pending:
+            self._pending = False
+            self._conn.execute("RELEASE record")
+            self._kept += 1
+
+    def _undo_pending(self) -> None:
         if self._pending:
             self._pending = False
             if self._conn.in_transaction:
-                self._conn.execute(verb)
+                self._conn.execute("ROLLBACK TO record")
+                self._conn.execute("RELEASE record")
+
+    def _commit(self) -> None:
+        self._kept = 0
+        if self._conn.in_transaction:
+            self._conn.execute("COMMIT")
 
     def _run(self, where: str, writes: Sequence[str]) -> None:
         for number, statement in enumerate(writes, start=1):
@@ -211,22 +242,35 @@ class Replayer:
                     "generation, and report it"
                 ) from err
 
-    def _run_transaction(self, where: str, data_version: int, writes: Sequence[str]) -> None:
-        self._conn.execute("BEGIN")
+    def _run_change(self, where: str, data_version: int, writes: Sequence[str]) -> None:
+        if self._kept >= self._batch:
+            self._commit()
+        if not self._conn.in_transaction:
+            self._conn.execute("BEGIN")
+        self._conn.execute("SAVEPOINT record")
+        self._pending = True
         try:
             self._run(where, writes)
             if self._check:
-                reached = self._read_data_version()
+                reached = self._reached()
                 if reached != data_version:
                     raise ReplayError(
                         f"{where} left vars.data_version at {reached}, not {data_version}: "
                         "the record does not belong on top of the records before it"
                     )
         except BaseException:
-            if self._conn.in_transaction:
-                self._conn.execute("ROLLBACK")
+            self._undo_pending()
             raise
-        self._pending = True
+
+    def _reached(self) -> int | None:
+        """``vars.data_version`` after a change (one query where ``vars`` exists)."""
+        try:
+            row = self._conn.execute(_DATA_VERSION).fetchone()
+        except sqlite3.Error:
+            return self._read_data_version()
+        if row is None or not isinstance(row[0], int):
+            return self._read_data_version()
+        return row[0]
 
     def finish(self) -> int:
         """Commit what is pending, make the file durable; return ``vars.data_version``.
@@ -235,7 +279,8 @@ class Replayer:
         applied afterwards, but the batch committed here can no longer be
         replaced.
         """
-        self._end_pending("COMMIT")
+        self._keep_pending()
+        self._commit()
         held = self._read_data_version()
         if not self._durable:
             try:
@@ -248,9 +293,11 @@ class Replayer:
         return 0 if held is None else held
 
     def close(self) -> None:
-        """Close the database; a batch still pending (no :meth:`finish`) is rolled back."""
+        """Close the database; a batch still pending (no :meth:`finish`) is rolled back,
+        the changes kept before it are committed."""
         try:
-            self._end_pending("ROLLBACK")
+            self._undo_pending()
+            self._commit()
         finally:
             self._conn.close()
 

@@ -6,17 +6,28 @@ READER session of the client) and the node key, :func:`rebuild`:
 
 1. sends ``Fetch`` (the newest state, or the state at one data_version);
 2. opens the snapshot's sealed manifest (:class:`~cldcb.seal.SnapshotOpener`),
-   then each chunk in order, writing the plaintext straight to the output
-   file (bounded memory: one chunk at a time, whatever the database's size);
-   ``finish`` checks the chunk count and total size the manifest names;
+   then each chunk in order; the plaintext is written to the output file by
+   the rebuild's worker thread (a :class:`Pipeline`) while the next chunks are
+   received and opened; ``finish`` checks the chunk count and total size the
+   manifest names;
 3. checks that the snapshot is the state its manifest names
    (``vars.data_version``);
 4. opens every record with :class:`~cldcb.seal.ChainVerifier` (its AEAD tag,
    its place in the chain: link to its effective predecessor, starting from
-   the snapshot's anchor) and applies it with :class:`~cldcb.replay.Replayer`
-   in its fast mode (``durable=False``; one fsync in ``finish``);
+   the snapshot's anchor) on the event loop, and hands the verified changes,
+   in batches of :data:`REPLAY_BATCH`, to the worker thread, which applies
+   them with :class:`~cldcb.replay.Replayer` in its fast mode
+   (``durable=False``: large transactions, one fsync in ``finish``). So
+   receiving, verifying and replaying overlap; nothing unverified is ever
+   applied, and the first failure stops the rest;
 5. checks the ``FetchEnd`` count, runs ``PRAGMA integrity_check`` and checks
    that ``vars.data_version`` equals the newest record's.
+
+Memory is bounded whatever the backup's size: at most
+:data:`PIPELINE_DEPTH` jobs wait for the worker thread, and while they do the
+connection stops reading once :data:`~cldcb.connection.FETCH_QUEUE_BYTES`
+were received and not taken (the server then waits on the SSH window).
+``Progress.replay`` is called from the worker thread.
 
 Any failure raises (a :class:`~cldcb.errors.ChainError` names the record:
 its position in the fetched stream, counted from 0, and its data_version)
@@ -32,22 +43,24 @@ the folder.
 result must be exactly at ``at``.
 
 After a failed :func:`rebuild` the connection may still be mid-fetch: close
-it. The connection's own buffering is bounded in practice by the event loop:
-the work here runs between reads of the socket, so the server is read only
-as fast as chunks and records are written and applied.
+it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import glob
 import itertools
 import os
 import sqlite3
+import sys
+from collections import deque
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from cldcb import wire
 from cldcb.dataversion import Kind, Tip
@@ -57,6 +70,15 @@ from cldcb.replay import Replayer
 from cldcb.seal import ChainVerifier, Change, EcdhKey, SnapshotOpener
 
 _SIDE_FILES = ("-journal", "-wal", "-shm")
+PIPELINE_DEPTH = 8
+"""Jobs (a chunk to write, a batch of records to replay) queued for the rebuild's thread."""
+SWITCH_INTERVAL = 0.0005
+"""The interpreter's thread switch interval while a rebuild runs (Python's default is
+5 ms): the worker thread lets go of the GIL in every SQLite call and must get it back
+after each, while the event loop's thread verifies records without waiting on anything;
+at 5 ms per hand-over the replay would crawl."""
+REPLAY_BATCH = 256
+"""Verified records handed to the rebuild's thread in one job."""
 _counter = itertools.count()
 
 
@@ -71,8 +93,9 @@ class Fetcher(Protocol):
 class Progress:
     """Progress callbacks, each optional.
 
-    ``download(done, total)``: plaintext snapshot bytes written so far, and the
-    snapshot's size; ``replay(records)``: records verified and applied so far.
+    ``download(done, total)``: plaintext snapshot bytes opened so far, and the
+    snapshot's size; ``replay(records)``: records verified and applied so far (called
+    from the rebuild's worker thread).
     """
 
     download: Callable[[int, int], None] | None = None
@@ -248,28 +271,34 @@ async def rebuild_from(messages: AsyncIterator[wire.Message], node: EcdhKey,
             raise SealError(f"{where}announced {first.chunk_count} chunks for the snapshot at "
                             f"data_version {manifest.data_version}, its manifest says "
                             f"{manifest.chunk_count}")
-        msg, written, received = await _download(it, opener, path, progress, where, received)
-        replayer = Replayer(path, durable=False)
-        try:
-            if replayer.data_version != manifest.data_version:
-                raise SealError(f"{where}the snapshot holds data_version "
-                                f"{replayer.data_version}, its manifest says "
-                                f"{manifest.data_version}")
+        with Pipeline() as pipe:
+            msg, written, received = await _download(it, opener, path, progress, where,
+                                                     received, pipe)
+            replay = _Replay(path)
+            pipe.at_exit(replay.close)
+            start = await pipe.call(replay.open)
+            if start != manifest.data_version:
+                raise SealError(f"{where}the snapshot holds data_version {start}, its "
+                                f"manifest says {manifest.data_version}")
             verifier = ChainVerifier(node, client_pub, manifest.data_version, manifest.anchor)
             count = 0
             newest_ms = manifest.time_ms
             past = False
+            batch: list[Change] = []
             while isinstance(msg, wire.FetchRecord):
                 count += 1
                 received += len(msg.sealed)
                 past = past or 0 <= at < msg.data_version
                 if not past:
                     change = _open_record(verifier, msg, where)
-                    replayer.apply(change.data_version, change.kind, change.writes)
+                    batch.append(change)
                     newest_ms = change.time_ms
-                    if progress.replay:
-                        progress.replay(verifier.position)
+                    if len(batch) >= REPLAY_BATCH:
+                        await pipe.submit(replay.apply, batch, progress.replay)
+                        batch = []
                 msg = await anext(it, None)
+            if batch:
+                await pipe.submit(replay.apply, batch, progress.replay)
             if not isinstance(msg, wire.FetchEnd):
                 raise SealError(f"{where}the fetch ended early (got "
                                 f"{type(msg).__name__ if msg else 'nothing'} after "
@@ -277,9 +306,7 @@ async def rebuild_from(messages: AsyncIterator[wire.Message], node: EcdhKey,
             if msg.record_count != count:
                 raise SealError(f"{where}sent {count} records but says it sent "
                                 f"{msg.record_count}")
-            data_version = replayer.finish()
-        finally:
-            replayer.close()
+            data_version = await pipe.call(replay.finish)
         reached = verifier.tip.data_version
         if data_version != reached:
             raise ReplayError(f"{where}the rebuilt database is at data_version {data_version}, "
@@ -301,9 +328,10 @@ async def rebuild_from(messages: AsyncIterator[wire.Message], node: EcdhKey,
 
 
 async def _download(it: AsyncIterator[wire.Message], opener: SnapshotOpener, path: Path,
-                    progress: Progress, where: str,
-                    received: int) -> tuple[wire.Message | None, int, int]:
-    """Write the snapshot's chunks to ``path``; return the message after them."""
+                    progress: Progress, where: str, received: int,
+                    pipe: Pipeline) -> tuple[wire.Message | None, int, int]:
+    """Write the snapshot's chunks to ``path`` (in ``pipe``'s thread, while the next ones
+    are received and opened); return the message after them."""
     total = opener.manifest.total_size
     written = 0
     fd = _create(path)
@@ -319,17 +347,133 @@ async def _download(it: AsyncIterator[wire.Message], opener: SnapshotOpener, pat
                 data = opener.open_chunk(msg.index, msg.sealed)
             except SealError as exc:
                 raise SealError(f"{where}{exc}") from None
-            _write_all(fd, data)
             written += len(data)
+            await pipe.submit(_write_all, fd, data)
+            del data
             if progress.download:
                 progress.download(written, total)
         try:
             opener.finish()
         except SealError as exc:
             raise SealError(f"{where}{exc}") from None
+        await pipe.wait()
+    except BaseException:
+        pipe.halt()                     # no write may follow the close of fd
+        raise
     finally:
         os.close(fd)
     return msg, written, received
+
+
+class Pipeline:
+    """Jobs run in order in one worker thread, at most ``depth`` of them waiting: the
+    event loop receives and opens the next items while the thread writes or replays the
+    ones before (SQLite and file writes let other threads run). Memory stays bounded: a
+    full pipeline makes :meth:`submit` wait (and the connection's reading pauses while
+    what it received is not taken).
+
+    A failed job fails every later one (they do not run); its exception is raised by the
+    :meth:`submit`, :meth:`wait` or :meth:`call` that awaits it. On leaving the ``with``
+    block the jobs not started are dropped, the ``at_exit`` callables run in the thread
+    (say, closing the SQLite connection it opened), and the thread ends.
+    """
+
+    def __init__(self, depth: int = PIPELINE_DEPTH) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cldcb-rebuild")
+        self._pending: deque[asyncio.Future[Any]] = deque()
+        self._depth = depth
+        self._failed = False
+        self._exits: list[Callable[[], None]] = []
+
+    def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if self._failed:
+            raise RecoveryError("stopped: an earlier step of the rebuild failed")
+        try:
+            return fn(*args)
+        except BaseException:
+            self._failed = True
+            raise
+
+    def _start(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        fut = asyncio.wrap_future(self._pool.submit(self._run, fn, *args))
+        self._pending.append(fut)
+        return fut
+
+    async def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Queue ``fn(*args)``; waits while ``depth`` jobs are queued."""
+        self._start(fn, *args)
+        while len(self._pending) > self._depth:
+            await self._pending.popleft()
+
+    async def wait(self) -> None:
+        """Until every queued job has run (raises the first failure)."""
+        while self._pending:
+            await self._pending.popleft()
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(*args)`` after the queued jobs; its result."""
+        fut = self._start(fn, *args)
+        await self.wait()
+        return fut.result()
+
+    def at_exit(self, fn: Callable[[], None]) -> None:
+        self._exits.append(fn)
+
+    def halt(self) -> None:
+        """Drop the queued jobs and wait (blocking) for the running one to end."""
+        self._failed = True
+        self._pool.submit(lambda: None).result()
+        for fut in self._pending:
+            if not fut.done():
+                fut.cancel()
+            elif not fut.cancelled():
+                fut.exception()         # raised by the first failure, awaited there
+        self._pending.clear()
+
+    def __enter__(self) -> Pipeline:
+        self._interval = sys.getswitchinterval()
+        sys.setswitchinterval(SWITCH_INTERVAL)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.halt()
+            for fn in self._exits:
+                self._pool.submit(fn).result()
+        finally:
+            self._pool.shutdown(wait=True)
+            sys.setswitchinterval(self._interval)
+
+
+class _Replay:
+    """The :class:`~cldcb.replay.Replayer` of a rebuild, used only in its pipeline's thread
+    (an SQLite connection stays in the thread that opened it)."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._replayer: Replayer | None = None
+        self._applied = 0
+
+    def open(self) -> int:
+        self._replayer = Replayer(self._path, durable=False)
+        return self._replayer.data_version
+
+    def apply(self, changes: list[Change], done: Callable[[int], None] | None) -> None:
+        assert self._replayer is not None
+        for change in changes:
+            self._replayer.apply(change.data_version, change.kind, change.writes)
+        self._applied += len(changes)
+        if done is not None:
+            done(self._applied)
+
+    def finish(self) -> int:
+        assert self._replayer is not None
+        return self._replayer.finish()
+
+    def close(self) -> None:
+        if self._replayer is not None:
+            self._replayer.close()
+            self._replayer = None
 
 
 def _open_record(verifier: ChainVerifier, msg: wire.FetchRecord, where: str) -> Change:

@@ -15,6 +15,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -189,6 +190,38 @@ def test_dropped_middle_record_is_named(tmp_path: Path, channels: Backup) -> Non
     msgs[-1] = wire.FetchEnd(len(channels.records()) - 1)
     _expect_failure(channels, tmp_path, msgs, ChainError,
                     rf"record #20 \(data_version {nxt.data_version}\)")
+
+
+def test_records_are_replayed_beside_the_stream(tmp_path: Path, channels: Backup) -> None:
+    """The replay runs in a worker thread, in batches, while the event loop receives and
+    verifies: the same database, every record applied once, in order."""
+    seen: list[tuple[str, int]] = []
+    progress = restore.Progress(replay=lambda n: seen.append(
+        (threading.current_thread().name, n)))
+    result = run_rebuild(channels, tmp_path / "out.sqlite3", progress=progress)
+    assert result.data_version == channels.data_version
+    assert seen and all(name != threading.main_thread().name for name, _ in seen)
+    counts = [n for _, n in seen]
+    assert counts == sorted(counts) and counts[-1] == len(channels.records())
+    assert len(counts) < len(channels.records())     # in batches, not one call per record
+
+
+def test_nothing_after_a_bad_record_is_applied(tmp_path: Path, channels: Backup) -> None:
+    """An altered record several replay batches in: the batches before it were applied
+    (in the worker), nothing from it on, and no file is left."""
+    n = 3 * restore.REPLAY_BATCH + 7
+    idx, rec = _record(channels, n)
+    sealed = bytearray(rec.sealed)
+    sealed[60] ^= 1
+    msgs = list(channels.messages)
+    msgs[idx] = replace(rec, sealed=bytes(sealed))
+    applied: list[int] = []
+    out = tmp_path / "out.sqlite3"
+    with pytest.raises(ChainError, match=rf"record #{n} \(data_version {rec.data_version}\)"):
+        run_rebuild(channels, out, messages=msgs,
+                    progress=restore.Progress(replay=applied.append))
+    assert applied and max(applied) <= n
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("out")]
 
 
 def test_relinked_record_is_named(tmp_path: Path, channels: Backup) -> None:

@@ -125,17 +125,23 @@ async def settle(h: SessionHandler) -> bytes:
     return h.sink.take()
 
 
-async def writer_session(core: ServerCore) -> SessionHandler:
-    """A handler whose session has been through the hello as the client's writer."""
-    h = SessionHandler(core, Sink())
+async def open_session(core: ServerCore, role: Role,
+                       sink: Sink | None = None) -> tuple[SessionHandler, ClientSession]:
+    """A handler and the client's end of its session, through the hello in ``role``."""
+    h = SessionHandler(core, sink or Sink())
     h.start()
     client = ClientSession(server_id_from_pubkey(pubkey_of(SERVER_PRIV)), CLIENT_PRIV,
-                           Role.WRITER, bytes(32))
+                           role, bytes(32))
     h.data_received(client.start())
     client.receive_data(await settle(h))
     h.data_received(client.data_to_send())
     assert client.receive_data(await settle(h)) and h.client_id == CID
-    return h
+    return h, client
+
+
+async def writer_session(core: ServerCore) -> SessionHandler:
+    """A handler whose session has been through the hello as the client's writer."""
+    return (await open_session(core, Role.WRITER))[0]
 
 
 async def serve(folder: Path, reads: list[bytes], *, quick: bool, inline: bool,

@@ -88,12 +88,15 @@ def sqlite_dump(db_path: Path) -> str:
 
 
 def replay_trace(name: str, db_path: Path, *, foreign_keys: bool = True,
-                 decide_fn: DecideFn = decide, calls: slice = slice(None)) -> int:
-    """Replay trace ``name`` (or the slice ``calls`` of it) into ``db_path``.
+                 decide_fn: DecideFn = decide, calls: slice = slice(None),
+                 batch: int | None = None) -> int:
+    """Replay trace ``name`` (or the slice ``calls`` of it) into ``db_path``, with
+    ``batch`` kept changes per transaction (the Replayer's default when None).
 
     Returns ``vars.data_version`` read back at the end.
     """
-    with Replayer(db_path, foreign_keys=foreign_keys, decide_fn=decide_fn) as replayer:
+    with Replayer(db_path, foreign_keys=foreign_keys, decide_fn=decide_fn,
+                  batch=batch) as replayer:
         for data_version, writes in _load(name)[calls]:
             replayer.apply(data_version, classify(writes), writes)
         return replayer.finish()

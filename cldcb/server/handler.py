@@ -55,6 +55,11 @@ each other, not in front of other sessions' calls; and a session whose unanswere
 requests reach :data:`BACKLOG` or :data:`BACKLOG_BYTES` stops being read until half
 of them are answered (the SSH window then holds that client back, not the others).
 
+A fetch is read from the store in batches of up to :data:`FETCH_BATCH_BYTES` sealed
+bytes per worker call, each batch written to the transport in one piece, then drained
+(the client's SSH window paces it); a store error met while reading a batch is raised
+after the items read before it were sent.
+
 A writer whose records come one after another keeps its client's ``flock``
 from one record to the next (:class:`~cldcb.store.locks.Lease`), for 20 ms at
 most and never across another store call of the session.
@@ -66,7 +71,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -97,6 +102,10 @@ it holds for the session grows with every pause."""
 INLINE_BYTES = 64 << 10
 """The largest record appended on the event loop thread; a bigger one always goes to a
 worker, so that its write and fsync never hold up the other sessions' requests."""
+FETCH_BATCH_BYTES = 1 << 20
+"""Sealed bytes of fetched items read from the store in one worker call and sent in one
+write (at least one item): a record is a few hundred bytes, and one call and one SSH packet
+per record would cost far more than the record itself."""
 COMPLAINT_PERIOD = 60.0
 """A client's malformed requests are logged at most once per this many seconds."""
 
@@ -615,16 +624,38 @@ class SessionHandler:
             count = 0
             for source in (plan.chunks(), plan.records()):
                 while True:
-                    item = await self._store(lambda _cs, src=source: next(src, None))
-                    if item is None:
-                        break
+                    items, failed = await self._store(lambda _cs, src=source: _take(src))
                     if self.session.closed:
                         return
-                    if isinstance(item, wire.FetchRecord):
-                        count += 1
-                    s.send(item)
+                    for item in items:
+                        if isinstance(item, wire.FetchRecord):
+                            count += 1
+                        s.send(item)
                     self._flush()
+                    if failed is not None:
+                        raise failed    # after the items read before it, as one by one
+                    if not items:
+                        break
+                    del items
                     await self.sink.drain()
             s.send(wire.FetchEnd(count))
         finally:
             await self._store(lambda _cs: plan.close())
+
+
+def _take(items: Iterator[wire.FetchChunk] | Iterator[wire.FetchRecord],
+          limit: int = FETCH_BATCH_BYTES
+          ) -> tuple[list[wire.FetchChunk | wire.FetchRecord], Exception | None]:
+    """The next items of a fetch, up to ``limit`` sealed bytes (at least one item; none
+    at the end), and the error that stopped reading them, if one did."""
+    out: list[wire.FetchChunk | wire.FetchRecord] = []
+    size = 0
+    try:
+        for item in items:
+            out.append(item)
+            size += len(item.sealed)
+            if size >= limit:
+                break
+    except Exception as exc:  # noqa: BLE001 - raised by the caller once `out` is sent
+        return out, exc
+    return out, None
