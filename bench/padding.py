@@ -26,7 +26,6 @@ Prints a table, then one JSON line (DESIGN §9).
 from __future__ import annotations
 
 import json
-import os
 import re
 import resource
 import sys
@@ -44,7 +43,7 @@ from measure import pct  # noqa: E402
 from traces import TRACES, load_trace  # noqa: E402
 
 from cldcb.dataversion import Kind, classify  # noqa: E402
-from cldcb.ids import pubkey_of  # noqa: E402
+from cldcb.ids import new_privkey, pubkey_of  # noqa: E402
 from cldcb.seal import (  # noqa: E402
     VERSION,
     RecordSealer,
@@ -101,8 +100,8 @@ def measure(trace: str, node_pub: bytes, client: bytes) -> dict[str, object]:
     first = [statement_type(w[0]) if w else "" for _, w in calls]
     shape = [" ; ".join(statement_type(s) for s in w) for _, w in calls]
     payment = [any(statement_type(s) == "INSERT payments" for s in w) for _, w in calls]
-    v1 = StreamSealer(node_pub, client, b"record", os.urandom(32), VERSION)
-    v2 = RecordSealer(node_pub, client, os.urandom(32))
+    v1 = StreamSealer(node_pub, client, b"record", new_privkey(), VERSION)
+    v2 = RecordSealer(node_pub, client, new_privkey())
     before, t_before = sealed_sizes(calls, lambda dv, kind, w: v1.seal(
         encode_change(w, 1), record_context(client_pub, dv, kind, link)))
     after, t_after = sealed_sizes(calls, lambda dv, kind, w: v2.seal_change(
@@ -124,8 +123,8 @@ def measure(trace: str, node_pub: bytes, client: bytes) -> dict[str, object]:
 
 
 def main() -> None:
-    node_pub = pubkey_of(os.urandom(32))
-    client = os.urandom(32)
+    node_pub = pubkey_of(new_privkey())
+    client = new_privkey()
     rows: list[dict[str, Any]] = [measure(trace, node_pub, client) for trace in TRACES]
     print(f"{'trace':18} {'records':>7} {'identifying':>17} {'shape ident.':>17} "
           f"{'sizes':>11} {'sealed bytes':>21} {'ratio':>6} {'seal p50 µs':>13}")

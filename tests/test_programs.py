@@ -57,7 +57,9 @@ def test_debug_on_the_server_after_the_command(tmp_path: Path) -> None:
 def test_plugin_debug_shows_the_traceback_of_a_bad_wrapper(tmp_path: Path) -> None:
     wrapper = tmp_path / "cldcb-plugin-wrapper"
     wrapper.write_text("not a wrapper\n")
-    done = run(PLUGIN, str(wrapper), "--debug")
+    # stdin and stdout pipes, as lightningd gives them (else it stops on those first)
+    done = subprocess.run([PLUGIN, str(wrapper), "--debug"], capture_output=True, text=True,
+                          input="", timeout=60)
     assert done.returncode == 1
     assert "Traceback" in done.stderr and "cldcb-plugin: error: " in done.stderr
 
