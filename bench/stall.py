@@ -148,7 +148,8 @@ class Run:
         while len(self.logs_since(mark, ": connected, holds")) < 2:       # not a snapshot's
             if time.monotonic() > connected:                         # stall, not measured
                 raise SystemExit("the plugin did not connect to both servers in 120 s")
-            time.sleep(0.01)
+            assert node.plugin is not None
+            node.plugin.pump(0.05)                   # (reads what the plugin logs)
         first = self.call(_small(self.calls))      # (no mirror: the copy is made in it)
         compact = [first] + self.stream_until(
             lambda: len([m for m in self.logs_since(mark, "compaction snapshot at")
