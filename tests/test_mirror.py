@@ -367,3 +367,22 @@ def test_the_mirror_copy_is_never_fsynced(tmp_path: Path) -> None:
     syncs = [line for line in trace.read_text().splitlines() if "sync(" in line]
     assert any(MIRROR_NAME in line for line in syncs), syncs      # (strace saw the mirror's)
     assert not [line for line in syncs if name in line], syncs
+
+
+def test_the_mirror_thread_runs_at_a_lower_cpu_priority(tmp_path: Path) -> None:
+    """Everything the mirror's thread does (apply, check, copy a whole database) is
+    background work: on a busy machine it yields the CPU to the hook path."""
+    import os
+
+    live = tmp_path / "lightningd.sqlite3"
+    sqlite3.connect(live).close()
+    mirror = Mirror(tmp_path / MIRROR_NAME, live, notify=lambda lvl, msg: None)
+    mirror.start()
+    try:
+        mirror.snapshot(1, tmp_path).exception(30)         # the thread has started
+        tid = mirror._thread.native_id                      # type: ignore[union-attr]
+        stat = Path(f"/proc/{os.getpid()}/task/{tid}/stat").read_text()
+        nice = int(stat.rsplit(")", 1)[1].split()[16])
+    finally:
+        mirror.close()
+    assert nice > os.nice(0)

@@ -38,7 +38,9 @@ A SNAPSHOT decision (a gap), a statement that fails, or a change that leaves
 another data_version means the mirror cannot follow: it is *discarded*
 (logged, its files deleted). The connection has ``foreign_keys`` on, as
 lightningd's has. The file is in WAL mode with ``synchronous = NORMAL``: a
-killed plugin leaves it consistent at the last change applied.
+killed plugin leaves it consistent at the last change applied. The thread
+runs :data:`BACKGROUND_NICE` nicer than the plugin (its work is all in the
+background), so on a busy machine it yields the CPU to the hook path.
 
 Snapshots (:meth:`Mirror.snapshot`)
 -----------------------------------
@@ -122,6 +124,21 @@ RETAIN = 256
 RETAIN_BYTES = 16 * 1024 * 1024
 
 Notify = Callable[[str, str], None]
+
+
+BACKGROUND_NICE = 10
+"""How much nicer than the plugin the mirror's thread runs (Linux: per thread)."""
+
+
+def _lower_priority() -> None:
+    """Make the calling thread yield the CPU to the hook path: all it does is background
+    work (on Linux ``setpriority`` on a thread id changes that thread only)."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid,
+                       min(19, os.getpriority(os.PRIO_PROCESS, tid) + BACKGROUND_NICE))
+    except (OSError, AttributeError):
+        pass                              # not permitted or not available: as it was
 
 
 class MirrorUnusable(PluginError):
@@ -239,6 +256,7 @@ class Mirror:
 
     # -- the thread -------------------------------------------------------------------------
     def _run(self) -> None:
+        _lower_priority()
         try:
             self._open_existing()
             while True:
