@@ -319,3 +319,70 @@ def test_the_mirror_copies_only_the_state_asked_for_and_follows_the_live_databas
         mirror.close()
     assert not [m for m in said if THROWN_AWAY in m], said
     assert sqlite_dump(tmp_path / MIRROR_NAME) == sqlite_dump(live)
+
+
+_COPY_CHILD = """
+import shutil, sqlite3, sys, threading
+from pathlib import Path
+from cldcb.dataversion import Kind
+from cldcb.plugin.mirror import MIRROR_NAME, Mirror
+tmp = Path(sys.argv[1])
+live = tmp / "lightningd.sqlite3"
+con = sqlite3.connect(live, isolation_level=None)
+con.execute("CREATE TABLE vars (name TEXT PRIMARY KEY, intval INTEGER)")
+con.execute("CREATE TABLE filler (data BLOB)")
+con.execute("INSERT INTO filler VALUES (zeroblob(1000000))")
+con.execute("INSERT INTO vars VALUES ('data_version', 1)")
+con.close()
+shutil.copyfile(live, tmp / "base.sqlite3")
+mirror = Mirror(tmp / MIRROR_NAME, live, notify=lambda lvl, msg: None)
+mirror.start()
+mirror.rebuild(tmp / "base.sqlite3", 1, 0, threading.Event().set)
+copy = mirror.snapshot(1, tmp).result(30)
+print("COPY", copy.path.name, flush=True)
+mirror.close()
+"""
+
+
+def test_the_mirror_copy_is_never_fsynced(tmp_path: Path) -> None:
+    """The copy is a temporary file read back at once for the upload: syncing it wrote a
+    whole database to the disk in the mirror's thread, and every fsync of lightningd and
+    of the servers on the same disk waited behind it (a stall of ~100 ms per 256 MiB
+    here). The system calls are seen with strace."""
+    import os
+    import subprocess
+    import sys
+
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.skip("strace is not installed")
+    trace = tmp_path / "strace.out"
+    out = subprocess.run([strace, "-f", "-y", "-o", str(trace), "-e", "trace=fsync,fdatasync",
+                          sys.executable, "-c", _COPY_CHILD, str(tmp_path)],
+                         capture_output=True, text=True, timeout=120, env=os.environ.copy())
+    if out.returncode != 0 and "ptrace" in out.stderr:
+        pytest.skip(f"strace cannot trace here: {out.stderr.strip()}")
+    assert out.returncode == 0, out.stderr
+    name = next(line.split()[1] for line in out.stdout.splitlines() if line.startswith("COPY"))
+    syncs = [line for line in trace.read_text().splitlines() if "sync(" in line]
+    assert any(MIRROR_NAME in line for line in syncs), syncs      # (strace saw the mirror's)
+    assert not [line for line in syncs if name in line], syncs
+
+
+def test_the_mirror_thread_runs_at_a_lower_cpu_priority(tmp_path: Path) -> None:
+    """Everything the mirror's thread does (apply, check, copy a whole database) is
+    background work: on a busy machine it yields the CPU to the hook path."""
+    import os
+
+    live = tmp_path / "lightningd.sqlite3"
+    sqlite3.connect(live).close()
+    mirror = Mirror(tmp_path / MIRROR_NAME, live, notify=lambda lvl, msg: None)
+    mirror.start()
+    try:
+        mirror.snapshot(1, tmp_path).exception(30)         # the thread has started
+        tid = mirror._thread.native_id                      # type: ignore[union-attr]
+        stat = Path(f"/proc/{os.getpid()}/task/{tid}/stat").read_text()
+        nice = int(stat.rsplit(")", 1)[1].split()[16])
+    finally:
+        mirror.close()
+    assert nice > os.nice(0)

@@ -19,6 +19,7 @@ from cldcb import wire
 from cldcb.errors import StoreError
 from cldcb.seal import SnapshotSealer
 from cldcb.store import OsFileLayer, Store
+from cldcb.store.snapshots import WRITEBACK_AHEAD
 
 CID = client_id()
 Fault = Callable[[str, Path], "OSError | None"]
@@ -32,6 +33,7 @@ class Recorder(OsFileLayer):
         self.paths: dict[int, Path] = {}
         self.fault: Fault | None = None
         self.max_write: int | None = None
+        self.writebacks: list[tuple[int, int, bool]] = []      # (offset, length, wait)
 
     def _op(self, op: str, path: Path, name: str | None = None) -> None:
         self.ops.append((op, name or path.name))
@@ -85,6 +87,10 @@ class Recorder(OsFileLayer):
     def fsync_dir(self, path: Path) -> None:
         self._op("fsync_dir", path)
         super().fsync_dir(path)
+
+    def writeback(self, fd: int, offset: int, length: int, *, wait: bool) -> None:
+        self.writebacks.append((offset, length, wait))
+        super().writeback(fd, offset, length, wait=wait)
 
 
 def once(op: str, match: str, err: int) -> Fault:
@@ -260,6 +266,28 @@ def test_failed_snapshot_commit_is_not_visible(w: Writer, rec: Recorder, tmp_pat
     again = fresh(tmp_path)
     assert again.cs.status().snapshot_data_version == 10
     assert [dv for dv, _ in verify(again.cs).records] == [11, 12, 13, 14]  # type: ignore
+
+
+def test_an_upload_is_written_back_as_it_arrives(w: Writer, rec: Recorder) -> None:
+    """A snapshot's chunks are put on their way to the disk as they come, and the upload
+    waits for the bytes more than WRITEBACK_AHEAD behind, so that the commit's fsync
+    (and every record fsync meanwhile) never waits behind a whole database of dirty
+    pages (a stall of hundreds of ms per GiB here)."""
+    up = w.cs.begin_snapshot(20, bytes(32), w.now())
+    chunk = b"x" * (1 << 20)
+    done = 0
+    for i in range(WRITEBACK_AHEAD // len(chunk) * 3):
+        up.add_chunk(i, chunk)
+        started = [(o, n) for o, n, wait in rec.writebacks if not wait]
+        waited = [(o, n) for o, n, wait in rec.writebacks if wait]
+        assert started and started[-1][0] + started[-1][1] == up.temp.size
+        done = 0
+        for o, n in waited:                                   # in order, no gap
+            assert o == done
+            done += n
+        assert up.temp.size - done <= WRITEBACK_AHEAD + len(chunk) + 64
+    assert done > 0
+    up.abort()
 
 
 def test_failed_chunk_write_aborts_the_upload(w: Writer, rec: Recorder) -> None:

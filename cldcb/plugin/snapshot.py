@@ -86,7 +86,8 @@ class LocalCopy:
     ``anchor`` is what its manifest names (the hash of the record holding that
     state, or 32 fresh random bytes); ``next_seq`` the position in the
     :class:`~cldcb.plugin.recordlog.RecordLog` of the first record that goes
-    on top of it. The file is deleted once nobody uses it (:meth:`release`).
+    on top of it. The file is deleted once nobody uses it (:meth:`release`), by a
+worker thread when that happens on the event loop.
     """
 
     path: Path
@@ -97,6 +98,7 @@ class LocalCopy:
     users: int = 0
     in_hook: bool = True
     fresh: bool = False     # anchored at fresh random bytes (a blocking snapshot)
+    deleting: bool = False  # nobody uses it any more: being deleted, off the event loop
     taken_ms: int = field(default_factory=lambda: int(time.time() * 1000))
 
     def acquire(self) -> None:
@@ -112,14 +114,31 @@ class LocalCopy:
 
     @property
     def alive(self) -> bool:
-        return self.path.exists()
+        return not self.deleting and self.path.exists()
 
     def _maybe_delete(self) -> None:
-        if self.users == 0 and not self.in_hook:
-            try:
-                self.path.unlink()
-            except FileNotFoundError:
-                pass
+        if self.users == 0 and not self.in_hook and not self.deleting:
+            self.deleting = True
+            _delete_soon(self.path)
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _delete_soon(path: Path) -> None:
+    """Delete ``path``: in a worker thread when called on the event loop (unlinking a copy
+    of a large database takes ext4 tens of ms per GiB: a stall of every hook call waiting
+    on the loop), at once otherwise. ``asyncio.run`` waits for it before it returns."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        _unlink(path)
+        return
+    loop.run_in_executor(None, _unlink, path)
 
 
 def remove_stale_copies(folder: Path) -> int:

@@ -102,7 +102,10 @@ Snapshots
 ---------
 :meth:`ClientStore.begin_snapshot` makes ``snapshots/upload-*.part``;
 :meth:`SnapshotUpload.add_chunk` appends chunk frames (indexes 0, 1, 2, …;
-anything else aborts the upload), unsynced, so memory stays bounded;
+anything else aborts the upload), unsynced, so memory stays bounded, each
+put on its way to the disk as it comes (at most
+:data:`~cldcb.store.snapshots.WRITEBACK_AHEAD` bytes waiting, so that the
+final fsync is short and record fsyncs never queue behind it);
 :meth:`SnapshotUpload.commit` then:
 
 1. checks the chunk count and the quota;

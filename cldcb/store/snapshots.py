@@ -6,7 +6,11 @@ A snapshot file is::
 
 It is written as ``upload-*.part`` (flock'ed by the process writing it, so
 that another opener never takes a live upload for debris), fsynced, renamed
-to its final name and the folder fsynced; only then does it exist.
+to its final name and the folder fsynced; only then does it exist. While it
+is received its chunks are put on their way to the disk as they come, at
+most :data:`WRITEBACK_AHEAD` bytes of it waiting (``sync_file_range``, not a
+durability point), so that its final fsync is short and never holds the
+record fsyncs on the same disk behind a whole database of dirty pages.
 """
 
 from __future__ import annotations
@@ -160,6 +164,10 @@ def damaged_files(fs: FileLayer, folder: Path) -> list[tuple[int, Path]]:
             if (m := _SNAP.match(name)) and m.group(2)]
 
 
+WRITEBACK_AHEAD = 8 << 20
+"""Bytes of an upload written but not yet waited onto the disk, at most (plus a chunk)."""
+
+
 class TempSnapshot:
     """A snapshot being uploaded: chunks streamed to a temp file, bounded memory."""
 
@@ -183,6 +191,7 @@ class TempSnapshot:
         crashpoint("snapshot.after_create_temp")
         self.size = 0
         self.chunks = 0
+        self._written_back = 0
         self.trailer_offset = 0
         self._write(SNAPSHOT_HEADER)
 
@@ -193,9 +202,24 @@ class TempSnapshot:
 
     def add_chunk(self, index: int, sealed: bytes) -> None:
         crashpoint("snapshot.before_chunk_write")
+        start = self.size
         self._write(encode_chunk(index, sealed))
         crashpoint("snapshot.after_chunk_write")
         self.chunks += 1
+        self._write_back(start)
+
+    def _write_back(self, start: int) -> None:
+        """Start writing the bytes from ``start`` to the disk, and wait for those more than
+        :data:`WRITEBACK_AHEAD` behind: otherwise a whole database's dirty pages pile up
+        and the commit's fsync writes them all at once, which holds every other fsync on
+        the disk (each record's) for as long (ext4 commits its journal in order)."""
+        assert self._fd is not None
+        self.fs.writeback(self._fd, start, self.size - start, wait=False)
+        behind = self.size - WRITEBACK_AHEAD
+        if behind > self._written_back:
+            self.fs.writeback(self._fd, self._written_back, behind - self._written_back,
+                              wait=True)
+            self._written_back = behind
 
     def finish(self, trailer: bytes) -> None:
         """Write the trailer and footer, fsync, close."""
