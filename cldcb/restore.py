@@ -15,15 +15,11 @@ READER session of the client) and the node key, :func:`rebuild`:
 4. opens every record with :class:`~cldcb.seal.ChainVerifier` (its AEAD tag,
    its place in the chain: link to its effective predecessor, starting from
    the snapshot's anchor) on the event loop, and hands the verified changes,
-   in batches of :data:`REPLAY_BATCH`, to the worker thread, which passes
-   them to a :class:`~cldcb.replayproc.ReplayProcess`: a child process (started
-   before the download, so its start overlaps it) applies them with
-   :class:`~cldcb.replay.Replayer` in its fast mode (``durable=False``: large
-   transactions, one fsync in ``finish``), on a core of its own rather than
-   sharing this process's GIL with the event loop. So receiving, verifying and
-   replaying overlap; nothing unverified is ever applied, and the first
-   failure stops the rest; the child is ended (its database closed) before
-   the output file is removed or checked;
+   in batches of :data:`REPLAY_BATCH`, to the worker thread, which applies
+   them with :class:`~cldcb.replay.Replayer` in its fast mode
+   (``durable=False``: large transactions, one fsync in ``finish``). So
+   receiving, verifying and replaying overlap; nothing unverified is ever
+   applied, and the first failure stops the rest;
 5. checks the ``FetchEnd`` count, runs ``PRAGMA integrity_check`` and checks
    that ``vars.data_version`` equals the newest record's.
 
@@ -70,7 +66,7 @@ from cldcb import wire
 from cldcb.dataversion import Kind, Tip
 from cldcb.durable import fsync_dir
 from cldcb.errors import ChainError, RecoveryError, ReplayError, SealError
-from cldcb.replayproc import ReplayProcess
+from cldcb.replay import Replayer
 from cldcb.seal import ChainVerifier, Change, EcdhKey, SnapshotOpener
 
 _SIDE_FILES = ("-journal", "-wal", "-shm")
@@ -78,9 +74,9 @@ PIPELINE_DEPTH = 8
 """Jobs (a chunk to write, a batch of records to replay) queued for the rebuild's thread."""
 SWITCH_INTERVAL = 0.0005
 """The interpreter's thread switch interval while a rebuild runs (Python's default is
-5 ms): the worker thread lets go of the GIL in every write and every call to the replay
-process and must get it back after each, while the event loop's thread verifies records
-without waiting on anything; at 5 ms per hand-over the worker would crawl."""
+5 ms): the worker thread lets go of the GIL in every SQLite call and must get it back
+after each, while the event loop's thread verifies records without waiting on anything;
+at 5 ms per hand-over the replay would crawl."""
 REPLAY_BATCH = 256
 """Verified records handed to the rebuild's thread in one job."""
 _counter = itertools.count()
@@ -276,10 +272,10 @@ async def rebuild_from(messages: AsyncIterator[wire.Message], node: EcdhKey,
                             f"data_version {manifest.data_version}, its manifest says "
                             f"{manifest.chunk_count}")
         with Pipeline() as pipe:
-            replay = ReplayProcess(path)
-            pipe.at_exit(replay.close)
             msg, written, received = await _download(it, opener, path, progress, where,
                                                      received, pipe)
+            replay = _Replay(path)
+            pipe.at_exit(replay.close)
             start = await pipe.call(replay.open)
             if start != manifest.data_version:
                 raise SealError(f"{where}the snapshot holds data_version {start}, its "
@@ -447,6 +443,37 @@ class Pipeline:
         finally:
             self._pool.shutdown(wait=True)
             sys.setswitchinterval(self._interval)
+
+
+class _Replay:
+    """The :class:`~cldcb.replay.Replayer` of a rebuild, used only in its pipeline's thread
+    (an SQLite connection stays in the thread that opened it)."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._replayer: Replayer | None = None
+        self._applied = 0
+
+    def open(self) -> int:
+        self._replayer = Replayer(self._path, durable=False)
+        return self._replayer.data_version
+
+    def apply(self, changes: list[Change], done: Callable[[int], None] | None) -> None:
+        assert self._replayer is not None
+        for change in changes:
+            self._replayer.apply(change.data_version, change.kind, change.writes)
+        self._applied += len(changes)
+        if done is not None:
+            done(self._applied)
+
+    def finish(self) -> int:
+        assert self._replayer is not None
+        return self._replayer.finish()
+
+    def close(self) -> None:
+        if self._replayer is not None:
+            self._replayer.close()
+            self._replayer = None
 
 
 def _open_record(verifier: ChainVerifier, msg: wire.FetchRecord, where: str) -> Change:
