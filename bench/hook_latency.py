@@ -282,6 +282,10 @@ def _server(server: Any) -> tuple[Any, bytes]:
     return server.start(), client
 
 
+MIRROR = True
+"""The plugin's local mirror (``--mirror``): its cost is measured by a run with it off."""
+
+
 def plugin_node(ld: Path, client: bytes, node_pub: bytes, entry: Any) -> Any:
     """A simulated lightningd in ``ld`` whose cldcb plugin backs up to ``entry`` only."""
     from simlightningd import SimLightningd
@@ -294,7 +298,7 @@ def plugin_node(ld: Path, client: bytes, node_pub: bytes, entry: Any) -> Any:
     write_wrapper(wrapper, WrapperConfig(
         client_id=client_id_from_pubkey(pubkey_of(client)), client_priv=client,
         node_id=node_id_from_pubkey(node_pub), servers=(entry,),
-        plugin_path=default_plugin_path()))
+        plugin_path=default_plugin_path(), mirror=MIRROR))
     return SimLightningd(ld, wrapper)
 
 
@@ -444,7 +448,11 @@ def main() -> None:
     ap.add_argument("--no-pacing", action="store_true",
                     help="send the floor's and the direct row's requests back to back, "
                          "not at the rate of the simulated lightningd's calls")
+    ap.add_argument("--mirror", choices=("on", "off"), default="on",
+                    help="the plugin's local mirror (the wrapper's `mirror =`)")
     args = ap.parse_args()
+    global MIRROR
+    MIRROR = args.mirror == "on"
     if args.echo_plugin:
         echo_plugin()
         return
