@@ -202,6 +202,14 @@ def proxy_option(func: F) -> F:
              "their order ('direct' for none).")(func)
 
 
+def route_override_option(func: F) -> F:
+    """``--proxy`` of a command that reads the servers (and their routes) from the wrapper."""
+    return click.option(
+        "--proxy", default=None, metavar="socks5://HOST:PORT",
+        help="Reach every server through this SOCKS5 proxy [default: the route the "
+             "wrapper records for each].")(func)
+
+
 def server_proxies(proxies: Sequence[str], count: int) -> list[Proxy | None]:
     """``--proxy`` given once (for all), once per server, or not at all."""
     if not proxies:

@@ -45,7 +45,7 @@ from cldcb.cli_common import echo_json, json_option
 from cldcb.client.cli import main
 from cldcb.client.nodeconfig import NodePaths
 from cldcb.client.prometheus import write_textfile
-from cldcb.client.recover import format_time, node_dir_options
+from cldcb.client.recover import format_time, node_dir_options, route_override_option
 from cldcb.connection import Connection, ServerSpec
 from cldcb.errors import CldcbError, ExitCode
 from cldcb.plugin.status import read_status_file
@@ -252,9 +252,7 @@ def _print(report: dict[str, Any]) -> None:
               default=None, metavar="FILE",
               help="Also write the state in Prometheus' text format to FILE (replaced "
                    "atomically), e.g. for node_exporter's textfile collector.")
-@click.option("--proxy", default=None, metavar="socks5://HOST:PORT",
-              help="Reach every server through this SOCKS5 proxy [default: the route the "
-                   "wrapper records for each].")
+@route_override_option
 @click.pass_context
 def status(ctx: click.Context, lightning_dir: Path, network: str, max_lag: int,
            as_json: bool, prometheus: Path | None, proxy: str | None) -> None:

@@ -47,7 +47,12 @@ from cldcb.cli_common import echo_json, json_option
 from cldcb.client.cli import main
 from cldcb.client.nodeconfig import NodePaths
 from cldcb.client.progress import ProgressPrinter
-from cldcb.client.recover import node_dir_options, node_key_options, open_node_key
+from cldcb.client.recover import (
+    node_dir_options,
+    node_key_options,
+    open_node_key,
+    route_override_option,
+)
 from cldcb.connection import Connection
 from cldcb.errors import CldcbError, ExitCode, RecoveryError
 from cldcb.ids import parse_client_id
@@ -182,9 +187,7 @@ async def _drill(cfg: WrapperConfig, node: NodeKey, live: Path, data_version: in
 @node_dir_options
 @node_key_options
 @json_option()
-@click.option("--proxy", default=None, metavar="socks5://HOST:PORT",
-              help="Reach every server through this SOCKS5 proxy [default: the route the "
-                   "wrapper records for each].")
+@route_override_option
 @click.pass_context
 def verify(ctx: click.Context, lightning_dir: Path, network: str, hsm_secret: Path | None,
            passphrase_file: Path | None, alt_hsmd: Path | None, as_json: bool,
