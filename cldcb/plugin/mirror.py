@@ -174,6 +174,7 @@ class _Rebuild:
     data_version: int
     next_seq: int
     done: Callable[[], None]
+    ready: Callable[[], None] | None = None
 
 
 _STOP = object()
@@ -241,11 +242,12 @@ class Mirror:
         return fut
 
     def rebuild(self, path: Path, data_version: int, next_seq: int,
-                done: Callable[[], None]) -> None:
+                done: Callable[[], None], ready: Callable[[], None] | None = None) -> None:
         """Replace the mirror by the database copy at ``path`` (state ``data_version``, the
         first change on top of it at log position ``next_seq``); ``done()`` is called from
-        the thread once ``path`` was read (or could not be)."""
-        self._queue.put(_Rebuild(path, data_version, next_seq, done))
+        the thread once ``path`` was read (or could not be). ``ready()``, if given, is
+        called first and returns once the copy is whole (it is still being filled)."""
+        self._queue.put(_Rebuild(path, data_version, next_seq, done, ready))
 
     def close(self, timeout: float = 60.0) -> None:
         """Apply the last change if the live database shows it committed, then stop."""
@@ -509,6 +511,8 @@ class Mirror:
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
         try:
+            if item.ready is not None:
+                item.ready()
             fd, name = _mkstemp(self.path.parent)
             os.close(fd)
             try:
