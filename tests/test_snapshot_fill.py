@@ -148,3 +148,35 @@ def test_a_fill_falls_back_to_plain_reads_or_fails_its_readers(
         assert c.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         c.close()
     con.execute("COMMIT")                 # let go either way
+
+
+def test_a_fill_that_fails_fails_the_blocking_call(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first contact's copy cannot be read: the call is answered with a failure (so
+    lightningd stops without committing), no snapshot is complete anywhere, and the
+    database is let go."""
+    from test_plugin_engine import FakeServer, Node, make_engine
+
+    s = FakeServer("a")
+    node = Node(tmp_path / "lightningd.sqlite3")
+
+    def refuse(*args: object) -> int:
+        raise OSError(errno.EXDEV, "cross-device copy refused")
+
+    def eio(*args: object) -> bytes:
+        raise OSError(errno.EIO, "input/output error")
+
+    monkeypatch.setattr(snapshot_module.os, "copy_file_range", refuse)
+    monkeypatch.setattr(snapshot_module.os, "pread", eio)
+
+    async def go() -> None:
+        eng = make_engine(tmp_path, [s], outage=60)
+        eng.start()
+        dv, writes = node.change()
+        result = await asyncio.wait_for(eng.db_write(dv, writes), PATIENCE)
+        assert not result.ok and "input/output error" in result.message
+        node.commit()                       # the copy let go of the database
+        await eng.close()
+
+    asyncio.run(go())
+    assert s.tip is None and not s.snapshots

@@ -525,9 +525,12 @@ class Engine:
                     link.start_compaction(hook.copy)
             if hook.copy_error is not None and self._viable() < self.quorum:
                 return HookResult(False, hook.copy_error)
-            filling = hook.fill_task is not None and not hook.fill_task.done()
-            if hook.fill_task is not None and not filling and hook.fill_task.exception():
-                return HookResult(False, str(hook.fill_task.exception()))
+            fill = hook.fill_task
+            filling = fill is not None and not fill.done()
+            if fill is not None and not filling and (fill.cancelled() or fill.exception()):
+                why = "cancelled" if fill.cancelled() else fill.exception()
+                return HookResult(False, f"the copy of the database for the snapshot did not "
+                                  f"finish: {why}")
             if self._viable() < self.quorum:
                 self.hook_blocking = True
             if self._holders(seq) >= self.quorum and hook.copy_task is None and not filling:
