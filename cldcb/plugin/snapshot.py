@@ -275,6 +275,16 @@ def _copy_pieces(fin: int, fout: int, size: int, deadline: float,
         advance(copied)
 
 
+def _new_copy_file(db_path: Path, folder: Path) -> Path:
+    """An empty temporary file in ``folder`` for a copy of ``db_path`` (which must exist)."""
+    if not db_path.exists():
+        raise PluginError(f"the database {db_path} does not exist; check the `database =` "
+                          "line of the wrapper (relative to <lightning-dir>/<network>)")
+    fd, name = _mkstemp(folder)
+    os.close(fd)
+    return Path(name)
+
+
 def start_copy(db_path: Path, folder: Path, *, busy_timeout: float = 1.0,
                deadline: float = 600.0, pages: int = 2048) -> LocalCopy:
     """Begin a copy of ``db_path`` in ``folder`` (blocking; run it in a thread): in
@@ -282,12 +292,7 @@ def start_copy(db_path: Path, folder: Path, *, busy_timeout: float = 1.0,
     data_version and size are read, and :meth:`LocalCopy.fill` (in a thread) copies the
     bytes and lets go of the lock; otherwise the copy is made whole here. Raises as
     :func:`copy_database` does."""
-    if not db_path.exists():
-        raise PluginError(f"the database {db_path} does not exist; check the `database =` "
-                          "line of the wrapper (relative to <lightning-dir>/<network>)")
-    fd, name = _mkstemp(folder)
-    os.close(fd)
-    dest_path = Path(name)
+    dest_path = _new_copy_file(db_path, folder)
     started = time.monotonic()
     src = None
     try:
@@ -321,12 +326,7 @@ def copy_database(db_path: Path, folder: Path, *, busy_timeout: float = 1.0,
                   deadline: float = 600.0, pages: int = 2048) -> LocalCopy:
     """Copy ``db_path`` into a new temporary file in ``folder`` (blocking; run it in a
     thread). Raises :class:`DatabaseBusy` (the hazard) or :class:`PluginError`."""
-    if not db_path.exists():
-        raise PluginError(f"the database {db_path} does not exist; check the `database =` "
-                          "line of the wrapper (relative to <lightning-dir>/<network>)")
-    fd, name = _mkstemp(folder)
-    os.close(fd)
-    dest_path = Path(name)
+    dest_path = _new_copy_file(db_path, folder)
     started = time.monotonic()
     busy_since: list[float] = []
 
