@@ -58,7 +58,8 @@ Rebuilding (:meth:`Mirror.rebuild`)
 -----------------------------------
 A snapshot copied from lightningd's database (the first one, a gap, or any
 copy taken while the mirror is not usable) replaces the mirror: the copy's
-file is copied in, the stream restarts at its data_version, and the changes
+file is copied in (once it is whole: a blocking snapshot's copy is still being
+filled while it is uploaded), the stream restarts at its data_version, and the changes
 already fed with ``seq`` at or after the copy's ``next_seq`` (the last
 :data:`RETAIN` changes are kept for this) are walked again on top.
 
