@@ -2,11 +2,13 @@
 """A blocking snapshot of a 1 GiB database through the plugin, next to its floor.
 
 Measured: the first ``db_write`` call of a node whose database already holds
-1 GiB (first contact): the plugin copies the database with SQLite's backup
-API, seals it in 1 MiB chunks and streams it over SSH on loopback to
-``cldcb-server serve``, then sends the change on top; the call is answered
-once both are durable. Throughput = database size / time of that call.
-Peak RSS (VmHWM) of the plugin and of the server are read from /proc.
+1 GiB (first contact): the plugin copies the database (its bytes, under a read
+lock; the copy is filled while it is uploaded), seals it in 1 MiB chunks and
+streams it over SSH on loopback to ``cldcb-server serve``, then sends the change
+on top; the call is answered once both are durable. Throughput = database size /
+time of that call. Peak RSS (VmHWM) of the plugin and of the server are read from
+/proc, and the CPU seconds each used during the call (all threads), next to those
+of the floor's two ends.
 
 Floor: the same number of bytes streamed in 1 MiB messages over the same SSH
 transport (asyncssh, same cipher, loopback) to a minimal subsystem in its own
