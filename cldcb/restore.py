@@ -9,7 +9,8 @@ READER session of the client) and the node key, :func:`rebuild`:
    then each chunk in order; the plaintext is written to the output file by
    the rebuild's worker thread (a :class:`Pipeline`) while the next chunks are
    received and opened; ``finish`` checks the chunk count and total size the
-   manifest names;
+   manifest names; from then on a thread of its own writes the snapshot's
+   pages to disk (an fsync of the file) while the records are replayed;
 3. checks that the snapshot is the state its manifest names
    (``vars.data_version``);
 4. opens every record with :class:`~cldcb.seal.ChainVerifier` (its AEAD tag,
