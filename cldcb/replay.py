@@ -76,7 +76,6 @@ from cldcb.dataversion import (
     check_data_version,
     classify,
     decide,
-    next_link,
     snapshot_tip,
     stand_in_hash,
 )
@@ -88,11 +87,6 @@ BATCH = 1000
 CACHE_KIB = 16 << 10
 """SQLite's page cache in the fast mode: holds a large transaction's pages (bounded RSS)."""
 _DATA_VERSION = "SELECT intval FROM vars WHERE name = 'data_version'"
-
-
-def _where(position: int, data_version: int) -> str:
-    """How messages name a record."""
-    return f"record {position} (data_version {data_version})"
 
 
 def _preview(statement: str) -> str:
@@ -183,46 +177,39 @@ class Replayer:
         """Apply one change (a record's content) according to the rules."""
         position = self._position
         self._position += 1
+        where = f"record {position} (data_version {data_version})"
         kind = Kind(kind)
         if classify(writes) is not kind:
             raise ReplayError(
-                f"{_where(position, data_version)} is marked {kind.name} but its statements "
-                f"are {classify(writes).name}; the record is malformed"
+                f"{where} is marked {kind.name} but its statements are "
+                f"{classify(writes).name}; the record is malformed"
             )
-        tip = self._tip
-        if self._decide is decide and next_link(tip, data_version, kind) is not None:
-            # The usual change, the next after a tip (APPEND): what decide and advance
-            # give, without building the Decision and its reason.
-            self._keep_pending()
-            self._run_change(position, data_version, writes)
-            self._tip = Tip(data_version, kind, stand_in_hash(position), tip.hash)
-            return
         try:
-            decision = self._decide(tip, data_version, kind)
+            decision = self._decide(self._tip, data_version, kind)
         except DataVersionError as err:
-            raise ReplayError(f"{_where(position, data_version)}: {err}") from err
+            raise ReplayError(f"{where}: {err}") from err
         if decision.action is Action.SNAPSHOT:
             raise ReplayError(
-                f"{_where(position, data_version)} cannot follow the records before it: "
-                f"{decision.reason}; the backup lost changes here, so it can only be rebuilt "
-                "from a snapshot taken after this point"
+                f"{where} cannot follow the records before it: {decision.reason}; "
+                "the backup lost changes here, so it can only be rebuilt from a "
+                "snapshot taken after this point"
             )
         if decision.action is Action.REPLACE:
             if not self._pending:
                 raise ReplayError(
-                    f"{_where(position, data_version)} would replace the previous record, "
-                    f"which is already committed ({decision.reason}); the stream does not "
-                    "follow the data_version rules"
+                    f"{where} would replace the previous record, which is already "
+                    f"committed ({decision.reason}); the stream does not follow the "
+                    "data_version rules"
                 )
             self._undo_pending()
         else:
             self._keep_pending()
         if kind is Kind.PRAGMA:
             self._commit()
-            self._run(position, data_version, writes)
+            self._run(where, writes)
         else:
-            self._run_change(position, data_version, writes)
-        self._tip = advance(tip, data_version, kind, stand_in_hash(position),
+            self._run_change(where, data_version, writes)
+        self._tip = advance(self._tip, data_version, kind, stand_in_hash(position),
                             decision=decision)
 
     def _keep_pending(self) -> None:
@@ -243,21 +230,19 @@ class Replayer:
         if self._conn.in_transaction:
             self._conn.execute("COMMIT")
 
-    def _run(self, position: int, data_version: int, writes: Sequence[str]) -> None:
-        execute = self._conn.execute
+    def _run(self, where: str, writes: Sequence[str]) -> None:
         for number, statement in enumerate(writes, start=1):
             try:
-                execute(statement)
+                self._conn.execute(statement)
             except (sqlite3.Error, sqlite3.Warning) as err:
                 raise ReplayError(
-                    f"{_where(position, data_version)}: statement {number} of {len(writes)} "
-                    f"failed: {err} "
+                    f"{where}: statement {number} of {len(writes)} failed: {err} "
                     f"(statement begins {_preview(statement)!r}); the backup cannot be "
                     "rebuilt past this record: try another server or an older snapshot "
                     "generation, and report it"
                 ) from err
 
-    def _run_change(self, position: int, data_version: int, writes: Sequence[str]) -> None:
+    def _run_change(self, where: str, data_version: int, writes: Sequence[str]) -> None:
         if self._kept >= self._batch:
             self._commit()
         if not self._conn.in_transaction:
@@ -265,13 +250,12 @@ class Replayer:
         self._conn.execute("SAVEPOINT record")
         self._pending = True
         try:
-            self._run(position, data_version, writes)
+            self._run(where, writes)
             if self._check:
                 reached = self._reached()
                 if reached != data_version:
                     raise ReplayError(
-                        f"{_where(position, data_version)} left vars.data_version at "
-                        f"{reached}, not {data_version}: "
+                        f"{where} left vars.data_version at {reached}, not {data_version}: "
                         "the record does not belong on top of the records before it"
                     )
         except BaseException:
