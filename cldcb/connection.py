@@ -187,10 +187,25 @@ whole backup up in memory."""
 
 
 class _FetchWaiter:
+    """A fetch's items (or its failure) in arrival order. A deque and an event rather than
+    an asyncio.Queue: the reader takes each of a large backup's 100,000 records without a
+    coroutine per item."""
+
     def __init__(self) -> None:
-        self.queue: asyncio.Queue[wire.Message | BaseException] = asyncio.Queue()
-        self.queued = 0                  # sealed bytes in the queue
+        self.items: deque[wire.Message | BaseException] = deque()
+        self.ready = asyncio.Event()
+        self.queued = 0                  # sealed bytes in ``items``
         self.paused = False
+
+    def put(self, item: wire.Message | BaseException) -> None:
+        self.items.append(item)
+        self.ready.set()
+
+    async def get(self) -> wire.Message | BaseException:
+        while not self.items:
+            self.ready.clear()
+            await self.ready.wait()
+        return self.items.popleft()
 
 
 WriteAnswer = wire.Ack | wire.NeedSnapshot | BaseException
@@ -337,7 +352,7 @@ class Connection:
             return
         head = self._waiters[0]
         if isinstance(head, _FetchWaiter):
-            head.queue.put_nowait(msg)
+            head.put(msg)
             head.queued += len(getattr(msg, "sealed", b""))
             if head.queued > FETCH_QUEUE_BYTES and not head.paused and self._chan is not None:
                 head.paused = True
@@ -376,7 +391,7 @@ class Connection:
         while self._waiters:
             w = self._waiters.popleft()
             if isinstance(w, _FetchWaiter):
-                w.queue.put_nowait(exc)
+                w.put(exc)
             elif isinstance(w, _CallbackWaiter):
                 w.done(exc)
             elif not w.done():
@@ -500,7 +515,7 @@ class Connection:
                    else wire.FetchGeneration(generation))
         self._waiters.append(waiter)
         while True:
-            item = await waiter.queue.get()
+            item = waiter.items.popleft() if waiter.items else await waiter.get()
             if isinstance(item, BaseException):
                 raise item
             if isinstance(item, wire.Error):

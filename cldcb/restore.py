@@ -9,7 +9,8 @@ READER session of the client) and the node key, :func:`rebuild`:
    then each chunk in order; the plaintext is written to the output file by
    the rebuild's worker thread (a :class:`Pipeline`) while the next chunks are
    received and opened; ``finish`` checks the chunk count and total size the
-   manifest names;
+   manifest names; from then on a thread of its own writes the snapshot's
+   pages to disk (an fsync of the file) while the records are replayed;
 3. checks that the snapshot is the state its manifest names
    (``vars.data_version``);
 4. opens every record with :class:`~cldcb.seal.ChainVerifier` (its AEAD tag,
@@ -271,9 +272,11 @@ async def rebuild_from(messages: AsyncIterator[wire.Message], node: EcdhKey,
             raise SealError(f"{where}announced {first.chunk_count} chunks for the snapshot at "
                             f"data_version {manifest.data_version}, its manifest says "
                             f"{manifest.chunk_count}")
-        with Pipeline() as pipe:
+        with Pipeline() as pipe, contextlib.ExitStack() as stack:
             msg, written, received = await _download(it, opener, path, progress, where,
                                                      received, pipe)
+            writeback = _Writeback(path)
+            stack.callback(writeback.abandon)
             replay = _Replay(path)
             pipe.at_exit(replay.close)
             start = await pipe.call(replay.open)
@@ -307,6 +310,7 @@ async def rebuild_from(messages: AsyncIterator[wire.Message], node: EcdhKey,
                 raise SealError(f"{where}sent {count} records but says it sent "
                                 f"{msg.record_count}")
             data_version = await pipe.call(replay.finish)
+            await writeback.wait()
         reached = verifier.tip.data_version
         if data_version != reached:
             raise ReplayError(f"{where}the rebuilt database is at data_version {data_version}, "
@@ -363,6 +367,38 @@ async def _download(it: AsyncIterator[wire.Message], opener: SnapshotOpener, pat
     finally:
         os.close(fd)
     return msg, written, received
+
+
+class _Writeback:
+    """The downloaded snapshot written to disk by a thread of its own (an fsync of the
+    file) while the records are replayed: the replay's final fsync then has only the
+    pages the records changed left to write, not the whole snapshot (about 1 s per GiB
+    off the rebuild's critical path, since the disk and the replay's CPU work overlap)."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._done = asyncio.get_running_loop().run_in_executor(None, _fsync_file, path)
+
+    async def wait(self) -> None:
+        """Until the snapshot is on disk; RecoveryError if it cannot be written."""
+        try:
+            await self._done
+        except OSError as exc:
+            raise RecoveryError(f"cannot write the rebuilt database {self._path} to disk: "
+                                f"{exc.strerror or exc}; check the disk and its free "
+                                "space") from None
+
+    def abandon(self) -> None:
+        """No one waits for it (the rebuild failed): its outcome is dropped."""
+        self._done.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class Pipeline:

@@ -278,17 +278,19 @@ def decode_change(plain: bytes, padded: bool = False) -> tuple[int, tuple[str, .
     """A record's plaintext back as (time_ms, statements); ``padded`` (format 2): zero
     bytes may follow the statements."""
     try:
-        time_ms, count = struct.unpack_from(">QI", plain, 0)
-        pos = 12
+        time_ms, count = _CHANGE_HEAD.unpack_from(plain, 0)
+        pos = _CHANGE_HEAD.size
+        size = len(plain)
+        length = _LENGTH.unpack_from
         out = []
         for _ in range(count):
-            (n,) = struct.unpack_from(">I", plain, pos)
+            (n,) = length(plain, pos)
             pos += 4
-            if pos + n > len(plain):
+            if pos + n > size:
                 raise ValueError("short")
             out.append(plain[pos:pos + n].decode("utf-8"))
             pos += n
-        if pos != len(plain) and not (padded and plain.count(0, pos) == len(plain) - pos):
+        if pos != size and not (padded and plain.count(0, pos) == size - pos):
             raise ValueError("trailing bytes")
     except (struct.error, ValueError, UnicodeDecodeError) as exc:
         raise SealError(f"a record's content is malformed ({exc})") from None
@@ -475,7 +477,8 @@ class ChainVerifier:
         replaces = record_replaces(sealed)
         if replaces != ZERO_HASH:
             self.replaced.add(replaces)
-        self.tip = advance(self.tip, data_version, kind, item_hash(sealed))
+        self.tip = advance(self.tip, data_version, kind, item_hash(sealed),
+                           decision=decision)
         self.position += 1
         return Change(data_version, kind, writes, time_ms), decision
 

@@ -107,7 +107,7 @@ def queued_bytes(fetched: object) -> tuple[int, bool]:
     """Sealed bytes received for the fetch ``fetched`` (a running Connection.fetch) and
     not yet taken; whether FetchEnd is among them."""
     waiter = fetched.ag_frame.f_locals["waiter"]  # type: ignore[attr-defined]
-    items = list(waiter.queue._queue)
+    items = list(waiter.items)
     return (sum(len(getattr(m, "sealed", b"")) for m in items),
             any(isinstance(m, wire.FetchEnd) for m in items))
 
