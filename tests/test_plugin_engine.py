@@ -386,6 +386,45 @@ def test_compaction_is_uploaded_in_the_background(tmp_path: Path,
     assert s.tip is not None and s.tip.data_version == 6
 
 
+def test_compactions_take_turns_while_the_others_hold_the_quorum(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two servers, quorum 1, both ask for a compaction at once: records queue behind a
+    compaction's chunks on its connection, so while one server uploads the other keeps
+    answering the changes alone; the second compaction starts after the first. (Both
+    ask only once both hold the first snapshot: the slower one's first-contact upload goes
+    on after the first call, and a server that just took a snapshot asks for none.)"""
+    monkeypatch.setattr(links, "COMPACTION_MIN_INTERVAL", 0.0)
+    servers = [FakeServer("a"), FakeServer("b")]
+    node = Node(tmp_path / "lightningd.sqlite3")
+    overlapped: list[int] = []
+
+    async def go() -> None:
+        eng = make_engine(tmp_path, servers, quorum=1, chunk_delay=0.2)
+        eng.start()
+        for _ in range(500):
+            assert await step(eng, node)
+            if all(len(s.snapshots) == 1 for s in servers) and \
+                    all(link.in_step() for link in eng.links):
+                break
+            await asyncio.sleep(0.01)
+        assert all(len(s.snapshots) == 1 for s in servers)
+        for s in servers:
+            s.want_snapshot = True
+        for _ in range(200):
+            assert await step(eng, node)
+            running = [link for link in eng.links if link.compaction is not None]
+            if len(running) > 1:
+                overlapped.append(node.dv)
+            if all(len(s.snapshots) == 2 for s in servers):
+                break
+            await asyncio.sleep(0.02)
+        await eng.close()
+
+    asyncio.run(go())
+    assert all(len(s.snapshots) == 2 for s in servers), [s.snapshots for s in servers]
+    assert not overlapped
+
+
 class EmptyWantsSnapshot(FakeServer):
     """Wants a snapshot while it holds none, as the real store says (Status and Ack)."""
 

@@ -522,7 +522,8 @@ class Engine:
                 continue
             if hook.copy is not None and not hook.copy.fresh and compacting:
                 for link in compacting:
-                    link.start_compaction(hook.copy)
+                    if link.compaction_due():         # (compactions take turns)
+                        link.start_compaction(hook.copy)
             if hook.copy_error is not None and self._viable() < self.quorum:
                 return HookResult(False, hook.copy_error)
             fill = hook.fill_task

@@ -16,7 +16,10 @@ to the plugin's record log, forever:
   of the local mirror from one (see :mod:`cldcb.plugin.engine`).
 
 Compaction (the server asked for a fresh snapshot) runs as a second task on
-the same connection, so records keep flowing while it uploads.
+the same connection, so records keep flowing while it uploads. Compactions
+take turns (:meth:`ServerLink.compaction_due`): a record waits behind the
+chunks on a compacting server's connection, so while one server compacts the
+others answer the changes, unless they alone cannot make the quorum anyway.
 
 Acknowledgements count only when they match (:mod:`cldcb.session`): an
 ``Ack`` must name the data_version, kind and link of the record it answers, a
@@ -593,4 +596,16 @@ class ServerLink:
         now = time.monotonic()
         return (self.compaction is None and self.in_step()
                 and now >= self.compaction_retry_at
-                and now - self.last_snapshot_at >= COMPACTION_MIN_INTERVAL)
+                and now - self.last_snapshot_at >= COMPACTION_MIN_INTERVAL
+                and self._turn_to_compact())
+
+    def _turn_to_compact(self) -> bool:
+        """Compactions take turns: records wait behind a compaction's chunks on its
+        connection, so one starts only while no other runs, unless the other servers
+        (in step, not uploading) hold the quorum without this one even then."""
+        others = [link for link in self.engine.links if link is not self]
+        if not any(link.compaction is not None for link in others):
+            return True
+        free = sum(1 for link in others if link.in_step() and link.compaction is None
+                   and link.catching_up is None)
+        return free >= self.engine.quorum
