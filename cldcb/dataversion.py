@@ -168,15 +168,11 @@ import enum
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from cldcb.errors import CldcbError, ReplayError
+from cldcb.errors import DataVersionError, ReplayError
 
 #: lightningd reads data_version as a signed 32-bit integer.
 MAX_DATA_VERSION = 2**31 - 1
 HASH_LEN = 32
-
-
-class DataVersionError(CldcbError, ValueError):
-    """A data_version is out of range, or a tip cannot advance as asked."""
 
 
 class Kind(enum.IntEnum):

@@ -36,7 +36,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cldcb.errors import CldcbError, UsageError
+from cldcb.errors import (
+    LightningdNotRunning,
+    RpcError,
+    RpcTransportError,
+    WalletNotSupported,
+)
 
 RPC_FILE = "lightning-rpc"
 DEFAULT_DATABASE = "lightningd.sqlite3"
@@ -47,31 +52,6 @@ _SUN_PATH_MAX = 107
 _MAX_ANSWER = 64 * 1024 * 1024
 _decoder = json.JSONDecoder()
 _ids = itertools.count(1)
-
-
-class RpcTransportError(CldcbError):
-    """The RPC connection to lightningd failed, timed out or carried no JSON-RPC."""
-
-
-class LightningdNotRunning(RpcTransportError):
-    """Nothing answers on lightningd's RPC socket: lightningd is not running."""
-
-
-class RpcError(CldcbError):
-    """lightningd answered a call with a JSON-RPC error."""
-
-    def __init__(self, method: str, code: int | None, message: str,
-                 data: Any = None) -> None:
-        code_text = f" (code {code})" if code is not None else ""
-        super().__init__(f"lightningd refused `{method}`{code_text}: {message}")
-        self.method = method
-        self.code = code
-        self.rpc_message = message
-        self.data = data
-
-
-class WalletNotSupported(UsageError):
-    """lightningd's ``wallet`` option names a database cldcb cannot back up."""
 
 
 def rpc_path(lightning_dir: Path | str, network: str = "bitcoin") -> Path:

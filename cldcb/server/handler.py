@@ -76,7 +76,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from cldcb import wire
-from cldcb.errors import BadRequest, CldcbError, QuotaExceeded, RecognitionKept, StoreError
+from cldcb.errors import (
+    BadRequest,
+    CldcbError,
+    QuotaExceeded,
+    RecognitionKept,
+    StoreError,
+    Superseded,
+)
 from cldcb.server.workers import ClientLock, StorePool
 from cldcb.session import Authenticated, Received, Role, ServerSession
 from cldcb.store import ClientStore, Store
@@ -185,10 +192,6 @@ class ServerCore:
     def close(self) -> None:
         self.pool.close()
         self.store.close()
-
-
-class Superseded(Exception):
-    pass
 
 
 def _weight(msg: wire.Message) -> int:
@@ -602,7 +605,7 @@ class SessionHandler:
 
     def _current_upload(self, snapshot_id: int) -> Any:
         if self._upload is None or snapshot_id != self._upload_id:
-            raise CldcbError(f"no snapshot upload {snapshot_id} in progress; "
+            raise BadRequest(f"no snapshot upload {snapshot_id} in progress; "
                              "send SnapshotBegin first")
         return self._upload
 

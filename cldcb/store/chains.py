@@ -23,8 +23,7 @@ from pathlib import Path
 
 from cldcb import wire
 from cldcb.dataversion import Kind, Tip, advance, decide
-from cldcb.errors import StoreError
-from cldcb.store.frames import Damage
+from cldcb.errors import Damage, StoreError
 from cldcb.store.fs import FileLayer
 from cldcb.store.log import LogEntry, Pos, RecordLog, iter_ranges
 from cldcb.store.snapshots import SnapshotInfo, iter_chunks, read_info

@@ -28,11 +28,10 @@ from pathlib import Path
 from typing import BinaryIO
 
 from cldcb.crashpoints import crashpoint
-from cldcb.errors import StoreError
+from cldcb.errors import Damage, StoreError
 from cldcb.store.frames import (
     HEADER_LEN,
     RECORD_MAGIC,
-    Damage,
     RecordFrame,
     decode_record,
     iter_frames,
