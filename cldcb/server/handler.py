@@ -466,15 +466,14 @@ class SessionHandler:
         with flocked(self._lock_file()):
             self.core.store.client(self.client_id).touch(now_ms())
 
-    def _locked(self, fn: Callable[[Any], Any], *, wait: bool = True) -> Callable[[], Any]:
+    def _locked(self, fn: Callable[[Any], Any]) -> Callable[[], Any]:
         """``fn(client_store)`` under the cross-process lock, as a call to make later (in a
-        worker thread). Without ``wait`` (on the event loop), a lock held by another
-        process raises BlockingIOError instead of stalling every session."""
+        worker thread, which waits for a lock another process holds)."""
         self._release_lease()
         lock_fd = self._lock_file()
 
         def call() -> Any:
-            with flocked(lock_fd, wait=wait) as fd:
+            with flocked(lock_fd) as fd:
                 return fn(self._store_under(read_counters(fd)))
         return call
 
