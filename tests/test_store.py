@@ -23,7 +23,7 @@ from store_crash_child import (
 )
 
 from cldcb import wire
-from cldcb.dataversion import Kind, Tip
+from cldcb.dataversion import Kind, Tip, snapshot_tip
 from cldcb.errors import KeyFormatError, QuotaExceeded, StoreError
 from cldcb.seal import ChainVerifier, SnapshotSealer
 from cldcb.store import ClientInfo, ClientStore, Store
@@ -146,11 +146,12 @@ def test_fresh_anchor_is_the_tip_and_survives_a_restart(store: Store, w: Writer)
     st = w.cs.status()
     assert st.has_tip and st.tip_data_version == 42 and st.tip_hash == anchor
     assert st.tip_link == ZERO and st.snapshot_data_version == 42
+    assert w.cs.tip == snapshot_tip(42, anchor)    # one form of a snapshot's tip everywhere
     store, cs = reopen(store)
     st = cs.status()
     assert (st.tip_data_version, st.tip_hash, st.tip_link) == (42, anchor, ZERO)
     w2 = Writer(cs, seed=5)
-    assert w2.tip == Tip(42, Kind.NORMAL, anchor, ZERO, is_snapshot=True)
+    assert w2.tip == snapshot_tip(42, anchor) == cs.tip
     assert isinstance(w2.change(42), wire.NeedSnapshot)       # cannot replace inside it
     assert isinstance(w2.change(43), wire.Ack)
     assert chain_of(w2) == [43]

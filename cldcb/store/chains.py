@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cldcb import wire
-from cldcb.dataversion import Kind, Tip, advance, decide
+from cldcb.dataversion import Kind, advance, decide, snapshot_tip
 from cldcb.errors import Damage, StoreError
 from cldcb.store.fs import FileLayer
 from cldcb.store.log import LogEntry, Pos, RecordLog, iter_ranges
@@ -43,7 +43,7 @@ class ChainWalk:
     """
 
     def __init__(self, info: SnapshotInfo, *, pass_breaks: bool = False) -> None:
-        self.tip = Tip(info.data_version, Kind.NORMAL, info.anchor, ZERO, is_snapshot=True)
+        self.tip = snapshot_tip(info.data_version, info.anchor)
         self.pass_breaks = pass_breaks
         self.stopped: LogEntry | None = None
         """The first record that did not follow (None: the walk reached the range's end)."""

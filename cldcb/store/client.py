@@ -22,6 +22,7 @@ from cldcb.dataversion import (
     check_data_version,
     decide,
     next_link,
+    snapshot_tip,
 )
 from cldcb.errors import BadRequest, QuotaExceeded, StoreError
 from cldcb.seal import item_hash
@@ -96,8 +97,7 @@ class ClientStore:
             self.tip = Tip(r.data_version, Kind(r.kind), last.hash, r.link)
             self.tip_time = r.time_ms
         else:
-            self.tip = Tip(newest.data_version, Kind.NORMAL, newest.anchor, ZERO,
-                           is_snapshot=True)
+            self.tip = snapshot_tip(newest.data_version, newest.anchor)
             self.tip_time = newest.time_ms
         self._index: dict[bytes, tuple[Pos, Pos, int]] | None = None
         self.last_seen_ms = self._read_seen()
@@ -310,7 +310,7 @@ class ClientStore:
         self.snapshots.append(info)
         self._next_seq = seq + 1
         if end is None:
-            self.tip = Tip(up.data_version, Kind.NORMAL, up.anchor, ZERO, is_snapshot=True)
+            self.tip = snapshot_tip(up.data_version, up.anchor)
             self.tip_time = now_ms
         crashpoint("snapshot.after_commit")
         if not self.settings.append_only:
