@@ -508,21 +508,21 @@ def test_a_vouched_writer_skips_the_checks_until_the_token_changes(store: Store,
     other.close()
 
 
-def test_a_quick_only_append_never_grows_the_log(store: Store, w: Writer) -> None:
-    """quick_only (an event loop's call): an append that would create or roll a segment
+def test_a_hot_path_append_never_grows_the_log(store: Store, w: Writer) -> None:
+    """hot_path (an event loop's call): an append that would create or roll a segment
     or zero-fill more of its tail raises BlockingIOError and changes nothing; the same
     append without it grows the log; the next one fits and goes through."""
     w.snapshot(3)
     link, sealed = w.seal(4)
     sizes = {p.name: p.stat().st_size for p in (w.cs.folder / "log").glob("*.log")}
     with pytest.raises(BlockingIOError):        # the first record zero-fills a tail first
-        w.cs.append(4, int(Kind.NORMAL), link, sealed, w.now(), quick_only=True)
+        w.cs.append(4, int(Kind.NORMAL), link, sealed, w.now(), hot_path=True)
     assert tip_of(w.cs.status()) == w.tip
     assert {p.name: p.stat().st_size for p in (w.cs.folder / "log").glob("*.log")} == sizes
     assert isinstance(w.send(4, Kind.NORMAL, link, sealed), wire.Ack)
     link, sealed = w.seal(5)
     assert isinstance(w.cs.append(5, int(Kind.NORMAL), link, sealed, w.now(),
-                                  quick_only=True), wire.Ack)
+                                  hot_path=True), wire.Ack)
 
 
 def test_a_live_upload_is_not_taken_for_debris(store: Store, w: Writer) -> None:

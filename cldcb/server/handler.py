@@ -502,7 +502,7 @@ class SessionHandler:
             cs = self._store_under(lease.hold(time.monotonic()))
             if type(msg) is wire.Write:
                 answer = cs.append(msg.data_version, msg.kind, msg.link, msg.sealed, now_ms(),
-                                   quick_only=True)
+                                   hot_path=True)
                 if type(answer) is wire.Ack:
                     self.sink.write(self.session.ack(answer.data_version, answer.kind,
                                                      answer.link, answer.want_snapshot))

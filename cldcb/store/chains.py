@@ -25,7 +25,7 @@ from cldcb import wire
 from cldcb.dataversion import Kind, advance, decide, snapshot_tip
 from cldcb.errors import Damage, StoreError
 from cldcb.store.fs import FileLayer
-from cldcb.store.log import LogEntry, Pos, RecordLog, iter_ranges
+from cldcb.store.log import LogEntry, Pos, SegmentLog, iter_ranges
 from cldcb.store.snapshots import SnapshotInfo, iter_chunks, read_info
 
 ZERO = bytes(32)
@@ -105,7 +105,7 @@ def _damaged_info(fs: FileLayer, path: Path, seq: int) -> SnapshotInfo | None:
         return None
 
 
-def list_states(fs: FileLayer, log: RecordLog, snapshots: list[SnapshotInfo],
+def list_states(fs: FileLayer, log: SegmentLog, snapshots: list[SnapshotInfo],
                 damaged: list[tuple[int, Path]]) -> list[wire.RestorableState]:
     """Every kept snapshot (each chunk read and checked) with its chain's records, and every
     snapshot set aside as damaged since the oldest kept one with the records that follow it

@@ -71,7 +71,7 @@ class SegmentRange:
     end: int
 
 
-class RecordLog:
+class SegmentLog:
     """The segment files of one client's log."""
 
     def __init__(self, fs: FileLayer, folder: Path, segment_bytes: int) -> None:
