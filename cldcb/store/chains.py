@@ -28,8 +28,6 @@ from cldcb.store.fs import FileLayer
 from cldcb.store.log import LogEntry, Pos, SegmentLog, iter_ranges
 from cldcb.store.snapshots import SnapshotInfo, iter_chunks, read_info
 
-ZERO = bytes(32)
-
 
 class ChainWalk:
     """The records of one snapshot's chain, from an iterator of log entries.
