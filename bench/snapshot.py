@@ -30,8 +30,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests"))  # the helpers package: tests/helpers
 
 import asyncssh  # noqa: E402
 from measure import vm_hwm_mb  # noqa: E402
@@ -90,8 +89,8 @@ def measure_floor(folder: Path, size: int) -> float:
 # -- through the plugin ----------------------------------------------------------------------
 
 def measure_plugin(folder: Path, size_mb: int) -> dict[str, float]:
-    from servers import CldcbServer
-    from simlightningd import SimLightningd
+    from helpers.servers import CldcbServer
+    from helpers.simlightningd import SimLightningd
     from test_plugin_harness import make_big_database
 
     from cldcb.ids import client_id_from_pubkey, new_privkey, node_id_from_pubkey, pubkey_of

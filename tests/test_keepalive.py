@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import asyncssh
 import pytest
-from servers import free_port, wait_port
+from helpers.servers import free_port, wait_port
 
 from cldcb.keepalive import Keepalive
 

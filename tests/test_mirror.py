@@ -18,8 +18,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from realcln import RealCln, data_version, dump, wait_for
-from simlightningd import SimLightningd
+from helpers.realcln import RealCln, data_version, dump, wait_for
+from helpers.simlightningd import SimLightningd
+from helpers.traces import TRACES, expected_dump, load_trace, sqlite_dump
 from test_plugin_e2e import play
 from test_plugin_faults import normal_call_at_or_after
 from test_plugin_harness import (
@@ -35,7 +36,6 @@ from test_plugin_harness import (
     wait_until,
 )
 from test_realcln import daemon_for_client, daemon_server
-from traces import TRACES, expected_dump, load_trace, sqlite_dump
 
 from cldcb.dataversion import Kind
 from cldcb.plugin.mirror import MIRROR_NAME, Mirror, MirrorUnusable

@@ -15,7 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from simlightningd import NodeStopped, SimLightningd
+from helpers.simlightningd import NodeStopped, SimLightningd
+from helpers.traces import TRACES, expected_dump, load_trace, sqlite_dump
 from test_plugin_harness import (
     Keys,
     Target,
@@ -30,7 +31,6 @@ from test_plugin_harness import (
     server_status,
     vm_hwm_mb,
 )
-from traces import TRACES, expected_dump, load_trace, sqlite_dump
 
 
 @pytest.fixture

@@ -13,7 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from simlightningd import Call, NodeStopped, SimLightningd
+from helpers.simlightningd import Call, NodeStopped, SimLightningd
+from helpers.traces import expected_dump, load_trace, sqlite_dump
 from test_plugin_harness import (
     Keys,
     Target,
@@ -25,7 +26,6 @@ from test_plugin_harness import (
     server_status,
     wait_until,
 )
-from traces import expected_dump, load_trace, sqlite_dump
 
 from cldcb.dataversion import Kind, classify
 from cldcb.plugin.main import ENV_CHUNK_DELAY, ENV_CHUNK_SIZE

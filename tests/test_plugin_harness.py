@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from servers import CldcbServer, PrivateSshd
-from simlightningd import SimLightningd
-from traces import sqlite_dump
+from helpers.servers import CldcbServer, PrivateSshd
+from helpers.simlightningd import SimLightningd
+from helpers.traces import sqlite_dump
 
 from cldcb import wire
 from cldcb.connection import Connection, ServerSpec

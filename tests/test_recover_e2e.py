@@ -46,8 +46,8 @@ from demo import (
     play,
     vector_secret,
 )
-from servers import CldcbServer, PrivateSshd, _write_key
-from traces import expected_dump_bytes
+from helpers.servers import CldcbServer, PrivateSshd, _write_key
+from helpers.traces import expected_dump_bytes
 
 from cldcb.ids import client_id_from_pubkey, new_privkey, pubkey_of
 from cldcb.nodekey import LocalNodeKey
@@ -466,7 +466,7 @@ def test_recovered_node_goes_on_backing_up_as_the_same_client(world: World,
     upload is slowed past any lifetime of this node (the test knob for background
     uploads: a pause after each full chunk); it can never end, the server keeps its
     snapshot, and what the second recovery finds does not depend on timing."""
-    from simlightningd import SimLightningd
+    from helpers.simlightningd import SimLightningd
 
     from cldcb.plugin.main import ENV_CHUNK_DELAY, ENV_CHUNK_SIZE
 

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from servers import CldcbServer, run_server_cmd
+from helpers.servers import CldcbServer, run_server_cmd
 
 from cldcb import wire
 from cldcb.connection import Connection

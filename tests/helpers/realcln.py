@@ -39,10 +39,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import DATA, IN_CI, require_tool
-from servers import free_port
 
 from cldcb.rpc import LightningdNotRunning, LightningRpc, RpcTransportError
+from helpers.environment import DATA, IN_CI, require_tool
+from helpers.servers import free_port
 
 NETWORK = "regtest"
 CLN_DATA = DATA / "cln"
