@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 
 import asyncssh
@@ -108,18 +107,15 @@ def test_flowing_data_keeps_it_disarmed_a_quiet_live_peer_keeps_the_connection(
 def test_a_hung_peer_is_dropped(echo_server: tuple[int, subprocess.Popen[bytes]]) -> None:
     port, proc = echo_server
 
-    async def scenario() -> float:
+    async def scenario() -> None:
         conn, chan, ka = await _connect(port)
         try:
             chan.write(b"x")
             await asyncio.sleep(0.1)
             os.kill(proc.pid, signal.SIGSTOP)      # its socket stays open: only keepalives tell
-            started = time.monotonic()
-            async with asyncio.timeout(20):
+            async with asyncio.timeout(20):        # how soon: bench/deadlines.py
                 await conn.wait_closed()
-            return time.monotonic() - started
         finally:
             ka.stop()
             conn.close()
-    took = asyncio.run(scenario())
-    assert took <= INTERVAL * (COUNT_MAX + 2) + 1.0, took
+    asyncio.run(scenario())

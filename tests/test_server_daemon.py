@@ -286,7 +286,7 @@ def test_a_client_locked_by_another_process_does_not_stall_the_others(tmp_path: 
         srv.add(client_id_from_pubkey(pubkey_of(w.priv)))
     srv.start()
     try:
-        async def body() -> tuple[float, float, float]:
+        async def body() -> tuple[float, float]:
             ca = await Connection.open(srv.spec, a.priv, Role.WRITER)
             cb = await Connection.open(srv.spec, b.priv, Role.WRITER)
             await a.snapshot(ca, 1000)
@@ -297,9 +297,8 @@ def test_a_client_locked_by_another_process_does_not_stall_the_others(tmp_path: 
             t0 = time.monotonic()
             held = asyncio.create_task(a.write(ca))
             await asyncio.sleep(0.3)
-            await b.write(cb)                      # the other client is not stalled
-            b_done = time.monotonic() - t0
-            assert not held.done()                 # a's write waits for the lock
+            await b.write(cb)                      # the other client is not stalled:
+            assert not held.done()                 # answered while a's write waits for the lock
             await asyncio.sleep(0.7)
             released = time.monotonic() - t0
             fcntl.flock(fd, fcntl.LOCK_UN)
@@ -308,10 +307,10 @@ def test_a_client_locked_by_another_process_does_not_stall_the_others(tmp_path: 
             a_done = time.monotonic() - t0
             await ca.close()
             await cb.close()
-            return b_done, released, a_done
+            return released, a_done
 
-        b_done, released, a_done = run(body())
-        assert b_done < 0.9 and a_done >= released
+        released, a_done = run(body())
+        assert a_done >= released
         assert a.acked == [11] and b.acked == [11]
     finally:
         srv.stop()
