@@ -335,17 +335,21 @@ def test_unknown_node_finds_nothing(world: World, tmp_path: Path) -> None:
 def copy_daemon(world: World, where: Path, long_chain: str | None = None) -> CldcbServer:
     """A second daemon on a copy of the daemon's data directory (same server key).
 
-    With ``long_chain`` (a client id), that client's newest snapshot is left out of the
-    copy, so that the newest one the copy holds has many records after it: where the
-    world's plugin last compacted depends on timing, and it can leave only a few
-    records after the newest snapshot (six were seen), too few to tamper with the
-    middle one and withhold five. The older generation's chain runs through the same
-    records to the same tip."""
+    With ``long_chain`` (a client id), only that client's oldest kept snapshot is left in
+    the copy, so that the chain it serves has many records after its snapshot, however
+    the world's plugin compacted. Where (and whether) that plugin compacted depends on
+    timing: a compaction can end just before the trace does, leaving a few records after
+    the newest snapshot (six were seen, too few to tamper with the middle one and
+    withhold five), or none may have ended at all (one snapshot: the first contact's).
+    The oldest kept snapshot is the first contact's or one the newest compaction's log
+    had outgrown (a server asks for a compaction only then), and every record after it
+    is kept up to the same tip."""
     shutil.copytree(world.daemon.data_dir, where / "data")
     if long_chain is not None:
         snaps = sorted((where / "data" / "clients" / long_chain / "snapshots").glob("*.snap"))
-        assert len(snaps) >= 2, snaps
-        snaps[-1].unlink()
+        assert snaps, "the world's daemon holds no snapshot of this client"
+        for newer in snaps[1:]:
+            newer.unlink()
     return CldcbServer(where / "data", server_id=world.daemon.server_id)
 
 
