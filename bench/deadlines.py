@@ -13,8 +13,8 @@ Each row is measured ``--rounds`` times next to its floor, in the same run:
 - ``keepalive``: a hung SSH peer (SIGSTOP) dropped by :class:`cldcb.keepalive.Keepalive`
   (interval 0.2 s, 2 unanswered), next to ``interval × (count_max + 1)``.
 
-Prints a table, then one JSON line (DESIGN §9). On 127.0.0.1 only; the echo server is
-a subprocess stopped by its pid.
+Prints a table, then one JSON line (DESIGN §9). On 127.0.0.1 only; the echo server
+(``tests/helpers/echo.py``) is a subprocess stopped by its pid.
 """
 
 from __future__ import annotations
@@ -33,47 +33,24 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import asyncssh
-from measure import pct
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # the helpers package: tests/helpers
 
-from cldcb import alt_hsmd
-from cldcb.alt_hsmd import AltHsmdNodeKey
-from cldcb.errors import CldcbError
-from cldcb.keepalive import Keepalive
-from cldcb.plugin import jsonrpc
-from cldcb.plugin.snapshot import DatabaseBusy, copy_database
+import asyncssh  # noqa: E402
+from helpers.echo import echo_server  # noqa: E402
+from measure import pct  # noqa: E402
+
+from cldcb import alt_hsmd  # noqa: E402
+from cldcb.alt_hsmd import AltHsmdNodeKey  # noqa: E402
+from cldcb.errors import CldcbError  # noqa: E402
+from cldcb.keepalive import Keepalive  # noqa: E402
+from cldcb.plugin import jsonrpc  # noqa: E402
+from cldcb.plugin.snapshot import DatabaseBusy, copy_database  # noqa: E402
 
 BUSY_TIMEOUT = 0.5
 HSMD_TIMEOUT = 0.5
 INTERVAL = 0.2
 COUNT_MAX = 2
-ECHO_SERVER = r'''
-import asyncio, sys
-import asyncssh
-
-class Echo(asyncssh.SSHServerSession):
-    def connection_made(self, chan):
-        self._chan = chan
-    def shell_requested(self):
-        return True
-    def data_received(self, data, datatype):
-        self._chan.write(data)
-
-class NoAuth(asyncssh.SSHServer):
-    def begin_auth(self, username):
-        return False
-    def session_requested(self):
-        return Echo()
-
-async def main():
-    key = asyncssh.generate_private_key("ssh-ed25519")
-    server = await asyncssh.create_server(NoAuth, "127.0.0.1", 0, server_host_keys=[key],
-                                          encoding=None)
-    print(server.sockets[0].getsockname()[1], flush=True)
-    await server.wait_closed()
-
-asyncio.run(main())
-'''
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -158,15 +135,8 @@ async def _hung_peer(port: int, proc: subprocess.Popen[bytes]) -> float:
 
 
 def keepalive() -> tuple[float, float]:
-    proc = subprocess.Popen([sys.executable, "-c", ECHO_SERVER], stdout=subprocess.PIPE)
-    try:
-        assert proc.stdout is not None
-        port = int(proc.stdout.readline())
+    with echo_server() as (port, proc):
         return asyncio.run(_hung_peer(port, proc)), INTERVAL * (COUNT_MAX + 1)
-    finally:
-        os.kill(proc.pid, signal.SIGCONT)
-        proc.kill()
-        proc.wait(10)
 
 
 def main() -> int:
