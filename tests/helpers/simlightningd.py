@@ -433,11 +433,7 @@ class SimLightningd:
         if self.plugin is not None:
             self.plugin.close(30)
             self.plugin = None
-        if self.db is not None:
-            if self.db.in_transaction:
-                self.db.execute("ROLLBACK")
-            self.db.close()
-            self.db = None
+        self._close_db()
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop the node: ``shutdown`` to the plugin, up to ``timeout`` s for it to exit."""
@@ -445,6 +441,10 @@ class SimLightningd:
             self.plugin.send({"jsonrpc": "2.0", "method": "shutdown", "params": {}})
             self.plugin.close(timeout)
             self.plugin = None
+        self._close_db()
+
+    def _close_db(self) -> None:
+        """Close the database, rolling back what was not committed."""
         if self.db is not None:
             if self.db.in_transaction:
                 self.db.execute("ROLLBACK")
