@@ -53,6 +53,16 @@ QUICK_PROGRAMS = frozenset({"sqlite3"})
 """Programs a unit test may run: they exit on their own in well under a second and
 listen on nothing (``sqlite3 DB .dump``, how the tests compare two databases)."""
 
+LONGEST_FIRST = (
+    "test_recover_e2e", "test_plugin_faults", "test_mirror", "test_plugin_e2e",
+    "test_realcln", "test_tor", "test_readme", "test_install", "test_install_ssh",
+    "test_recover_demo", "test_fault_injection", "test_status_verify", "test_wire",
+    "test_server_quick",
+)
+"""The modules that take longest (a full run's durations), run first: with the modules
+shared out to parallel workers (``--dist loadfile``), one of them started last would be
+the run's tail."""
+
 E2E = pytest.mark.e2e
 
 
@@ -102,7 +112,10 @@ GUARD = _Guard()
 
 
 def mark_e2e(items: list[pytest.Item]) -> None:
-    """Mark ``e2e`` the tests of :data:`E2E_MODULES` and :data:`E2E_TESTS`."""
+    """Mark ``e2e`` the tests of :data:`E2E_MODULES` and :data:`E2E_TESTS`; the modules of
+    :data:`LONGEST_FIRST` first (in place, otherwise in the order collected)."""
+    first = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: first.get(item.path.stem, len(first)))
     for item in items:
         test = f"{item.path.name}::{getattr(item, 'originalname', item.name)}"
         if item.path.stem in E2E_MODULES or test in E2E_TESTS:
