@@ -89,9 +89,9 @@ def measure_floor(folder: Path, size: int) -> float:
 # -- through the plugin ----------------------------------------------------------------------
 
 def measure_plugin(folder: Path, size_mb: int) -> dict[str, float]:
+    from helpers.plugin_harness import make_big_database
     from helpers.servers import CldcbServer
     from helpers.simlightningd import SimLightningd
-    from test_plugin_harness import make_big_database
 
     from cldcb.ids import client_id_from_pubkey, new_privkey, node_id_from_pubkey, pubkey_of
     from cldcb.plugin.wrapper import ServerEntry, WrapperConfig, default_plugin_path, write_wrapper

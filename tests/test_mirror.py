@@ -18,12 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from helpers.realcln import RealCln, data_version, dump, wait_for
-from helpers.simlightningd import SimLightningd
-from helpers.traces import TRACES, expected_dump, load_trace, sqlite_dump
-from test_plugin_e2e import play
-from test_plugin_faults import normal_call_at_or_after
-from test_plugin_harness import (
+from helpers.plugin_harness import (
     Keys,
     Target,
     assert_no_stray_copies,
@@ -35,6 +30,11 @@ from test_plugin_harness import (
     server_status,
     wait_until,
 )
+from helpers.realcln import RealCln, data_version, dump, wait_for
+from helpers.simlightningd import SimLightningd
+from helpers.traces import TRACES, expected_dump, load_trace, sqlite_dump
+from test_plugin_e2e import play
+from test_plugin_faults import normal_call_at_or_after
 from test_realcln import daemon_for_client, daemon_server
 
 from cldcb.dataversion import Kind

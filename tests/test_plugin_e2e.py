@@ -15,9 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers.simlightningd import NodeStopped, SimLightningd
-from helpers.traces import TRACES, expected_dump, load_trace, sqlite_dump
-from test_plugin_harness import (
+from helpers.plugin_harness import (
     Keys,
     Target,
     assert_no_stray_copies,
@@ -31,6 +29,8 @@ from test_plugin_harness import (
     server_status,
     vm_hwm_mb,
 )
+from helpers.simlightningd import NodeStopped, SimLightningd
+from helpers.traces import TRACES, expected_dump, load_trace, sqlite_dump
 
 
 @pytest.fixture

@@ -228,7 +228,7 @@ def test_a_client_that_never_waits_is_held_back_not_buffered(tmp_path: Path) -> 
     server stops reading it while its backlog is full (the SSH window then holds the
     client back), so its memory stays bounded, and every chunk is still answered, in
     order, and the snapshot completes."""
-    from test_plugin_harness import vm_hwm_mb
+    from helpers.plugin_harness import vm_hwm_mb
 
     srv, (priv,) = serving(tmp_path)
     try:
