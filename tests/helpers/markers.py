@@ -1,16 +1,17 @@
 """Which tests are end to end, and the guard that keeps the fast loop free of processes.
 
 A test is ``e2e`` when it starts a process: a server (``cldcb-server serve``, sshd), the
-plugin under a simulated or real lightningd, Tor, a SOCKS5 proxy, ``cldcb-client``, the
-``sqlite3`` program, any program. The unit tests start none: they run the code in this
+plugin under a simulated or real lightningd, Tor, a SOCKS5 proxy, ``cldcb-client``, any
+program but :data:`QUICK_PROGRAMS`. The unit tests start none: they run the code in this
 process on real files, and ``pytest -m "not e2e and not realcln"`` runs just them (the
 fast loop).
 
 Every test module is classified: those named in :data:`E2E_MODULES` are ``e2e``, every
-other one holds unit tests only. A test not marked ``e2e`` runs under a guard: starting
-a process (``subprocess.Popen``, which ``subprocess.run`` and asyncio's subprocesses
-use) fails it, naming this list. So the classification cannot drift: a unit module
-whose test starts a server fails in every run, the full suite's included.
+other one holds unit tests only (but the few tests named in :data:`E2E_TESTS`). A test
+not marked ``e2e`` runs under a guard: starting a process (``subprocess.Popen``, which
+``subprocess.run`` and asyncio's subprocesses use) fails it, naming these lists. So the
+classification cannot drift: a unit module whose test starts a server fails in every
+run, the full suite's included.
 """
 
 from __future__ import annotations
