@@ -40,20 +40,17 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import asyncssh
+from measure import pct, vm_hwm_mb
+from server_load import start_daemon
 
-import asyncssh  # noqa: E402
-from measure import pct, vm_hwm_mb  # noqa: E402
-from server_load import start_daemon  # noqa: E402
-
-from cldcb import wire  # noqa: E402
-from cldcb.connection import RECOVER_USER, SUBSYSTEM, Connection, ServerSpec  # noqa: E402
-from cldcb.dataversion import Kind  # noqa: E402
-from cldcb.ids import new_privkey, pubkey_of  # noqa: E402
-from cldcb.seal import RecordSealer, SnapshotSealer, item_hash  # noqa: E402
-from cldcb.session import Role  # noqa: E402
-from cldcb.sshkeys import SECP256K1_SSH_ALG  # noqa: E402
+from cldcb import wire
+from cldcb.connection import RECOVER_USER, SUBSYSTEM, Connection, ServerSpec
+from cldcb.dataversion import Kind
+from cldcb.ids import new_privkey, pubkey_of
+from cldcb.seal import RecordSealer, SnapshotSealer, item_hash
+from cldcb.session import Role
+from cldcb.sshkeys import SECP256K1_SSH_ALG
 
 RECORD = ["INSERT INTO datastore VALUES (x'6b31', x'" + "ab" * 1000 + "', 0)"]
 RSS_TARGET_MB = 150

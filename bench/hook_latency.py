@@ -83,8 +83,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests"))  # the helpers package: tests/helpers
 
 import asyncssh  # noqa: E402
 from measure import cpu_ns, pct, vm_hwm_mb  # noqa: E402
@@ -288,7 +287,7 @@ MIRROR = True
 
 def plugin_node(ld: Path, client: bytes, node_pub: bytes, entry: Any) -> Any:
     """A simulated lightningd in ``ld`` whose cldcb plugin backs up to ``entry`` only."""
-    from simlightningd import SimLightningd
+    from helpers.simlightningd import SimLightningd
 
     from cldcb.ids import client_id_from_pubkey, node_id_from_pubkey, pubkey_of
     from cldcb.plugin.wrapper import WrapperConfig, default_plugin_path, write_wrapper
@@ -310,9 +309,9 @@ def latencies(sim: Any) -> list[float]:
 
 def measure_tor(folder: Path, trace_name: str, calls: int) -> list[float]:
     """The plugin's round trips through a private Tor network to an onion service."""
-    from servers import CldcbServer
-    from tornet import PrivateTorNetwork
-    from traces import load_trace
+    from helpers.servers import CldcbServer
+    from helpers.tornet import PrivateTorNetwork
+    from helpers.traces import load_trace
 
     from cldcb.ids import new_privkey, pubkey_of
     from cldcb.plugin.wrapper import ServerEntry
@@ -336,10 +335,10 @@ def measure_tor(folder: Path, trace_name: str, calls: int) -> list[float]:
 def measure(folder: Path, trace_name: str, rounds: int, pacing: bool = True) -> dict[str, Any]:
     """The rows, measured in alternating slices of the trace (so that a slow
     stretch of the disk weighs on all three alike)."""
-    from servers import CldcbServer
-    from simlightningd import SimLightningd
-    from socks5 import Microsocks, RecordingSocks5
-    from traces import load_trace
+    from helpers.servers import CldcbServer
+    from helpers.simlightningd import SimLightningd
+    from helpers.socks5 import Microsocks, RecordingSocks5
+    from helpers.traces import load_trace
 
     from cldcb.ids import new_privkey, pubkey_of
     from cldcb.plugin.wrapper import ServerEntry

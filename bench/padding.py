@@ -36,11 +36,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests"))  # the helpers package: tests/helpers
 
+from helpers.traces import TRACES, load_trace  # noqa: E402
 from measure import pct  # noqa: E402
-from traces import TRACES, load_trace  # noqa: E402
 
 from cldcb.dataversion import Kind, classify  # noqa: E402
 from cldcb.ids import new_privkey, pubkey_of  # noqa: E402

@@ -67,10 +67,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests"))  # the helpers package: tests/helpers
 
-from installkit import process_children  # noqa: E402
+from helpers.installkit import process_children  # noqa: E402
 from measure import pct, vm_hwm_mb  # noqa: E402
 
 VALUE = "v" * 1024
@@ -324,7 +323,7 @@ def delta(before: dict[tuple[int, str], tuple[int, int, int]],
 # --- nodes and servers -------------------------------------------------------------------
 
 def _bench_node_class() -> type:
-    from realcln import RealNode
+    from helpers.realcln import RealNode
 
     @dataclass
     class BenchNode(RealNode):
@@ -351,7 +350,7 @@ class Client:
         self.priv, self.client_id = read_client_key(self.key)
 
     def ok(self, *args: str) -> str:
-        from installkit import client_env, run_cli
+        from helpers.installkit import client_env, run_cli
         done = run_cli(*args, env=client_env(self.home), timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"cldcb-client {args[0]} failed:\n{done.stdout}\n{done.stderr}")
@@ -416,8 +415,8 @@ def settle(nodes: dict[str, Any], conns: dict[str, RpcConn], timeout: float = 30
 
 
 def measure(folder: Path, lightningd: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from realcln import RealCln, wait_for
-    from servers import CldcbServer, PrivateSshd
+    from helpers.realcln import RealCln, wait_for
+    from helpers.servers import CldcbServer, PrivateSshd
 
     rounds, calls, warmup = args.rounds, args.calls, args.warmup
     BenchNode = _bench_node_class()  # noqa: N806
@@ -566,7 +565,7 @@ def main() -> int:
         ap.error("--rounds and --calls must be at least 1, --warmup and --prefill-mb at "
                  "least 0")
 
-    from realcln import HOW_TO_GET, find_lightningd
+    from helpers.realcln import HOW_TO_GET, find_lightningd
     try:
         lightningd = find_lightningd()
     except RuntimeError as exc:

@@ -39,8 +39,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 from cldcb.dataversion import Kind, advance, decide, snapshot_tip  # noqa: E402
 from cldcb.ids import client_id_from_pubkey, new_privkey, pubkey_of  # noqa: E402

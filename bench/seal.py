@@ -15,17 +15,14 @@ import resource
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from measure import pct
 
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305  # noqa: E402
-from measure import pct  # noqa: E402
-
-from cldcb.dataversion import Kind  # noqa: E402
-from cldcb.ids import new_privkey, pubkey_of  # noqa: E402
-from cldcb.malloc import keep_freed_memory  # noqa: E402
-from cldcb.seal import RecordSealer, SnapshotSealer  # noqa: E402
+from cldcb.dataversion import Kind
+from cldcb.ids import new_privkey, pubkey_of
+from cldcb.malloc import keep_freed_memory
+from cldcb.seal import RecordSealer, SnapshotSealer
 
 
 def timed(fn, n: int) -> list[float]:  # noqa: ANN001

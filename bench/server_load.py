@@ -48,8 +48,6 @@ from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 from measure import cpu_seconds, pct, vm_hwm_mb  # noqa: E402
 from sshfloor import (  # noqa: E402

@@ -33,8 +33,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests"))  # the helpers package: tests/helpers
 
 import asyncssh  # noqa: E402
 from measure import cpu_ns, vm_hwm_mb  # noqa: E402
@@ -98,9 +97,9 @@ def measure_floor(folder: Path, size: int) -> tuple[float, float, float]:
 # -- through the plugin ----------------------------------------------------------------------
 
 def measure_plugin(folder: Path, size_mb: int) -> dict[str, float]:
-    from servers import CldcbServer
-    from simlightningd import SimLightningd
-    from test_plugin_harness import make_big_database
+    from helpers.plugin_harness import make_big_database
+    from helpers.servers import CldcbServer
+    from helpers.simlightningd import SimLightningd
 
     from cldcb.ids import client_id_from_pubkey, new_privkey, node_id_from_pubkey, pubkey_of
     from cldcb.plugin.wrapper import ServerEntry, WrapperConfig, default_plugin_path, write_wrapper

@@ -130,7 +130,7 @@ async def connect(port: int, username: str) -> asyncssh.SSHClientConnection:
 @contextmanager
 def floor_server(script: str, flag: str, folder: Path) -> Iterator[int]:
     """Run ``script flag FOLDER PORT`` (the benchmark itself, serving its floor); the port."""
-    from servers import free_port, wait_port
+    from helpers.servers import free_port, wait_port
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, script, flag, str(folder), str(port)],

@@ -55,8 +55,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests"))  # the helpers package: tests/helpers
 
 from measure import pct, vm_hwm_mb  # noqa: E402
 
@@ -93,8 +92,8 @@ class Run:
     """One row: a node, two servers, the plugin with or without its mirror."""
 
     def __init__(self, folder: Path, mirror: bool, pause: float, settle: float) -> None:
-        from servers import CldcbServer
-        from simlightningd import SimLightningd
+        from helpers.servers import CldcbServer
+        from helpers.simlightningd import SimLightningd
 
         from cldcb.ids import client_id_from_pubkey, new_privkey, node_id_from_pubkey, pubkey_of
         from cldcb.plugin.wrapper import (

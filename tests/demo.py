@@ -44,27 +44,24 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-TESTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(TESTS))
-sys.path.insert(0, str(TESTS.parent))
+from helpers.servers import CldcbServer
+from helpers.simlightningd import SimLightningd
+from helpers.traces import load_trace
 
-from servers import CldcbServer  # noqa: E402
-from simlightningd import SimLightningd  # noqa: E402
-from traces import load_trace  # noqa: E402
-
-from cldcb.connection import Connection, ServerSpec  # noqa: E402
-from cldcb.ids import client_id_from_pubkey, new_privkey, pubkey_of  # noqa: E402
-from cldcb.nodekey import LocalNodeKey, NodeKey  # noqa: E402
-from cldcb.plugin.wrapper import (  # noqa: E402
+from cldcb.connection import Connection, ServerSpec
+from cldcb.ids import client_id_from_pubkey, new_privkey, pubkey_of
+from cldcb.nodekey import LocalNodeKey, NodeKey
+from cldcb.plugin.wrapper import (
     WRAPPER_NAME,
     ServerEntry,
     WrapperConfig,
     default_plugin_path,
     write_wrapper,
 )
-from cldcb.recognition import make_recognition, message_for_client  # noqa: E402
-from cldcb.session import Role  # noqa: E402
+from cldcb.recognition import make_recognition, message_for_client
+from cldcb.session import Role
 
+TESTS = Path(__file__).resolve().parent
 CLIENT_CMD = [sys.executable, "-m", "cldcb.client.app"]
 NETWORK = "regtest"
 KEYS = TESTS / "data" / "cln-keys.json"

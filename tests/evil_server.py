@@ -13,17 +13,13 @@ what it can show the operator. With ``CLDCB_EVIL_LISTING=loop`` it answers every
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import asyncssh
 
-import asyncssh  # noqa: E402
-
-from cldcb import wire  # noqa: E402
-from cldcb.server import daemon, handler  # noqa: E402
-from cldcb.server.admin import main  # noqa: E402
+from cldcb import wire
+from cldcb.server import daemon, handler
+from cldcb.server.admin import main
 
 TEXT = os.environ["CLDCB_EVIL_TEXT"]
 CODE = int(os.environ.get("CLDCB_EVIL_CODE", str(int(wire.ErrorCode.STORAGE))))

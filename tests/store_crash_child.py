@@ -18,22 +18,20 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import coincurve
+from helpers.entries import recognition_entry
 
-import coincurve  # noqa: E402
-from entries import recognition_entry  # noqa: E402
-
-from cldcb import wire  # noqa: E402
-from cldcb.dataversion import Kind, Tip, advance, decide  # noqa: E402
-from cldcb.nodekey import LocalNodeKey  # noqa: E402
-from cldcb.seal import (  # noqa: E402
+from cldcb import wire
+from cldcb.dataversion import Kind, Tip, advance, decide
+from cldcb.nodekey import LocalNodeKey
+from cldcb.seal import (
     ChainVerifier,
     RecordSealer,
     SnapshotOpener,
     SnapshotSealer,
     item_hash,
 )
-from cldcb.store import ClientStore, Store  # noqa: E402
+from cldcb.store import ClientStore, Store
 
 NODE_PRIV = hashlib.sha256(b"cldcb test node").digest()
 CLIENT_PRIV = hashlib.sha256(b"cldcb test client").digest()

@@ -14,10 +14,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from servers import PrivateSshd
+from helpers.plugin_harness import Target, logs_matching, server_status
+from helpers.servers import PrivateSshd
+from helpers.traces import load_trace
 from test_plugin_acks import K_DV, OUTAGE, WORKLOAD, _k, stopped_by, violation
-from test_plugin_harness import Target, logs_matching, server_status
-from traces import load_trace
 
 RELAY = Path(__file__).with_name("ack_relay.py")
 

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import DATA
 from demo import (
     NETWORK,
     Target,
@@ -33,8 +32,9 @@ from demo import (
     play,
     vector_secret,
 )
-from servers import CldcbServer
-from traces import expected_dump_bytes
+from helpers.environment import DATA
+from helpers.servers import CldcbServer
+from helpers.traces import expected_dump_bytes
 
 from cldcb.ids import client_id_from_pubkey, new_privkey, pubkey_of
 from cldcb.nodekey import LocalNodeKey

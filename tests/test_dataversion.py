@@ -6,9 +6,9 @@ import dataclasses
 from itertools import pairwise
 
 import pytest
+from helpers.traces import TRACES, load_trace
 from hypothesis import given
 from hypothesis import strategies as st
-from traces import TRACES, load_trace
 
 from cldcb.dataversion import (
     MAX_DATA_VERSION,

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 from demo import NETWORK, Target, client, dump, install_client, play
-from faultproxy import FaultProxy
-from realcln import RealCln, data_version
-from servers import CldcbServer
+from helpers.faultproxy import FaultProxy
+from helpers.realcln import RealCln, data_version
+from helpers.servers import CldcbServer
 from test_realcln import Client, Server, daemon_server, recover_and_compare
 
 from cldcb.connection import Connection

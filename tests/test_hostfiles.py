@@ -13,8 +13,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import require_tool
-from servers import free_port
+from helpers.environment import require_tool
+from helpers.servers import free_port
 from test_cli_keys import SERVER, run
 
 from cldcb.server.hostfiles import sshd_config, systemd_unit

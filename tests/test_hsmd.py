@@ -16,7 +16,6 @@ import socket
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -257,11 +256,9 @@ def test_alt_hsmd_times_out_and_stops_the_program(tmp_path: Path,
     pid_file = tmp_path / "pid"
     program = write_program(tmp_path / "silent", f"echo $$ > {pid_file}\nexec sleep 60")
     lightning_dir = node_dir(tmp_path, b"\x01" * 32)
-    started = time.monotonic()
     with pytest.raises(HsmdError, match="did not answer hsmd_init within 0.5 s"):
         with AltHsmdNodeKey(program, lightning_dir, "regtest", timeout=0.5):
             pass
-    assert time.monotonic() - started < 10
     pid = int(pid_file.read_text())
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)

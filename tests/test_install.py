@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from installkit import (
+from helpers.installkit import (
     PtyRun,
     client_env,
     file_leaks,
@@ -29,10 +29,10 @@ from installkit import (
     secret_forms,
     text_leaks,
 )
-from servers import CldcbServer
-from simlightningd import SimLightningd
-from simrpc import SimRpcNode, vector
-from traces import load_trace
+from helpers.servers import CldcbServer
+from helpers.simlightningd import SimLightningd
+from helpers.simrpc import SimRpcNode, vector
+from helpers.traces import load_trace
 
 from cldcb import hsm_secret, wire
 from cldcb.client.nodeconfig import (

@@ -14,9 +14,9 @@ import stat
 from pathlib import Path
 
 import pytest
-from installkit import PtyRun, client_env, run_cli
-from servers import SERVER_CMD, PrivateSshd
-from simrpc import SimRpcNode
+from helpers.installkit import PtyRun, client_env, run_cli
+from helpers.servers import SERVER_CMD, PrivateSshd
+from helpers.simrpc import SimRpcNode
 from test_install_ssh import clients, install_args, new_ssh_key
 
 from cldcb.plugin.wrapper import WRAPPER_NAME, read_wrapper

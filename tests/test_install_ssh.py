@@ -35,10 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import IN_CI, require_tool
 from cryptography.hazmat.primitives import serialization as ser
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from installkit import (
+from helpers.environment import IN_CI, require_tool
+from helpers.installkit import (
     PtyRun,
     client_env,
     file_leaks,
@@ -47,8 +47,8 @@ from installkit import (
     secret_forms,
     text_leaks,
 )
-from servers import SERVER_CMD, CldcbServer, PrivateSshd, free_port, run_server_cmd
-from simrpc import SimRpcNode, vector
+from helpers.servers import SERVER_CMD, CldcbServer, PrivateSshd, free_port, run_server_cmd
+from helpers.simrpc import SimRpcNode, vector
 
 import cldcb
 from cldcb import hsm_secret, wire
@@ -387,7 +387,7 @@ def test_install_through_a_socks5_proxy_to_onion_addresses(root_sshd: PrivateSsh
     """``install --proxy``: the setup login and the plugin's backups both go through the
     proxy by name (the onion names resolve nowhere else), the host keys are checked as
     ever, and the wrapper records the daemon's onion public address with its route."""
-    from socks5 import ATYP_DOMAIN, RecordingSocks5
+    from helpers.socks5 import ATYP_DOMAIN, RecordingSocks5
 
     from cldcb.proxy import PROXIED
 

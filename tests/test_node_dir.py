@@ -8,9 +8,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from installkit import CLIENT, PtyRun, client_env, run_cli
-from servers import CldcbServer
-from simrpc import vector
+from helpers.installkit import CLIENT, PtyRun, client_env, run_cli
+from helpers.servers import CldcbServer
+from helpers.simrpc import vector
 
 
 @pytest.fixture(scope="module")

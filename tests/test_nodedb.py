@@ -8,7 +8,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from traces import replay_trace
+from helpers.traces import replay_trace
 
 from cldcb import restore
 from cldcb.client import status as status_mod

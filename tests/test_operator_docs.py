@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import click
-from readme_tables import README, exit_codes, table
+from helpers.readme_tables import README, exit_codes, table
 
 from cldcb.client.app import main as client_main
 from cldcb.errors import ExitCode

@@ -18,11 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from lying_server import SNAPSHOT_LIES, WRITE_LIES
-from servers import SERVER_CMD, CldcbServer
-from simlightningd import Call, NodeStopped, SimLightningd
-from test_plugin_faults import normal_call_at_or_after
-from test_plugin_harness import (
+from helpers.plugin_harness import (
     Keys,
     Target,
     logs_matching,
@@ -33,7 +29,11 @@ from test_plugin_harness import (
     server_status,
     wait_until,
 )
-from traces import load_trace, sqlite_dump
+from helpers.servers import SERVER_CMD, CldcbServer
+from helpers.simlightningd import Call, NodeStopped, SimLightningd
+from helpers.traces import load_trace, sqlite_dump
+from lying_server import SNAPSHOT_LIES, WRITE_LIES
+from test_plugin_faults import normal_call_at_or_after
 
 LIAR = [sys.executable, str(Path(__file__).with_name("lying_server.py"))]
 WORKLOAD = "cln-workload"

@@ -296,7 +296,8 @@ def test_a_silent_server_fails_a_hot_call_at_the_outage_limit(tmp_path: Path) ->
 
     took = asyncio.run(go())
     assert hot_calls > 20
-    assert 1.4 <= took <= 3.0, took
+    assert took >= 1.4, took          # it waited for the outage limit (how soon after it
+                                      # fails: bench/deadlines.py)
 
 
 def test_quorum_one_goes_on_and_catches_up_a_lagging_server(tmp_path: Path) -> None:

@@ -13,8 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from simlightningd import Call, NodeStopped, SimLightningd
-from test_plugin_harness import (
+from helpers.plugin_harness import (
     Keys,
     Target,
     logs_matching,
@@ -25,7 +24,8 @@ from test_plugin_harness import (
     server_status,
     wait_until,
 )
-from traces import expected_dump, load_trace, sqlite_dump
+from helpers.simlightningd import Call, NodeStopped, SimLightningd
+from helpers.traces import expected_dump, load_trace, sqlite_dump
 
 from cldcb.dataversion import Kind, classify
 from cldcb.plugin.main import ENV_CHUNK_DELAY, ENV_CHUNK_SIZE

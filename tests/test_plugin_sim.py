@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from simlightningd import LIGHTNINGD_VERSION, NodeStopped, SimLightningd
-from traces import expected_dump, load_trace, sqlite_dump
+from helpers.simlightningd import LIGHTNINGD_VERSION, NodeStopped, SimLightningd
+from helpers.traces import expected_dump, load_trace, sqlite_dump
 
 TRIVIAL = r'''
 import json, os, sys

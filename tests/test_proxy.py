@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 from demo import NETWORK, Target, client, dump, new_node, play
 from demo import vector_secret as secret_of
-from servers import CldcbServer, free_port
-from socks5 import ATYP_DOMAIN, Microsocks, RecordingSocks5
-from traces import expected_dump_bytes
+from helpers.servers import CldcbServer, free_port
+from helpers.socks5 import ATYP_DOMAIN, Microsocks, RecordingSocks5
+from helpers.traces import expected_dump_bytes
 
 from cldcb import proxy as proxy_mod
 from cldcb.connection import Connection, ServerAddress, ServerSpec

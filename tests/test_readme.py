@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 from demo import dump
-from servers import PrivateSshd, free_port, stop_pid, wait_port
-from simrpc import SimRpcNode
+from helpers.servers import PrivateSshd, free_port, stop_pid, wait_port
+from helpers.simrpc import SimRpcNode
 from test_cli_keys import console_script
 from test_install_ssh import new_ssh_key
 

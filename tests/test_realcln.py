@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from installkit import client_env, run_cli
-from realcln import NETWORK, RealCln, RealNode, data_version, dump, wait_for
-from servers import CldcbServer, PrivateSshd, _write_key
+from helpers.installkit import client_env, run_cli
+from helpers.realcln import NETWORK, RealCln, RealNode, data_version, dump, wait_for
+from helpers.servers import CldcbServer, PrivateSshd, _write_key
 
 from cldcb.keyfile import read_client_key
 from cldcb.rpc import RpcError, RpcTransportError

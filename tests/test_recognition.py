@@ -6,7 +6,7 @@ import os
 import struct
 
 import pytest
-from entries import recognition_entry
+from helpers.entries import recognition_entry
 
 from cldcb.errors import SealError
 from cldcb.ids import pubkey_of

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 from demo import NETWORK, Target, client, delete_all_but_hsm_secret, dump, install_client, play
-from entries import recognition_entry
-from servers import CldcbServer
+from helpers.entries import recognition_entry
+from helpers.servers import CldcbServer
 from store_crash_child import CLIENT_PRIV, NODE, OTHER_PRIV, client_id
 from test_recover_e2e import fresh_node
 

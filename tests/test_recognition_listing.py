@@ -25,7 +25,7 @@ from demo import (
     play,
     vector_secret,
 )
-from servers import CldcbServer
+from helpers.servers import CldcbServer
 from test_recover_e2e import fresh_node
 
 from cldcb import wire

@@ -21,8 +21,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
-from conftest import DATA
-from traces import expected_dump_bytes, load_trace, replay_trace, sqlite_dump_bytes
+from helpers.environment import DATA
+from helpers.traces import expected_dump_bytes, load_trace, replay_trace, sqlite_dump_bytes
 
 from cldcb import restore, wire
 from cldcb.dataversion import advance, classify, decide, snapshot_tip

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from demo import NETWORK, client
-from servers import CldcbServer, PrivateSshd, _write_key, free_port
+from helpers.servers import CldcbServer, PrivateSshd, _write_key, free_port
 from test_recover_e2e import fresh_node, recover_args
 
 pytestmark = pytest.mark.timeout(300)

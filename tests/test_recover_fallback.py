@@ -24,10 +24,10 @@ from pathlib import Path
 import demo
 import pytest
 from demo import NETWORK, client, dump
-from servers import CldcbServer
-from simlightningd import SimLightningd
+from helpers.servers import CldcbServer
+from helpers.simlightningd import SimLightningd
+from helpers.traces import load_trace
 from test_recover_e2e import fresh_node, recover_args
-from traces import load_trace
 
 from cldcb.plugin.wrapper import WRAPPER_NAME
 from cldcb.store import Store

@@ -32,9 +32,9 @@ from pathlib import Path
 
 import pytest
 from demo import NETWORK, Target, client, delete_all_but_hsm_secret, dump, install_client, play
-from servers import CldcbServer, init_data_dir
+from helpers.servers import CldcbServer, init_data_dir
+from helpers.traces import replay_trace
 from test_recover_e2e import fresh_node, recover_args
-from traces import replay_trace
 
 from cldcb.ids import client_id_from_pubkey, new_privkey, pubkey_of
 from cldcb.nodekey import LocalNodeKey

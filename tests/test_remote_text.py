@@ -22,14 +22,14 @@ from pathlib import Path
 
 import pytest
 from demo import NETWORK, client
+from helpers.installkit import client_env, run_cli
+from helpers.plugin_harness import Target, make_node, new_keys, plugin_status
+from helpers.servers import CldcbServer, PrivateSshd, _write_key
+from helpers.simlightningd import NodeStopped
+from helpers.traces import load_trace
 from hypothesis import given
 from hypothesis import strategies as st
-from installkit import client_env, run_cli
-from servers import CldcbServer, PrivateSshd, _write_key
-from simlightningd import NodeStopped
-from test_plugin_harness import Target, make_node, new_keys, plugin_status
 from test_recover_e2e import fresh_node
-from traces import load_trace
 
 from cldcb import wire
 from cldcb.connection import ServerAddress

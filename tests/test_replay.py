@@ -7,7 +7,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from traces import (
+from helpers.traces import (
     EXPECTED_SHA256,
     TRACES,
     expected_dump,

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from simrpc import KEYS, SimRpcNode, vector
+from helpers.simrpc import KEYS, SimRpcNode, vector
 
 from cldcb.errors import UsageError
 from cldcb.rpc import (

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import DATA
+from helpers.environment import DATA
+from helpers.traces import expected_dump_bytes, sqlite_dump_bytes
 from test_recover_core import CLIENT_PRIV, vector_node_key
 from test_seal import ANCHOR, CLIENT, NODE, client_pub
-from traces import expected_dump_bytes, sqlite_dump_bytes
 
 from cldcb import restore, wire
 from cldcb.client.tips import compare, unconfirmed

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from servers import CldcbServer, run_server_cmd
+from helpers.servers import CldcbServer, run_server_cmd
 
 from cldcb import wire
 from cldcb.connection import Connection
@@ -228,7 +228,7 @@ def test_a_client_that_never_waits_is_held_back_not_buffered(tmp_path: Path) -> 
     server stops reading it while its backlog is full (the SSH window then holds the
     client back), so its memory stays bounded, and every chunk is still answered, in
     order, and the snapshot completes."""
-    from test_plugin_harness import vm_hwm_mb
+    from helpers.plugin_harness import vm_hwm_mb
 
     srv, (priv,) = serving(tmp_path)
     try:
@@ -286,7 +286,7 @@ def test_a_client_locked_by_another_process_does_not_stall_the_others(tmp_path: 
         srv.add(client_id_from_pubkey(pubkey_of(w.priv)))
     srv.start()
     try:
-        async def body() -> tuple[float, float, float]:
+        async def body() -> tuple[float, float]:
             ca = await Connection.open(srv.spec, a.priv, Role.WRITER)
             cb = await Connection.open(srv.spec, b.priv, Role.WRITER)
             await a.snapshot(ca, 1000)
@@ -297,9 +297,8 @@ def test_a_client_locked_by_another_process_does_not_stall_the_others(tmp_path: 
             t0 = time.monotonic()
             held = asyncio.create_task(a.write(ca))
             await asyncio.sleep(0.3)
-            await b.write(cb)                      # the other client is not stalled
-            b_done = time.monotonic() - t0
-            assert not held.done()                 # a's write waits for the lock
+            await b.write(cb)                      # the other client is not stalled:
+            assert not held.done()                 # answered while a's write waits for the lock
             await asyncio.sleep(0.7)
             released = time.monotonic() - t0
             fcntl.flock(fd, fcntl.LOCK_UN)
@@ -308,10 +307,10 @@ def test_a_client_locked_by_another_process_does_not_stall_the_others(tmp_path: 
             a_done = time.monotonic() - t0
             await ca.close()
             await cb.close()
-            return b_done, released, a_done
+            return released, a_done
 
-        b_done, released, a_done = run(body())
-        assert b_done < 0.9 and a_done >= released
+        released, a_done = run(body())
+        assert a_done >= released
         assert a.acked == [11] and b.acked == [11]
     finally:
         srv.stop()

@@ -16,7 +16,7 @@ from typing import Any
 
 import asyncssh
 import pytest
-from servers import CldcbServer
+from helpers.servers import CldcbServer
 
 from cldcb import wire
 from cldcb.connection import RECOVER_USER, SSH_USER, SUBSYSTEM, Connection

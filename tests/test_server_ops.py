@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from servers import CldcbServer, run_server_cmd
+from helpers.servers import CldcbServer, run_server_cmd
 
 from cldcb.connection import Connection
 from cldcb.ids import client_id_from_pubkey, pubkey_of

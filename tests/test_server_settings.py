@@ -16,7 +16,7 @@ from pathlib import Path
 
 import asyncssh
 import pytest
-from servers import PrivateSshd, run_server_cmd
+from helpers.servers import PrivateSshd, run_server_cmd
 from test_transports import new_client, upload_snapshot
 
 from cldcb.connection import Connection

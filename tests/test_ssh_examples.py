@@ -17,7 +17,7 @@ from pathlib import Path
 
 import asyncssh
 import pytest
-from servers import PrivateSshd
+from helpers.servers import PrivateSshd
 
 from cldcb.connection import Connection
 

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 from demo import NETWORK, Target, client, install_client, play, vector_secret
-from readme_tables import exit_codes
-from servers import CldcbServer, free_port
-from traces import replay_trace
+from helpers.readme_tables import exit_codes
+from helpers.servers import CldcbServer, free_port
+from helpers.traces import replay_trace
 
 from cldcb.client import verify as verify_mod
 from cldcb.errors import CldcbError

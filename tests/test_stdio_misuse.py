@@ -11,7 +11,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from servers import SERVER_CMD, init_data_dir
+from helpers.servers import SERVER_CMD, init_data_dir
 from test_cli_keys import run_on_pty
 
 from cldcb.ids import client_id_from_pubkey, new_privkey, pubkey_of

@@ -6,7 +6,7 @@ import io
 from pathlib import Path
 
 import pytest
-from entries import recognition_entry
+from helpers.entries import recognition_entry
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from store_crash_child import (

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from entries import recognition_entry
+from helpers.entries import recognition_entry
 from store_crash_child import CLIENT_PRIV, NODE, Writer, client_id, snapshot_bytes, verify
 
 from cldcb import wire

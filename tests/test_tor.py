@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import pytest
 from demo import NETWORK, Target, client, delete_all_but_hsm_secret, dump, new_node, play
-from servers import CldcbServer
-from tornet import PrivateTorNetwork
+from helpers.servers import CldcbServer
+from helpers.tornet import PrivateTorNetwork
 
 from cldcb.plugin.wrapper import WRAPPER_NAME, read_wrapper
 

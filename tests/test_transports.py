@@ -15,8 +15,8 @@ from pathlib import Path
 
 import asyncssh
 import pytest
-from entries import recognition_entry
-from servers import SERVER_CMD, CldcbServer, PrivateSshd, run_server_cmd
+from helpers.entries import recognition_entry
+from helpers.servers import SERVER_CMD, CldcbServer, PrivateSshd, run_server_cmd
 
 from cldcb import wire
 from cldcb.connection import Connection, ServerAddress, ServerSpec

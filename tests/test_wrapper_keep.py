@@ -17,7 +17,7 @@ from pathlib import Path
 import demo
 import pytest
 from demo import NETWORK, client
-from servers import CldcbServer
+from helpers.servers import CldcbServer
 from test_recover_e2e import fresh_node, recover_args
 
 from cldcb.ids import client_id_from_pubkey, new_privkey, pubkey_of

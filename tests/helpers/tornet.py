@@ -22,10 +22,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from conftest import require_tool
 from python_socks import ProxyError, ProxyTimeoutError, ProxyType
 from python_socks.sync import Proxy
-from servers import free_port, stop_pid
+
+from helpers.environment import require_tool
+from helpers.servers import free_port, stop_pid
 
 VIRTUAL_PORT = 29735
 AUTHORITIES = 3

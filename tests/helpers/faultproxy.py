@@ -30,7 +30,7 @@ import struct
 import time
 from dataclasses import dataclass
 
-from listener import LoopbackListener
+from helpers.listener import LoopbackListener
 
 FAULTS = ("cut", "reset", "stall")
 

@@ -23,7 +23,7 @@ What it does like Core Lightning v26.06 (see ``traces/README.md``):
 - ``cache_size`` (pages) makes big transactions spill SQLite's page cache and
   take the EXCLUSIVE lock before COMMIT: the hazard of DESIGN section 5.
 
-A trace (``tests/traces.py``) is played with :meth:`SimLightningd.run_trace`,
+A trace (``tests/helpers/traces.py``) is played with :meth:`SimLightningd.run_trace`,
 which also replays the trace's crashes: a normal batch followed by another
 normal batch with the same data_version was never committed (lightningd died
 between the hook and COMMIT), so the simulator rolls it back and restarts
@@ -31,7 +31,8 @@ the node (and its plugin) there.
 
 Run as a program to play a trace against a wrapper::
 
-    python tests/simlightningd.py --lightning-dir DIR --wrapper PATH --trace cln-channels
+    cd tests && python -m helpers.simlightningd --lightning-dir DIR --wrapper PATH \
+        --trace cln-channels
 """
 
 from __future__ import annotations
@@ -51,10 +52,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from cldcb.dataversion import Kind, classify  # noqa: E402
-from cldcb.plugin.jsonrpc import MessageDecoder, encode  # noqa: E402
+from cldcb.dataversion import Kind, classify
+from cldcb.plugin.jsonrpc import MessageDecoder, encode
 
 LIGHTNINGD_VERSION = "v26.06"
 MANIFEST_TIMEOUT = 60.0
@@ -434,11 +433,7 @@ class SimLightningd:
         if self.plugin is not None:
             self.plugin.close(30)
             self.plugin = None
-        if self.db is not None:
-            if self.db.in_transaction:
-                self.db.execute("ROLLBACK")
-            self.db.close()
-            self.db = None
+        self._close_db()
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop the node: ``shutdown`` to the plugin, up to ``timeout`` s for it to exit."""
@@ -446,6 +441,10 @@ class SimLightningd:
             self.plugin.send({"jsonrpc": "2.0", "method": "shutdown", "params": {}})
             self.plugin.close(timeout)
             self.plugin = None
+        self._close_db()
+
+    def _close_db(self) -> None:
+        """Close the database, rolling back what was not committed."""
         if self.db is not None:
             if self.db.in_transaction:
                 self.db.execute("ROLLBACK")
@@ -487,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--not-important", action="store_true")
     ap.add_argument("--cache-size", type=int)
     args = ap.parse_args(argv)
-    from traces import load_trace
+    from helpers.traces import load_trace
 
     node = SimLightningd(args.lightning_dir, args.wrapper, network=args.network,
                          important=not args.not_important, cache_size=args.cache_size)
@@ -509,5 +508,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     sys.exit(main())

@@ -1,6 +1,6 @@
-"""Shared pieces of the plugin tests (this module holds no tests).
+"""Shared pieces of the plugin tests.
 
-Real processes only: servers from ``tests/servers.py`` (``cldcb-server serve``
+Real processes only: servers from :mod:`helpers.servers` (``cldcb-server serve``
 or a private OpenSSH sshd, on 127.0.0.1, started and stopped by pid), the
 real ``cldcb-plugin`` started by the simulated lightningd through its
 generated wrapper, real SQLite files. What the servers hold is fetched as the
@@ -20,10 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from servers import CldcbServer, PrivateSshd
-from simlightningd import SimLightningd
-from traces import sqlite_dump
-
 from cldcb import wire
 from cldcb.connection import Connection, ServerSpec
 from cldcb.ids import client_id_from_pubkey, new_privkey, node_id_from_pubkey, pubkey_of
@@ -31,6 +27,9 @@ from cldcb.nodekey import LocalNodeKey
 from cldcb.plugin.wrapper import ServerEntry, WrapperConfig, default_plugin_path, write_wrapper
 from cldcb.restore import Rebuilt, rebuild
 from cldcb.session import Role
+from helpers.servers import CldcbServer, PrivateSshd
+from helpers.simlightningd import SimLightningd
+from helpers.traces import sqlite_dump
 
 NETWORK = "regtest"
 

@@ -35,11 +35,10 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from conftest import DATA
-from simlightningd import NodeStopped, SimLightningd
-from traces import load_trace
-
 from cldcb.nodekey import LocalNodeKey
+from helpers.environment import DATA
+from helpers.simlightningd import NodeStopped, SimLightningd
+from helpers.traces import load_trace
 
 KEYS = json.loads((DATA / "cln-keys.json").read_text())
 INVALID_PARAMS = -32602

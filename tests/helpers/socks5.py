@@ -21,9 +21,9 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from conftest import require_tool
-from listener import LoopbackListener
-from servers import free_port, stop_pid, wait_port
+from helpers.environment import require_tool
+from helpers.listener import LoopbackListener
+from helpers.servers import free_port, stop_pid, wait_port
 
 ATYP_IPV4, ATYP_DOMAIN, ATYP_IPV6 = 1, 3, 4
 

@@ -38,11 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
-from conftest import DATA, IN_CI, require_tool
-from servers import free_port
-
 from cldcb.rpc import LightningdNotRunning, LightningRpc, RpcTransportError
+from helpers.environment import DATA, missing, require_tool
+from helpers.servers import free_port
 
 NETWORK = "regtest"
 CLN_DATA = DATA / "cln"
@@ -69,10 +67,7 @@ def find_lightningd() -> Path | None:
 def require_lightningd() -> Path:
     path = find_lightningd()
     if path is None:
-        msg = f"no real lightningd: {HOW_TO_GET}"
-        if IN_CI:
-            pytest.fail(msg)
-        pytest.skip(msg)
+        missing(f"no real lightningd: {HOW_TO_GET}")
     return path
 
 

@@ -15,10 +15,9 @@ import json
 import subprocess
 from pathlib import Path
 
-from conftest import DATA, require_tool
-
 from cldcb.dataversion import DecideFn, classify, decide
 from cldcb.replay import Replayer
+from helpers.environment import DATA, require_tool
 
 TRACES = ("cln-workload", "cln-crash-restart", "cln-channels")
 

@@ -23,15 +23,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from conftest import require_tool
 from cryptography.hazmat.primitives import serialization as ser
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from cldcb.connection import ServerAddress, ServerSpec
 from cldcb.sshkeys import authorized_keys_line, derived_public_line
+from helpers.environment import require_tool
 
 SERVER_CMD = [sys.executable, "-m", "cldcb.server.admin"]
-CHECKOUT = Path(__file__).resolve().parent.parent
+CHECKOUT = Path(__file__).resolve().parents[2]
 """This checkout: sshd passes no environment on, so its sessions are told to import cldcb
 from here (not from wherever the package is installed)."""
 
