@@ -44,13 +44,13 @@ import asyncssh
 from measure import pct, vm_hwm_mb
 from server_load import start_daemon
 
-from cldcb import wire
-from cldcb.connection import RECOVER_USER, SUBSYSTEM, Connection, ServerSpec
-from cldcb.dataversion import Kind
-from cldcb.ids import new_privkey, pubkey_of
-from cldcb.seal import RecordSealer, SnapshotSealer, item_hash
-from cldcb.session import Role
-from cldcb.sshkeys import SECP256K1_SSH_ALG
+from cldcb.core import wire
+from cldcb.core.dataversion import Kind
+from cldcb.core.ids import new_privkey, pubkey_of
+from cldcb.core.seal import RecordSealer, SnapshotSealer, item_hash
+from cldcb.core.session import Role
+from cldcb.transport.connection import RECOVER_USER, SUBSYSTEM, Connection, ServerSpec
+from cldcb.transport.sshkeys import SECP256K1_SSH_ALG
 
 RECORD = ["INSERT INTO datastore VALUES (x'6b31', x'" + "ab" * 1000 + "', 0)"]
 RSS_TARGET_MB = 150

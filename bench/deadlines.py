@@ -10,7 +10,7 @@ Each row is measured ``--rounds`` times next to its floor, in the same run:
   (``DatabaseBusy``), next to the busy timeout it is given (the floor, 0.5 s).
 - ``alt_hsmd``: an alternative hsmd that never answers ``hsmd_init``: the error and the
   program stopped, next to the timeout given (0.5 s) plus the stop grace (0.5 s).
-- ``keepalive``: a hung SSH peer (SIGSTOP) dropped by :class:`cldcb.keepalive.Keepalive`
+- ``keepalive``: a hung SSH peer (SIGSTOP) dropped by :class:`cldcb.transport.keepalive.Keepalive`
   (interval 0.2 s, 2 unanswered), next to ``interval × (count_max + 1)``.
 
 Prints a table, then one JSON line (DESIGN §9). On 127.0.0.1 only; the echo server
@@ -40,12 +40,12 @@ import asyncssh  # noqa: E402
 from helpers.echo import echo_server  # noqa: E402
 from measure import pct  # noqa: E402
 
-from cldcb import alt_hsmd  # noqa: E402
-from cldcb.alt_hsmd import AltHsmdNodeKey  # noqa: E402
 from cldcb.errors import CldcbError  # noqa: E402
-from cldcb.keepalive import Keepalive  # noqa: E402
+from cldcb.node import alt_hsmd  # noqa: E402
+from cldcb.node.alt_hsmd import AltHsmdNodeKey  # noqa: E402
 from cldcb.plugin import jsonrpc  # noqa: E402
 from cldcb.plugin.snapshot import DatabaseBusy, copy_database  # noqa: E402
+from cldcb.transport.keepalive import Keepalive  # noqa: E402
 
 BUSY_TIMEOUT = 0.5
 HSMD_TIMEOUT = 0.5

@@ -12,7 +12,7 @@ a file, fsyncs and answers; same cipher, TCP_NODELAY, same request sizes as
 the sealed changes, on the same disk.
 
 To tell where the time goes, a third row measures the same sealed changes
-written straight to the server with :class:`cldcb.connection.Connection`
+written straight to the server with :class:`cldcb.transport.connection.Connection`
 (no lightningd, no plugin): the protocol path alone; a fourth, the same calls
 through a second simulated lightningd to a plugin that answers ``continue``
 at once (``--echo-plugin``): what the lightningd ↔ plugin pipes cost by
@@ -95,7 +95,7 @@ from sshfloor import (  # noqa: E402
     run_child,
 )
 
-from cldcb.seal import OVERHEAD  # noqa: E402
+from cldcb.core.seal import OVERHEAD  # noqa: E402
 
 
 class Pacer:
@@ -153,9 +153,9 @@ class _DirectClient:
     """The same sealed changes written straight to a cldcb server (no plugin)."""
 
     def __init__(self, conn: Any, client: bytes, node_pub: bytes) -> None:
-        from cldcb.dataversion import Kind, Tip
-        from cldcb.ids import new_privkey
-        from cldcb.seal import RecordSealer
+        from cldcb.core.dataversion import Kind, Tip
+        from cldcb.core.ids import new_privkey
+        from cldcb.core.seal import RecordSealer
 
         self.conn = conn
         self.anchor = os.urandom(32)
@@ -164,10 +164,10 @@ class _DirectClient:
 
     @classmethod
     async def open(cls, spec: Any, client: bytes, node_pub: bytes) -> _DirectClient:
-        from cldcb.connection import Connection
-        from cldcb.ids import new_privkey
-        from cldcb.seal import SnapshotSealer
-        from cldcb.session import Role
+        from cldcb.core.ids import new_privkey
+        from cldcb.core.seal import SnapshotSealer
+        from cldcb.core.session import Role
+        from cldcb.transport.connection import Connection
 
         self = cls(await Connection.open(spec, client, Role.WRITER), client, node_pub)
         snap = SnapshotSealer(node_pub, client, new_privkey(), 0, self.anchor)
@@ -177,8 +177,8 @@ class _DirectClient:
         return self
 
     async def run(self, calls: list[tuple[int, list[str]]], pacer: Pacer) -> list[float]:
-        from cldcb.dataversion import advance, classify, decide
-        from cldcb.seal import item_hash
+        from cldcb.core.dataversion import advance, classify, decide
+        from cldcb.core.seal import item_hash
 
         out = []
         for dv, writes in calls:
@@ -212,7 +212,7 @@ def echo_plugin() -> None:
 def forward_plugin(port: int) -> None:
     """A plugin that forwards each db_write as one request of the sealed change's size to
     the floor server, and answers ``continue`` when that request is acknowledged."""
-    from cldcb.malloc import keep_freed_memory
+    from cldcb.cli.malloc import keep_freed_memory
     from cldcb.plugin import jsonrpc
     from cldcb.plugin.main import MANIFEST
 
@@ -273,7 +273,7 @@ def _plugin_wrapper(folder: Path, args: str) -> Path:
 
 def _server(server: Any) -> tuple[Any, bytes]:
     """A started ``cldcb-server serve`` with a new client registered: (server, client key)."""
-    from cldcb.ids import client_id_from_pubkey, new_privkey, pubkey_of
+    from cldcb.core.ids import client_id_from_pubkey, new_privkey, pubkey_of
 
     server.init()
     client = new_privkey()
@@ -289,7 +289,7 @@ def plugin_node(ld: Path, client: bytes, node_pub: bytes, entry: Any) -> Any:
     """A simulated lightningd in ``ld`` whose cldcb plugin backs up to ``entry`` only."""
     from helpers.simlightningd import SimLightningd
 
-    from cldcb.ids import client_id_from_pubkey, node_id_from_pubkey, pubkey_of
+    from cldcb.core.ids import client_id_from_pubkey, node_id_from_pubkey, pubkey_of
     from cldcb.plugin.wrapper import WrapperConfig, default_plugin_path, write_wrapper
 
     (ld / "regtest").mkdir(parents=True)
@@ -313,7 +313,7 @@ def measure_tor(folder: Path, trace_name: str, calls: int) -> list[float]:
     from helpers.tornet import PrivateTorNetwork
     from helpers.traces import load_trace
 
-    from cldcb.ids import new_privkey, pubkey_of
+    from cldcb.core.ids import new_privkey, pubkey_of
     from cldcb.plugin.wrapper import ServerEntry
 
     trace = load_trace(trace_name)[:calls + 1]
@@ -340,7 +340,7 @@ def measure(folder: Path, trace_name: str, rounds: int, pacing: bool = True) -> 
     from helpers.socks5 import Microsocks, RecordingSocks5
     from helpers.traces import load_trace
 
-    from cldcb.ids import new_privkey, pubkey_of
+    from cldcb.core.ids import new_privkey, pubkey_of
     from cldcb.plugin.wrapper import ServerEntry
 
     trace = load_trace(trace_name)

@@ -5,7 +5,7 @@ Every call of each recorded trace (``tests/data``) is sealed twice, in the
 same run: as record format 1 seals it (unpadded; the *floor*: the layout before
 padding, built from the same stream sealer) and as the plugin seals it now
 (format 2: ``replaces`` in the header, plaintext padded to its size class,
-:func:`cldcb.seal.padded_size`). For each:
+:func:`cldcb.core.seal.padded_size`). For each:
 
 - **identifying**: the fraction of records whose exact sealed size names the
   type of their first statement (verb and table, e.g. ``INSERT payments``):
@@ -41,9 +41,9 @@ sys.path.insert(0, str(ROOT / "tests"))  # the helpers package: tests/helpers
 from helpers.traces import TRACES, load_trace  # noqa: E402
 from measure import pct  # noqa: E402
 
-from cldcb.dataversion import Kind, classify  # noqa: E402
-from cldcb.ids import new_privkey, pubkey_of  # noqa: E402
-from cldcb.seal import (  # noqa: E402
+from cldcb.core.dataversion import Kind, classify  # noqa: E402
+from cldcb.core.ids import new_privkey, pubkey_of  # noqa: E402
+from cldcb.core.seal import (  # noqa: E402
     VERSION,
     RecordSealer,
     StreamSealer,

@@ -342,7 +342,7 @@ class Client:
     """``cldcb-client`` with its own HOME and client key."""
 
     def __init__(self, root: Path) -> None:
-        from cldcb.keyfile import read_client_key
+        from cldcb.node.keyfile import read_client_key
         self.home = root / "home"
         self.home.mkdir(parents=True)
         self.key = root / "client.key"

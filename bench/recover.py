@@ -40,11 +40,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-from cldcb.dataversion import Kind, advance, decide, snapshot_tip  # noqa: E402
-from cldcb.ids import client_id_from_pubkey, new_privkey, pubkey_of  # noqa: E402
-from cldcb.nodekey import LocalNodeKey  # noqa: E402
-from cldcb.recognition import make_recognition, message_for_client  # noqa: E402
-from cldcb.seal import RecordSealer, SnapshotSealer, item_hash  # noqa: E402
+from cldcb.core.dataversion import Kind, advance, decide, snapshot_tip  # noqa: E402
+from cldcb.core.ids import client_id_from_pubkey, new_privkey, pubkey_of  # noqa: E402
+from cldcb.core.recognition import make_recognition, message_for_client  # noqa: E402
+from cldcb.core.seal import RecordSealer, SnapshotSealer, item_hash  # noqa: E402
+from cldcb.node.nodekey import LocalNodeKey  # noqa: E402
 from cldcb.store import OsFileLayer, Store  # noqa: E402
 
 SERVER = [sys.executable, "-m", "cldcb.server.admin"]

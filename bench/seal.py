@@ -3,7 +3,7 @@
 
 The floor is the bare ChaCha20-Poly1305 AEAD on the same bytes, measured in
 the same run. The process keeps freed memory as the plugin does
-(:func:`cldcb.malloc.keep_freed_memory`; ``--default-malloc`` not). Prints a
+(:func:`cldcb.cli.malloc.keep_freed_memory`; ``--default-malloc`` not). Prints a
 table, then one JSON line (DESIGN §9).
 """
 
@@ -19,10 +19,10 @@ import time
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from measure import pct
 
-from cldcb.dataversion import Kind
-from cldcb.ids import new_privkey, pubkey_of
-from cldcb.malloc import keep_freed_memory
-from cldcb.seal import RecordSealer, SnapshotSealer
+from cldcb.cli.malloc import keep_freed_memory
+from cldcb.core.dataversion import Kind
+from cldcb.core.ids import new_privkey, pubkey_of
+from cldcb.core.seal import RecordSealer, SnapshotSealer
 
 
 def timed(fn, n: int) -> list[float]:  # noqa: ANN001

@@ -58,13 +58,13 @@ from sshfloor import (  # noqa: E402
     run_child,
 )
 
-from cldcb import wire  # noqa: E402
-from cldcb.connection import Connection, ServerAddress, ServerSpec  # noqa: E402
-from cldcb.dataversion import Kind  # noqa: E402
-from cldcb.ids import client_id_from_pubkey, new_privkey, pubkey_of  # noqa: E402
-from cldcb.seal import RecordSealer, SnapshotSealer, item_hash  # noqa: E402
-from cldcb.session import Role  # noqa: E402
+from cldcb.core import wire  # noqa: E402
+from cldcb.core.dataversion import Kind  # noqa: E402
+from cldcb.core.ids import client_id_from_pubkey, new_privkey, pubkey_of  # noqa: E402
+from cldcb.core.seal import RecordSealer, SnapshotSealer, item_hash  # noqa: E402
+from cldcb.core.session import Role  # noqa: E402
 from cldcb.store import Store  # noqa: E402
+from cldcb.transport.connection import Connection, ServerAddress, ServerSpec  # noqa: E402
 
 SERVER = [sys.executable, "-m", "cldcb.server.admin"]
 HEAVY_WINDOW = 32

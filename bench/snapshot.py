@@ -101,7 +101,7 @@ def measure_plugin(folder: Path, size_mb: int) -> dict[str, float]:
     from helpers.servers import CldcbServer
     from helpers.simlightningd import SimLightningd
 
-    from cldcb.ids import client_id_from_pubkey, new_privkey, node_id_from_pubkey, pubkey_of
+    from cldcb.core.ids import client_id_from_pubkey, new_privkey, node_id_from_pubkey, pubkey_of
     from cldcb.plugin.wrapper import ServerEntry, WrapperConfig, default_plugin_path, write_wrapper
 
     server = CldcbServer(folder / "server").init()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import asyncssh
 
-from cldcb.connection import PREFERRED_CIPHERS
+from cldcb.transport.connection import PREFERRED_CIPHERS
 
 
 def nodelay(chan_or_conn: asyncssh.SSHServerChannel[bytes] | asyncssh.SSHClientConnection) -> None:

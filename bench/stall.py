@@ -95,7 +95,12 @@ class Run:
         from helpers.servers import CldcbServer
         from helpers.simlightningd import SimLightningd
 
-        from cldcb.ids import client_id_from_pubkey, new_privkey, node_id_from_pubkey, pubkey_of
+        from cldcb.core.ids import (
+            client_id_from_pubkey,
+            new_privkey,
+            node_id_from_pubkey,
+            pubkey_of,
+        )
         from cldcb.plugin.wrapper import (
             ServerEntry,
             WrapperConfig,

@@ -72,7 +72,7 @@ class HsmdError(CldcbError):
 
 class DataVersionError(CldcbError, ValueError):
     """A data_version is out of range, or a tip cannot advance as asked
-    (:mod:`cldcb.dataversion`)."""
+    (:mod:`cldcb.core.dataversion`)."""
 
 
 class SealError(CldcbError):
@@ -104,7 +104,7 @@ class AckMismatch(ProtocolError):
 
 
 class ForgedAnswer(AckMismatch):
-    """An acknowledgement without this session's MAC (:mod:`cldcb.answermac`): the holder
+    """An acknowledgement without this session's MAC (:mod:`cldcb.core.answermac`): the holder
     of the server key did not make it (someone who holds only the SSH host key answers in
     its place, or the server is faulty). Never counted; the connection is dropped."""
 

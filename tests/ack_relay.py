@@ -23,7 +23,7 @@ import threading
 from collections.abc import Iterator
 from typing import BinaryIO
 
-from cldcb import wire
+from cldcb.core import wire
 
 
 class Relay:

@@ -48,9 +48,10 @@ from helpers.servers import CldcbServer
 from helpers.simlightningd import SimLightningd
 from helpers.traces import load_trace
 
-from cldcb.connection import Connection, ServerSpec
-from cldcb.ids import client_id_from_pubkey, new_privkey, pubkey_of
-from cldcb.nodekey import LocalNodeKey, NodeKey
+from cldcb.core.ids import client_id_from_pubkey, new_privkey, pubkey_of
+from cldcb.core.recognition import make_recognition, message_for_client
+from cldcb.core.session import Role
+from cldcb.node.nodekey import LocalNodeKey, NodeKey
 from cldcb.plugin.wrapper import (
     WRAPPER_NAME,
     ServerEntry,
@@ -58,8 +59,7 @@ from cldcb.plugin.wrapper import (
     default_plugin_path,
     write_wrapper,
 )
-from cldcb.recognition import make_recognition, message_for_client
-from cldcb.session import Role
+from cldcb.transport.connection import Connection, ServerSpec
 
 TESTS = Path(__file__).resolve().parent
 CLIENT_CMD = [sys.executable, "-m", "cldcb.client.app"]

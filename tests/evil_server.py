@@ -17,7 +17,7 @@ from typing import Any
 
 import asyncssh
 
-from cldcb import wire
+from cldcb.core import wire
 from cldcb.server import daemon, handler
 from cldcb.server.admin import main
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from cldcb import wire
+from cldcb.core import wire
 from cldcb.server import admin, handler
 from cldcb.store import ClientStore
 

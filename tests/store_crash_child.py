@@ -21,16 +21,16 @@ from pathlib import Path
 import coincurve
 from helpers.entries import recognition_entry
 
-from cldcb import wire
-from cldcb.dataversion import Kind, Tip, advance, decide
-from cldcb.nodekey import LocalNodeKey
-from cldcb.seal import (
+from cldcb.core import wire
+from cldcb.core.dataversion import Kind, Tip, advance, decide
+from cldcb.core.seal import (
     ChainVerifier,
     RecordSealer,
     SnapshotOpener,
     SnapshotSealer,
     item_hash,
 )
+from cldcb.node.nodekey import LocalNodeKey
 from cldcb.store import ClientStore, Store
 
 NODE_PRIV = hashlib.sha256(b"cldcb test node").digest()

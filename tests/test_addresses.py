@@ -6,16 +6,16 @@ from __future__ import annotations
 
 import pytest
 
-from cldcb.connection import ServerAddress
-from cldcb.errors import CldcbError, UsageError
-from cldcb.ids import (
+from cldcb.core.ids import (
     client_id_from_pubkey,
     new_privkey,
     node_id_from_pubkey,
     pubkey_of,
     server_id_from_pubkey,
 )
+from cldcb.errors import CldcbError, UsageError
 from cldcb.plugin.wrapper import ServerEntry, WrapperConfig, format_wrapper, parse
+from cldcb.transport.connection import ServerAddress
 
 CLIENT = new_privkey()
 SERVER = server_id_from_pubkey(pubkey_of(new_privkey()))

@@ -36,8 +36,8 @@ from helpers.environment import DATA
 from helpers.servers import CldcbServer
 from helpers.traces import expected_dump_bytes
 
-from cldcb.ids import client_id_from_pubkey, new_privkey, pubkey_of
-from cldcb.nodekey import LocalNodeKey
+from cldcb.core.ids import client_id_from_pubkey, new_privkey, pubkey_of
+from cldcb.node.nodekey import LocalNodeKey
 
 pytestmark = pytest.mark.timeout(300)
 DOUBLE = Path(__file__).resolve().parent / "hsmd_double.py"

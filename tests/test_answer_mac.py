@@ -13,9 +13,9 @@ from dataclasses import replace
 import pytest
 from test_session import CLIENT, SERVER_ID, make, pump
 
-from cldcb import wire
+from cldcb.core import wire
+from cldcb.core.session import ClientSession, Received, Role, ServerSession
 from cldcb.errors import AckMismatch, ForgedAnswer, ProtocolError, RemoteError
-from cldcb.session import ClientSession, Received, Role, ServerSession
 
 LINK = b"l" * 32
 

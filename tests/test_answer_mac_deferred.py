@@ -1,6 +1,6 @@
 """The answer MAC's hashing of large request frames (snapshot chunks) runs off the event loop.
 
-cldcb.answermac queues a frame of DEFER_BYTES or more (and what follows it) instead of
+cldcb.core.answermac queues a frame of DEFER_BYTES or more (and what follows it) instead of
 hashing it when it is counted; AnswerMacs.absorb hashes the queue in order, from a
 worker thread. What must hold: the loop does not hash a chunk; the MACs are exactly
 those of hashing every frame at once; an altered chunk still fails its ChunkAck.
@@ -14,10 +14,10 @@ import threading
 import pytest
 from test_answer_mac import LINK, opened, write
 
-from cldcb import answermac, wire
-from cldcb.answermac import DEFER_BYTES, AnswerMacs
+from cldcb.core import answermac, wire
+from cldcb.core.answermac import DEFER_BYTES, AnswerMacs
+from cldcb.core.session import Received
 from cldcb.errors import ForgedAnswer
-from cldcb.session import Received
 
 KEY = b"k" * 32
 BIG = DEFER_BYTES + 17

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from cldcb.keyfile import read_client_key, read_server_key
+from cldcb.node.keyfile import read_client_key, read_server_key
 
 
 def console_script(name: str) -> str:

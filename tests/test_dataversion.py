@@ -1,4 +1,4 @@
-"""The data_version rules (cldcb.dataversion): classification, decisions, chain, plan."""
+"""The data_version rules (cldcb.core.dataversion): classification, decisions, chain, plan."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from helpers.traces import TRACES, load_trace
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cldcb.dataversion import (
+from cldcb.core.dataversion import (
     MAX_DATA_VERSION,
     Action,
     DataVersionError,

@@ -26,10 +26,10 @@ from helpers.realcln import RealCln, data_version
 from helpers.servers import CldcbServer
 from test_realcln import Client, Server, daemon_server, recover_and_compare
 
-from cldcb.connection import Connection
-from cldcb.ids import client_id_from_pubkey, new_privkey, pubkey_of
-from cldcb.nodekey import LocalNodeKey
-from cldcb.session import Role
+from cldcb.core.ids import client_id_from_pubkey, new_privkey, pubkey_of
+from cldcb.core.session import Role
+from cldcb.node.nodekey import LocalNodeKey
+from cldcb.transport.connection import Connection
 
 pytestmark = pytest.mark.timeout(300)
 

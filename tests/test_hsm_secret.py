@@ -9,8 +9,7 @@ from typing import Any
 
 import pytest
 
-from cldcb.errors import CorruptHsmSecret, HsmSecretError, PassphraseRequired, WrongPassphrase
-from cldcb.hsm_secret import (
+from cldcb.core.hsm_secret import (
     HsmSecretFormat,
     bip39_problem,
     bip39_seed,
@@ -20,8 +19,9 @@ from cldcb.hsm_secret import (
     needs_passphrase,
     node_key,
 )
-from cldcb.ids import node_id_from_pubkey, pubkey_of
-from cldcb.nodekey import LocalNodeKey
+from cldcb.core.ids import node_id_from_pubkey, pubkey_of
+from cldcb.errors import CorruptHsmSecret, HsmSecretError, PassphraseRequired, WrongPassphrase
+from cldcb.node.nodekey import LocalNodeKey
 
 FORMATS = {
     "plain32": HsmSecretFormat.PLAIN,

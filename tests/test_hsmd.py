@@ -22,11 +22,12 @@ from typing import Any
 import pytest
 from coincurve import PrivateKey
 
-from cldcb import alt_hsmd, hsmd_wire
-from cldcb.alt_hsmd import AltHsmdNodeKey
+from cldcb.core import hsmd_wire
+from cldcb.core.hsm_secret import node_key
 from cldcb.errors import HsmdError, KeyFormatError
-from cldcb.hsm_secret import node_key
-from cldcb.nodekey import NodeKey
+from cldcb.node import alt_hsmd
+from cldcb.node.alt_hsmd import AltHsmdNodeKey
+from cldcb.node.nodekey import NodeKey
 
 DOUBLE = Path(__file__).parent / "hsmd_double.py"
 # The transcripts' ECDH point: the public key of sha256("cldcb test peer").

@@ -12,8 +12,7 @@ from coincurve import PrivateKey
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cldcb.errors import KeyFormatError
-from cldcb.ids import (
+from cldcb.core.ids import (
     SECP256K1_N,
     check_privkey,
     client_id_from_pubkey,
@@ -26,6 +25,7 @@ from cldcb.ids import (
     pubkey_of,
     server_id_from_pubkey,
 )
+from cldcb.errors import KeyFormatError
 
 G = "0279be667ef9dcbbac55a06295ce870b07029bfcdb2dce28d959f2815b16f81798"
 NOT_ON_CURVE = "02" + "00" * 32  # x = 0: 7 is not a square mod p

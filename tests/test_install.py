@@ -34,20 +34,20 @@ from helpers.simlightningd import SimLightningd
 from helpers.simrpc import SimRpcNode, vector
 from helpers.traces import load_trace
 
-from cldcb import hsm_secret, wire
 from cldcb.client.nodeconfig import (
     NodePaths,
     add_important_plugin,
     has_important_plugin,
     remove_important_plugin,
 )
-from cldcb.connection import Connection, ServerSpec
-from cldcb.ids import client_id_from_pubkey, new_privkey, pubkey_of
-from cldcb.keyfile import read_client_key
-from cldcb.nodekey import LocalNodeKey
+from cldcb.core import hsm_secret, wire
+from cldcb.core.ids import client_id_from_pubkey, new_privkey, pubkey_of
+from cldcb.core.recognition import find_own, make_recognition, message_for_client
+from cldcb.core.session import Role
+from cldcb.node.keyfile import read_client_key
+from cldcb.node.nodekey import LocalNodeKey
 from cldcb.plugin.wrapper import WRAPPER_NAME, read_wrapper
-from cldcb.recognition import find_own, make_recognition, message_for_client
-from cldcb.session import Role
+from cldcb.transport.connection import Connection, ServerSpec
 
 DOUBLE = Path(__file__).parent / "hsmd_double.py"
 

@@ -51,11 +51,11 @@ from helpers.servers import SERVER_CMD, CldcbServer, PrivateSshd, free_port, run
 from helpers.simrpc import SimRpcNode, vector
 
 import cldcb
-from cldcb import hsm_secret, wire
-from cldcb.connection import Connection, ServerSpec
+from cldcb.core import hsm_secret, wire
+from cldcb.core.session import Role
 from cldcb.plugin.wrapper import WRAPPER_NAME, WrapperConfig, read_wrapper
-from cldcb.session import Role
-from cldcb.sshkeys import authorized_keys_line
+from cldcb.transport.connection import Connection, ServerSpec
+from cldcb.transport.sshkeys import authorized_keys_line
 
 
 def run(coro):  # noqa: ANN001, ANN201
@@ -389,7 +389,7 @@ def test_install_through_a_socks5_proxy_to_onion_addresses(root_sshd: PrivateSsh
     ever, and the wrapper records the daemon's onion public address with its route."""
     from helpers.socks5 import ATYP_DOMAIN, RecordingSocks5
 
-    from cldcb.proxy import PROXIED
+    from cldcb.transport.proxy import PROXIED
 
     setup_onion = "cldcbsetuphostxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx.onion"
     backup_onion = "cldcbbackupxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx.onion"

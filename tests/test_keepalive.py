@@ -1,4 +1,4 @@
-"""cldcb.keepalive: asyncssh's keepalive armed only while a connection is quiet, against a
+"""cldcb.transport.keepalive: asyncssh's keepalive armed only while a connection is quiet, against a
 real asyncssh server in a subprocess on 127.0.0.1 (stopped by pid): data flowing keeps
 it disarmed, a quiet live peer keeps the connection, a hung peer (SIGSTOP) is dropped."""
 
@@ -14,7 +14,7 @@ import asyncssh
 import pytest
 from helpers import echo
 
-from cldcb.keepalive import Keepalive
+from cldcb.transport.keepalive import Keepalive
 
 INTERVAL = 0.2
 COUNT_MAX = 2

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from cldcb.core.ids import client_id_from_pubkey, pubkey_of, server_id_from_pubkey
 from cldcb.errors import KeyFileError, KeyFormatError
-from cldcb.ids import client_id_from_pubkey, pubkey_of, server_id_from_pubkey
-from cldcb.keyfile import (
+from cldcb.node.keyfile import (
     format_key_file,
     parse_key_file,
     read_client_key,

@@ -37,7 +37,7 @@ from test_plugin_e2e import play
 from test_plugin_faults import normal_call_at_or_after
 from test_realcln import daemon_for_client, daemon_server
 
-from cldcb.dataversion import Kind
+from cldcb.core.dataversion import Kind
 from cldcb.plugin.mirror import MIRROR_NAME, Mirror, MirrorUnusable
 
 WORKLOAD = "cln-workload"
@@ -330,7 +330,7 @@ def test_the_mirror_copies_only_the_state_asked_for_and_follows_the_live_databas
 _COPY_CHILD = """
 import shutil, sqlite3, sys, threading
 from pathlib import Path
-from cldcb.dataversion import Kind
+from cldcb.core.dataversion import Kind
 from cldcb.plugin.mirror import MIRROR_NAME, Mirror
 tmp = Path(sys.argv[1])
 live = tmp / "lightningd.sqlite3"

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from helpers.traces import replay_trace
 
-from cldcb import restore
 from cldcb.client import status as status_mod
 from cldcb.client import verify as verify_mod
-from cldcb.nodedb import connect_ro, read_data_version
+from cldcb.node import restore
+from cldcb.node.nodedb import connect_ro, read_data_version
 from cldcb.plugin.snapshot import copy_database
 
 ODD = "a?mode=rwc#b%41c d"

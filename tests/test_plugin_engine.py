@@ -17,15 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from cldcb import wire
-from cldcb.dataversion import Action, Kind, Tip, decide
+from cldcb.core import wire
+from cldcb.core.dataversion import Action, Kind, Tip, decide
+from cldcb.core.ids import client_id_from_pubkey, new_privkey, node_id_from_pubkey, pubkey_of
+from cldcb.core.ids import server_id_from_pubkey as sid
+from cldcb.core.seal import ZERO_HASH, item_hash
 from cldcb.errors import TransportError
-from cldcb.ids import client_id_from_pubkey, new_privkey, node_id_from_pubkey, pubkey_of
-from cldcb.ids import server_id_from_pubkey as sid
 from cldcb.plugin import links
 from cldcb.plugin.engine import Engine
 from cldcb.plugin.wrapper import ServerEntry, WrapperConfig
-from cldcb.seal import ZERO_HASH, item_hash
 
 CLIENT = new_privkey()
 NODE = new_privkey()

@@ -27,7 +27,7 @@ from helpers.plugin_harness import (
 from helpers.simlightningd import Call, NodeStopped, SimLightningd
 from helpers.traces import expected_dump, load_trace, sqlite_dump
 
-from cldcb.dataversion import Kind, classify
+from cldcb.core.dataversion import Kind, classify
 from cldcb.plugin.main import ENV_CHUNK_DELAY, ENV_CHUNK_SIZE
 
 WORKLOAD = "cln-workload"

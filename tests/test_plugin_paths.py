@@ -8,9 +8,9 @@ answers delayed past the hot path's patience, connections cut before a write
 reaches the server or before its Ack comes back, and idle connections cut.
 One engine takes the hot path whenever it can, the other never
 (``db_write_now`` refused). Each engine talks to its own real server: the real
-:class:`~cldcb.connection.Connection` and :class:`~cldcb.session.ClientSession`
+:class:`~cldcb.transport.connection.Connection` and :class:`~cldcb.core.session.ClientSession`
 on the plugin's side, the real :class:`~cldcb.server.handler.SessionHandler`
-(:class:`~cldcb.session.ServerSession`, :class:`~cldcb.store.Store` on a
+(:class:`~cldcb.core.session.ServerSession`, :class:`~cldcb.store.Store` on a
 temporary folder) on the server's, joined in process by :class:`Wire`, which
 hands bytes over on the next turn of the event loop, as a socket does.
 
@@ -41,19 +41,24 @@ from hypothesis.stateful import (
 )
 from test_plugin_engine import CLIENT, NODE, Node
 
-from cldcb import wire
-from cldcb.connection import Connection, ServerAddress, ServerSpec
-from cldcb.dataversion import Kind
+from cldcb.core import wire
+from cldcb.core.dataversion import Kind
+from cldcb.core.ids import (
+    client_id_from_pubkey,
+    node_id_from_pubkey,
+    pubkey_of,
+    server_id_from_pubkey,
+)
+from cldcb.core.seal import item_hash
+from cldcb.core.session import ClientSession, Role
 from cldcb.errors import TransportError
-from cldcb.ids import client_id_from_pubkey, node_id_from_pubkey, pubkey_of, server_id_from_pubkey
 from cldcb.plugin import engine as engine_mod
 from cldcb.plugin import links
 from cldcb.plugin.engine import Engine, HookResult
 from cldcb.plugin.wrapper import ServerEntry, WrapperConfig
-from cldcb.seal import item_hash
 from cldcb.server.handler import ServerCore, SessionHandler
-from cldcb.session import ClientSession, Role
 from cldcb.store import ClientStore, Store
+from cldcb.transport.connection import Connection, ServerAddress, ServerSpec
 
 CID = client_id_from_pubkey(pubkey_of(CLIENT))
 SERVER_PRIV = hashlib.sha256(b"cldcb paths test server").digest()

@@ -13,18 +13,19 @@ from pathlib import Path
 import pytest
 
 import cldcb.plugin.snapshot as snapshot_module
-from cldcb import wire
-from cldcb.dataversion import Kind, Tip
-from cldcb.errors import AckMismatch, DatabaseBusy, PluginError, ProtocolError
-from cldcb.ids import (
+from cldcb.core import wire
+from cldcb.core.dataversion import Kind, Tip
+from cldcb.core.ids import (
     client_id_from_pubkey,
     new_privkey,
     node_id_from_pubkey,
     pubkey_of,
     server_id_from_pubkey,
 )
-from cldcb.nodedb import remove_stale_copies
-from cldcb.nodekey import LocalNodeKey
+from cldcb.core.seal import SnapshotOpener
+from cldcb.errors import AckMismatch, DatabaseBusy, PluginError, ProtocolError
+from cldcb.node.nodedb import remove_stale_copies
+from cldcb.node.nodekey import LocalNodeKey
 from cldcb.plugin import jsonrpc
 from cldcb.plugin.recordlog import RecordLog
 from cldcb.plugin.snapshot import (
@@ -42,7 +43,6 @@ from cldcb.plugin.wrapper import (
     read_wrapper,
     write_wrapper,
 )
-from cldcb.seal import SnapshotOpener
 
 CLIENT = new_privkey()
 NODE = new_privkey()

@@ -25,13 +25,13 @@ from helpers.servers import CldcbServer, free_port
 from helpers.socks5 import ATYP_DOMAIN, Microsocks, RecordingSocks5
 from helpers.traces import expected_dump_bytes
 
-from cldcb import proxy as proxy_mod
-from cldcb.connection import Connection, ServerAddress, ServerSpec
+from cldcb.core.ids import client_id_from_pubkey, pubkey_of
+from cldcb.core.session import Role
 from cldcb.errors import AuthError, ExitCode, PluginError, TransportError, UsageError
-from cldcb.ids import client_id_from_pubkey, pubkey_of
 from cldcb.plugin.wrapper import WRAPPER_NAME, ServerEntry, parse, read_wrapper
-from cldcb.proxy import DIRECT, PROXIED, TOR_SOCKS, Proxy, route
-from cldcb.session import Role
+from cldcb.transport import proxy as proxy_mod
+from cldcb.transport.connection import Connection, ServerAddress, ServerSpec
+from cldcb.transport.proxy import DIRECT, PROXIED, TOR_SOCKS, Proxy, route
 
 pytestmark = pytest.mark.timeout(300)
 TRACE = "cln-workload"

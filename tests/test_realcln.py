@@ -23,8 +23,8 @@ from helpers.installkit import client_env, run_cli
 from helpers.realcln import NETWORK, RealCln, RealNode, data_version, dump, wait_for
 from helpers.servers import CldcbServer, PrivateSshd, _write_key
 
-from cldcb.keyfile import read_client_key
-from cldcb.rpc import RpcError, RpcTransportError
+from cldcb.node.keyfile import read_client_key
+from cldcb.node.rpc import RpcError, RpcTransportError
 
 pytestmark = [pytest.mark.realcln, pytest.mark.slow]
 

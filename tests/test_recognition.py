@@ -8,11 +8,11 @@ import struct
 import pytest
 from helpers.entries import recognition_entry
 
+from cldcb.core.ids import pubkey_of
+from cldcb.core.recognition import Recognition, find_own, make_recognition, message_for_client
+from cldcb.core.signmessage import SIGNATURE_ZBASE_LEN, recover_pubkey, zbase32_encode
 from cldcb.errors import SealError
-from cldcb.ids import pubkey_of
-from cldcb.nodekey import LocalNodeKey
-from cldcb.recognition import Recognition, find_own, make_recognition, message_for_client
-from cldcb.signmessage import SIGNATURE_ZBASE_LEN, recover_pubkey, zbase32_encode
+from cldcb.node.nodekey import LocalNodeKey
 
 PLAIN32 = "fe77a220dcb864fb843f0161a4a33f2a8844b89c7160476af9ebe196b6e9e0ed"
 NODE = LocalNodeKey(bytes.fromhex(PLAIN32))

@@ -20,15 +20,15 @@ from helpers.servers import CldcbServer
 from store_crash_child import CLIENT_PRIV, NODE, OTHER_PRIV, client_id
 from test_recover_e2e import fresh_node
 
-from cldcb import wire
 from cldcb.client.install import NodeSide, store_recognition
-from cldcb.connection import Connection
+from cldcb.core import wire
+from cldcb.core.ids import client_id_from_pubkey, new_privkey, pubkey_of
+from cldcb.core.recognition import Recognition, find_own, message_for_client
+from cldcb.core.session import Role
 from cldcb.errors import BadRequest, RemoteError
-from cldcb.ids import client_id_from_pubkey, new_privkey, pubkey_of
-from cldcb.nodekey import LocalNodeKey
-from cldcb.recognition import Recognition, find_own, message_for_client
-from cldcb.session import Role
+from cldcb.node.nodekey import LocalNodeKey
 from cldcb.store import Store
+from cldcb.transport.connection import Connection
 
 CID = client_id()
 OTHER = client_id(OTHER_PRIV)

@@ -3,7 +3,7 @@
 A server holds one entry per client, and every recovery starts by listing them
 all. The listing goes out in pages (``ListRecognitions(after, max_count)`` →
 ``Recognitions(entries, next_after)``), so no count of clients makes it exceed a
-frame; an entry larger than :data:`cldcb.wire.MAX_RECOGNITION` is refused on put.
+frame; an entry larger than :data:`cldcb.core.wire.MAX_RECOGNITION` is refused on put.
 """
 
 from __future__ import annotations
@@ -28,15 +28,15 @@ from demo import (
 from helpers.servers import CldcbServer
 from test_recover_e2e import fresh_node
 
-from cldcb import wire
-from cldcb.connection import Connection
+from cldcb.core import wire
+from cldcb.core.ids import client_id_from_pubkey, new_privkey, pubkey_of
+from cldcb.core.recognition import Recognition, find_own
+from cldcb.core.session import Role
 from cldcb.errors import ProtocolError, RemoteError, StoreError
-from cldcb.ids import client_id_from_pubkey, new_privkey, pubkey_of
-from cldcb.nodekey import LocalNodeKey
-from cldcb.recognition import Recognition, find_own
-from cldcb.session import Role
+from cldcb.node.nodekey import LocalNodeKey
 from cldcb.store import Store
 from cldcb.store.registry import MAX_RECOGNITION
+from cldcb.transport.connection import Connection
 
 pytestmark = pytest.mark.timeout(600)
 EVIL = Path(__file__).resolve().parent / "evil_server.py"
@@ -157,7 +157,7 @@ def test_a_too_large_entry_is_refused_on_put_and_the_old_one_kept(tmp_path: Path
 def test_the_cap_fits_a_real_entry_with_room_to_spare() -> None:
     node = LocalNodeKey.from_hsm_secret_bytes(
         bytes.fromhex(vector_secret("mn_nopass")["file_hex"]))
-    from cldcb.recognition import make_recognition, message_for_client
+    from cldcb.core.recognition import make_recognition, message_for_client
     client_priv = new_privkey()
     signed = node.sign_message(message_for_client(client_priv, node.pubkey))
     real = make_recognition(client_priv, node.pubkey, signed.zbase, new_privkey()).encode()

@@ -1,4 +1,4 @@
-"""cldcb.restore without a server: fetch streams sealed like the plugin seals them.
+"""cldcb.node.restore without a server: fetch streams sealed like the plugin seals them.
 
 :func:`sealed_backup` turns a real trace into what a server answers to
 ``Fetch`` (a snapshot of the database after the first ``split`` calls, then
@@ -24,12 +24,13 @@ import pytest
 from helpers.environment import DATA
 from helpers.traces import expected_dump_bytes, load_trace, replay_trace, sqlite_dump_bytes
 
-from cldcb import restore, wire
-from cldcb.dataversion import advance, classify, decide, snapshot_tip
+from cldcb.core import wire
+from cldcb.core.dataversion import advance, classify, decide, snapshot_tip
+from cldcb.core.ids import pubkey_of
+from cldcb.core.seal import RecordSealer, SnapshotSealer, item_hash
 from cldcb.errors import ChainError, RecoveryError, ReplayError, SealError
-from cldcb.ids import pubkey_of
-from cldcb.nodekey import LocalNodeKey
-from cldcb.seal import RecordSealer, SnapshotSealer, item_hash
+from cldcb.node import restore
+from cldcb.node.nodekey import LocalNodeKey
 
 CHUNK = 64 * 1024
 CLIENT_PRIV = bytes.fromhex("11" * 32)
@@ -331,7 +332,7 @@ def test_stale_scratch_files_of_killed_runs_are_removed(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("module", ["cldcb.client.recover", "cldcb.client.status",
-                                    "cldcb.client.verify", "cldcb.restore",
+                                    "cldcb.client.verify", "cldcb.node.restore",
                                     "cldcb.client.install", "cldcb.client.install_ssh",
                                     "cldcb.client.app"])
 def test_modules_import_first_without_cycles(module: str) -> None:

@@ -49,8 +49,8 @@ from demo import (
 from helpers.servers import CldcbServer, PrivateSshd, _write_key
 from helpers.traces import expected_dump_bytes
 
-from cldcb.ids import client_id_from_pubkey, new_privkey, pubkey_of
-from cldcb.nodekey import LocalNodeKey
+from cldcb.core.ids import client_id_from_pubkey, new_privkey, pubkey_of
+from cldcb.node.nodekey import LocalNodeKey
 from cldcb.plugin.wrapper import WRAPPER_NAME, read_wrapper
 from cldcb.store import Store
 from cldcb.store.frames import encode_record

@@ -36,8 +36,8 @@ from helpers.servers import CldcbServer, init_data_dir
 from helpers.traces import replay_trace
 from test_recover_e2e import fresh_node, recover_args
 
-from cldcb.ids import client_id_from_pubkey, new_privkey, pubkey_of
-from cldcb.nodekey import LocalNodeKey
+from cldcb.core.ids import client_id_from_pubkey, new_privkey, pubkey_of
+from cldcb.node.nodekey import LocalNodeKey
 from cldcb.server.cli import SERVER_KEY_NAME
 from cldcb.store.frames import encode_record
 from cldcb.store.log import segment_records

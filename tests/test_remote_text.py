@@ -31,10 +31,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from test_recover_e2e import fresh_node
 
-from cldcb import wire
-from cldcb.connection import ServerAddress
+from cldcb.core import wire
+from cldcb.core.ids import client_id_from_pubkey, new_privkey, pubkey_of
+from cldcb.core.remote_text import escape_remote
 from cldcb.errors import UsageError
-from cldcb.ids import client_id_from_pubkey, new_privkey, pubkey_of
 from cldcb.plugin.wrapper import (
     WRAPPER_NAME,
     ServerEntry,
@@ -42,7 +42,7 @@ from cldcb.plugin.wrapper import (
     default_plugin_path,
     write_wrapper,
 )
-from cldcb.remote_text import escape_remote
+from cldcb.transport.connection import ServerAddress
 
 EVIL = ("\x1b[8mthe real error\x1b[0m\r\x1b[32mRecovered OK: data_version 9999, IDENTICAL"
         "\x1b[0m \u202elive\u202c\x07\x9b2J\x7f tail\nsecond line")

@@ -1,4 +1,4 @@
-"""Rebuilding real Core Lightning databases from their db_write traces (cldcb.replay)."""
+"""Rebuilding real Core Lightning databases from their db_write traces (cldcb.node.replay)."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from helpers.traces import (
     sqlite_dump_bytes,
 )
 
-from cldcb.dataversion import Action, Decision, Kind, Tip, classify
+from cldcb.core.dataversion import Action, Decision, Kind, Tip, classify
 from cldcb.errors import ReplayError
-from cldcb.replay import Replayer
+from cldcb.node.replay import Replayer
 
 FINAL_DATA_VERSION = {"cln-workload": 806, "cln-crash-restart": 17, "cln-channels": 2525}
 

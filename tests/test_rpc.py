@@ -1,4 +1,4 @@
-"""cldcb.rpc: lightningd's JSON-RPC over its unix socket, and the simulated node's fidelity."""
+"""cldcb.node.rpc: lightningd's JSON-RPC over its unix socket, and the simulated node's fidelity."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 from helpers.simrpc import KEYS, SimRpcNode, vector
 
+from cldcb.core.signmessage import verify_message
 from cldcb.errors import UsageError
-from cldcb.rpc import (
+from cldcb.node.rpc import (
     LightningdNotRunning,
     LightningRpc,
     RpcError,
@@ -23,7 +24,6 @@ from cldcb.rpc import (
     rpc_path,
     wallet_option,
 )
-from cldcb.signmessage import verify_message
 
 
 class FakeLightningd:

@@ -7,10 +7,8 @@ import os
 import coincurve
 import pytest
 
-from cldcb.dataversion import Kind, Tip, advance, decide
-from cldcb.errors import ChainError, SealError
-from cldcb.nodekey import LocalNodeKey
-from cldcb.seal import (
+from cldcb.core.dataversion import Kind, Tip, advance, decide
+from cldcb.core.seal import (
     ChainVerifier,
     RecordSealer,
     SnapshotOpener,
@@ -19,6 +17,8 @@ from cldcb.seal import (
     encode_change,
     item_hash,
 )
+from cldcb.errors import ChainError, SealError
+from cldcb.node.nodekey import LocalNodeKey
 
 PLAIN32 = "fe77a220dcb864fb843f0161a4a33f2a8844b89c7160476af9ebe196b6e9e0ed"
 NODE = LocalNodeKey(bytes.fromhex(PLAIN32))

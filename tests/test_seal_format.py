@@ -16,12 +16,11 @@ from helpers.traces import expected_dump_bytes, sqlite_dump_bytes
 from test_recover_core import CLIENT_PRIV, vector_node_key
 from test_seal import ANCHOR, CLIENT, NODE, client_pub
 
-from cldcb import restore, wire
 from cldcb.client.tips import compare, unconfirmed
-from cldcb.dataversion import Action, Kind, Tip, advance, decide
-from cldcb.errors import ChainError
-from cldcb.ids import pubkey_of
-from cldcb.seal import (
+from cldcb.core import wire
+from cldcb.core.dataversion import Action, Kind, Tip, advance, decide
+from cldcb.core.ids import pubkey_of
+from cldcb.core.seal import (
     MAX_PADDED,
     PAD_STEP,
     RECORD_OVERHEAD,
@@ -30,6 +29,8 @@ from cldcb.seal import (
     item_hash,
     replaced_hash,
 )
+from cldcb.errors import ChainError
+from cldcb.node import restore
 
 
 def body_size(sealed: bytes) -> int:

@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 from helpers.servers import CldcbServer, run_server_cmd
 
-from cldcb import wire
-from cldcb.connection import Connection
-from cldcb.dataversion import Kind
+from cldcb.core import wire
+from cldcb.core.dataversion import Kind
+from cldcb.core.ids import client_id_from_pubkey, pubkey_of
+from cldcb.core.seal import ChainVerifier, RecordSealer, SnapshotOpener, SnapshotSealer, item_hash
+from cldcb.core.session import Role
 from cldcb.errors import RemoteError, TransportError
-from cldcb.ids import client_id_from_pubkey, pubkey_of
-from cldcb.nodekey import LocalNodeKey
-from cldcb.seal import ChainVerifier, RecordSealer, SnapshotOpener, SnapshotSealer, item_hash
-from cldcb.session import Role
+from cldcb.node.nodekey import LocalNodeKey
+from cldcb.transport.connection import Connection
 
 NODE = LocalNodeKey(bytes([0x22]) * 32)
 

@@ -14,13 +14,13 @@ from test_server_daemon import Writer as DaemonWriter
 from test_server_daemon import run, serving
 from test_server_quick import CID, SERVER_PRIV, Sink, make_store, settle, writer_session
 
-from cldcb import wire
-from cldcb.connection import Connection
-from cldcb.dataversion import Kind, advance
-from cldcb.seal import item_hash
+from cldcb.core import wire
+from cldcb.core.dataversion import Kind, advance
+from cldcb.core.seal import item_hash
+from cldcb.core.session import Role
 from cldcb.server.handler import BACKLOG, BACKLOG_BYTES, INLINE_BYTES, ServerCore
-from cldcb.session import Role
 from cldcb.store import ClientStore
+from cldcb.transport.connection import Connection
 
 
 class PauseSink(Sink):

@@ -14,12 +14,12 @@ from test_server_daemon import NODE, run, serving
 from test_server_daemon import Writer as DaemonWriter
 from test_server_quick import SERVER_PRIV, Sink, make_store, open_session, settle
 
-from cldcb import wire
-from cldcb.connection import FETCH_QUEUE_BYTES, Connection
-from cldcb.seal import SnapshotSealer
+from cldcb.core import wire
+from cldcb.core.seal import SnapshotSealer
+from cldcb.core.session import Received, Role
 from cldcb.server.handler import FETCH_BATCH_BYTES, ServerCore
-from cldcb.session import Received, Role
 from cldcb.store import ClientStore
+from cldcb.transport.connection import FETCH_QUEUE_BYTES, Connection
 
 RECORDS = 400
 

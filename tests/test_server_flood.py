@@ -18,13 +18,13 @@ import asyncssh
 import pytest
 from helpers.servers import CldcbServer
 
-from cldcb import wire
-from cldcb.connection import RECOVER_USER, SSH_USER, SUBSYSTEM, Connection
-from cldcb.dataversion import Kind
+from cldcb.core import wire
+from cldcb.core.dataversion import Kind
+from cldcb.core.ids import client_id_from_pubkey, new_privkey, pubkey_of
+from cldcb.core.session import Role
 from cldcb.errors import RemoteError
-from cldcb.ids import client_id_from_pubkey, new_privkey, pubkey_of
-from cldcb.session import Role
-from cldcb.sshkeys import SECP256K1_SSH_ALG, secp256k1_ssh_key
+from cldcb.transport.connection import RECOVER_USER, SSH_USER, SUBSYSTEM, Connection
+from cldcb.transport.sshkeys import SECP256K1_SSH_ALG, secp256k1_ssh_key
 
 
 def run(coro):  # noqa: ANN001, ANN201

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from helpers.servers import CldcbServer, run_server_cmd
 
-from cldcb.connection import Connection
-from cldcb.ids import client_id_from_pubkey, pubkey_of
-from cldcb.session import Role
+from cldcb.core.ids import client_id_from_pubkey, pubkey_of
+from cldcb.core.session import Role
+from cldcb.transport.connection import Connection
 
 CONNECTIONS = 4
 

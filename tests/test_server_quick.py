@@ -20,13 +20,13 @@ from typing import Any
 import pytest
 from store_crash_child import CLIENT_PRIV, Writer, client_id
 
-from cldcb import wire
-from cldcb.dataversion import Kind, advance
-from cldcb.ids import pubkey_of, server_id_from_pubkey
-from cldcb.seal import item_hash
+from cldcb.core import wire
+from cldcb.core.dataversion import Kind, advance
+from cldcb.core.ids import pubkey_of, server_id_from_pubkey
+from cldcb.core.seal import item_hash
+from cldcb.core.session import ClientSession, Role
 from cldcb.server import handler as handler_mod
 from cldcb.server.handler import ServerCore, SessionHandler
-from cldcb.session import ClientSession, Role
 from cldcb.store import Store
 from cldcb.store.locks import Lease, lock_path
 

@@ -19,8 +19,8 @@ import pytest
 from helpers.servers import PrivateSshd, run_server_cmd
 from test_transports import new_client, upload_snapshot
 
-from cldcb.connection import Connection
-from cldcb.session import Role
+from cldcb.core.session import Role
+from cldcb.transport.connection import Connection
 
 SETTINGS_KEYS = ("quota", "append_only", "generations")
 

@@ -7,10 +7,9 @@ from dataclasses import replace
 
 import pytest
 
-from cldcb import wire
-from cldcb.errors import AuthError, ProtocolError
-from cldcb.ids import client_id_from_pubkey, pubkey_of, server_id_from_pubkey
-from cldcb.session import (
+from cldcb.core import wire
+from cldcb.core.ids import client_id_from_pubkey, pubkey_of, server_id_from_pubkey
+from cldcb.core.session import (
     Authenticated,
     ClientSession,
     HelloComplete,
@@ -18,6 +17,7 @@ from cldcb.session import (
     Role,
     ServerSession,
 )
+from cldcb.errors import AuthError, ProtocolError
 
 SERVER = bytes([5]) * 32
 CLIENT = bytes([6]) * 32

@@ -12,11 +12,9 @@ from coincurve import PrivateKey
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cldcb.errors import KeyFormatError
-from cldcb.hsm_secret import node_key
-from cldcb.ids import parse_node_id
-from cldcb.nodekey import LocalNodeKey, NodeKey
-from cldcb.signmessage import (
+from cldcb.core.hsm_secret import node_key
+from cldcb.core.ids import parse_node_id
+from cldcb.core.signmessage import (
     SignedMessage,
     is_rpc_safe,
     message_digest,
@@ -26,6 +24,8 @@ from cldcb.signmessage import (
     zbase32_decode,
     zbase32_encode,
 )
+from cldcb.errors import KeyFormatError
+from cldcb.node.nodekey import LocalNodeKey, NodeKey
 
 # The plain32 hsm_secret of cln-keys.json: its node made the signmessage vectors.
 PLAIN32 = bytes.fromhex("fe77a220dcb864fb843f0161a4a33f2a8844b89c7160476af9ebe196b6e9e0ed")

@@ -18,12 +18,12 @@ import pytest
 from test_plugin_units import CLIENT, NODE, FakeTarget, make_db
 
 import cldcb.plugin.snapshot as snapshot_module
-from cldcb import wire
+from cldcb.core import wire
+from cldcb.core.ids import pubkey_of
+from cldcb.core.seal import SnapshotOpener
 from cldcb.errors import PluginError
-from cldcb.ids import pubkey_of
-from cldcb.nodekey import LocalNodeKey
+from cldcb.node.nodekey import LocalNodeKey
 from cldcb.plugin.snapshot import start_copy, upload_snapshot
-from cldcb.seal import SnapshotOpener
 
 PATIENCE = 20.0
 

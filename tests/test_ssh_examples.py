@@ -19,7 +19,7 @@ import asyncssh
 import pytest
 from helpers.servers import PrivateSshd
 
-from cldcb.connection import Connection
+from cldcb.transport.connection import Connection
 
 SSH_DIR = Path(__file__).resolve().parent.parent / "ssh"
 _LINE = re.compile(r'^(?P<options>(?:[^\s"]|"(?:[^"\\]|\\.)*")+)\s+'

@@ -28,9 +28,9 @@ from helpers.servers import CldcbServer, free_port
 from helpers.traces import replay_trace
 
 from cldcb.client import verify as verify_mod
+from cldcb.core.ids import client_id_from_pubkey, new_privkey, pubkey_of
 from cldcb.errors import CldcbError
-from cldcb.ids import client_id_from_pubkey, new_privkey, pubkey_of
-from cldcb.nodekey import LocalNodeKey
+from cldcb.node.nodekey import LocalNodeKey
 from cldcb.plugin.status import STATUS_NAME, write_status_file
 from cldcb.plugin.wrapper import WRAPPER_NAME, ServerEntry, read_wrapper, write_wrapper
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from helpers.servers import SERVER_CMD, init_data_dir
 from test_cli_keys import run_on_pty
 
-from cldcb.ids import client_id_from_pubkey, new_privkey, pubkey_of
+from cldcb.core.ids import client_id_from_pubkey, new_privkey, pubkey_of
 from cldcb.plugin.wrapper import ServerEntry, WrapperConfig, default_plugin_path, write_wrapper
 
 TIMEOUT = 30

@@ -22,10 +22,10 @@ from store_crash_child import (
     verify,
 )
 
-from cldcb import wire
-from cldcb.dataversion import Kind, Tip, snapshot_tip
+from cldcb.core import wire
+from cldcb.core.dataversion import Kind, Tip, snapshot_tip
+from cldcb.core.seal import ChainVerifier, SnapshotSealer
 from cldcb.errors import KeyFormatError, QuotaExceeded, StoreError
-from cldcb.seal import ChainVerifier, SnapshotSealer
 from cldcb.store import ClientInfo, ClientStore, Store
 from cldcb.store.frames import RECORD_HEAD, RECORD_MAGIC, encode_frame, encode_record, read_frame
 from cldcb.store.settings import Settings

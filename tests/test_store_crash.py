@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from store_crash_child import OTHER_PRIV, Writer, client_id, client_pub, verify
 
-from cldcb import wire
+from cldcb.core import wire
 from cldcb.store import Store
 
 CHILD = Path(__file__).parent / "store_crash_child.py"

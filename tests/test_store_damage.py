@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from store_crash_child import OTHER_PRIV, Writer, client_id, verify
 
-from cldcb import wire
+from cldcb.core import wire
 from cldcb.errors import ChainError, StoreError
 from cldcb.store import Store
 from cldcb.store.frames import encode_record

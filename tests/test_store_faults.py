@@ -15,9 +15,9 @@ import pytest
 from helpers.entries import recognition_entry
 from store_crash_child import CLIENT_PRIV, NODE, Writer, client_id, snapshot_bytes, verify
 
-from cldcb import wire
+from cldcb.core import wire
+from cldcb.core.seal import SnapshotSealer
 from cldcb.errors import StoreError
-from cldcb.seal import SnapshotSealer
 from cldcb.store import OsFileLayer, Store
 from cldcb.store.snapshots import WRITEBACK_AHEAD
 

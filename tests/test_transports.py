@@ -18,15 +18,15 @@ import pytest
 from helpers.entries import recognition_entry
 from helpers.servers import SERVER_CMD, CldcbServer, PrivateSshd, run_server_cmd
 
-from cldcb import wire
-from cldcb.connection import Connection, ServerAddress, ServerSpec
-from cldcb.dataversion import Kind
+from cldcb.core import wire
+from cldcb.core.dataversion import Kind
+from cldcb.core.ids import client_id_from_pubkey, pubkey_of
+from cldcb.core.seal import ChainVerifier, RecordSealer, SnapshotOpener, SnapshotSealer, item_hash
+from cldcb.core.session import Role
 from cldcb.errors import AuthError, RemoteError, TransportError, UsageError
-from cldcb.ids import client_id_from_pubkey, pubkey_of
-from cldcb.nodekey import LocalNodeKey
-from cldcb.seal import ChainVerifier, RecordSealer, SnapshotOpener, SnapshotSealer, item_hash
-from cldcb.session import Role
-from cldcb.sshkeys import derived_public_line, secp256k1_ssh_key
+from cldcb.node.nodekey import LocalNodeKey
+from cldcb.transport.connection import Connection, ServerAddress, ServerSpec
+from cldcb.transport.sshkeys import derived_public_line, secp256k1_ssh_key
 
 NODE = LocalNodeKey(bytes([0x11]) * 32)
 

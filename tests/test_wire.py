@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cldcb import wire
+from cldcb.core import wire
 from cldcb.errors import ProtocolError
 
 SAMPLES: list[wire.Message] = [

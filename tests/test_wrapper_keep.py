@@ -20,7 +20,7 @@ from demo import NETWORK, client
 from helpers.servers import CldcbServer
 from test_recover_e2e import fresh_node, recover_args
 
-from cldcb.ids import client_id_from_pubkey, new_privkey, pubkey_of
+from cldcb.core.ids import client_id_from_pubkey, new_privkey, pubkey_of
 from cldcb.plugin.wrapper import (
     WRAPPER_NAME,
     ServerEntry,

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import click
 
-from cldcb.cli_common import cldcb_group, local_node_key
-from cldcb.ids import new_privkey
-from cldcb.keyfile import write_key_file
+from cldcb.cli.common import cldcb_group, local_node_key
+from cldcb.core.ids import new_privkey
+from cldcb.node.keyfile import write_key_file
 
 _FILE = click.Path(path_type=Path, dir_okay=False)
 

@@ -21,11 +21,12 @@ from pathlib import Path
 
 import click
 
-from cldcb import restore, wire
-from cldcb.connection import Connection, ServerSpec
+from cldcb.core import wire
+from cldcb.core.seal import EcdhKey
+from cldcb.core.session import Role
 from cldcb.errors import CldcbError
-from cldcb.seal import EcdhKey
-from cldcb.session import Role
+from cldcb.node import restore
+from cldcb.transport.connection import Connection, ServerSpec
 
 DANGER = ("A node started on an older state than the one its peers know loses its channels: "
           "its peers close them with the newer state, and any update it broadcasts from the "

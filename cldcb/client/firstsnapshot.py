@@ -22,13 +22,13 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from cldcb import wire
 from cldcb.client.nodeconfig import NodePaths
-from cldcb.connection import Connection, ServerSpec
+from cldcb.core import wire
+from cldcb.core.session import Role
 from cldcb.errors import CldcbError, PluginError
+from cldcb.node.rpc import LightningRpc
 from cldcb.plugin.status import read_status_file
-from cldcb.rpc import LightningRpc
-from cldcb.session import Role
+from cldcb.transport.connection import Connection, ServerSpec
 
 POLL_INTERVAL = 0.5
 PLUGIN_CHECK_INTERVAL = 2.0

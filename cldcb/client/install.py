@@ -38,7 +38,8 @@ from pathlib import Path
 
 import click
 
-from cldcb.cli_common import F, ask, stdin_is_terminal
+from cldcb.cli.common import F, ask, stdin_is_terminal
+from cldcb.cli.programs import SERVER_PROGRAM, find_program
 from cldcb.client.cli import main
 from cldcb.client.firstsnapshot import wait_first_snapshot
 from cldcb.client.nodeconfig import (
@@ -57,10 +58,13 @@ from cldcb.client.recover import (
     server_options,
     server_specs,
 )
-from cldcb.connection import Connection, ServerSpec
+from cldcb.core.ids import client_id_from_pubkey, new_privkey, parse_node_id, pubkey_of
+from cldcb.core.recognition import make_recognition, message_for_client
+from cldcb.core.session import Role
+from cldcb.core.wire import ErrorCode
 from cldcb.errors import CldcbError, PluginError, RemoteError, UsageError
-from cldcb.ids import client_id_from_pubkey, new_privkey, parse_node_id, pubkey_of
-from cldcb.keyfile import read_client_key
+from cldcb.node.keyfile import read_client_key
+from cldcb.node.rpc import LightningRpc, RpcError, database_from_wallet
 from cldcb.plugin.wrapper import (
     DEFAULT_OUTAGE_LIMIT,
     ServerEntry,
@@ -71,13 +75,9 @@ from cldcb.plugin.wrapper import (
     read_wrapper,
     write_wrapper,
 )
-from cldcb.programs import SERVER_PROGRAM, find_program
-from cldcb.proxy import PROXIED
-from cldcb.recognition import make_recognition, message_for_client
-from cldcb.rpc import LightningRpc, RpcError, database_from_wallet
-from cldcb.session import Role
-from cldcb.sshkeys import authorized_keys_line
-from cldcb.wire import ErrorCode
+from cldcb.transport.connection import Connection, ServerSpec
+from cldcb.transport.proxy import PROXIED
+from cldcb.transport.sshkeys import authorized_keys_line
 
 _FILE = click.Path(path_type=Path, dir_okay=False)
 DEFAULT_WAIT = 600.0

@@ -40,7 +40,8 @@ from pathlib import Path
 
 import click
 
-from cldcb.cli_common import stdin_is_terminal
+from cldcb.cli.common import stdin_is_terminal
+from cldcb.cli.programs import SERVER_PROGRAM
 from cldcb.client.cli import main
 from cldcb.client.install import (
     DEFAULT_WAIT,
@@ -58,15 +59,14 @@ from cldcb.client.install import (
 from cldcb.client.nodeconfig import NodePaths
 from cldcb.client.recover import node_key_options, server_specs
 from cldcb.client.ssh_setup import Added, SetupConnection, SshTarget, resolve
-from cldcb.connection import Connection, ServerAddress, ServerSpec
+from cldcb.core.ids import client_id_from_pubkey, new_privkey, pubkey_of
+from cldcb.core.session import Role
 from cldcb.errors import AuthError, CldcbError, UsageError
-from cldcb.ids import client_id_from_pubkey, new_privkey, pubkey_of
+from cldcb.node.rpc import LightningRpc
 from cldcb.plugin.wrapper import PENDING_NAME, read_wrapper, write_wrapper
-from cldcb.programs import SERVER_PROGRAM
-from cldcb.proxy import parse_optional
-from cldcb.rpc import LightningRpc
-from cldcb.session import Role
-from cldcb.sshkeys import authorized_keys_line
+from cldcb.transport.connection import Connection, ServerAddress, ServerSpec
+from cldcb.transport.proxy import parse_optional
+from cldcb.transport.sshkeys import authorized_keys_line
 
 _FILE = click.Path(path_type=Path, dir_okay=False)
 

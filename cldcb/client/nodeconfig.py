@@ -19,8 +19,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from cldcb.durable import replace_file
 from cldcb.errors import NodeConfigError
+from cldcb.node.durable import replace_file
 from cldcb.plugin.wrapper import WRAPPER_NAME
 
 CONFIG_NAME = "config"

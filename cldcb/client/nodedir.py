@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 import click
 
-from cldcb.cli_common import ask
+from cldcb.cli.common import ask
 from cldcb.errors import UsageError
 
 F = TypeVar("F", bound=Callable[..., Any])

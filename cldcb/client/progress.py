@@ -14,7 +14,7 @@ import time
 
 import click
 
-from cldcb import restore
+from cldcb.node import restore
 
 TTY_INTERVAL = 0.2
 STEP = 0.1

@@ -3,7 +3,7 @@
 Written in Prometheus' text exposition format (version 0.0.4), the format
 node_exporter's textfile collector reads (``--collector.textfile.directory``;
 the file must end in ``.prom``). The file is replaced atomically
-(:func:`cldcb.durable.replace_file`), so the collector never reads half of it.
+(:func:`cldcb.node.durable.replace_file`), so the collector never reads half of it.
 Every metric is a gauge:
 
 - ``cldcb_status_success``: 1 when ``status`` could look (a wrapper, a node),
@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cldcb.durable import replace_file
 from cldcb.errors import ExitCode, PrometheusError
+from cldcb.node.durable import replace_file
 
 Sample = tuple[dict[str, str], float]
 

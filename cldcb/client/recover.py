@@ -7,7 +7,7 @@ DESIGN section 6. In order:
 2. the node key: ``--hsm-secret`` (default ``<lightning-dir>/<network>/hsm_secret``,
    any format; the passphrase from ``--passphrase-file`` or a hidden prompt on a
    terminal), or ``--alt-hsmd PROGRAM`` (an hsmd-like program, see
-   :mod:`cldcb.alt_hsmd`);
+   :mod:`cldcb.node.alt_hsmd`);
 3. on every server, list the recognition entries anonymously (the daemon: SSH
    user ``cldcb-recover``, no credentials; sshd: the operator's own SSH login
    to the ``cldcb`` account, with ``--ssh-key`` files or, by default, the
@@ -16,7 +16,7 @@ DESIGN section 6. In order:
    what each client holds (``status``), use the client whose backup reaches the
    highest data_version, and name the others;
 5. fetch that client's backup from every server, verify and rebuild each into
-   a scratch file beside the destination (:mod:`cldcb.restore`), choose by
+   a scratch file beside the destination (:mod:`cldcb.node.restore`), choose by
    :mod:`cldcb.client.tips` (tips compared by hash: a tip that another server's
    chain replaced is never used; then the highest verified data_version; two
    different tips there, neither replacing the other, are refused), report the
@@ -42,7 +42,7 @@ DESIGN section 6. In order:
    batch lightningd never committed.
 
 ``--list`` (with ``--json``) shows, per client of the node and per server, its
-restorable states (:class:`cldcb.wire.RestorableState`) and writes nothing.
+restorable states (:class:`cldcb.core.wire.RestorableState`) and writes nothing.
 Without ``--list``, ``--json`` prints the summary as one JSON object on stdout
 (what was recovered, each server's outcome, the warning); notes, questions and
 progress stay on stderr, and an error too is one JSON object.
@@ -66,9 +66,7 @@ from typing import Any, TypeVar
 import asyncssh
 import click
 
-from cldcb import restore, wire
-from cldcb.alt_hsmd import AltHsmdNodeKey
-from cldcb.cli_common import (
+from cldcb.cli.common import (
     ask,
     echo_json,
     get_passphrase,
@@ -76,6 +74,7 @@ from cldcb.cli_common import (
     local_node_key,
     stdin_is_terminal,
 )
+from cldcb.cli.malloc import keep_freed_memory
 from cldcb.client.fallback import (
     DANGER,
     Fallback,
@@ -88,12 +87,15 @@ from cldcb.client.nodeconfig import NodePaths, add_important_plugin
 from cldcb.client.nodedir import node_dir_options
 from cldcb.client.progress import ProgressPrinter
 from cldcb.client.tips import compare, tip_hash, unconfirmed
-from cldcb.connection import Connection, ServerAddress, ServerSpec
+from cldcb.core import wire
+from cldcb.core.hsm_secret import needs_passphrase
+from cldcb.core.ids import client_id_from_pubkey, parse_server_id
+from cldcb.core.recognition import Recognition, find_own
+from cldcb.core.session import Role
 from cldcb.errors import CldcbError, ExitCode, HsmSecretError, RecoveryError, UsageError
-from cldcb.hsm_secret import needs_passphrase
-from cldcb.ids import client_id_from_pubkey, parse_server_id
-from cldcb.malloc import keep_freed_memory
-from cldcb.nodekey import NodeKey, read_hsm_secret_file, with_path
+from cldcb.node import restore
+from cldcb.node.alt_hsmd import AltHsmdNodeKey
+from cldcb.node.nodekey import NodeKey, read_hsm_secret_file, with_path
 from cldcb.plugin.wrapper import (
     ServerEntry,
     WrapperConfig,
@@ -102,9 +104,8 @@ from cldcb.plugin.wrapper import (
     other_holder,
     write_wrapper,
 )
-from cldcb.proxy import Proxy, parse_optional
-from cldcb.recognition import Recognition, find_own
-from cldcb.session import Role
+from cldcb.transport.connection import Connection, ServerAddress, ServerSpec
+from cldcb.transport.proxy import Proxy, parse_optional
 
 DATABASE_NAME = "lightningd.sqlite3"
 NEVER_OLDER = ("Never start lightningd on an older copy of this database: a node restored "

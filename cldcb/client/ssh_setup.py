@@ -21,7 +21,7 @@ would and runs ``cldcb-server add CLIENT_ID --json`` there:
   when stdin is a terminal;
 - the socket is opened here with TCP_NODELAY; without a ``ProxyCommand``, it
   goes through the SOCKS5 proxy given (``install --proxy``, and always for an
-  onion host: :mod:`cldcb.proxy`), which resolves the host name.
+  onion host: :mod:`cldcb.transport.proxy`), which resolves the host name.
 
 Secrets typed here (passwords, key passphrases) go to paramiko only: never
 to a command line, the environment or a log.
@@ -46,10 +46,10 @@ import paramiko
 from paramiko.auth_strategy import AuthStrategy
 from paramiko.ssh_exception import PartialAuthentication
 
+from cldcb.core.ids import parse_server_id
+from cldcb.core.remote_text import escape_remote
 from cldcb.errors import AuthError, CldcbError, TransportError, UsageError
-from cldcb.ids import parse_server_id
-from cldcb.proxy import PROXIED, Proxy, route
-from cldcb.remote_text import escape_remote
+from cldcb.transport.proxy import PROXIED, Proxy, route
 
 DEFAULT_CONFIG = "~/.ssh/config"
 DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"

@@ -41,20 +41,20 @@ from typing import Any
 
 import click
 
-from cldcb.cli_common import echo_json, json_option
+from cldcb.cli.common import echo_json, json_option
 from cldcb.client.cli import main
 from cldcb.client.nodeconfig import NodePaths
 from cldcb.client.prometheus import write_textfile
 from cldcb.client.recover import format_time, node_dir_options, route_override_option
-from cldcb.connection import Connection, ServerSpec
+from cldcb.core.session import Role
 from cldcb.errors import CldcbError, ExitCode, StatusError
-from cldcb.nodedb import connect_ro, read_data_version
+from cldcb.node.nodedb import connect_ro, read_data_version
+from cldcb.node.restore import pid_alive
+from cldcb.node.rpc import LightningRpc
 from cldcb.plugin.status import read_status_file
 from cldcb.plugin.wrapper import WrapperConfig, read_wrapper
-from cldcb.proxy import Proxy, parse_optional
-from cldcb.restore import pid_alive
-from cldcb.rpc import LightningRpc
-from cldcb.session import Role
+from cldcb.transport.connection import Connection, ServerSpec
+from cldcb.transport.proxy import Proxy, parse_optional
 
 SERVER_TIMEOUT = 15.0
 SEVERITY = (ExitCode.FAILURE, ExitCode.PLUGIN_DOWN, ExitCode.OUTAGE, ExitCode.LAG)

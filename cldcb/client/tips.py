@@ -1,9 +1,9 @@
 """Which server's verified state recovery uses: tips compared by hash, not only data_version.
 
-Each server's backup, once rebuilt and verified (:class:`cldcb.restore.Rebuilt`),
+Each server's backup, once rebuilt and verified (:class:`cldcb.node.restore.Rebuilt`),
 ends on a *tip*: its newest record (or its snapshot, when no record follows)
 with its hash, and the set of hashes its chain *replaced*
-(:attr:`cldcb.seal.ChainVerifier.replaced`: the uncommitted batches a later
+(:attr:`cldcb.core.seal.ChainVerifier.replaced`: the uncommitted batches a later
 record of the same data_version superseded). The rules, in order:
 
 1. A state whose tip hash another server's chain replaced is **superseded**:
@@ -30,11 +30,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from cldcb.dataversion import Kind, Tip
+from cldcb.core.dataversion import Kind, Tip
 
 
 class Ending(Protocol):
-    """What the rules need of a verified state (:class:`cldcb.restore.Rebuilt`)."""
+    """What the rules need of a verified state (:class:`cldcb.node.restore.Rebuilt`)."""
 
     @property
     def data_version(self) -> int: ...

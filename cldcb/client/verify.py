@@ -10,7 +10,7 @@
    error rather than wait forever. Its ``vars.data_version`` is D.
 3. From every server, rebuild the backup at exactly D (``Fetch(D)``: the newest
    snapshot at or before D and the records up to D), verifying everything as
-   recovery does (:mod:`cldcb.restore`).
+   recovery does (:mod:`cldcb.node.restore`).
 4. Compare each rebuilt database with the copy: the ``sqlite3`` program's
    ``.dump`` of both when it is installed (what the tests compare, byte for
    byte), else Python's ``Connection.iterdump()`` (the same idea, a logical
@@ -42,8 +42,7 @@ from pathlib import Path
 
 import click
 
-from cldcb import restore
-from cldcb.cli_common import echo_json, json_option
+from cldcb.cli.common import echo_json, json_option
 from cldcb.client.cli import main
 from cldcb.client.nodeconfig import NodePaths
 from cldcb.client.progress import ProgressPrinter
@@ -53,7 +52,8 @@ from cldcb.client.recover import (
     open_node_key,
     route_override_option,
 )
-from cldcb.connection import Connection
+from cldcb.core.ids import parse_client_id
+from cldcb.core.session import Role
 from cldcb.errors import (
     CldcbError,
     DatabaseBusy,
@@ -62,13 +62,13 @@ from cldcb.errors import (
     RecoveryError,
     VerifyError,
 )
-from cldcb.ids import parse_client_id
-from cldcb.nodedb import connect_ro
-from cldcb.nodekey import NodeKey
+from cldcb.node import restore
+from cldcb.node.nodedb import connect_ro
+from cldcb.node.nodekey import NodeKey
 from cldcb.plugin.snapshot import copy_database
 from cldcb.plugin.wrapper import WrapperConfig, read_wrapper
-from cldcb.proxy import Proxy, parse_optional
-from cldcb.session import Role
+from cldcb.transport.connection import Connection
+from cldcb.transport.proxy import Proxy, parse_optional
 
 COPY_TIMEOUT = 30.0
 _TABLE = re.compile(rb'^(?:INSERT INTO|CREATE TABLE|CREATE INDEX \S+ ON|CREATE UNIQUE INDEX '

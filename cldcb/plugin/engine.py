@@ -11,13 +11,13 @@ Each call ``(data_version, writes)``:
    or ``quorum`` of them after a short grace) and takes the plugin's *head*
    from them: the tip most servers hold among those the call can follow
    (a plugin restart is not a first contact: the chain just continues).
-2. :func:`~cldcb.dataversion.decide` against the head:
+2. :func:`~cldcb.core.dataversion.decide` against the head:
 
    - APPEND / REPLACE: the change is sealed once (one
-     :class:`~cldcb.seal.RecordSealer` with a fresh ephemeral key per plugin
+     :class:`~cldcb.core.seal.RecordSealer` with a fresh ephemeral key per plugin
      process) and appended to the :class:`RecordLog`; every server link
      sends it to its server in parallel; a REPLACE names the head it
-     supersedes (``replaces``, see :mod:`cldcb.seal`);
+     supersedes (``replaces``, see :mod:`cldcb.core.seal`);
    - SNAPSHOT (first contact, a gap): a *blocking* snapshot. A consistent
      copy of the database is taken now (the call is pending, so it holds the
      last committed state), with a fresh random anchor; the log restarts at
@@ -78,7 +78,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cldcb.dataversion import (
+from cldcb.core.dataversion import (
     Action,
     DataVersionError,
     Kind,
@@ -88,8 +88,9 @@ from cldcb.dataversion import (
     next_link,
     snapshot_tip,
 )
+from cldcb.core.ids import new_privkey, parse_node_id
+from cldcb.core.seal import ZERO_HASH, RecordSealer, item_hash, replaced_hash
 from cldcb.errors import CldcbError, PluginError, SealError
-from cldcb.ids import new_privkey, parse_node_id
 from cldcb.plugin.links import Connector, ServerLink
 from cldcb.plugin.mirror import Mirror
 from cldcb.plugin.recordlog import Entry, RecordLog
@@ -101,7 +102,6 @@ from cldcb.plugin.snapshot import (
     start_copy,
 )
 from cldcb.plugin.wrapper import WrapperConfig
-from cldcb.seal import ZERO_HASH, RecordSealer, item_hash, replaced_hash
 
 STARTUP_GRACE = 2.0
 LOG_LIMIT = 64 * 1024 * 1024

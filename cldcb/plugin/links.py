@@ -21,11 +21,11 @@ take turns (:meth:`ServerLink.compaction_due`): a record waits behind the
 chunks on a compacting server's connection, so while one server compacts the
 others answer the changes, unless they alone cannot make the quorum anyway.
 
-Acknowledgements count only when they match (:mod:`cldcb.session`): an
+Acknowledgements count only when they match (:mod:`cldcb.core.session`): an
 ``Ack`` must name the data_version, kind and link of the record it answers, a
 ``ChunkAck`` its chunk's index, a ``SnapshotAck`` the snapshot's id and
 data_version, and each must carry the session's MAC (which only the server key's
-holder can make: :mod:`cldcb.answermac`). Anything else is a protocol violation
+holder can make: :mod:`cldcb.core.answermac`). Anything else is a protocol violation
 (:class:`~cldcb.errors.AckMismatch`, :class:`~cldcb.errors.ForgedAnswer`): the
 position does not move, the connection is dropped at once (whatever else waits
 on it fails, nothing more received on it is taken), the log says so, and the
@@ -51,9 +51,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Protocol
 
-from cldcb import wire
-from cldcb.connection import WriteAnswer
-from cldcb.dataversion import Kind, Tip
+from cldcb.core import wire
+from cldcb.core.dataversion import Kind, Tip
+from cldcb.core.seal import ZERO_HASH
+from cldcb.core.session import check_ack
 from cldcb.errors import AckMismatch, CldcbError, TransportError
 from cldcb.plugin.snapshot import (
     BACKGROUND_WINDOW,
@@ -64,9 +65,8 @@ from cldcb.plugin.snapshot import (
     upload_snapshot,
 )
 from cldcb.plugin.wrapper import ServerEntry
-from cldcb.proxy import DIRECT, Patience, Proxy, patience
-from cldcb.seal import ZERO_HASH
-from cldcb.session import check_ack
+from cldcb.transport.connection import WriteAnswer
+from cldcb.transport.proxy import DIRECT, Patience, Proxy, patience
 
 if TYPE_CHECKING:
     from cldcb.plugin.engine import Engine
@@ -84,7 +84,7 @@ WATCH_INTERVAL = 0.5
 
 
 class ServerConnection(SnapshotTarget, Protocol):
-    """The part of :class:`cldcb.connection.Connection` the plugin uses."""
+    """The part of :class:`cldcb.transport.connection.Connection` the plugin uses."""
 
     @property
     def is_closed(self) -> bool: ...
@@ -190,7 +190,7 @@ class ServerLink:
     @property
     def patience(self) -> Patience:
         """Backoff of this server's route: :data:`RECONNECT_MIN` to :data:`RECONNECT_MAX`
-        direct, slower with jitter through a proxy (see cldcb.proxy)."""
+        direct, slower with jitter through a proxy (see cldcb.transport.proxy)."""
         via = self._route()
         if via is not None:
             return patience(via)

@@ -19,7 +19,7 @@ How a change reaches it (all in the mirror's thread, never on the hook's path)
 ------------------------------------------------------------------------------
 :meth:`Mirror.feed` only puts ``(seq, data_version, kind, writes)`` on a
 queue. The thread walks the stream with the rules of
-:mod:`cldcb.dataversion`, exactly as :class:`~cldcb.replay.Replayer` does,
+:mod:`cldcb.core.dataversion`, exactly as :class:`~cldcb.node.replay.Replayer` does,
 but a change is *held* (in memory, not applied) until it is known to be
 committed:
 
@@ -42,7 +42,7 @@ of the check, a PRAGMA-only change, the end). A transaction per change wrote
 each change's pages to the WAL again (about three 4 KiB frames per change);
 the mirror's thread spent most of its time there. The result is the one a
 transaction per change gives, ``.dump`` for ``.dump``, for the reasons
-:mod:`cldcb.replay` gives: each statement sees exactly the changes before
+:mod:`cldcb.node.replay` gives: each statement sees exactly the changes before
 it, and foreign keys are immediate constraints (a cascade happens at its
 statement). No savepoint is needed: only committed changes are applied, and a
 statement that fails throws the whole mirror away. A change is *applied*
@@ -116,7 +116,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cldcb.dataversion import (
+from cldcb.core.dataversion import (
     STAND_IN_ANCHOR,
     Action,
     DataVersionError,
@@ -128,7 +128,7 @@ from cldcb.dataversion import (
     stand_in_hash,
 )
 from cldcb.errors import MirrorDiffers, MirrorDiscarded, MirrorUnusable, PluginError
-from cldcb.nodedb import connect_ro, is_busy, new_copy_file
+from cldcb.node.nodedb import connect_ro, is_busy, new_copy_file
 from cldcb.plugin.mirrorcheck import Checker
 from cldcb.plugin.snapshot import LocalCopy, read_data_version
 

@@ -24,7 +24,7 @@ import sqlite3
 from dataclasses import dataclass
 
 from cldcb.errors import MirrorDiffers
-from cldcb.nodedb import is_busy
+from cldcb.node.nodedb import is_busy
 from cldcb.plugin.snapshot import read_data_version
 
 PIECE_ROWS = 200

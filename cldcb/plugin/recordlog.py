@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from cldcb.dataversion import Kind, Tip
+from cldcb.core.dataversion import Kind, Tip
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ Upload (:func:`upload_snapshot`)
 --------------------------------
 The copy is read in chunks (1 MiB; a chunk still being filled is waited for), each
 sealed with a
-:class:`~cldcb.seal.SnapshotSealer` (a fresh ephemeral key per snapshot; the
+:class:`~cldcb.core.seal.SnapshotSealer` (a fresh ephemeral key per snapshot; the
 next chunk is read and sealed in a thread while one is sent),
 with at most ``window`` chunks awaiting their ``ChunkAck``: memory stays
 bounded whatever the database's size, and writes interleaved on the same
@@ -66,11 +66,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from cldcb import nodedb, wire
+from cldcb.core import wire
+from cldcb.core.ids import new_privkey
+from cldcb.core.seal import SnapshotSealer
+from cldcb.core.session import check_chunk_ack, check_snapshot_ack
 from cldcb.errors import DatabaseBusy, PluginError, SnapshotAborted
-from cldcb.ids import new_privkey
-from cldcb.seal import SnapshotSealer
-from cldcb.session import check_chunk_ack, check_snapshot_ack
+from cldcb.node import nodedb
 
 CHUNK_SIZE = 1024 * 1024
 WINDOW = 8
@@ -412,7 +413,8 @@ def _copy_file_locked(src: sqlite3.Connection, db_path: Path, dest_path: Path,
 
 
 class SnapshotTarget(Protocol):
-    """What an upload needs from a connection (see :class:`cldcb.connection.Connection`)."""
+    """What an upload needs from a connection (see
+    :class:`cldcb.transport.connection.Connection`)."""
 
     async def begin_snapshot(self, snapshot_id: int, data_version: int,
                              anchor: bytes) -> None: ...

@@ -33,7 +33,7 @@ Rules of :func:`parse`:
   ``cldcb-server serve`` (no host key), ``ssh://[USER@]HOST[:PORT]`` for
   OpenSSH sshd, which needs the pinned host key (``ssh-ed25519 AAAA…``);
   a last word ``proxy=socks5://HOST:PORT`` routes it through that SOCKS5
-  proxy (:mod:`cldcb.proxy`); an onion address goes through Tor's usual
+  proxy (:mod:`cldcb.transport.proxy`); an onion address goes through Tor's usual
   SOCKS port when no proxy is named (``install`` writes it out anyway);
 - ``database`` defaults to ``lightningd.sqlite3``, relative to the plugin's
   working directory (``<lightning-dir>/<network>``) unless absolute;
@@ -67,11 +67,9 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from cldcb.addresses import ServerAddress
-from cldcb.connection import ServerSpec
-from cldcb.durable import fsync_dir, replace_file
-from cldcb.errors import CldcbError, KeyFormatError, PluginError, UsageError
-from cldcb.ids import (
+from cldcb.cli.programs import find_program
+from cldcb.core.addresses import ServerAddress
+from cldcb.core.ids import (
     check_privkey,
     client_id_from_pubkey,
     parse_client_id,
@@ -79,8 +77,10 @@ from cldcb.ids import (
     parse_server_id,
     pubkey_of,
 )
-from cldcb.programs import find_program
-from cldcb.proxy import PROXIED, Proxy
+from cldcb.errors import CldcbError, KeyFormatError, PluginError, UsageError
+from cldcb.node.durable import fsync_dir, replace_file
+from cldcb.transport.connection import ServerSpec
+from cldcb.transport.proxy import PROXIED, Proxy
 
 WRAPPER_NAME = "cldcb-plugin-wrapper"
 PENDING_NAME = WRAPPER_NAME + ".pending"
@@ -131,7 +131,7 @@ class ServerEntry:
         return self.spec().route
 
     def spec(self) -> ServerSpec:
-        """The :class:`~cldcb.connection.ServerSpec` to connect with."""
+        """The :class:`~cldcb.transport.connection.ServerSpec` to connect with."""
         return ServerSpec(ServerAddress.parse(self.address), self.server_id, self.host_key,
                           Proxy.parse(self.proxy) if self.proxy else None)
 

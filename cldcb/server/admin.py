@@ -20,9 +20,9 @@ import time
 
 import click
 
-from cldcb.cli_common import json_option, require_protocol_pipes
+from cldcb.cli.common import json_option, require_protocol_pipes
+from cldcb.core.ids import parse_client_id
 from cldcb.errors import StoreError, UsageError
-from cldcb.ids import parse_client_id
 from cldcb.server import hostfiles  # noqa: F401  (registers systemd-unit, sshd-config)
 from cldcb.server.cli import ServerContext, main, parse_host_port, pass_server
 from cldcb.store import ClientInfo, Store

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import click
 
-from cldcb.cli_common import cldcb_group
-from cldcb.durable import replace_file
+from cldcb.cli.common import cldcb_group
+from cldcb.cli.programs import running_server_command
+from cldcb.core.ids import new_privkey
 from cldcb.errors import KeyFileError, UsageError
-from cldcb.ids import new_privkey
-from cldcb.keyfile import read_server_key, write_key_file
-from cldcb.programs import running_server_command
+from cldcb.node.durable import replace_file
+from cldcb.node.keyfile import read_server_key, write_key_file
 
 SERVER_KEY_NAME = "server_key"
 SERVER_JSON_NAME = "server.json"

@@ -8,16 +8,16 @@
   anonymous and can only list recognition entries.
 - No password or keyboard-interactive auth, no shell, exec, pty, X11, agent or
   port forwarding: the only thing offered is the ``cldcb`` subsystem.
-- SSH keepalives, armed while a connection is quiet (:mod:`cldcb.keepalive`),
+- SSH keepalives, armed while a connection is quiet (:mod:`cldcb.transport.keepalive`),
   detect dead peers.
 - It accepts connections itself and bounds what anyone can make it hold
   (:mod:`cldcb.server.admission`): connections in total and per source
   address, a separate class for logged-in registered clients, one channel per
   connection (in its whole life; a connection that is not a registered
   client's ends with its channel), idle connections closed; the cldcb session's frame limit is
-  small until a client is accepted (:mod:`cldcb.session`). When a connection
+  small until a client is accepted (:mod:`cldcb.core.session`). When a connection
   ends while the process is large, freed memory goes back to the kernel
-  (:func:`cldcb.malloc.release_freed_memory`).
+  (:func:`cldcb.cli.malloc.release_freed_memory`).
 - On SIGTERM/SIGINT it stops accepting, lets in-flight store calls (fsyncs)
   finish, refuses new writes with ``Error(SHUTTING_DOWN)``, and exits; it never
   acknowledges anything unsynced.
@@ -36,19 +36,19 @@ from pathlib import Path
 
 import asyncssh
 
-from cldcb.connection import (
+from cldcb.cli.malloc import keep_freed_memory, release_freed_memory
+from cldcb.core.ids import client_id_from_pubkey
+from cldcb.server.admission import Admission, IdleWatch, Limits, Slot, accept_loop
+from cldcb.server.handler import ServerCore, SessionHandler
+from cldcb.transport.connection import (
     PREFERRED_CIPHERS,
     RECOVER_USER,
     SSH_MAX_PACKET,
     SSH_WINDOW,
     SUBSYSTEM,
 )
-from cldcb.ids import client_id_from_pubkey
-from cldcb.keepalive import Keepalive
-from cldcb.malloc import keep_freed_memory, release_freed_memory
-from cldcb.server.admission import Admission, IdleWatch, Limits, Slot, accept_loop
-from cldcb.server.handler import ServerCore, SessionHandler
-from cldcb.sshkeys import compressed_point, secp256k1_ssh_key
+from cldcb.transport.keepalive import Keepalive
+from cldcb.transport.sshkeys import compressed_point, secp256k1_ssh_key
 
 log = logging.getLogger("cldcb.server")
 TRIM_DELAY = 0.5
@@ -259,7 +259,7 @@ async def serve(data_dir: Path, server_priv: bytes, host: str, port: int,
         server_factory=lambda: _Server(core, limits, slots), server_host_keys=[host_key],
         encryption_algs=PREFERRED_CIPHERS,
         agent_forwarding=False, x11_forwarding=False, allow_pty=False,
-        keepalive_interval=0, login_timeout=30,      # keepalive: see cldcb.keepalive
+        keepalive_interval=0, login_timeout=30,      # keepalive: see cldcb.transport.keepalive
         line_editor=False, allow_scp=False, encoding=None, window=SSH_WINDOW,
         max_pktsize=SSH_MAX_PACKET)
     loop = asyncio.get_running_loop()

@@ -32,11 +32,11 @@ client can flood the server's log.
 
 An ``Ack`` is sent only after the store returned from ``append``, which
 returns only once the record is fsynced; a ``SnapshotAck`` only after the
-snapshot is visible. Each names what it answers (:mod:`cldcb.session`): the
+snapshot is visible. Each names what it answers (:mod:`cldcb.core.session`): the
 store's ``Ack`` the record's data_version, kind and link, a ``ChunkAck`` the
 chunk's snapshot id and index, a ``SnapshotAck`` the snapshot id and the
 data_version its ``SnapshotBegin`` gave; the session puts in each one's MAC
-(:mod:`cldcb.answermac`). A snapshot chunk's share of that MAC (hashing the whole
+(:mod:`cldcb.core.answermac`). A snapshot chunk's share of that MAC (hashing the whole
 frame) is done in the worker thread that stores the chunk, not on the event loop.
 
 Latency: a hop to a worker thread and back costs about 200 µs, as much as
@@ -76,7 +76,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
-from cldcb import wire
+from cldcb.core import wire
+from cldcb.core.session import Authenticated, Received, Role, ServerSession
+from cldcb.core.wire import ErrorCode
 from cldcb.errors import (
     BadRequest,
     CldcbError,
@@ -86,10 +88,8 @@ from cldcb.errors import (
     Superseded,
 )
 from cldcb.server.workers import ClientLock, StorePool
-from cldcb.session import Authenticated, Received, Role, ServerSession
 from cldcb.store import ClientStore, Store
 from cldcb.store.locks import Lease, bump_generation, flocked, open_lock, read_counters
-from cldcb.wire import ErrorCode
 
 log = logging.getLogger("cldcb.server")
 
@@ -103,7 +103,7 @@ BACKLOG_BYTES = 16 << 20
 """Sealed bytes of one session's unanswered requests (waiting or being stored) before its
 reading is paused, whatever their number (16 records of 16 MiB would be 256 MiB): a client
 streaming big records is held back by its own SSH window, not by the other sessions. Not
-less than twice the daemon's SSH window (:data:`cldcb.connection.SSH_WINDOW`): asyncssh
+less than twice the daemon's SSH window (:data:`cldcb.transport.connection.SSH_WINDOW`): asyncssh
 reopens the whole window as soon as one paused-for packet is delivered, whatever it still
 holds undelivered, so each pause must last until a window's worth was answered, or what
 it holds for the session grows with every pause."""

@@ -29,8 +29,8 @@ from pathlib import PurePosixPath
 
 import click
 
+from cldcb.cli.programs import running_server_command
 from cldcb.errors import UsageError
-from cldcb.programs import running_server_command
 from cldcb.server.cli import ServerContext, main, parse_host_port, pass_server
 
 DEFAULT_USER = "cldcb"

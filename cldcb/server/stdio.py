@@ -23,9 +23,9 @@ import shlex
 import sys
 from pathlib import Path
 
+from cldcb.cli.malloc import keep_freed_memory
+from cldcb.core.ids import parse_client_id
 from cldcb.errors import UsageError
-from cldcb.ids import parse_client_id
-from cldcb.malloc import keep_freed_memory
 from cldcb.server.handler import ServerCore, SessionHandler
 
 FORCED_VERBS = ("add",)

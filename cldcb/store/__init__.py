@@ -5,7 +5,7 @@ The store is the server's I/O edge: synchronous, called from worker threads,
 with one lock per client held by the caller around every call on that client
 (including the calls on the :class:`SnapshotUpload` and the iterators of the
 :class:`FetchPlan` it hands out). The store never sees plaintext: records,
-chunks and manifests are sealed to the node (:mod:`cldcb.seal`); it knows
+chunks and manifests are sealed to the node (:mod:`cldcb.core.seal`); it knows
 data_versions, kinds, links, hashes, sizes and times.
 
 Layout
@@ -35,9 +35,9 @@ anything relies on it.
 
 Recognition entries
 -------------------
-One per registered client, at most :data:`~cldcb.wire.MAX_RECOGNITION` bytes
+One per registered client, at most :data:`~cldcb.core.wire.MAX_RECOGNITION` bytes
 (a larger one is refused, the previous one kept). On put an entry is checked
-(:func:`cldcb.recognition.check_put`: the current version, its exact length, and
+(:func:`cldcb.core.recognition.check_put`: the current version, its exact length, and
 the client it names is the session's own; else BadRequest, the previous one
 kept). An append-only client's entry, once held, is never replaced: the same
 bytes again are accepted, other bytes refused (RecognitionKept, wire code
@@ -55,7 +55,7 @@ Records, snapshot chunks and snapshot trailers are frames
 
 - record body: ``data_version (i64) || kind (u8) || link (32) || receive time
   (ms, u64) || sealed record``. The record's *hash* is SHA256 of the sealed
-  bytes (:func:`cldcb.seal.item_hash`); it is computed, never stored.
+  bytes (:func:`cldcb.core.seal.item_hash`); it is computed, never stored.
 - a snapshot file is ``b"cldcbSN1" || chunk frame* || trailer frame ||
   trailer offset (u64) || b"cldcbEND"``; chunk body ``index (u32) || sealed
   chunk``; trailer body ``data_version (i64) || anchor (32) || chunk_count
@@ -82,7 +82,7 @@ kind, hash, link)``) or, when a fresh snapshot has no record after it yet,
 that snapshot's anchor (``Tip(data_version, NORMAL, anchor, link=32 zero
 bytes, is_snapshot=True)``; ``Status.tip_link`` is then zero, which no record's
 link is). :meth:`ClientStore.append` asks
-:func:`cldcb.dataversion.decide` about the record:
+:func:`cldcb.core.dataversion.decide` about the record:
 
 - no tip (nothing held), a SNAPSHOT decision, or a link other than the one
   the decision names → ``NeedSnapshot(data_version, reason)``; nothing stored;
@@ -91,7 +91,7 @@ link is). :meth:`ClientStore.append` asks
 - otherwise quota check, write the frame **data-synced** (one
   ``pwritev(RWF_DSYNC)`` on Linux, else ``pwrite`` then ``fdatasync``: the
   data and, when the file grew, its size), and only then ``Ack``;
-  the tip becomes :func:`cldcb.dataversion.advance` of the old one.
+  the tip becomes :func:`cldcb.core.dataversion.advance` of the old one.
 
 Every ``Ack`` names the record it answers (its data_version, kind and link, as
 the request gave them). ``Ack.want_snapshot`` and ``Status.want_snapshot`` are
@@ -207,7 +207,7 @@ A failed write or fsync of a record (ENOSPC, EIO) raises StoreError, no Ack:
 the segment is cut back to where the record began and fsynced; until that
 succeeds the store refuses further writes (retrying the cut first). A failed
 snapshot write, fsync or rename aborts the upload (temp file, or the renamed
-file when its folder fsync failed, is deleted). :mod:`cldcb.crashpoints`
+file when its folder fsync failed, is deleted). :mod:`cldcb.store.crashpoints`
 names every step so tests kill the process there.
 
 Concurrency

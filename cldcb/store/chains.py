@@ -1,9 +1,9 @@
 """Which records belong to a snapshot's chain, and what a client can restore.
 
 See "Fetching" in :mod:`cldcb.store`. A snapshot's records are those that
-follow it by the data_version rules (:func:`cldcb.dataversion.decide`,
+follow it by the data_version rules (:func:`cldcb.core.dataversion.decide`,
 walked from the snapshot's anchor exactly as recovery's
-:class:`~cldcb.seal.ChainVerifier` walks them), from its start in the log up to
+:class:`~cldcb.core.seal.ChainVerifier` walks them), from its start in the log up to
 the start of the next fresh snapshot (a later chain). The walk stops at the
 first record that does not follow and starts a segment: the first record of a
 chain whose fresh snapshot the store no longer offers (set aside as
@@ -21,8 +21,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from cldcb import wire
-from cldcb.dataversion import Kind, advance, decide, snapshot_tip
+from cldcb.core import wire
+from cldcb.core.dataversion import Kind, advance, decide, snapshot_tip
 from cldcb.errors import Damage, StoreError
 from cldcb.store.fs import FileLayer
 from cldcb.store.log import LogEntry, Pos, SegmentLog, iter_ranges

@@ -12,9 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from cldcb import wire
-from cldcb.crashpoints import crashpoint
-from cldcb.dataversion import (
+from cldcb.core import wire
+from cldcb.core.dataversion import (
     Action,
     Kind,
     Tip,
@@ -24,9 +23,10 @@ from cldcb.dataversion import (
     next_link,
     snapshot_tip,
 )
+from cldcb.core.seal import item_hash
 from cldcb.errors import BadRequest, QuotaExceeded, StoreError
-from cldcb.seal import item_hash
 from cldcb.store.chains import ChainWalk, chain_stop, list_states
+from cldcb.store.crashpoints import crashpoint
 from cldcb.store.frames import encode_record, frame_len
 from cldcb.store.fs import FileLayer, ensure_dir, io_error, replace_file
 from cldcb.store.log import LogEntry, Pos, SegmentLog, SegmentRange, iter_ranges

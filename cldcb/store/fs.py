@@ -15,8 +15,8 @@ import os
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
-from cldcb.crashpoints import crashpoint
 from cldcb.errors import StoreError
+from cldcb.store.crashpoints import crashpoint
 
 
 class FileLayer(Protocol):

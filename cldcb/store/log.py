@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from cldcb.crashpoints import crashpoint
 from cldcb.errors import Damage, StoreError
+from cldcb.store.crashpoints import crashpoint
 from cldcb.store.frames import (
     HEADER_LEN,
     RECORD_MAGIC,

@@ -10,15 +10,15 @@ import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from cldcb.crashpoints import crashpoint
+from cldcb.core.ids import parse_client_id
+from cldcb.core.recognition import ENTRY_LEN, check_put
+from cldcb.core.wire import MAX_LIST, MAX_RECOGNITION
 from cldcb.errors import BadRequest, CldcbError, RecognitionKept, SealError, StoreError
-from cldcb.ids import parse_client_id
-from cldcb.recognition import ENTRY_LEN, check_put
 from cldcb.store.client import ClientStore
+from cldcb.store.crashpoints import crashpoint
 from cldcb.store.fs import FileLayer, OsFileLayer, ensure_dir, io_error, replace_file
 from cldcb.store.locks import locked, settings_change
 from cldcb.store.settings import SETTINGS, Settings, append_history, read_settings
-from cldcb.wire import MAX_LIST, MAX_RECOGNITION
 
 log = logging.getLogger("cldcb.store")
 
@@ -226,7 +226,7 @@ class Store:
     # -- recognition entries -----------------------------------------------------------
     def put_recognition(self, client_id: str, entry: bytes) -> None:
         """Store the client's recognition entry durably, after checking it
-        (:func:`cldcb.recognition.check_put`: the current format and length, and the
+        (:func:`cldcb.core.recognition.check_put`: the current format and length, and the
         client it names is this one; else BadRequest). It replaces the client's
         previous entry, except under append-only: there an entry once held is never
         replaced (the same bytes again are accepted, other bytes are refused with

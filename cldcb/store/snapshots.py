@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from cldcb import wire
-from cldcb.crashpoints import crashpoint
+from cldcb.core import wire
 from cldcb.errors import Damage, StoreError
+from cldcb.store.crashpoints import crashpoint
 from cldcb.store.frames import (
     CHUNK_MAGIC,
     FOOTER,

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from cldcb.ids import new_privkey
-from cldcb.nodekey import LocalNodeKey
-from cldcb.recognition import make_recognition, message_for_client
+from cldcb.core.ids import new_privkey
+from cldcb.core.recognition import make_recognition, message_for_client
+from cldcb.node.nodekey import LocalNodeKey
 
 
 def recognition_entry(node: LocalNodeKey, client_priv: bytes) -> bytes:

@@ -5,7 +5,7 @@ or a private OpenSSH sshd, on 127.0.0.1, started and stopped by pid), the
 real ``cldcb-plugin`` started by the simulated lightningd through its
 generated wrapper, real SQLite files. What the servers hold is fetched as the
 client, unsealed with the node key, verified and rebuilt by
-:func:`cldcb.restore.rebuild`, then dumped with the ``sqlite3`` program.
+:func:`cldcb.node.restore.rebuild`, then dumped with the ``sqlite3`` program.
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cldcb import wire
-from cldcb.connection import Connection, ServerSpec
-from cldcb.ids import client_id_from_pubkey, new_privkey, node_id_from_pubkey, pubkey_of
-from cldcb.nodekey import LocalNodeKey
+from cldcb.core import wire
+from cldcb.core.ids import client_id_from_pubkey, new_privkey, node_id_from_pubkey, pubkey_of
+from cldcb.core.session import Role
+from cldcb.node.nodekey import LocalNodeKey
+from cldcb.node.restore import Rebuilt, rebuild
 from cldcb.plugin.wrapper import ServerEntry, WrapperConfig, default_plugin_path, write_wrapper
-from cldcb.restore import Rebuilt, rebuild
-from cldcb.session import Role
+from cldcb.transport.connection import Connection, ServerSpec
 from helpers.servers import CldcbServer, PrivateSshd
 from helpers.simlightningd import SimLightningd
 from helpers.traces import sqlite_dump

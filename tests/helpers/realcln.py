@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cldcb.rpc import LightningdNotRunning, LightningRpc, RpcTransportError
+from cldcb.node.rpc import LightningdNotRunning, LightningRpc, RpcTransportError
 from helpers.environment import DATA, missing, require_tool
 from helpers.servers import free_port
 

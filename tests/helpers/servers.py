@@ -26,8 +26,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization as ser
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from cldcb.connection import ServerAddress, ServerSpec
-from cldcb.sshkeys import authorized_keys_line, derived_public_line
+from cldcb.transport.connection import ServerAddress, ServerSpec
+from cldcb.transport.sshkeys import authorized_keys_line, derived_public_line
 from helpers.environment import require_tool
 
 SERVER_CMD = [sys.executable, "-m", "cldcb.server.admin"]

@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cldcb.dataversion import Kind, classify
+from cldcb.core.dataversion import Kind, classify
 from cldcb.plugin.jsonrpc import MessageDecoder, encode
 
 LIGHTNINGD_VERSION = "v26.06"

@@ -35,7 +35,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from cldcb.nodekey import LocalNodeKey
+from cldcb.node.nodekey import LocalNodeKey
 from helpers.environment import DATA
 from helpers.simlightningd import NodeStopped, SimLightningd
 from helpers.traces import load_trace

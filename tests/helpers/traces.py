@@ -15,8 +15,8 @@ import json
 import subprocess
 from pathlib import Path
 
-from cldcb.dataversion import DecideFn, classify, decide
-from cldcb.replay import Replayer
+from cldcb.core.dataversion import DecideFn, classify, decide
+from cldcb.node.replay import Replayer
 from helpers.environment import DATA, require_tool
 
 TRACES = ("cln-workload", "cln-crash-restart", "cln-channels")

@@ -56,10 +56,10 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from cldcb.core.ids import client_id_from_pubkey
+from cldcb.core.seal import EcdhKey
+from cldcb.core.signmessage import verify_message, zbase32_decode, zbase32_encode
 from cldcb.errors import SealError
-from cldcb.ids import client_id_from_pubkey
-from cldcb.seal import EcdhKey
-from cldcb.signmessage import verify_message, zbase32_decode, zbase32_encode
 
 VERSION = 2
 OLD_VERSION = 1

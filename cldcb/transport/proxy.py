@@ -121,7 +121,7 @@ class Patience:
     """How long to wait and how often to try, for one kind of route."""
 
     connect_timeout: float      # TCP (through the proxy), SSH handshake and cldcb hello
-    keepalive_interval: float   # see cldcb.keepalive
+    keepalive_interval: float   # see cldcb.transport.keepalive
     reconnect_min: float        # the plugin's backoff between connection attempts
     reconnect_max: float
     outage_limit: float         # default for the wrapper's outage-limit

@@ -2,7 +2,7 @@
 
 Pure code: randomness (ephemeral keys, anchors) and time come in as
 parameters. The node's private key is only ever used through a
-:class:`cldcb.nodekey.NodeKey` (``ecdh``), so an HSM can open everything.
+:class:`cldcb.node.nodekey.NodeKey` (``ecdh``), so an HSM can open everything.
 
 Keys
 ----
@@ -42,7 +42,7 @@ it belongs:
 The record chain
 ----------------
 A record's ``link`` is the hash of its *effective predecessor*, as
-:func:`cldcb.dataversion.decide` says: the newest record for an append, the
+:func:`cldcb.core.dataversion.decide` says: the newest record for an append, the
 predecessor of the replaced batch for a replacement, a snapshot's *anchor* for
 the first record after a snapshot. A snapshot's manifest names its
 data_version and its anchor: the hash of the newest record it contains, or, for
@@ -107,7 +107,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from cldcb.dataversion import Action, Decision, Kind, Tip, advance, decide, snapshot_tip
+from cldcb.core.dataversion import Action, Decision, Kind, Tip, advance, decide, snapshot_tip
 from cldcb.errors import ChainError, SealError
 
 VERSION = 1
@@ -131,7 +131,7 @@ MAX_PADDED = 15 << 20
 
 
 class EcdhKey(Protocol):
-    """What opening needs from the node key (see :mod:`cldcb.nodekey`)."""
+    """What opening needs from the node key (see :mod:`cldcb.node.nodekey`)."""
 
     @property
     def pubkey(self) -> bytes: ...
@@ -301,7 +301,7 @@ class RecordSealer:
     """The plugin side of the record chain: one per plugin connection.
 
     ``seal_change`` seals a change (format 2, padded) with the link the caller
-    decided (see :func:`cldcb.dataversion.decide`) and, for a REPLACE, the hash
+    decided (see :func:`cldcb.core.dataversion.decide`) and, for a REPLACE, the hash
     of the batch it replaces; the same bytes go to every server.
     """
 

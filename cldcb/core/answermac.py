@@ -4,7 +4,7 @@ Pure code. An SSH host key proves nothing about the cldcb server behind it: unde
 sshd, whoever holds or replaces the host key can sit between the client and the
 server, relay the hello (which the server key signs) and then answer in the
 server's place. So every answer that counts toward durability (``Ack``,
-``ChunkAck``, ``SnapshotAck``: :data:`cldcb.wire.MACED`) ends with a MAC that only
+``ChunkAck``, ``SnapshotAck``: :data:`cldcb.core.wire.MACED`) ends with a MAC that only
 the holders of the server key and of the client key can make:
 
 - the session key: ``k = HKDF-SHA256(ikm = ECDH(client key, server key), salt =
@@ -49,8 +49,8 @@ import coincurve
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from cldcb import wire
-from cldcb.wire import MAC_SIZE
+from cldcb.core import wire
+from cldcb.core.wire import MAC_SIZE
 
 _INFO = b"cldcb answer mac v3"
 _REQUESTS = b"cldcb requests v3"

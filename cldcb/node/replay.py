@@ -3,7 +3,7 @@
 The base is either an empty (or absent) file, which is the state at
 data_version 0, or a restored snapshot, whose ``vars.data_version`` is where
 the stream must continue. Changes are fed in stream order with
-:meth:`Replayer.apply`; the data_version rules of :mod:`cldcb.dataversion`
+:meth:`Replayer.apply`; the data_version rules of :mod:`cldcb.core.dataversion`
 decide each one, exactly as the plugin decided it when it was recorded.
 
 How a change is applied:
@@ -49,7 +49,7 @@ rebuilds in a temporary file and moves it into place only afterwards). With
 ``durable=True`` every commit is durable, as in lightningd.
 
 Hashes: the replayer needs only the ``(data_version, kind)`` part of the rules.
-It feeds :func:`~cldcb.dataversion.decide`/:func:`~cldcb.dataversion.advance`
+It feeds :func:`~cldcb.core.dataversion.decide`/:func:`~cldcb.core.dataversion.advance`
 stand-in hashes derived from positions; checking the real chain of sealed
 records is the job of ``seal``, before anything reaches the replayer.
 
@@ -65,7 +65,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
-from cldcb.dataversion import (
+from cldcb.core.dataversion import (
     STAND_IN_ANCHOR,
     Action,
     DataVersionError,
@@ -80,7 +80,7 @@ from cldcb.dataversion import (
     stand_in_hash,
 )
 from cldcb.errors import ReplayError
-from cldcb.nodedb import DATA_VERSION_SQL, read_data_version
+from cldcb.node.nodedb import DATA_VERSION_SQL, read_data_version
 
 _STATEMENT_PREVIEW = 60
 BATCH = 1000

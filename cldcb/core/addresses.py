@@ -15,8 +15,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from cldcb.core.remote_text import escape_remote
 from cldcb.errors import UsageError
-from cldcb.remote_text import escape_remote
 
 DEFAULT_PORT = 29735
 """The port of a standalone ``cldcb-server serve`` (suggested when none is given)."""

@@ -5,7 +5,7 @@ recovery) takes a :class:`NodeKey`. Two implementations:
 
 - :class:`LocalNodeKey`: the private key in this process, from ``hsm_secret``
   (any of the four formats) or given directly;
-- :class:`cldcb.alt_hsmd.AltHsmdNodeKey`: an hsmd-like program holds the key
+- :class:`cldcb.node.alt_hsmd.AltHsmdNodeKey`: an hsmd-like program holds the key
   and this process only asks it for ECDH and signatures.
 
 ECDH is ``SHA256(compressed(k * P))`` as Core Lightning's hsmd and coincurve's
@@ -19,10 +19,10 @@ from typing import Protocol, runtime_checkable
 
 from coincurve import PrivateKey, PublicKey
 
-from cldcb import hsm_secret
+from cldcb.core import hsm_secret
+from cldcb.core.ids import check_privkey, node_id_from_pubkey
+from cldcb.core.signmessage import SignedMessage, sign_message
 from cldcb.errors import HsmSecretError, KeyFormatError
-from cldcb.ids import check_privkey, node_id_from_pubkey
-from cldcb.signmessage import SignedMessage, sign_message
 
 
 @runtime_checkable

@@ -22,9 +22,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from cldcb.durable import fsync_dir
-from cldcb.errors import KeyFileError, KeyFormatError
-from cldcb.ids import (
+from cldcb.core.ids import (
     check_privkey,
     client_id_from_pubkey,
     parse_client_id,
@@ -32,6 +30,8 @@ from cldcb.ids import (
     pubkey_of,
     server_id_from_pubkey,
 )
+from cldcb.errors import KeyFileError, KeyFormatError
+from cldcb.node.durable import fsync_dir
 
 KEY_FILE_MODE = 0o600
 

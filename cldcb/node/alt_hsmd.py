@@ -26,18 +26,18 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from cldcb import hsmd_wire
+from cldcb.core import hsmd_wire
+from cldcb.core.ids import node_id_from_pubkey
+from cldcb.core.signmessage import SignedMessage, recover_pubkey
 from cldcb.errors import HsmdError
-from cldcb.ids import node_id_from_pubkey
-from cldcb.nodekey import parse_point
-from cldcb.signmessage import SignedMessage, recover_pubkey
+from cldcb.node.nodekey import parse_point
 
 DEFAULT_TIMEOUT = 30.0
 _STOP_GRACE = 3.0
 
 
 class AltHsmdNodeKey:
-    """A :class:`~cldcb.nodekey.NodeKey` answered by an hsmd-like program.
+    """A :class:`~cldcb.node.nodekey.NodeKey` answered by an hsmd-like program.
 
     Use as a context manager::
 

@@ -35,10 +35,10 @@ from typing import Any, TypeVar
 import click
 
 from cldcb import __version__
+from cldcb.core.hsm_secret import needs_passphrase
 from cldcb.errors import CldcbError, HsmSecretError, UsageError
-from cldcb.hsm_secret import needs_passphrase
-from cldcb.keyfile import read_passphrase_file
-from cldcb.nodekey import LocalNodeKey, read_hsm_secret_file, with_path
+from cldcb.node.keyfile import read_passphrase_file
+from cldcb.node.nodekey import LocalNodeKey, read_hsm_secret_file, with_path
 
 _DEBUG_KEY = "cldcb.debug"
 _JSON_KEY = "cldcb.json"

@@ -14,10 +14,10 @@ trailing bytes, an unknown type or a field out of range is a protocol error:
 
 ``str`` fields are text for people (error texts, reasons) that the peer wrote:
 decoding escapes their control characters
-(:func:`cldcb.remote_text.escape_remote`), so that no text a server sends
+(:func:`cldcb.core.remote_text.escape_remote`), so that no text a server sends
 reaches a terminal, a log or a status file raw.
 
-The messages and what they mean are in :mod:`cldcb.session`.
+The messages and what they mean are in :mod:`cldcb.core.session`.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from dataclasses import dataclass, fields
 from enum import IntEnum
 from typing import Any, ClassVar
 
+from cldcb.core.remote_text import escape_remote
 from cldcb.errors import ProtocolError
-from cldcb.remote_text import escape_remote
 
 MAX_FRAME = 16 * 1024 * 1024
 """Largest frame (type + body) either side accepts."""
@@ -40,7 +40,7 @@ MAX_LIST = 100_000
 
 MAX_RECOGNITION = 1024
 """Largest recognition entry a server stores and lists. A real one is 196 bytes
-(:mod:`cldcb.recognition`: version, client key, sealed client key, sealed signature)."""
+(:mod:`cldcb.core.recognition`: version, client key, sealed client key, sealed signature)."""
 
 RECOGNITION_PAGE = 256
 """Most entries in one ``Recognitions`` page: 256 of the largest entries make a frame of
@@ -49,7 +49,7 @@ about 260 KiB, whatever the number of clients a server holds."""
 PROTOCOL_VERSION = 3
 """2: an Ack names its write's kind and link; the recognition listing comes in pages;
 ListStates, States and FetchGeneration. 3: Ack, ChunkAck and SnapshotAck carry a MAC under
-the session key (:mod:`cldcb.answermac`). Older peers are refused with Error(VERSION)."""
+the session key (:mod:`cldcb.core.answermac`). Older peers are refused with Error(VERSION)."""
 
 MAC_SIZE = 16
 """Bytes of the MAC that ends every Ack, ChunkAck and SnapshotAck."""
@@ -305,7 +305,7 @@ def message(type_: int, *spec: tuple[str, int]):  # noqa: ANN201 - class decorat
     return wrap
 
 
-# Hello (see cldcb.session for the transcript and signatures)
+# Hello (see cldcb.core.session for the transcript and signatures)
 @message(1, U16, U16, B32)
 class Hello(Message):
     min_version: int
@@ -427,7 +427,7 @@ class Status(Message):
 @message(33, I64, U8, B32, BOOL, B16)
 class Ack(Message):
     """The answer to ``Write(data_version, kind, link, …)`` once it is durable: it names
-    that write (see :mod:`cldcb.session`: a client counts only an Ack that matches, and
+    that write (see :mod:`cldcb.core.session`: a client counts only an Ack that matches, and
     whose ``mac`` the server key's session key made)."""
 
     data_version: int
@@ -458,7 +458,7 @@ class SnapshotAck(Message):
 
 
 MACED = (Ack, ChunkAck, SnapshotAck)
-"""The answers that count toward durability: each ends with a MAC (:mod:`cldcb.answermac`)."""
+"""The answers that count toward durability: each ends with a MAC (:mod:`cldcb.core.answermac`)."""
 
 
 @message(37, I64, B32, U32, BYTES, U64)

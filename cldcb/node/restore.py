@@ -1,11 +1,11 @@
 """Fetch a client's backup from one server, verify all of it, rebuild the database.
 
 The shared core of ``cldcb-client recover`` and ``cldcb-client verify``
-(DESIGN sections 4 and 6). Given a :class:`~cldcb.connection.Connection` (a
+(DESIGN sections 4 and 6). Given a :class:`~cldcb.transport.connection.Connection` (a
 READER session of the client) and the node key, :func:`rebuild`:
 
 1. sends ``Fetch`` (the newest state, or the state at one data_version);
-2. opens the snapshot's sealed manifest (:class:`~cldcb.seal.SnapshotOpener`),
+2. opens the snapshot's sealed manifest (:class:`~cldcb.core.seal.SnapshotOpener`),
    then each chunk in order; the plaintext is written to the output file by
    the rebuild's worker thread (a :class:`Pipeline`) while the next chunks are
    received and opened; ``finish`` checks the chunk count and total size the
@@ -13,11 +13,11 @@ READER session of the client) and the node key, :func:`rebuild`:
    pages to disk (an fsync of the file) while the records are replayed;
 3. checks that the snapshot is the state its manifest names
    (``vars.data_version``);
-4. opens every record with :class:`~cldcb.seal.ChainVerifier` (its AEAD tag,
+4. opens every record with :class:`~cldcb.core.seal.ChainVerifier` (its AEAD tag,
    its place in the chain: link to its effective predecessor, starting from
    the snapshot's anchor) on the event loop, and hands the verified changes,
    in batches of :data:`REPLAY_BATCH`, to the worker thread, which applies
-   them with :class:`~cldcb.replay.Replayer` in its fast mode
+   them with :class:`~cldcb.node.replay.Replayer` in its fast mode
    (``durable=False``: large transactions, one fsync in ``finish``). So
    receiving, verifying and replaying overlap; nothing unverified is ever
    applied, and the first failure stops the rest;
@@ -26,7 +26,7 @@ READER session of the client) and the node key, :func:`rebuild`:
 
 Memory is bounded whatever the backup's size: at most
 :data:`PIPELINE_DEPTH` jobs wait for the worker thread, and while they do the
-connection stops reading once :data:`~cldcb.connection.FETCH_QUEUE_BYTES`
+connection stops reading once :data:`~cldcb.transport.connection.FETCH_QUEUE_BYTES`
 were received and not taken (the server then waits on the SSH window).
 ``Progress.replay`` is called from the worker thread.
 
@@ -63,13 +63,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from cldcb import wire
-from cldcb.dataversion import Kind, Tip
-from cldcb.durable import fsync_dir
+from cldcb.core import wire
+from cldcb.core.dataversion import Kind, Tip
+from cldcb.core.seal import ChainVerifier, Change, EcdhKey, SnapshotOpener
 from cldcb.errors import ChainError, RecoveryError, ReplayError, SealError
-from cldcb.nodedb import connect_ro, read_data_version
-from cldcb.replay import Replayer
-from cldcb.seal import ChainVerifier, Change, EcdhKey, SnapshotOpener
+from cldcb.node.durable import fsync_dir
+from cldcb.node.nodedb import connect_ro, read_data_version
+from cldcb.node.replay import Replayer
 
 _SIDE_FILES = ("-journal", "-wal", "-shm")
 PIPELINE_DEPTH = 8
@@ -85,7 +85,8 @@ _counter = itertools.count()
 
 
 class Fetcher(Protocol):
-    """What :func:`rebuild` needs of a connection (:class:`~cldcb.connection.Connection`)."""
+    """What :func:`rebuild` needs of a connection
+    (:class:`~cldcb.transport.connection.Connection`)."""
 
     def fetch(self, at_data_version: int = -1, *,
               generation: int | None = None) -> AsyncIterator[wire.Message]: ...
@@ -123,7 +124,7 @@ class Rebuilt:
     """Where the verified chain ends (the newest record, or the snapshot's anchor)."""
     replaced: frozenset[bytes] = frozenset()
     """Hashes of the uncommitted batches the chain replaced (see
-    :attr:`cldcb.seal.ChainVerifier.replaced`)."""
+    :attr:`cldcb.core.seal.ChainVerifier.replaced`)."""
 
 
 def temp_path(dest: Path, tag: str = "") -> Path:
@@ -475,7 +476,7 @@ class Pipeline:
 
 
 class _Replay:
-    """The :class:`~cldcb.replay.Replayer` of a rebuild, used only in its pipeline's thread
+    """The :class:`~cldcb.node.replay.Replayer` of a rebuild, used only in its pipeline's thread
     (an SQLite connection stays in the thread that opened it)."""
 
     def __init__(self, path: Path) -> None:

@@ -45,7 +45,7 @@ The hello is not bound to the SSH connection: whoever holds the sshd host key
 can relay it. So, in a client session, every answer that counts toward
 durability (``Ack``, ``ChunkAck``, ``SnapshotAck``) ends with a MAC under a
 session key from ECDH(client key, server key) and both nonces, over the
-requests of the session up to the one it answers (:mod:`cldcb.answermac`):
+requests of the session up to the one it answers (:mod:`cldcb.core.answermac`):
 the server session puts it in, the client session takes no acknowledgement
 without it (:class:`~cldcb.errors.ForgedAnswer`, which closes the session).
 Protocol version 3; the client offers no other, so a version-2 server (whose
@@ -58,7 +58,7 @@ After ``AuthOk`` the client sends requests and the server answers each one,
 in order (responses never overtake each other):
 
 - ``PutRecognition(entry)`` → ``Ok`` (an entry is at most
-  :data:`~cldcb.wire.MAX_RECOGNITION` bytes, of the current format and naming
+  :data:`~cldcb.core.wire.MAX_RECOGNITION` bytes, of the current format and naming
   the session's own client, else it is refused (``BAD_REQUEST``) and the
   previous one kept; an append-only client's entry, once held, is never
   replaced: other bytes are refused with ``KEPT``). ``ListRecognitions(after, max_count)`` →
@@ -96,9 +96,9 @@ in order (responses never overtake each other):
 - ``ListStates`` → ``States``: the restorable states (each kept snapshot
   generation: its number, data_version, time, whether it is damaged, and the
   data_version range of its chain's records; and the generations set aside as
-  damaged), oldest first (:class:`cldcb.wire.RestorableState`). Read-only.
+  damaged), oldest first (:class:`cldcb.core.wire.RestorableState`). Read-only.
 - Any request may be answered by ``Error(code, text)``. Codes are in
-  :class:`cldcb.wire.ErrorCode`; only PROTOCOL, AUTH, VERSION, SUPERSEDED and
+  :class:`cldcb.core.wire.ErrorCode`; only PROTOCOL, AUTH, VERSION, SUPERSEDED and
   SHUTTING_DOWN end the session.
 """
 
@@ -112,8 +112,10 @@ from enum import IntEnum
 
 import coincurve
 
-from cldcb import wire
-from cldcb.answermac import MACED_TYPES, AnswerMacs, session_key
+from cldcb.core import wire
+from cldcb.core.answermac import MACED_TYPES, AnswerMacs, session_key
+from cldcb.core.ids import client_id_from_pubkey, server_id_from_pubkey
+from cldcb.core.wire import ErrorCode
 from cldcb.errors import (
     AckMismatch,
     AuthError,
@@ -122,8 +124,6 @@ from cldcb.errors import (
     ProtocolError,
     RemoteError,
 )
-from cldcb.ids import client_id_from_pubkey, server_id_from_pubkey
-from cldcb.wire import ErrorCode
 
 SUPPORTED_VERSIONS = (wire.PROTOCOL_VERSION, wire.PROTOCOL_VERSION)
 PRE_AUTH_MAX_FRAME = 4096
@@ -239,7 +239,7 @@ class _Base:
     @property
     def unhashed_requests(self) -> int:
         """Request frames counted for the answer MACs but not hashed yet (large ones wait
-        for :meth:`absorb`, see :mod:`cldcb.answermac`)."""
+        for :meth:`absorb`, see :mod:`cldcb.core.answermac`)."""
         return 0 if self._macs is None else self._macs.deferred
 
     def absorb(self) -> None:

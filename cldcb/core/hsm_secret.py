@@ -42,8 +42,8 @@ import nacl.pwhash.argon2id
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from cldcb.core.ids import SECP256K1_N
 from cldcb.errors import CorruptHsmSecret, PassphraseRequired, WrongPassphrase
-from cldcb.ids import SECP256K1_N
 
 PLAIN_LEN = 32
 ENCRYPTED_LEN = 73

@@ -1,6 +1,6 @@
 """The client end of a connection to a cldcb server, over SSH (asyncio).
 
-Two kinds of address, one protocol (:mod:`cldcb.session`):
+Two kinds of address, one protocol (:mod:`cldcb.core.session`):
 
 - ``HOST:PORT``: a standalone ``cldcb-server serve``. The SSH host key is
   pinned from the ``5…`` server id alone; the client key is the SSH key;
@@ -13,7 +13,7 @@ Two kinds of address, one protocol (:mod:`cldcb.session`):
   session authenticates with the Ed25519 key derived from the client secret,
   an anonymous session (recovery) with the operator's own SSH keys and agent.
 
-Either may go through a SOCKS5 proxy (:mod:`cldcb.proxy`): the spec's
+Either may go through a SOCKS5 proxy (:mod:`cldcb.transport.proxy`): the spec's
 ``proxy``, else Tor's usual SOCKS port for a ``….onion`` host. The proxy
 resolves the host name; the host key is checked exactly as on a direct
 connection; timeouts and keepalives are those of the route's patience.
@@ -39,8 +39,11 @@ from typing import Any
 
 import asyncssh
 
-from cldcb import wire
-from cldcb.addresses import ServerAddress
+from cldcb.core import wire
+from cldcb.core.addresses import ServerAddress
+from cldcb.core.ids import parse_server_id
+from cldcb.core.remote_text import escape_remote
+from cldcb.core.session import ClientSession, HelloComplete, Received, Role
 from cldcb.errors import (
     AuthError,
     CldcbError,
@@ -49,12 +52,9 @@ from cldcb.errors import (
     TransportError,
     UsageError,
 )
-from cldcb.ids import parse_server_id
-from cldcb.keepalive import Keepalive
-from cldcb.proxy import Patience, Proxy, patience, route
-from cldcb.remote_text import escape_remote
-from cldcb.session import ClientSession, HelloComplete, Received, Role
-from cldcb.sshkeys import (
+from cldcb.transport.keepalive import Keepalive
+from cldcb.transport.proxy import Patience, Proxy, patience, route
+from cldcb.transport.sshkeys import (
     SECP256K1_SSH_ALG,
     derived_ssh_key,
     secp256k1_ssh_key,
@@ -200,7 +200,8 @@ class Connection:
         via = spec.route
         timeout = timeout if timeout is not None else spec.patience.connect_timeout
         opts: dict[str, Any] = dict(
-            encryption_algs=PREFERRED_CIPHERS, keepalive_interval=0,  # see cldcb.keepalive
+            encryption_algs=PREFERRED_CIPHERS, keepalive_interval=0,  # see
+            # cldcb.transport.keepalive
             connect_timeout=timeout, agent_forwarding=False, x11_forwarding=False,
             request_pty=False, window=SSH_WINDOW, max_pktsize=SSH_CLIENT_MAX_PACKET)
         if addr.scheme == "cldcb":

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 from coincurve import PrivateKey, PublicKey
 
+from cldcb.core.ids import check_privkey
 from cldcb.errors import KeyFormatError
-from cldcb.ids import check_privkey
 
 MESSAGE_PREFIX = b"Lightning Signed Message:"
 ZBASE32_ALPHABET = "ybndrfg8ejkmcpqxot1uwisza345h769"
