@@ -26,7 +26,7 @@ def lint_imports(tree: Path) -> subprocess.CompletedProcess[str]:
     program = str(beside) if beside.exists() else shutil.which("lint-imports")
     assert program, "lint-imports not found: pip install -e '.[test]' installs import-linter"
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    return subprocess.run([program, "--no-cache", "--no-logo"], cwd=tree, env=env,
+    return subprocess.run([program, "--no-cache"], cwd=tree, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
