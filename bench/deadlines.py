@@ -41,9 +41,8 @@ from helpers.echo import echo_server  # noqa: E402
 from measure import pct  # noqa: E402
 
 from cldcb.errors import CldcbError  # noqa: E402
-from cldcb.node import alt_hsmd  # noqa: E402
+from cldcb.node import alt_hsmd, jsonrpc  # noqa: E402
 from cldcb.node.alt_hsmd import AltHsmdNodeKey  # noqa: E402
-from cldcb.plugin import jsonrpc  # noqa: E402
 from cldcb.plugin.snapshot import DatabaseBusy, copy_database  # noqa: E402
 from cldcb.transport.keepalive import Keepalive  # noqa: E402
 

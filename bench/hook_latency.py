@@ -197,7 +197,7 @@ class _DirectClient:
 
 def echo_plugin() -> None:
     """A plugin that answers every db_write ``continue`` at once (the pipes' cost)."""
-    from cldcb.plugin import jsonrpc
+    from cldcb.node import jsonrpc
     from cldcb.plugin.main import MANIFEST
 
     decoder = jsonrpc.MessageDecoder()
@@ -213,7 +213,7 @@ def forward_plugin(port: int) -> None:
     """A plugin that forwards each db_write as one request of the sealed change's size to
     the floor server, and answers ``continue`` when that request is acknowledged."""
     from cldcb.cli.malloc import keep_freed_memory
-    from cldcb.plugin import jsonrpc
+    from cldcb.node import jsonrpc
     from cldcb.plugin.main import MANIFEST
 
     keep_freed_memory()

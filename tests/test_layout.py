@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from readme_tables import table
+from helpers.readme_tables import table
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "cldcb"

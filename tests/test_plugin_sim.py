@@ -15,7 +15,7 @@ from helpers.traces import expected_dump, load_trace, sqlite_dump
 TRIVIAL = r'''
 import json, os, sys
 sys.path.insert(0, {root!r})
-from cldcb.plugin.jsonrpc import MessageDecoder, encode
+from cldcb.node.jsonrpc import MessageDecoder, encode
 behaviour = json.load(open("trivial.json")) if os.path.exists("trivial.json") else {{}}
 log = open("trivial-log.jsonl", "a")
 def note(**kw):

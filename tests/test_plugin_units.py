@@ -24,9 +24,9 @@ from cldcb.core.ids import (
 )
 from cldcb.core.seal import SnapshotOpener
 from cldcb.errors import AckMismatch, DatabaseBusy, PluginError, ProtocolError
+from cldcb.node import jsonrpc
 from cldcb.node.nodedb import remove_stale_copies
 from cldcb.node.nodekey import LocalNodeKey
-from cldcb.plugin import jsonrpc
 from cldcb.plugin.recordlog import RecordLog
 from cldcb.plugin.snapshot import (
     LocalCopy,

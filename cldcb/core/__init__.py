@@ -11,6 +11,7 @@ What belongs here: code that turns bytes and values into bytes and values.
 - :mod:`~cldcb.core.signmessage`: Lightning's signmessage;
   :mod:`~cldcb.core.hsm_secret`: the ``hsm_secret`` formats;
   :mod:`~cldcb.core.hsmd_wire`: the hsmd messages recovery needs;
+- :mod:`~cldcb.core.addresses`: the grammar of a server address;
 - :mod:`~cldcb.core.remote_text`: a remote party's text made safe to show.
 
 No socket, file, process, clock or database here: the sessions and sealing take their

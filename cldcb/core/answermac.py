@@ -42,8 +42,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
-import threading
 from collections import deque
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import coincurve
 from cryptography.hazmat.primitives import hashes
@@ -83,19 +84,24 @@ def session_key(own_priv: coincurve.PrivateKey, peer_pub: bytes, client_nonce: b
 class AnswerMacs:
     """One end's bookkeeping: the requests of a session and the MACs of their answers.
 
+    ``lock`` guards :meth:`absorb` when a worker thread calls it (a
+    ``threading.Lock()``; none is needed when everything runs on one thread).
     The client calls :meth:`request` with each request frame it sends and
     :meth:`check` with each answer frame it receives; the server calls
     :meth:`request` with each request frame it receives and :meth:`seal` on each
     answer frame it sends.
     """
 
-    def __init__(self, key: bytes) -> None:
+    def __init__(self, key: bytes,
+                 lock: AbstractContextManager[Any] | None = None) -> None:
         self._key = key
         self._hash = hashlib.sha256(_REQUESTS)
         self._count = 0
         self._open: deque[_Request] = deque()      # each request not completed
         self._queue: deque[_Request] = deque()     # requests counted, not yet hashed
-        self._hashing = threading.Lock()           # one hasher at a time, in order
+        # one hasher at a time, in order: a threading.Lock from the transport when a
+        # worker thread calls absorb (the core itself starts no thread)
+        self._hashing = lock if lock is not None else nullcontext()
 
     def request(self, frame: bytes | memoryview) -> None:
         """Count the request ``frame`` (the caller may reuse a memoryview's buffer)."""

@@ -107,8 +107,10 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any
 
 import coincurve
 
@@ -231,7 +233,8 @@ Event = HelloComplete | Authenticated | Received
 class _Base:
     _macs: AnswerMacs | None = None
 
-    def __init__(self) -> None:
+    def __init__(self, hash_lock: AbstractContextManager[Any] | None = None) -> None:
+        self.hash_lock = hash_lock     # for AnswerMacs.absorb from a worker thread
         self._decoder = wire.FrameDecoder()
         self._out: list[bytes] = []
         self.closed = False
@@ -243,7 +246,8 @@ class _Base:
         return 0 if self._macs is None else self._macs.deferred
 
     def absorb(self) -> None:
-        """Hash those request frames now, in order; safe from a worker thread."""
+        """Hash those request frames now, in order; from a worker thread only when the
+        session was given a ``hash_lock`` (a ``threading.Lock()``)."""
         macs = self._macs
         if macs is not None:
             macs.absorb()
@@ -274,8 +278,8 @@ class ClientSession(_Base):
     """
 
     def __init__(self, server_id: str, client_priv: bytes | None, role: Role,
-                 nonce: bytes) -> None:
-        super().__init__()
+                 nonce: bytes, *, hash_lock: AbstractContextManager[Any] | None = None) -> None:
+        super().__init__(hash_lock)
         if len(nonce) != 32:
             raise ValueError("nonce must be 32 bytes")
         self.server_id = server_id.lower()
@@ -414,7 +418,7 @@ class ClientSession(_Base):
             assert self.client_pub is not None
             self._macs = AnswerMacs(session_key(self._priv, msg.server_pub, self._nonce,
                                                 msg.server_nonce, self.client_pub,
-                                                msg.server_pub))
+                                                msg.server_pub), self.hash_lock)
         if self._priv is None:
             self._emit(wire.Auth(True, _ZERO33, int(Role.READER), b""))
         else:
@@ -445,8 +449,9 @@ class ServerSession(_Base):
     def __init__(self, server_priv: bytes, nonce: bytes, *,
                  is_registered: Callable[[str], bool],
                  forced_client_id: str | None = None,
-                 allow_anonymous: bool = True, confirm_auth: bool = False) -> None:
-        super().__init__()
+                 allow_anonymous: bool = True, confirm_auth: bool = False,
+                 hash_lock: AbstractContextManager[Any] | None = None) -> None:
+        super().__init__(hash_lock)
         self._decoder.max_frame = PRE_AUTH_MAX_FRAME
         self._confirm = confirm_auth
         self._pending: tuple[str | None, Role] | None = None
@@ -600,7 +605,8 @@ class ServerSession(_Base):
             return []
         self._pending_macs = AnswerMacs(session_key(self._priv, msg.client_pub,
                                                     self._client_nonce, self._nonce,
-                                                    msg.client_pub, self.server_pub))
+                                                    msg.client_pub, self.server_pub),
+                                      self.hash_lock)
         return self._authenticated(client_id, Role(msg.role))
 
     def _authenticated(self, client_id: str | None, role: Role) -> list[Event]:

@@ -42,7 +42,7 @@ from cldcb.errors import (
     RpcTransportError,
     WalletNotSupported,
 )
-from cldcb.plugin.jsonrpc import MessageDecoder
+from cldcb.node.jsonrpc import MessageDecoder
 
 RPC_FILE = "lightning-rpc"
 DEFAULT_DATABASE = "lightningd.sqlite3"

@@ -5,7 +5,7 @@ its own path as the only argument, in ``<lightning-dir>/<network>`` with
 ``LIGHTNINGD_PLUGIN=1``. The configuration is read from the wrapper before
 anything is answered, because ``db_write`` calls arrive before ``init``.
 
-Protocol (JSON-RPC 2.0 on stdin/stdout, see :mod:`cldcb.plugin.jsonrpc`):
+Protocol (JSON-RPC 2.0 on stdin/stdout, see :mod:`cldcb.node.jsonrpc`):
 
 - ``getmanifest`` → the ``db_write`` hook, the ``shutdown`` subscription,
   ``dynamic``, ``nonnumericids``, no options, no RPC methods;
@@ -42,8 +42,9 @@ from cldcb.cli.common import require_protocol_pipes
 from cldcb.cli.malloc import keep_freed_memory
 from cldcb.core.session import Role
 from cldcb.errors import CldcbError, ExitCode, PluginError
+from cldcb.node import jsonrpc
 from cldcb.node.nodedb import remove_stale_copies
-from cldcb.plugin import jsonrpc, links
+from cldcb.plugin import links
 from cldcb.plugin.engine import Engine, HookResult
 from cldcb.plugin.links import ServerConnection
 from cldcb.plugin.mirror import MIRROR_NAME

@@ -71,6 +71,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -219,7 +220,8 @@ class SessionHandler:
         self.session = ServerSession(core.server_priv, os.urandom(32),
                                      is_registered=core.is_registered,
                                      forced_client_id=forced_client_id,
-                                     allow_anonymous=allow_anonymous, confirm_auth=True)
+                                     allow_anonymous=allow_anonymous, confirm_auth=True,
+                                     hash_lock=threading.Lock())   # absorb runs in a thread
         self._queue: asyncio.Queue[Authenticated | Received | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._gen = 0

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -174,6 +175,8 @@ class Connection:
         self.spec = spec
         self.server_id = spec.server_id
         self._session = session
+        if session.hash_lock is None:       # its chunks are hashed in a worker thread
+            session.hash_lock = threading.Lock()
         self._ssh: asyncssh.SSHClientConnection | None = None
         self._chan: asyncssh.SSHClientChannel[bytes] | None = None
         self._hello: asyncio.Future[HelloComplete] = asyncio.get_running_loop().create_future()

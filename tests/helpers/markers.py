@@ -29,7 +29,7 @@ import pytest
 E2E_MODULES = frozenset({
     "test_ack_relay", "test_alt_hsmd_recover", "test_cli_keys", "test_fault_injection",
     "test_hostfiles", "test_hsmd", "test_install", "test_install_litter",
-    "test_install_ssh", "test_keepalive", "test_mirror", "test_node_dir",
+    "test_install_ssh", "test_keepalive", "test_layout", "test_mirror", "test_node_dir",
     "test_plugin_acks", "test_plugin_e2e", "test_plugin_faults",
     "test_plugin_sim", "test_programs", "test_proxy", "test_readme", "test_realcln",
     "test_recognition", "test_recognition_entries", "test_recognition_listing",

@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from cldcb.core.dataversion import Kind, classify
-from cldcb.plugin.jsonrpc import MessageDecoder, encode
+from cldcb.node.jsonrpc import MessageDecoder, encode
 
 LIGHTNINGD_VERSION = "v26.06"
 MANIFEST_TIMEOUT = 60.0
