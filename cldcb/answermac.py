@@ -27,6 +27,14 @@ request ``n`` after receiving exactly the requests ``0..n`` the client sent. A r
 cannot make one, cannot replay one of another request or session, and cannot have
 the server acknowledge bytes other than the client's (a changed sealed record, a
 dropped request) without the client noticing.
+
+Where the hashing runs: a frame of :data:`DEFER_BYTES` or more (a snapshot chunk) is
+not hashed when it is counted but queued, and so is every frame after it until the
+queue is hashed, in order, by :meth:`AnswerMacs.absorb`: from a worker thread
+(SHA-256 lets go of the GIL, so the hashing of a 1 MiB chunk, about 0.6 ms, runs
+beside the event loop instead of on it), or at the latest when an answer's MAC
+needs ``r_n``. The hashes, and so the MACs, are exactly those of hashing each
+frame as it comes.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
+import threading
 from collections import deque
 
 import coincurve
@@ -48,6 +57,19 @@ _REQUESTS = b"cldcb requests v3"
 _U64 = struct.Struct(">Q")
 _PARTIAL = frozenset({wire.FetchSnapshot.TYPE, wire.FetchChunk.TYPE, wire.FetchRecord.TYPE})
 MACED_TYPES = frozenset(cls.TYPE for cls in wire.MACED)
+DEFER_BYTES = 64 << 10
+"""Request frames at least this long are hashed by :meth:`AnswerMacs.absorb`."""
+
+
+class _Request:
+    """A request counted: its frame until hashed, then its context ``u64(n) || r_n``."""
+
+    __slots__ = ("n", "frame", "context")
+
+    def __init__(self, n: int, frame: bytes) -> None:
+        self.n = n
+        self.frame = frame
+        self.context: bytes | None = None
 
 
 def session_key(own_priv: coincurve.PrivateKey, peer_pub: bytes, client_nonce: bytes,
@@ -71,12 +93,41 @@ class AnswerMacs:
         self._key = key
         self._hash = hashlib.sha256(_REQUESTS)
         self._count = 0
-        self._open: deque[bytes] = deque()     # u64(n) || r_n of each request not completed
+        self._open: deque[_Request] = deque()      # each request not completed
+        self._queue: deque[_Request] = deque()     # requests counted, not yet hashed
+        self._hashing = threading.Lock()           # one hasher at a time, in order
 
     def request(self, frame: bytes | memoryview) -> None:
-        self._hash.update(frame)
-        self._open.append(_U64.pack(self._count) + self._hash.copy().digest())
+        """Count the request ``frame`` (the caller may reuse a memoryview's buffer)."""
+        req = _Request(self._count, frame if type(frame) is bytes else bytes(frame))
         self._count += 1
+        self._open.append(req)
+        self._queue.append(req)
+        if len(frame) < DEFER_BYTES and len(self._queue) == 1:
+            self.absorb()                          # nothing waits before it: at once
+
+    @property
+    def deferred(self) -> int:
+        """Requests counted but not hashed yet."""
+        return len(self._queue)
+
+    def absorb(self) -> None:
+        """Hash the requests counted so far, in order (from any thread; see the module
+        docstring)."""
+        with self._hashing:
+            queue = self._queue
+            while queue:
+                req = queue[0]
+                self._hash.update(req.frame)
+                req.context = _U64.pack(req.n) + self._hash.copy().digest()
+                req.frame = b""
+                queue.popleft()
+
+    def _context(self, req: _Request) -> bytes:
+        if req.context is None:
+            self.absorb()
+        assert req.context is not None
+        return req.context
 
     def _mac(self, context: bytes, frame: bytes) -> bytes:
         return hmac.digest(self._key, context + frame[:-MAC_SIZE], "sha256")[:MAC_SIZE]
@@ -86,7 +137,7 @@ class AnswerMacs:
         context (None: no request waits)."""
         if not self._open:
             return None
-        return self._open[0] if type_ in _PARTIAL else self._open.popleft()
+        return self._context(self._open[0] if type_ in _PARTIAL else self._open.popleft())
 
     def seal(self, frame: bytes) -> bytes:
         """The answer ``frame`` as it goes out: counted against the request it answers and,
@@ -103,7 +154,7 @@ class AnswerMacs:
             self.take(frame[4])
             return True
         if not self._open or not hmac.compare_digest(
-                self._mac(self._open[0], frame), frame[-MAC_SIZE:]):
+                self._mac(self._context(self._open[0]), frame), frame[-MAC_SIZE:]):
             return False
         self._open.popleft()
         return True

@@ -415,9 +415,12 @@ class Connection:
 
     async def _request(self, msg: wire.Message,
                        *expect: type[wire.Message]) -> Any:
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
         self._send(msg)
         self._waiters.append(fut)
+        if self._session.unhashed_requests:        # a snapshot chunk: hashed off the loop
+            loop.run_in_executor(None, self._session.absorb)
         reply = await fut
         if not isinstance(reply, expect):
             raise ProtocolError(f"expected {' or '.join(e.__name__ for e in expect)}, "

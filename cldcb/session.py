@@ -229,10 +229,24 @@ Event = HelloComplete | Authenticated | Received
 
 
 class _Base:
+    _macs: AnswerMacs | None = None
+
     def __init__(self) -> None:
         self._decoder = wire.FrameDecoder()
         self._out: list[bytes] = []
         self.closed = False
+
+    @property
+    def unhashed_requests(self) -> int:
+        """Request frames counted for the answer MACs but not hashed yet (large ones wait
+        for :meth:`absorb`, see :mod:`cldcb.answermac`)."""
+        return 0 if self._macs is None else self._macs.deferred
+
+    def absorb(self) -> None:
+        """Hash those request frames now, in order; safe from a worker thread."""
+        macs = self._macs
+        if macs is not None:
+            macs.absorb()
 
     def data_to_send(self) -> bytes:
         """Bytes the transport must write now (then the buffer is empty)."""

@@ -23,7 +23,10 @@ Each call ``(data_version, writes)``:
      last committed state), with a fresh random anchor; the log restarts at
      that anchor and the change goes on top as its first record. Every
      server needs that snapshot; the call waits until ``quorum`` of them hold
-     the snapshot and the record.
+     the snapshot and the record. The copy is filled while it is uploaded
+     (:func:`~cldcb.plugin.snapshot.start_copy`): the uploads begin once its
+     data_version is read, and the call is answered only after the fill
+     ended (and let go of the database).
 
 3. While the call waits for ``quorum`` acknowledgements, servers that need a
    snapshot (they fell behind, or answered ``NeedSnapshot``) and servers that
@@ -94,6 +97,7 @@ from cldcb.plugin.snapshot import (
     DatabaseBusy,
     LocalCopy,
     copy_database,
+    start_copy,
 )
 from cldcb.plugin.wrapper import WrapperConfig
 from cldcb.seal import ZERO_HASH, RecordSealer, item_hash, replaced_hash
@@ -120,6 +124,7 @@ CONTINUE = HookResult(True)
 class _Hook:
     data_version: int
     copy_task: asyncio.Task[LocalCopy] | None = None
+    fill_task: asyncio.Task[None] | None = None     # a blocking snapshot's copy, filling
     copy: LocalCopy | None = None
     copy_attempted: bool = False
     copy_blocking: bool = False
@@ -445,7 +450,7 @@ class Engine:
                 level = "info" if log.head is None else "unusual"   # a gap, or backwards
                 self.emit(level, f"db_write {dv}: blocking snapshot ({decision.reason})")
                 self.hook_blocking = True
-                copy = await self._copy(hook, blocking=True)
+                copy = await self._copy(hook, blocking=True, fill_later=True)
                 anchor = secrets.token_bytes(32)
                 base = Tip(copy.data_version, Kind.NORMAL, anchor, ZERO_HASH, is_snapshot=True)
                 decision = decide(base, dv, kind)
@@ -476,12 +481,14 @@ class Engine:
 
     @staticmethod
     async def _hook_cleanup(hook: _Hook) -> None:
-        """The call ends: let its copy finish (it must not outlive the call) and let go."""
-        if hook.copy_task is not None and not hook.copy_task.done():
-            try:
-                await hook.copy_task
-            except (CldcbError, OSError):
-                pass
+        """The call ends: let its copy finish (it must not outlive the call, nor its hold on
+        the database) and let go."""
+        for task in (hook.copy_task, hook.fill_task):
+            if task is not None and not task.done():
+                try:
+                    await task
+                except (CldcbError, OSError):
+                    pass
         if hook.copy is not None:
             hook.copy.hook_done()
 
@@ -519,20 +526,30 @@ class Engine:
                         link.start_compaction(hook.copy)
             if hook.copy_error is not None and self._viable() < self.quorum:
                 return HookResult(False, hook.copy_error)
+            fill = hook.fill_task
+            filling = fill is not None and not fill.done()
+            if fill is not None and not filling and (fill.cancelled() or fill.exception()):
+                why = "cancelled" if fill.cancelled() else fill.exception()
+                return HookResult(False, f"the copy of the database for the snapshot did not "
+                                  f"finish: {why}")
             if self._viable() < self.quorum:
                 self.hook_blocking = True
-            if self._holders(seq) >= self.quorum and hook.copy_task is None:
+            if self._holders(seq) >= self.quorum and hook.copy_task is None and not filling:
                 return CONTINUE
             now = time.monotonic()
             limit = max(deadline, self._progress_at + self.outage_limit)
             if now >= limit:
                 return HookResult(False, self._outage_text(hook.data_version, "waiting"))
-            await self._wait_change(min(limit - now, 1.0), hook.copy_task)
+            await self._wait_change(min(limit - now, 1.0),
+                                    hook.fill_task if filling else hook.copy_task)
 
-    async def _copy(self, hook: _Hook, blocking: bool) -> LocalCopy:
+    async def _copy(self, hook: _Hook, blocking: bool, fill_later: bool = False) -> LocalCopy:
+        """A copy of the database; with ``fill_later`` it may still be filling (in
+        ``hook.fill_task``) when it is returned."""
         started = time.monotonic()
         try:
-            copy = await asyncio.to_thread(copy_database, self.db_path, self.workdir,
+            copy = await asyncio.to_thread(start_copy if fill_later else copy_database,
+                                           self.db_path, self.workdir,
                                            busy_timeout=self.busy_timeout)
         except DatabaseBusy as exc:
             what = "the blocking snapshot" if blocking else "a background snapshot"
@@ -543,9 +560,19 @@ class Engine:
                     from None
             self.emit("unusual", msg + "; trying again at a later call")
             raise
-        self.emit("debug", f"copied the database at data_version {copy.data_version} "
-                           f"({copy.size} bytes) in {time.monotonic() - started:.2f} s")
+        if copy.filling is not None:
+            hook.fill_task = asyncio.ensure_future(self._fill(copy, started))
+        else:
+            self._copied(copy, started, "")
         return copy
+
+    async def _fill(self, copy: LocalCopy, started: float) -> None:
+        await asyncio.to_thread(copy.fill)
+        self._copied(copy, started, ", while it was uploaded")
+
+    def _copied(self, copy: LocalCopy, started: float, how: str) -> None:
+        self.emit("debug", f"copied the database at data_version {copy.data_version} "
+                           f"({copy.size} bytes) in {time.monotonic() - started:.2f} s{how}")
 
     def _copy_done(self, hook: _Hook) -> None:
         task, hook.copy_task = hook.copy_task, None
@@ -584,7 +611,7 @@ class Engine:
             return
         copy.acquire()
         mirror.rebuild(copy.path, copy.data_version, copy.next_seq,
-                       lambda: loop.call_soon_threadsafe(copy.release))
+                       lambda: loop.call_soon_threadsafe(copy.release), ready=copy.wait_ready)
 
     def _copy_from_mirror(self, hook: _Hook) -> bool:
         """Ask the mirror for the copy this call needs (state ``hook.expected_dv``); no

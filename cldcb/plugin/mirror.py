@@ -72,7 +72,8 @@ Rebuilding (:meth:`Mirror.rebuild`)
 -----------------------------------
 A snapshot copied from lightningd's database (the first one, a gap, or any
 copy taken while the mirror is not usable) replaces the mirror: the copy's
-file is copied in, the stream restarts at its data_version, and the changes
+file is copied in (once it is whole: a blocking snapshot's copy is still being
+filled while it is uploaded), the stream restarts at its data_version, and the changes
 already fed with ``seq`` at or after the copy's ``next_seq`` (the last
 :data:`RETAIN` changes are kept for this) are walked again on top.
 
@@ -203,6 +204,7 @@ class _Rebuild:
     data_version: int
     next_seq: int
     done: Callable[[], None]
+    ready: Callable[[], None] | None = None
 
 
 _STOP = object()
@@ -273,11 +275,12 @@ class Mirror:
         return fut
 
     def rebuild(self, path: Path, data_version: int, next_seq: int,
-                done: Callable[[], None]) -> None:
+                done: Callable[[], None], ready: Callable[[], None] | None = None) -> None:
         """Replace the mirror by the database copy at ``path`` (state ``data_version``, the
         first change on top of it at log position ``next_seq``); ``done()`` is called from
-        the thread once ``path`` was read (or could not be)."""
-        self._queue.put(_Rebuild(path, data_version, next_seq, done))
+        the thread once ``path`` was read (or could not be). ``ready()``, if given, is
+        called first and returns once the copy is whole (it is still being filled)."""
+        self._queue.put(_Rebuild(path, data_version, next_seq, done, ready))
 
     def close(self, timeout: float = 60.0) -> None:
         """Apply the last change if the live database shows it committed, then stop."""
@@ -559,6 +562,8 @@ class Mirror:
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
         try:
+            if item.ready is not None:
+                item.ready()
             fd, name = _mkstemp(self.path.parent)
             os.close(fd)
             try:

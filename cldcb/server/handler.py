@@ -36,7 +36,8 @@ snapshot is visible. Each names what it answers (:mod:`cldcb.session`): the
 store's ``Ack`` the record's data_version, kind and link, a ``ChunkAck`` the
 chunk's snapshot id and index, a ``SnapshotAck`` the snapshot id and the
 data_version its ``SnapshotBegin`` gave; the session puts in each one's MAC
-(:mod:`cldcb.answermac`).
+(:mod:`cldcb.answermac`). A snapshot chunk's share of that MAC (hashing the whole
+frame) is done in the worker thread that stores the chunk, not on the event loop.
 
 Latency: a hop to a worker thread and back costs about 200 µs, as much as
 the fsync itself. When the server is quiet (no store call in flight and no
@@ -582,7 +583,11 @@ class SessionHandler:
             s.send(wire.Ok())
         elif isinstance(msg, wire.SnapshotChunk):
             up = self._current_upload(msg.snapshot_id)
-            await self._store(lambda cs: up.add_chunk(msg.index, msg.sealed))
+
+            def add(cs: ClientStore) -> None:
+                s.absorb()            # the answer MAC's hashing of the chunk, off the loop
+                up.add_chunk(msg.index, msg.sealed)
+            await self._store(add)
             s.send(wire.ChunkAck(msg.snapshot_id, msg.index))
         elif isinstance(msg, wire.SnapshotEnd):
             up = self._current_upload(msg.snapshot_id)
