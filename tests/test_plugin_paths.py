@@ -46,8 +46,7 @@ from cldcb.connection import Connection, ServerAddress, ServerSpec
 from cldcb.dataversion import Kind
 from cldcb.errors import TransportError
 from cldcb.ids import client_id_from_pubkey, node_id_from_pubkey, pubkey_of, server_id_from_pubkey
-from cldcb.plugin import engine as engine_mod
-from cldcb.plugin import links
+from cldcb.plugin import hotpath, links
 from cldcb.plugin.engine import Engine, HookResult
 from cldcb.plugin.wrapper import ServerEntry, WrapperConfig
 from cldcb.seal import item_hash
@@ -378,7 +377,7 @@ class HotEqualsGeneral(RuleBasedStateMachine):
 
 
 def test_the_hot_path_equals_the_general_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(engine_mod, "HOT_PATIENCE", HOT_PATIENCE)
+    monkeypatch.setattr(hotpath, "HOT_PATIENCE", HOT_PATIENCE)
     monkeypatch.setattr(links, "RECONNECT_MIN", 0.005)
     monkeypatch.setattr(links, "RECONNECT_MAX", 0.02)
     monkeypatch.setattr(links, "WATCH_INTERVAL", 0.01)
