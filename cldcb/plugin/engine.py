@@ -60,7 +60,7 @@ callbacks without a task switch; anything unusual hands it to the general path
 above, which waits, reconnects, copies and enforces the outage limit from the
 call's start. Both paths make the same records and the same answers.
 
-The engine is its links' host (:class:`~cldcb.plugin.links.LinkHost`): a link asks
+The engine is its links' host (:class:`~cldcb.plugin.linkhost.LinkHost`): a link asks
 of it only what that protocol names, and the engine reads a link's published state
 (read-only properties) and tells it what to do (``nudge``, ``reserve``,
 ``start_compaction``, ``place``, ``send_now``), never setting its fields.
@@ -88,7 +88,8 @@ from cldcb.dataversion import (
 from cldcb.errors import CldcbError, PluginError
 from cldcb.ids import new_privkey, parse_node_id
 from cldcb.plugin.hotpath import CONTINUE, HookResult, HotCall, HotPath
-from cldcb.plugin.links import Connector, LinkSettings, ServerLink
+from cldcb.plugin.linkhost import Connector, LinkSettings, LinkView
+from cldcb.plugin.links import ServerLink
 from cldcb.plugin.mirror import Mirror
 from cldcb.plugin.recordlog import Entry, RecordLog
 from cldcb.plugin.snapshot import (
@@ -250,7 +251,7 @@ class Engine(HotPath):
             if also is not None:
                 also.remove_done_callback(wake)
 
-    def may_compact(self, link: ServerLink) -> bool:
+    def may_compact(self, link: LinkView) -> bool:
         """Compactions take turns: records wait behind a compaction's chunks on its
         connection, so one starts only while no other runs, unless the other servers
         (in step, not uploading) hold the quorum without this one even then."""

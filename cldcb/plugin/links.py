@@ -9,7 +9,7 @@ to the plugin's record log, forever:
   position on and wakes the pending hook;
 - the server holds nothing the log knows (first contact, a gap, it fell
   behind while the log moved on, or it answered ``NeedSnapshot``): it needs a
-  snapshot. If the engine has a usable local copy (one whose position is
+  snapshot. If the host has a usable local copy (one whose position is
   still in the log) the task uploads it and continues with the records after
   it (a *catch-up*); otherwise it says so and waits: copies are taken inside
   a hook call, where the database cannot change under the reader, or asked
@@ -17,9 +17,11 @@ to the plugin's record log, forever:
 
 Compaction (the server asked for a fresh snapshot) runs as a second task on
 the same connection, so records keep flowing while it uploads. Compactions
-take turns (:meth:`ServerLink.compaction_due`): a record waits behind the
-chunks on a compacting server's connection, so while one server compacts the
-others answer the changes, unless they alone cannot make the quorum anyway.
+take turns (:meth:`ServerLink.compaction_due` asks the host): a record waits
+behind the chunks on a compacting server's connection, so while one server
+compacts the others answer the changes, unless they alone cannot make the
+quorum anyway. A catch-up and a compaction are the two kinds of one
+:class:`SnapshotJob`, uploaded by one routine (:meth:`ServerLink._upload`).
 
 Acknowledgements count only when they match (:mod:`cldcb.session`): an
 ``Ack`` must name the data_version, kind and link of the record it answers, a
@@ -34,34 +36,40 @@ the server's last error until an ``Ack`` that matches comes. The link
 reconnects after :data:`RECONNECT_MAX`; meanwhile the server counts for
 nothing, and a call that needs it fails at the outage limit.
 
-The hot path (:meth:`ServerLink.streaming`, :meth:`ServerLink.send_now`):
-while the task is parked with nothing to send and the server holds the
-log's head, the engine sends a new record itself, from the hook call, and
+The hot path (:mod:`cldcb.plugin.hotpath`; :meth:`ServerLink.streaming`,
+:meth:`ServerLink.send_now`): while the task is parked with nothing to send and
+the server holds the log's head, the engine sends a new record itself, from the hook call, and
 the answer is taken in the connection's receiving callback, so a change
 costs no task switch. The task stays parked; it only wakes when something
 needs it (a failure, ``NeedSnapshot``, or a record it must send itself),
 and it never sends while such a write is in flight (``inflight``).
+
+A link imports nothing of the engine: it asks its host only what
+:class:`~cldcb.plugin.linkhost.LinkHost` names, and publishes its state read-only
+(:class:`~cldcb.plugin.linkhost.LinkView`); the host tells it what to do through its
+methods (:meth:`ServerLink.nudge`, :meth:`~ServerLink.reserve`,
+:meth:`~ServerLink.start_compaction`, :meth:`~ServerLink.place`,
+:meth:`~ServerLink.send_now`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Any
 
 from cldcb import wire
 from cldcb.connection import WriteAnswer
 from cldcb.dataversion import Kind, Tip
 from cldcb.errors import AckMismatch, CldcbError, TransportError
-from cldcb.plugin.recordlog import RecordLog
+from cldcb.plugin.linkhost import LinkHost, LinkSettings, ServerConnection
 from cldcb.plugin.snapshot import (
     BACKGROUND_WINDOW,
     WINDOW,
     LocalCopy,
     SnapshotAborted,
-    SnapshotTarget,
     upload_snapshot,
 )
 from cldcb.plugin.wrapper import ServerEntry
@@ -79,85 +87,6 @@ database that is every few hundred changes. Compaction is for the server's stora
 recovery time, never for safety, so it waits at least this long after the last snapshot
 (each one costs a copy inside a hook and delays the writes queued behind its end)."""
 WATCH_INTERVAL = 0.5
-
-
-class ServerConnection(SnapshotTarget, Protocol):
-    """The part of :class:`cldcb.connection.Connection` the plugin uses."""
-
-    @property
-    def is_closed(self) -> bool: ...
-
-    async def status(self) -> wire.Status: ...
-
-    async def write(self, data_version: int, kind: int, link: bytes,
-                    sealed: bytes) -> wire.Ack | wire.NeedSnapshot: ...
-
-    def write_nowait(self, data_version: int, kind: int, link: bytes, sealed: bytes,
-                     done: Callable[[WriteAnswer], None]) -> None: ...
-
-    def abort(self, exc: CldcbError) -> None: ...
-
-    async def close(self) -> None: ...
-
-
-Connector = Callable[[ServerEntry], Awaitable[ServerConnection]]
-
-
-class LinkHost(Protocol):
-    """What a link may ask of its host (the engine), and all of it: a link imports
-    nothing of the engine.
-
-    - :attr:`log`: the record log the link sends from (None until the host chose
-      the head); the link reads it (``holds``, ``position``, ``after``,
-      ``head_seq``, ``head``) and never changes it.
-    - :attr:`closing`: the plugin is stopping; the link stops reconnecting.
-    - :attr:`hook_blocking`: a hook call waits for snapshots: a catch-up uploads at
-      full speed (the larger window, no chunk delay) and says "blocking".
-    - :meth:`emit`: a line for lightningd's log (``level``, ``message``); never a key.
-    - :meth:`changed`: the link's published state changed (a position, a connection,
-      a copy wanted, a snapshot's progress): the host re-reads what it needs.
-    - :meth:`progress`: as :meth:`changed`, and a catch-up's upload got further than
-      ever before with its copy (the outage limit of a call waiting for it is put off).
-    - :meth:`hot_trouble`: a hot-path write this link sent cannot be answered by its
-      callback (a failure, ``NeedSnapshot``, a violation, the connection dropped).
-    - :meth:`usable_copy`: a local copy whose position the log still holds, for a
-      catch-up (the link acquires it), or None.
-    - :meth:`may_compact`: compactions take turns among the host's links: may
-      ``link``, wanting one and otherwise due, start its compaction now?
-    """
-
-    @property
-    def log(self) -> RecordLog | None: ...
-
-    @property
-    def closing(self) -> bool: ...
-
-    @property
-    def hook_blocking(self) -> bool: ...
-
-    def emit(self, level: str, message: str) -> None: ...
-
-    def changed(self) -> None: ...
-
-    def progress(self) -> None: ...
-
-    def hot_trouble(self) -> None: ...
-
-    def usable_copy(self) -> LocalCopy | None: ...
-
-    def may_compact(self, link: ServerLink) -> bool: ...
-
-
-@dataclass(frozen=True)
-class LinkSettings:
-    """What every link of a plugin is given once: how to connect, and how to seal and
-    pace its snapshot uploads."""
-
-    connect: Connector
-    node_pub: bytes
-    client_priv: bytes
-    chunk_size: int
-    chunk_delay: float
 
 
 @dataclass

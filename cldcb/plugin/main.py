@@ -44,7 +44,7 @@ from cldcb.errors import CldcbError, ExitCode, PluginError
 from cldcb.malloc import keep_freed_memory
 from cldcb.plugin import jsonrpc, links
 from cldcb.plugin.engine import Engine, HookResult
-from cldcb.plugin.links import ServerConnection
+from cldcb.plugin.linkhost import ServerConnection
 from cldcb.plugin.mirror import MIRROR_NAME
 from cldcb.plugin.snapshot import CHUNK_SIZE, remove_stale_copies
 from cldcb.plugin.status import STATUS_NAME, StatusWriter
