@@ -192,10 +192,10 @@ def test_decoder_handles_any_split_and_blank_line_separators() -> None:
 
 
 @pytest.mark.parametrize("request_id", ["cln:db_write#64", 'odd "id" é\n', 7, None])
-def test_the_quick_continue_answer_is_the_encoded_response(request_id: object) -> None:
-    quick = jsonrpc.encode_continue(request_id)
-    assert quick.endswith(b"\n\n")
-    assert jsonrpc.MessageDecoder().feed(quick) == [
+def test_the_prebuilt_continue_answer_is_the_encoded_response(request_id: object) -> None:
+    answer = jsonrpc.encode_continue(request_id)
+    assert answer.endswith(b"\n\n")
+    assert jsonrpc.MessageDecoder().feed(answer) == [
         jsonrpc.response(request_id, {"result": "continue"})]
 
 
