@@ -378,7 +378,7 @@ def test_compaction_is_uploaded_in_the_background(tmp_path: Path,
         s.want_snapshot = True
         for _ in range(5):
             assert await step(eng, node)
-        while eng.links[0].compaction is not None:
+        while eng.links[0].compacting:
             await asyncio.sleep(0.05)
         await eng.close()
 
@@ -413,7 +413,7 @@ def test_compactions_take_turns_while_the_others_hold_the_quorum(
             s.want_snapshot = True
         for _ in range(200):
             assert await step(eng, node)
-            running = [link for link in eng.links if link.compaction is not None]
+            running = [link for link in eng.links if link.compacting]
             if len(running) > 1:
                 overlapped.append(node.dv)
             if all(len(s.snapshots) == 2 for s in servers):
@@ -451,7 +451,7 @@ def test_the_first_snapshot_answers_the_servers_wish_for_one(
         eng.start()
         for _ in range(5):
             assert await step(eng, node)
-        assert eng.links[0].compaction is None and not eng.links[0].compaction_due()
+        assert not eng.links[0].compacting and not eng.links[0].compaction_due()
         await eng.close()
 
     asyncio.run(go())

@@ -52,8 +52,7 @@ from cldcb.core.ids import (
 from cldcb.core.seal import item_hash
 from cldcb.core.session import ClientSession, Role
 from cldcb.errors import TransportError
-from cldcb.plugin import engine as engine_mod
-from cldcb.plugin import links
+from cldcb.plugin import hotpath, links
 from cldcb.plugin.engine import Engine, HookResult
 from cldcb.plugin.wrapper import ServerEntry, WrapperConfig
 from cldcb.server.handler import ServerCore, SessionHandler
@@ -383,7 +382,7 @@ class HotEqualsGeneral(RuleBasedStateMachine):
 
 
 def test_the_hot_path_equals_the_general_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(engine_mod, "HOT_PATIENCE", HOT_PATIENCE)
+    monkeypatch.setattr(hotpath, "HOT_PATIENCE", HOT_PATIENCE)
     monkeypatch.setattr(links, "RECONNECT_MIN", 0.005)
     monkeypatch.setattr(links, "RECONNECT_MAX", 0.02)
     monkeypatch.setattr(links, "WATCH_INTERVAL", 0.01)

@@ -190,10 +190,10 @@ def test_decoder_handles_any_split_and_blank_line_separators() -> None:
 
 
 @pytest.mark.parametrize("request_id", ["cln:db_write#64", 'odd "id" é\n', 7, None])
-def test_the_quick_continue_answer_is_the_encoded_response(request_id: object) -> None:
-    quick = jsonrpc.encode_continue(request_id)
-    assert quick.endswith(b"\n\n")
-    assert jsonrpc.MessageDecoder().feed(quick) == [
+def test_the_prebuilt_continue_answer_is_the_encoded_response(request_id: object) -> None:
+    answer = jsonrpc.encode_continue(request_id)
+    assert answer.endswith(b"\n\n")
+    assert jsonrpc.MessageDecoder().feed(answer) == [
         jsonrpc.response(request_id, {"result": "continue"})]
 
 
@@ -478,3 +478,49 @@ def test_a_copy_is_deleted_off_the_event_loop(tmp_path: Path,
     outside = LocalCopy(paths[1], 7, 4096)
     outside.hook_done()
     assert not paths[1].exists() and unlinked_in[1] == threading.main_thread().name
+
+
+def _plugin_imports() -> dict[str, set[str]]:
+    """Module → the plugin modules it imports (every import statement, also those under
+    ``if TYPE_CHECKING:`` and inside functions), read from the source."""
+    import ast
+
+    import cldcb.plugin
+
+    package = Path(cldcb.plugin.__file__).parent
+    names = {p.stem for p in package.glob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for path in package.glob("*.py"):
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module is not None:
+                if node.module == "cldcb.plugin":
+                    found.update(a.name for a in node.names if a.name in names)
+                elif node.module.startswith("cldcb.plugin."):
+                    found.add(node.module.split(".")[2])
+            elif isinstance(node, ast.Import):
+                found.update(a.name.split(".")[2] for a in node.names
+                             if a.name.startswith("cldcb.plugin."))
+        graph[path.stem] = found - {path.stem}
+    return graph
+
+
+def test_plugin_modules_import_each_other_without_cycles() -> None:
+    """The plugin's modules form layers: a link talks to its host (the engine) through
+    the LinkHost protocol, never by importing it; no import cycle, also none hidden
+    under TYPE_CHECKING."""
+    graph = _plugin_imports()
+    assert "engine" in graph and "links" in graph and "links" in graph["engine"]
+
+    def cycle_from(start: str, path: list[str]) -> list[str] | None:
+        for nxt in sorted(graph.get(path[-1], ())):
+            if nxt == start:
+                return path + [nxt]
+            if nxt not in path:
+                found = cycle_from(start, path + [nxt])
+                if found is not None:
+                    return found
+        return None
+
+    cycles = [c for m in sorted(graph) if (c := cycle_from(m, [m])) is not None]
+    assert not cycles, f"import cycles in cldcb.plugin: {cycles}"

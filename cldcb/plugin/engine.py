@@ -54,16 +54,16 @@ A local copy of the database is always finished before the call is answered;
 every copy (of the database or of the mirror) is deleted once no upload needs
 it. Each change recorded is also handed to the mirror (a queue put).
 
-The hot path (:meth:`Engine.db_write_now`): when every server is in step
-and idle and nothing else is due (no copy wanted, no compaction due), the
-call is handled without a task switch: sealed and sent to every server from
-the caller (the plugin's stdin callback), appended to the record log while the
-servers store it, and answered from the connections' receiving callbacks once
-``quorum`` servers acknowledged it.
-Anything unusual (a failure, ``NeedSnapshot``, no quorum within
-:data:`HOT_PATIENCE` seconds) hands the call to the general path above,
-which waits, reconnects, copies and enforces the outage limit from the
+The hot path (:mod:`cldcb.plugin.hotpath`, the engine's base class): when every
+server is in step and idle and nothing else is due, the call is answered from
+callbacks without a task switch; anything unusual hands it to the general path
+above, which waits, reconnects, copies and enforces the outage limit from the
 call's start. Both paths make the same records and the same answers.
+
+The engine is its links' host (:class:`~cldcb.plugin.linkhost.LinkHost`): a link asks
+of it only what that protocol names, and the engine reads a link's published state
+(read-only properties) and tells it what to do (``nudge``, ``reserve``,
+``start_compaction``, ``place``, ``send_now``), never setting its fields.
 """
 
 from __future__ import annotations
@@ -80,18 +80,18 @@ from typing import Any
 
 from cldcb.core.dataversion import (
     Action,
-    DataVersionError,
     Kind,
     Tip,
     classify,
     decide,
-    next_link,
     snapshot_tip,
 )
 from cldcb.core.ids import new_privkey, parse_node_id
-from cldcb.core.seal import ZERO_HASH, RecordSealer, item_hash, replaced_hash
-from cldcb.errors import CldcbError, PluginError, SealError
-from cldcb.plugin.links import Connector, ServerLink
+from cldcb.core.seal import RecordSealer, item_hash, replaced_hash
+from cldcb.errors import CldcbError, PluginError
+from cldcb.plugin.hotpath import CONTINUE, HookResult, HotCall, HotPath
+from cldcb.plugin.linkhost import Connector, LinkSettings, LinkView
+from cldcb.plugin.links import ServerLink
 from cldcb.plugin.mirror import Mirror
 from cldcb.plugin.recordlog import Entry, RecordLog
 from cldcb.plugin.snapshot import (
@@ -105,20 +105,7 @@ from cldcb.plugin.wrapper import WrapperConfig
 
 STARTUP_GRACE = 2.0
 LOG_LIMIT = 64 * 1024 * 1024
-HOT_PATIENCE = 1.0
-"""A hot-path call without quorum after this many seconds goes to the general path."""
-
 Emit = Callable[[str, str], None]
-
-
-@dataclass(frozen=True)
-class HookResult:
-    ok: bool
-    message: str = ""
-
-
-CONTINUE = HookResult(True)
-"""The usual answer (one instance, as HookResult is frozen)."""
 
 
 @dataclass
@@ -135,19 +122,7 @@ class _Hook:
     expected_dv: int = 0
 
 
-@dataclass
-class _HotCall:
-    data_version: int
-    kind: Kind
-    seq: int
-    link: bytes
-    started: float
-    done: Callable[[HookResult], None]
-    handed_over: bool = False
-    finished: asyncio.Future[HookResult] | None = None    # made for whoever waits
-
-
-class Engine:
+class Engine(HotPath):
     """See the module docstring. Run :meth:`start`, then :meth:`db_write` per call."""
 
     def __init__(self, cfg: WrapperConfig, workdir: Path, connect: Connector, *,
@@ -155,22 +130,20 @@ class Engine:
                  chunk_delay: float = 0.0, busy_timeout: float = 1.0,
                  startup_grace: float = STARTUP_GRACE, log_limit: int = LOG_LIMIT,
                  mirror_path: Path | None = None) -> None:
+        super().__init__()
         self.cfg = cfg
         self.workdir = workdir
         self.db_path = cfg.database_path(workdir)
-        self.connect = connect
         self.emit: Emit = emit or (lambda level, message: None)
-        self.node_pub = parse_node_id(cfg.node_id)
-        self.client_priv = cfg.client_priv
-        self.sealer = RecordSealer(self.node_pub, cfg.client_priv, new_privkey())
+        node_pub = parse_node_id(cfg.node_id)
+        self.sealer = RecordSealer(node_pub, cfg.client_priv, new_privkey())
         self.quorum = cfg.effective_quorum
         self.outage_limit = cfg.outage_limit
-        self.chunk_size = chunk_size
-        self.chunk_delay = chunk_delay
         self.busy_timeout = busy_timeout
         self.startup_grace = startup_grace
         self.log_limit = log_limit
-        self.links = [ServerLink(self, e) for e in cfg.servers]
+        settings = LinkSettings(connect, node_pub, cfg.client_priv, chunk_size, chunk_delay)
+        self.links = [ServerLink(self, e, settings) for e in cfg.servers]
         self.log: RecordLog | None = None
         self.copies: list[LocalCopy] = []
         self.closing = False
@@ -183,10 +156,6 @@ class Engine:
         self.last_hook_dv: int | None = None
         self.last_hook_result: str | None = None
         self.on_change: Callable[[], None] | None = None
-        self._hot: _HotCall | None = None
-        self._patience: asyncio.TimerHandle | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._hand_over_task: asyncio.Task[None] | None = None
         self._slow_running = False
         self.mirror_path = mirror_path
         self.mirror: Mirror | None = None
@@ -221,9 +190,7 @@ class Engine:
                 and link.pos != self.log.head_seq for link in self.links):
             await self._wait_change(0.05)
         self.closing = True
-        if self._patience is not None:
-            self._patience.cancel()
-            self._patience = None
+        self.stop_patience()
         await asyncio.gather(*(link.stop() for link in self.links), return_exceptions=True)
         if self.mirror is not None:
             await asyncio.to_thread(self.mirror.close)
@@ -239,7 +206,7 @@ class Engine:
         async with asyncio.timeout(timeout):
             while self.busy:
                 if self._hot is not None:
-                    await asyncio.shield(self._hot_finished(self._hot))
+                    await self.hot_finished()
                 else:
                     await asyncio.sleep(0.05)
 
@@ -248,9 +215,7 @@ class Engine:
         w = self._waiter
         if w is not None and not w.done():
             w.set_result(None)
-        hot = self._hot
-        if hot is not None and not hot.handed_over and self._holders(hot.seq) >= self.quorum:
-            self._hot_end(hot, CONTINUE)
+        self.hot_quorum_check()
         if self.on_change is not None:
             self.on_change()
 
@@ -260,7 +225,7 @@ class Engine:
 
     def _wake_links(self) -> None:
         for link in self.links:
-            link.wake.set()
+            link.nudge()
 
     async def _wait_change(self, timeout: float,
                            also: asyncio.Future[Any] | None = None) -> None:
@@ -287,6 +252,17 @@ class Engine:
             if also is not None:
                 also.remove_done_callback(wake)
 
+    def may_compact(self, link: LinkView) -> bool:
+        """Compactions take turns: records wait behind a compaction's chunks on its
+        connection, so one starts only while no other runs, unless the other servers
+        (in step, not uploading) hold the quorum without this one even then."""
+        others = [other for other in self.links if other is not link]
+        if not any(other.compacting for other in others):
+            return True
+        free = sum(1 for other in others if other.in_step() and not other.compacting
+                   and not other.catching_up)
+        return free >= self.quorum
+
     def usable_copy(self) -> LocalCopy | None:
         log = self.log
         for c in reversed(self.copies):
@@ -298,7 +274,7 @@ class Engine:
     async def db_write(self, data_version: int, writes: list[str]) -> HookResult:
         """Handle one call (the hot path if it can, see the module docstring)."""
         while self._hot is not None:
-            await asyncio.shield(self._hot_finished(self._hot))
+            await self.hot_finished()
         answer: asyncio.Future[HookResult] = asyncio.get_running_loop().create_future()
         if self.db_write_now(data_version, writes,
                              lambda r: None if answer.done() else answer.set_result(r)):
@@ -325,52 +301,7 @@ class Engine:
         self._trim()
         self.changed()
 
-    # -- the hot path --------------------------------------------------------------------
-    def db_write_now(self, data_version: int, writes: list[str],
-                     done: Callable[[HookResult], None]) -> bool:
-        """Start a call on the hot path; ``done`` gets its result (later, from a callback).
-
-        Returns False, having done nothing, when the call needs the general path
-        (:meth:`db_write`): a call in progress, a server not in step or not idle, a
-        snapshot or compaction due, a change the chain cannot simply take."""
-        log, loop = self.log, self._loop
-        if log is None or loop is None or self.busy or self.closing:
-            return False
-        if not all(link.streaming() for link in self.links):
-            return False
-        kind = classify(writes)
-        link = next_link(log.head, data_version, kind)     # the usual case: the next change
-        replaces = ZERO_HASH
-        if link is None:
-            try:
-                decision = decide(log.head, data_version, kind)
-            except DataVersionError:
-                return False
-            link = decision.link
-            if decision.action is Action.SNAPSHOT or link is None:
-                return False
-            replaces = replaced_hash(log.head, decision)
-        started = time.monotonic()
-        try:
-            sealed = self._seal(data_version, kind, link, writes, replaces)
-        except SealError:
-            return False                      # the general path answers the malformed call
-        seq = log.next_seq
-        # The sends come first: the servers start on the change at once, and the
-        # bookkeeping below runs while they store it (no callback of theirs can run
-        # before this method returns to the event loop).
-        sent = all([server.send_now(seq, data_version, kind, link, sealed)
-                    for server in self.links])
-        self._record(data_version, kind, link, sealed, writes)
-        self.last_hook_dv = data_version
-        hot = _HotCall(data_version, kind, seq, link, started, done)
-        self._hot = hot
-        if self._patience is None:
-            self._patience = loop.call_later(HOT_PATIENCE, self._patience_check)
-        if not sent:
-            self.hot_trouble()
-        return True
-
+    # -- what the hot path asks of the engine (see cldcb.plugin.hotpath) ----------------
     def _seal(self, dv: int, kind: Kind, link: bytes, writes: list[str],
               replaces: bytes) -> bytes:
         """The change sealed once (the same bytes go to every server); SealError if a
@@ -390,53 +321,18 @@ class Engine:
             self.mirror.feed(entry.seq, dv, kind, writes)
         return entry
 
-    def _patience_check(self) -> None:
-        """A hot-path call without quorum after :data:`HOT_PATIENCE` goes to the general
-        path. One timer serves call after call (re-armed for the current call's remaining
-        time), rather than a timer made and cancelled per call."""
-        self._patience = None
-        hot = self._hot
-        if hot is None or hot.handed_over:
-            return
-        left = hot.started + HOT_PATIENCE - time.monotonic()
-        if left <= 0:
-            self.hot_trouble()
-        else:
-            self._patience = asyncio.get_running_loop().call_later(left, self._patience_check)
-
-    def hot_trouble(self) -> None:
-        """The hot-path call cannot end by itself: hand it to the general path."""
-        hot = self._hot
-        if hot is None or hot.handed_over:
-            return
-        hot.handed_over = True
-        self._hand_over_task = asyncio.get_running_loop().create_task(self._hand_over(hot))
-
-    async def _hand_over(self, hot: _HotCall) -> None:
+    async def _general(self, hot: HotCall) -> HookResult:
         hook = _Hook(hot.data_version, anchor=hot.link, next_seq=hot.seq,
                      expected_dv=hot.data_version if hot.kind is Kind.PRAGMA
                      else hot.data_version - 1)
         try:
-            result = await self._await_quorum(hook, hot.seq, hot.started + self.outage_limit)
+            return await self._await_quorum(hook, hot.seq, hot.started + self.outage_limit)
         except CldcbError as exc:
-            result = HookResult(False, str(exc))
+            return HookResult(False, str(exc))
         finally:
             await self._hook_cleanup(hook)
-        self._hot_end(hot, result)
 
-    def _hot_end(self, hot: _HotCall, result: HookResult) -> None:
-        self._hot = None
-        hot.done(result)             # answer lightningd first; the bookkeeping can wait
-        self._ended(hot.data_version, result)
-        if hot.finished is not None:
-            hot.finished.set_result(result)
-
-    @staticmethod
-    def _hot_finished(hot: _HotCall) -> asyncio.Future[HookResult]:
-        if hot.finished is None:
-            hot.finished = asyncio.get_running_loop().create_future()
-        return hot.finished
-
+    # -- the general path ----------------------------------------------------------------
     async def _db_write(self, dv: int, writes: list[str], started: float) -> HookResult:
         kind = classify(writes)
         deadline = started + self.outage_limit

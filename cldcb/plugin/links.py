@@ -9,7 +9,7 @@ to the plugin's record log, forever:
   position on and wakes the pending hook;
 - the server holds nothing the log knows (first contact, a gap, it fell
   behind while the log moved on, or it answered ``NeedSnapshot``): it needs a
-  snapshot. If the engine has a usable local copy (one whose position is
+  snapshot. If the host has a usable local copy (one whose position is
   still in the log) the task uploads it and continues with the records after
   it (a *catch-up*); otherwise it says so and waits: copies are taken inside
   a hook call, where the database cannot change under the reader, or asked
@@ -17,9 +17,11 @@ to the plugin's record log, forever:
 
 Compaction (the server asked for a fresh snapshot) runs as a second task on
 the same connection, so records keep flowing while it uploads. Compactions
-take turns (:meth:`ServerLink.compaction_due`): a record waits behind the
-chunks on a compacting server's connection, so while one server compacts the
-others answer the changes, unless they alone cannot make the quorum anyway.
+take turns (:meth:`ServerLink.compaction_due` asks the host): a record waits
+behind the chunks on a compacting server's connection, so while one server
+compacts the others answer the changes, unless they alone cannot make the
+quorum anyway. A catch-up and a compaction are the two kinds of one
+:class:`SnapshotJob`, uploaded by one routine (:meth:`ServerLink._upload`).
 
 Acknowledgements count only when they match (:mod:`cldcb.core.session`): an
 ``Ack`` must name the data_version, kind and link of the record it answers, a
@@ -34,42 +36,46 @@ the server's last error until an ``Ack`` that matches comes. The link
 reconnects after :data:`RECONNECT_MAX`; meanwhile the server counts for
 nothing, and a call that needs it fails at the outage limit.
 
-The hot path (:meth:`ServerLink.streaming`, :meth:`ServerLink.send_now`):
-while the task is parked with nothing to send and the server holds the
-log's head, the engine sends a new record itself, from the hook call, and
+The hot path (:mod:`cldcb.plugin.hotpath`; :meth:`ServerLink.streaming`,
+:meth:`ServerLink.send_now`): while the task is parked with nothing to send and
+the server holds the log's head, the engine sends a new record itself, from the hook call, and
 the answer is taken in the connection's receiving callback, so a change
 costs no task switch. The task stays parked; it only wakes when something
 needs it (a failure, ``NeedSnapshot``, or a record it must send itself),
 and it never sends while such a write is in flight (``inflight``).
+
+A link imports nothing of the engine: it asks its host only what
+:class:`~cldcb.plugin.linkhost.LinkHost` names, and publishes its state read-only
+(:class:`~cldcb.plugin.linkhost.LinkView`); the host tells it what to do through its
+methods (:meth:`ServerLink.nudge`, :meth:`~ServerLink.reserve`,
+:meth:`~ServerLink.start_compaction`, :meth:`~ServerLink.place`,
+:meth:`~ServerLink.send_now`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
 
 from cldcb.core import wire
 from cldcb.core.dataversion import Kind, Tip
 from cldcb.core.seal import ZERO_HASH
 from cldcb.core.session import check_ack
 from cldcb.errors import AckMismatch, CldcbError, TransportError
+from cldcb.plugin.linkhost import LinkHost, LinkSettings, ServerConnection
 from cldcb.plugin.snapshot import (
     BACKGROUND_WINDOW,
     WINDOW,
     LocalCopy,
     SnapshotAborted,
-    SnapshotTarget,
     upload_snapshot,
 )
 from cldcb.plugin.wrapper import ServerEntry
 from cldcb.transport.connection import WriteAnswer
 from cldcb.transport.proxy import DIRECT, Patience, Proxy, patience
-
-if TYPE_CHECKING:
-    from cldcb.plugin.engine import Engine
 
 RECONNECT_MIN = 0.1
 RECONNECT_MAX = 2.0
@@ -83,26 +89,19 @@ recovery time, never for safety, so it waits at least this long after the last s
 WATCH_INTERVAL = 0.5
 
 
-class ServerConnection(SnapshotTarget, Protocol):
-    """The part of :class:`cldcb.transport.connection.Connection` the plugin uses."""
+@dataclass
+class SnapshotJob:
+    """One snapshot upload of a link: a *catch-up* (the server holds nothing the log
+    knows; ``blocking`` when a hook call waits for it) or a *compaction* (the server
+    asked for a fresh snapshot; uploaded beside the records)."""
 
-    @property
-    def is_closed(self) -> bool: ...
+    kind: str                    # "catch-up", "blocking" or "compaction"
+    copy: LocalCopy
+    sent: int = 0
 
-    async def status(self) -> wire.Status: ...
-
-    async def write(self, data_version: int, kind: int, link: bytes,
-                    sealed: bytes) -> wire.Ack | wire.NeedSnapshot: ...
-
-    def write_nowait(self, data_version: int, kind: int, link: bytes, sealed: bytes,
-                     done: Callable[[WriteAnswer], None]) -> None: ...
-
-    def abort(self, exc: CldcbError) -> None: ...
-
-    async def close(self) -> None: ...
-
-
-Connector = Callable[[ServerEntry], Awaitable[ServerConnection]]
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "data_version": self.copy.data_version,
+                "bytes_sent": self.sent, "bytes": self.copy.size}
 
 
 def tip_from_status(st: wire.Status) -> Tip | None:
@@ -116,33 +115,31 @@ def tip_from_status(st: wire.Status) -> Tip | None:
 class ServerLink:
     """See the module docstring."""
 
-    def __init__(self, engine: Engine, entry: ServerEntry) -> None:
-        self.engine = engine
+    def __init__(self, host: LinkHost, entry: ServerEntry, settings: LinkSettings) -> None:
+        self.host = host
         self.entry = entry
+        self.settings = settings
         self.name = entry.address
         self.conn: ServerConnection | None = None
-        self.connected = False
-        self.has_status = False
-        self.status_tip: Tip | None = None
-        self.pos: int | None = None          # log position the server holds
+        self._connected = False
+        self._has_status = False
+        self._status_tip: Tip | None = None
+        self._pos: int | None = None         # log position the server holds
         self.held_dv: int | None = None
-        self.needs_copy = False
-        self.catching_up: LocalCopy | None = None
+        self._needs_copy = False
         self.reserved: LocalCopy | None = None
         self.sent_seq = -1                   # newest log position written to this server
         self.want_ignored_until = -1         # acks up to here predate the last compaction
-        self.snapshot_kind: str | None = None
-        self.snapshot_sent = 0
+        self._catch_up: SnapshotJob | None = None
+        self._compaction: SnapshotJob | None = None
+        self._compaction_task: asyncio.Task[None] | None = None
         self.wants_compaction = False
-        self.compaction: asyncio.Task[None] | None = None
-        self.compaction_copy: LocalCopy | None = None
-        self.compaction_sent = 0
         self.compaction_retry_at = 0.0
         self.last_snapshot_at = float("-inf")
         self.catchup_backoff = 0.0
         self.next_copy_at = 0.0
-        self.last_error: str | None = None
-        self.violation: str | None = None   # the last AckMismatch, until an Ack matches
+        self._last_error: str | None = None
+        self._violated: str | None = None    # the last AckMismatch, until an Ack matches
         self.last_ack_dv: int | None = None
         self.last_ack_at: float | None = None
         self.wake = asyncio.Event()
@@ -153,39 +150,80 @@ class ServerLink:
         self.task: asyncio.Task[None] | None = None
         self._was_down_logged = False
 
-    # -- state ---------------------------------------------------------------------
+    # -- published state: what the host reads (it changes none of it) -----------------
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    @property
+    def has_status(self) -> bool:
+        """The server answered ``status`` at least once."""
+        return self._has_status
+
+    @property
+    def status_tip(self) -> Tip | None:
+        """The tip the server held when it last answered ``status``."""
+        return self._status_tip
+
+    @property
+    def pos(self) -> int | None:
+        """The log position the server holds (None: nothing the log knows)."""
+        return self._pos
+
+    @property
+    def needs_copy(self) -> bool:
+        """The server needs a snapshot and no usable copy is there for it."""
+        return self._needs_copy
+
+    @property
+    def catching_up(self) -> bool:
+        return self._catch_up is not None
+
+    @property
+    def compacting(self) -> bool:
+        return self._compaction is not None
+
+    @property
+    def last_error(self) -> str | None:
+        return self._last_error
+
+    @property
+    def violation(self) -> str | None:
+        """The server's last protocol violation, until an Ack that matches comes."""
+        return self._violated
+
     def in_step(self) -> bool:
-        log = self.engine.log
-        return self.connected and log is not None and log.holds(self.pos)
+        log = self.host.log
+        return self._connected and log is not None and log.holds(self._pos)
 
     @property
     def state(self) -> str:
-        if not self.connected:
-            return "down" if self.last_error else "connecting"
-        if self.catching_up is not None:
+        if not self._connected:
+            return "down" if self._last_error else "connecting"
+        if self._catch_up is not None:
             return "catching-up"
         if self.in_step():
             return "in-step"
         return "behind"
 
     def describe(self) -> dict[str, Any]:
-        head = self.engine.log.head if self.engine.log is not None else None
+        head = self.host.log.head if self.host.log is not None else None
         lag = None
         if head is not None and self.held_dv is not None:
             lag = max(0, head.data_version - self.held_dv)
-        snap = None
-        if self.catching_up is not None:
-            snap = {"kind": self.snapshot_kind, "data_version": self.catching_up.data_version,
-                    "bytes_sent": self.snapshot_sent, "bytes": self.catching_up.size}
-        elif self.compaction_copy is not None:
-            snap = {"kind": "compaction", "data_version": self.compaction_copy.data_version,
-                    "bytes_sent": self.compaction_sent, "bytes": self.compaction_copy.size}
+        job = self._catch_up or self._compaction
         via = self._route()
         return {"address": self.entry.address, "server_id": self.entry.server_id,
-                "route": f"via {via}" if via else "direct", "connected": self.connected,
+                "route": f"via {via}" if via else "direct", "connected": self._connected,
                 "state": self.state,
                 "last_acked_data_version": self.last_ack_dv, "last_ack_at": self.last_ack_at,
-                "lag": lag, "snapshot": snap, "last_error": self.last_error}
+                "lag": lag, "snapshot": job.describe() if job is not None else None,
+                "last_error": self._last_error}
+
+    # -- what the host asks of the link -------------------------------------------------
+    def nudge(self) -> None:
+        """Something for the driver task to look at (a new record, a copy, a new log)."""
+        self.wake.set()
 
     @property
     def patience(self) -> Patience:
@@ -206,7 +244,7 @@ class ServerLink:
         self.task = asyncio.get_running_loop().create_task(self._run(), name=f"link {self.name}")
 
     async def stop(self) -> None:
-        for t in (self.compaction, self.task):
+        for t in (self._compaction_task, self.task):
             if t is not None and not t.done():
                 t.cancel()
                 try:
@@ -219,9 +257,9 @@ class ServerLink:
     async def _run(self) -> None:
         patience = self.patience
         delay = patience.reconnect_min
-        while not self.engine.closing:
+        while not self.host.closing:
             try:
-                conn = await self.engine.connect(self.entry)
+                conn = await self.settings.connect(self.entry)
             except CldcbError as exc:
                 self._down(str(exc))
                 await asyncio.sleep(delay)
@@ -231,7 +269,7 @@ class ServerLink:
             watch = asyncio.get_running_loop().create_task(self._watch(conn))
             try:
                 st = await conn.status()
-                self.connected = True
+                self._connected = True
                 delay = patience.reconnect_min
                 self._on_status(st)
                 await self._sync(conn)
@@ -253,18 +291,18 @@ class ServerLink:
         self.wake.set()
 
     def _down(self, reason: str) -> None:
-        self.last_error = reason
+        self._last_error = reason
         if not self._was_down_logged:
             self._was_down_logged = True
-            self.engine.emit("unusual", f"server {self.name}: {reason}; reconnecting")
-        self.engine.changed()
+            self.host.emit("unusual", f"server {self.name}: {reason}; reconnecting")
+        self.host.changed()
 
     async def _drop(self) -> None:
-        self.connected = False
+        self._connected = False
         self.failure = None
         if self.inflight:
             self.inflight = 0
-            self.engine.hot_trouble()
+            self.host.hot_trouble()
         if self.reserved is not None:
             self.reserved.release()
             self.reserved = None
@@ -274,34 +312,34 @@ class ServerLink:
                 await conn.close()
             except Exception:  # noqa: BLE001 - closing a broken connection
                 pass
-        self.engine.changed()
+        self.host.changed()
 
     def _on_status(self, st: wire.Status) -> None:
         tip = tip_from_status(st)
-        self.status_tip = tip
-        self.has_status = True
+        self._status_tip = tip
+        self._has_status = True
         self.held_dv = tip.data_version if tip is not None else None
         if st.want_snapshot:
             self.wants_compaction = True
-        log = self.engine.log
+        log = self.host.log
         if log is not None:
-            self.pos = log.position(tip.hash if tip is not None else None)
-        if self._was_down_logged or self.last_error is None:
+            self._pos = log.position(tip.hash if tip is not None else None)
+        if self._was_down_logged or self._last_error is None:
             held = f"holds data_version {tip.data_version}" if tip else "holds nothing yet"
-            self.engine.emit("info", f"server {self.name}: connected, {held}")
+            self.host.emit("info", f"server {self.name}: connected, {held}")
         self._was_down_logged = False
-        self.last_error = self.violation
-        self.engine.changed()
+        self._last_error = self._violated
+        self.host.changed()
 
     def place(self) -> None:
         """Find this server's position once the engine created its log."""
-        log = self.engine.log
-        if log is not None and self.has_status:
-            tip = self.status_tip
-            self.pos = log.position(tip.hash if tip is not None else None)
+        log = self.host.log
+        if log is not None and self._has_status:
+            tip = self._status_tip
+            self._pos = log.position(tip.hash if tip is not None else None)
 
     async def _sync(self, conn: ServerConnection) -> None:
-        eng = self.engine
+        host = self.host
         while True:
             self.wake.clear()
             if self.failure is not None:
@@ -312,29 +350,29 @@ class ServerLink:
             if self.inflight:                 # send_now's answer wakes us
                 await self.wake.wait()
                 continue
-            log = eng.log
+            log = host.log
             if log is None:
                 await self.wake.wait()
                 continue
-            if not log.holds(self.pos):
-                self.pos = None
+            if not log.holds(self._pos):
+                self._pos = None
                 copy = self._take_reserved()
                 if copy is None and time.monotonic() >= self.next_copy_at:
-                    copy = eng.usable_copy()
+                    copy = host.usable_copy()
                     if copy is not None:
                         copy.acquire()
                 if copy is None:
-                    if not self.needs_copy:
-                        self.needs_copy = True
-                        eng.changed()
+                    if not self._needs_copy:
+                        self._needs_copy = True
+                        host.changed()
                     await self._wait(self.next_copy_at)
                     continue
-                self.needs_copy = False
-                await self._catch_up(conn, copy)
+                self._needs_copy = False
+                await self._catch_up_with(conn, copy)
                 continue
-            self.needs_copy = False
-            assert self.pos is not None
-            entries = log.after(self.pos)
+            self._needs_copy = False
+            assert self._pos is not None
+            entries = log.after(self._pos)
             if not entries:
                 self.idle = True
                 try:
@@ -368,40 +406,40 @@ class ServerLink:
         """Take the server's answer to the write of record ``seq`` (``data_version``,
         ``kind``, ``link``); False on NeedSnapshot, AckMismatch (see :meth:`_violation`)
         on an Ack that names another write."""
-        eng = self.engine
+        host = self.host
         if isinstance(res, wire.Ack):
             try:
                 check_ack(res, data_version, kind, link)
             except AckMismatch as exc:
                 self._violation(self.conn, exc)
                 raise
-            if self.violation is not None:
-                self.violation = self.last_error = None    # it answers honestly again
-            self.pos = seq
+            if self._violated is not None:
+                self._violated = self._last_error = None    # it answers honestly again
+            self._pos = seq
             self.held_dv = data_version
-            if res.want_snapshot and self.compaction is None and seq > self.want_ignored_until:
+            if res.want_snapshot and self._compaction is None and seq > self.want_ignored_until:
                 self.wants_compaction = True
-            eng.changed()                  # a hot-path call this completes is answered here
+            host.changed()                  # a hot-path call this completes is answered here
             self.last_ack_dv = data_version
             self.last_ack_at = time.time()
             self.catchup_backoff = 0.0
             self.next_copy_at = 0.0
             return True
-        self.pos = None
-        self.last_error = (f"asked for a snapshot at data_version {res.data_version}: "
+        self._pos = None
+        self._last_error = (f"asked for a snapshot at data_version {res.data_version}: "
                            f"{res.reason}")
-        eng.emit("info", f"server {self.name}: {self.last_error}")
-        eng.changed()
+        host.emit("info", f"server {self.name}: {self._last_error}")
+        host.changed()
         return False
 
     # -- the hot path (see the module docstring) -----------------------------------------
     def streaming(self) -> bool:
         """True if the engine may send the next record itself (:meth:`send_now`)."""
-        log = self.engine.log
+        log = self.host.log
         conn = self.conn
-        return (self.idle and self.inflight == 0 and self.connected and conn is not None
-                and not conn.is_closed and log is not None and self.pos == log.head_seq
-                and not self.needs_copy and self.catching_up is None
+        return (self.idle and self.inflight == 0 and self._connected and conn is not None
+                and not conn.is_closed and log is not None and self._pos == log.head_seq
+                and not self._needs_copy and self._catch_up is None
                 and not self.compaction_due())
 
     def send_now(self, seq: int, data_version: int, kind: Kind, link: bytes,
@@ -432,7 +470,7 @@ class ServerLink:
             # the task raises it, as if its own write had failed (then reconnects)
             self.failure = res
             self.wake.set()
-            self.engine.hot_trouble()
+            self.host.hot_trouble()
             return
         try:
             answered = self._answered(seq, data_version, kind, link, res)
@@ -440,7 +478,7 @@ class ServerLink:
             answered = False                  # (the task raises it: see _violation)
         if not answered:
             self.wake.set()
-            self.engine.hot_trouble()
+            self.host.hot_trouble()
         elif not self.idle:
             self.wake.set()
 
@@ -450,13 +488,13 @@ class ServerLink:
         reconnects), log it, and show it as the last error until an Ack matches."""
         if conn is None or conn is not self.conn or self.failure is exc:
             return                            # (a connection already dropped; told already)
-        self.violation = self.last_error = str(exc)
+        self._violated = self._last_error = str(exc)
         self._was_down_logged = True          # logged here, not again by _down
         self.failure = exc
-        self.engine.emit("unusual", f"server {self.name}: {exc}")
+        self.host.emit("unusual", f"server {self.name}: {exc}")
         conn.abort(exc)
         self.wake.set()
-        self.engine.changed()
+        self.host.changed()
 
     async def _wait(self, until: float) -> None:
         timeout = until - time.monotonic()
@@ -480,67 +518,88 @@ class ServerLink:
 
     def _take_reserved(self) -> LocalCopy | None:
         copy, self.reserved = self.reserved, None
-        log = self.engine.log
+        log = self.host.log
         if copy is not None and (log is None or not log.holds(copy.next_seq - 1)):
             copy.release()
             return None
         return copy
 
-    async def _catch_up(self, conn: ServerConnection, copy: LocalCopy) -> None:
-        """Upload ``copy`` (acquired for this link; released here) and move on after it."""
-        eng = self.engine
-        self.catching_up = copy
-        self.snapshot_kind = "blocking" if eng.hook_blocking else "catch-up"
-        self.snapshot_sent = 0
-        self.catchup_backoff = min(max(1.0, self.catchup_backoff * 2), CATCHUP_BACKOFF_MAX)
-        self.next_copy_at = time.monotonic() + self.catchup_backoff
-        eng.changed()
-        eng.emit("info", f"server {self.name}: sending a snapshot at data_version "
-                         f"{copy.data_version} ({copy.size} bytes, {self.snapshot_kind})")
+    async def _upload(self, conn: ServerConnection, job: SnapshotJob,
+                      **hooks: Callable[..., Any]) -> None:
+        """Upload ``job``'s copy to the server (both kinds of snapshot job): a catch-up
+        that a hook call waits for (``blocking``) at full speed, the others beside the
+        records. ``hooks``: ``still_wanted`` and ``before_end`` of
+        :func:`upload_snapshot`. The copy is released and the job ended here."""
+        host, copy, cfg = self.host, job.copy, self.settings
+        background = job.kind != "blocking"
+        if job.kind == "compaction":
+            what = "compaction snapshot"
+            host.emit("info", f"server {self.name}: {what} at data_version "
+                              f"{copy.data_version} ({copy.size} bytes) uploading in the "
+                              "background")
+        else:
+            what = "snapshot"
+            host.emit("info", f"server {self.name}: sending a {what} at data_version "
+                              f"{copy.data_version} ({copy.size} bytes, {job.kind})")
         started = time.monotonic()
-        if self._progress[0] is not copy:
-            self._progress = (copy, 0)
 
         def progress(sent: int, total: int) -> None:
-            # progress is getting further with this copy than before: an upload begun
-            # again (the connection was lost or dropped) does not put the limit off
-            self.snapshot_sent = sent
-            if sent > self._progress[1]:
+            # a catch-up getting further with this copy than before is progress for the
+            # call waiting for it: an upload begun again (the connection was lost or
+            # dropped) does not put the limit off; a compaction is no call's progress
+            job.sent = sent
+            if job.kind != "compaction" and sent > self._progress[1]:
                 self._progress = (copy, sent)
-                eng.progress()
+                host.progress()
             else:
-                eng.changed()
-
-        def wanted() -> bool:
-            log = eng.log
-            return log is not None and log.holds(copy.next_seq - 1)
+                host.changed()
 
         try:
-            blocking = eng.hook_blocking
-            await upload_snapshot(conn, copy, node_pub=eng.node_pub, client_priv=eng.client_priv,
-                                  chunk_size=eng.chunk_size,
-                                  window=WINDOW if blocking else BACKGROUND_WINDOW,
-                                  chunk_delay=0.0 if blocking else eng.chunk_delay,
-                                  still_wanted=wanted, on_progress=progress)
+            await upload_snapshot(conn, copy, node_pub=cfg.node_pub, client_priv=cfg.client_priv,
+                                  chunk_size=cfg.chunk_size,
+                                  window=BACKGROUND_WINDOW if background else WINDOW,
+                                  chunk_delay=cfg.chunk_delay if background else 0.0,
+                                  on_progress=progress, **hooks)
         except AckMismatch as exc:
             self._violation(conn, exc)
             raise
+        finally:
+            copy.release()
+            if job is self._catch_up:
+                self._catch_up = None
+            if job is self._compaction:
+                self._compaction = None
+        self.last_snapshot_at = time.monotonic()
+        # This snapshot is the one the server asked for (by holding nothing the log knows,
+        # or by asking for compaction): only an Ack of a later write may ask again.
+        self.wants_compaction = False
+        host.emit("info", f"server {self.name}: {what} at data_version {copy.data_version} "
+                          f"is durable ({time.monotonic() - started:.1f} s)")
+
+    async def _catch_up_with(self, conn: ServerConnection, copy: LocalCopy) -> None:
+        """Upload ``copy`` (acquired for this link; released here) and move on after it."""
+        host = self.host
+        job = SnapshotJob("blocking" if host.hook_blocking else "catch-up", copy)
+        self._catch_up = job
+        self.catchup_backoff = min(max(1.0, self.catchup_backoff * 2), CATCHUP_BACKOFF_MAX)
+        self.next_copy_at = time.monotonic() + self.catchup_backoff
+        if self._progress[0] is not copy:
+            self._progress = (copy, 0)
+        host.changed()
+
+        def wanted() -> bool:
+            log = host.log
+            return log is not None and log.holds(copy.next_seq - 1)
+
+        try:
+            await self._upload(conn, job, still_wanted=wanted)
         except SnapshotAborted:
             raise TransportError(f"snapshot to {self.name} abandoned: a newer one is needed") \
                 from None
-        finally:
-            copy.release()
-            self.catching_up = None
-        self.pos = copy.next_seq - 1
+        self._pos = copy.next_seq - 1
         self.held_dv = copy.data_version
-        self.last_snapshot_at = time.monotonic()
-        # This snapshot is the one a server that held nothing (or fell behind) asked for:
-        # no compaction follows it; only an Ack of a later write may ask again.
-        self.wants_compaction = False
         self.want_ignored_until = max(self.want_ignored_until, self.sent_seq)
-        eng.emit("info", f"server {self.name}: snapshot at data_version {copy.data_version} "
-                         f"is durable ({time.monotonic() - started:.1f} s)")
-        eng.changed()
+        host.changed()
 
     # -- compaction ----------------------------------------------------------------------
     def start_compaction(self, copy: LocalCopy) -> None:
@@ -548,64 +607,32 @@ class ServerLink:
         if conn is None:
             return
         copy.acquire()
-        self.compaction_copy = copy
-        self.compaction_sent = 0
-        self.compaction = asyncio.get_running_loop().create_task(
-            self._compact(conn, copy), name=f"compaction {self.name}")
+        self._compaction = job = SnapshotJob("compaction", copy)
+        self._compaction_task = asyncio.get_running_loop().create_task(
+            self._compact(conn, job), name=f"compaction {self.name}")
 
-    async def _compact(self, conn: ServerConnection, copy: LocalCopy) -> None:
-        eng = self.engine
-        eng.emit("info", f"server {self.name}: compaction snapshot at data_version "
-                         f"{copy.data_version} ({copy.size} bytes) uploading in the background")
-        started = time.monotonic()
-
-        def progress(sent: int, total: int) -> None:
-            self.compaction_sent = sent
-            eng.changed()
-
+    async def _compact(self, conn: ServerConnection, job: SnapshotJob) -> None:
         def before_end() -> None:
             # writes answered before the server sees SnapshotEnd may still ask for one
             self.want_ignored_until = self.sent_seq
 
         try:
-            await upload_snapshot(conn, copy, node_pub=eng.node_pub, client_priv=eng.client_priv,
-                                  chunk_size=eng.chunk_size, window=BACKGROUND_WINDOW,
-                                  chunk_delay=eng.chunk_delay,
-                                  on_progress=progress, before_end=before_end)
-            self.wants_compaction = False
-            self.last_snapshot_at = time.monotonic()
-            eng.emit("info", f"server {self.name}: compaction snapshot at data_version "
-                             f"{copy.data_version} is durable "
-                             f"({time.monotonic() - started:.1f} s)")
-        except AckMismatch as exc:
-            self.compaction_retry_at = time.monotonic() + COMPACTION_RETRY
-            self._violation(conn, exc)
+            await self._upload(conn, job, before_end=before_end)
+        except AckMismatch:
+            self.compaction_retry_at = time.monotonic() + COMPACTION_RETRY   # (told already)
         except (CldcbError, OSError) as exc:
             self.compaction_retry_at = time.monotonic() + COMPACTION_RETRY
-            eng.emit("unusual", f"server {self.name}: compaction snapshot failed ({exc}); "
-                                "will try again later")
+            self.host.emit("unusual", f"server {self.name}: compaction snapshot failed "
+                                      f"({exc}); will try again later")
         finally:
-            copy.release()
-            self.compaction_copy = None
-            self.compaction = None
-            eng.changed()
+            self._compaction_task = None
+            self.host.changed()
 
     def compaction_due(self) -> bool:
         if not self.wants_compaction:
             return False                  # the usual case, asked before every change
         now = time.monotonic()
-        return (self.compaction is None and self.in_step()
+        return (self._compaction is None and self.in_step()
                 and now >= self.compaction_retry_at
                 and now - self.last_snapshot_at >= COMPACTION_MIN_INTERVAL
-                and self._turn_to_compact())
-
-    def _turn_to_compact(self) -> bool:
-        """Compactions take turns: records wait behind a compaction's chunks on its
-        connection, so one starts only while no other runs, unless the other servers
-        (in step, not uploading) hold the quorum without this one even then."""
-        others = [link for link in self.engine.links if link is not self]
-        if not any(link.compaction is not None for link in others):
-            return True
-        free = sum(1 for link in others if link.in_step() and link.compaction is None
-                   and link.catching_up is None)
-        return free >= self.engine.quorum
+                and self.host.may_compact(self))

@@ -46,7 +46,7 @@ from cldcb.node import jsonrpc
 from cldcb.node.nodedb import remove_stale_copies
 from cldcb.plugin import links
 from cldcb.plugin.engine import Engine, HookResult
-from cldcb.plugin.links import ServerConnection
+from cldcb.plugin.linkhost import ServerConnection
 from cldcb.plugin.mirror import MIRROR_NAME
 from cldcb.plugin.snapshot import CHUNK_SIZE
 from cldcb.plugin.status import STATUS_NAME, StatusWriter
