@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import socket
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -41,6 +40,7 @@ from typing import Any
 import asyncssh
 
 from cldcb import wire
+from cldcb.addresses import ServerAddress
 from cldcb.errors import (
     AuthError,
     CldcbError,
@@ -61,7 +61,6 @@ from cldcb.sshkeys import (
     secp256k1_ssh_public_key,
 )
 
-DEFAULT_PORT = 29735
 SSH_USER = "cldcb"
 RECOVER_USER = "cldcb-recover"
 SUBSYSTEM = "cldcb"
@@ -86,57 +85,6 @@ where recovery spends its event loop (asyncssh's work per packet, on one core sh
 the replay): on a 1 GiB + 100,000 records recovery, 256 KiB packets took 13.1-13.4 s
 against 14.4-14.6 s with 32 KiB ones (alternating rounds, load 2.7-3.0 on 2 CPUs). What
 a client sends is bounded by the server's :data:`SSH_MAX_PACKET`."""
-
-_HOSTPORT = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:/@\s\[\]]+))"
-                       r"(?::(?P<port>\d+))?$")
-
-
-@dataclass(frozen=True)
-class ServerAddress:
-    """Where a server is: ``HOST:PORT`` (daemon) or ``ssh://[USER@]HOST[:PORT]`` (sshd)."""
-
-    scheme: str          # "cldcb" or "ssh"
-    host: str
-    port: int
-    user: str | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> ServerAddress:
-        raw = text.strip()
-        if not raw.isprintable():
-            raise UsageError(f"server address {escape_remote(text)} holds control "
-                             "characters: give HOST:PORT or ssh://[USER@]HOST[:PORT]")
-        scheme, rest, user = "cldcb", raw, None
-        if raw.startswith("ssh://"):
-            scheme, rest = "ssh", raw[len("ssh://"):].rstrip("/")
-            if "@" in rest:
-                user, rest = rest.rsplit("@", 1)
-                if not user:
-                    raise UsageError(f"server address {text!r} has an empty user name")
-        m = _HOSTPORT.match(rest)
-        if not m:
-            raise UsageError(f"server address {text!r} is neither HOST:PORT nor "
-                             "ssh://[USER@]HOST[:PORT]")
-        host = m.group("v6") or m.group("host")
-        port_s = m.group("port")
-        if port_s is None:
-            if scheme == "cldcb":
-                raise UsageError(f"server address {text!r} needs a port (HOST:PORT), "
-                                 f"e.g. {host}:{DEFAULT_PORT}")
-            port = 22
-        else:
-            port = int(port_s)
-        if not 0 < port < 65536:
-            raise UsageError(f"server address {text!r} has an invalid port")
-        return cls(scheme, host, port, user)
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        if self.scheme == "ssh":
-            who = f"{self.user}@" if self.user else ""
-            return f"ssh://{who}{host}:{self.port}"
-        return f"{host}:{self.port}"
-
 
 @dataclass(frozen=True)
 class ServerSpec:

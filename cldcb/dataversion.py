@@ -168,15 +168,11 @@ import enum
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from cldcb.errors import CldcbError, ReplayError
+from cldcb.errors import DataVersionError, ReplayError
 
 #: lightningd reads data_version as a signed 32-bit integer.
 MAX_DATA_VERSION = 2**31 - 1
 HASH_LEN = 32
-
-
-class DataVersionError(CldcbError, ValueError):
-    """A data_version is out of range, or a tip cannot advance as asked."""
 
 
 class Kind(enum.IntEnum):
@@ -205,9 +201,10 @@ class Tip:
 
     ``hash`` is the SHA256 of the newest record's sealed bytes, or a snapshot's
     anchor; ``link`` is the hash of that record's effective predecessor (for a
-    snapshot anchor it is not used by the rules; :func:`snapshot_tip` sets it
-    to the anchor). ``is_snapshot`` is true when the tip is a snapshot's anchor
-    with no record after it yet.
+    snapshot anchor it is not used by the rules and is :data:`NO_LINK`, as a
+    ``Status`` reports it: make such a tip with :func:`snapshot_tip`).
+    ``is_snapshot`` is true when the tip is a snapshot's anchor with no record
+    after it yet.
     """
 
     data_version: int
@@ -292,9 +289,15 @@ def classify(writes: Sequence[str]) -> Kind:
     return Kind.PRAGMA if all(is_pragma(w) for w in writes) else Kind.NORMAL
 
 
+NO_LINK = bytes(HASH_LEN)
+"""The link of a snapshot anchor's tip: 32 zero bytes, which no record's link is (a
+``Status`` whose ``tip_link`` is this describes a snapshot's anchor)."""
+
+
 def snapshot_tip(data_version: int, anchor: bytes) -> Tip:
-    """The tip of a backup whose newest thing is a snapshot of state ``data_version``."""
-    return Tip(data_version, Kind.NORMAL, anchor, anchor, is_snapshot=True)
+    """The tip of a backup whose newest thing is a snapshot of state ``data_version``
+    anchored at ``anchor`` (its link is :data:`NO_LINK`)."""
+    return Tip(data_version, Kind.NORMAL, anchor, NO_LINK, is_snapshot=True)
 
 
 def _snapshot(reason: str) -> Decision:

@@ -70,6 +70,11 @@ class HsmdError(CldcbError):
     """An hsmd-like program (``--alt-hsmd``) failed or answered something unexpected."""
 
 
+class DataVersionError(CldcbError, ValueError):
+    """A data_version is out of range, or a tip cannot advance as asked
+    (:mod:`cldcb.dataversion`)."""
+
+
 class SealError(CldcbError):
     """A sealed record, snapshot chunk or envelope does not open (tampered or wrong key)."""
 
@@ -124,6 +129,25 @@ class StoreError(CldcbError):
     """The server's store cannot do what was asked (damaged file, disk full)."""
 
 
+class Damage(StoreError):
+    """No valid frame starts at ``offset`` of a store file: ``<reason> at offset <offset>``.
+
+    Inside the store only (:mod:`cldcb.store.frames`): its callers turn it into a decision
+    (cut a torn tail, skip a damaged snapshot) or into a :class:`StoreError` that says
+    which file and what to do.
+    """
+
+    def __init__(self, offset: int, reason: str) -> None:
+        super().__init__(f"{reason} at offset {offset}")
+        self.offset = offset
+        self.reason = reason
+
+
+class Superseded(StoreError):
+    """A newer session of this client took over as writer: this one may no longer write
+    (the server answers ``SUPERSEDED`` and closes it)."""
+
+
 class BadRequest(StoreError):
     """A request the store refuses as malformed (an unknown kind, a wrong size, a chunk out
     of order): the sending client's error, not damage; nothing was stored."""
@@ -148,3 +172,73 @@ class RecoveryError(CldcbError):
 
 class PluginError(CldcbError):
     """The plugin cannot start or cannot keep its promise (configuration, outage)."""
+
+
+class DatabaseBusy(PluginError):
+    """The database is exclusively locked (lightningd's open transaction spilled SQLite's
+    page cache), so no consistent copy can be read now: try again once lightningd has
+    committed."""
+
+
+class SnapshotAborted(PluginError):
+    """A snapshot upload was stopped because its snapshot is no longer wanted."""
+
+
+class MirrorUnusable(PluginError):
+    """The local mirror cannot give the snapshot asked for: the database is copied
+    instead."""
+
+
+class MirrorDiscarded(PluginError):
+    """The local mirror is wrong or cannot follow the changes: it is thrown away and built
+    again from the next snapshot."""
+
+
+class MirrorDiffers(MirrorDiscarded):
+    """The local mirror and the live database differ at the same data_version: the mirror
+    is thrown away."""
+
+
+class NodeConfigError(CldcbError):
+    """A node's config file cannot be read or written: check the path and its owner."""
+
+
+class RpcTransportError(CldcbError):
+    """The RPC connection to lightningd failed, timed out or carried no JSON-RPC."""
+
+
+class LightningdNotRunning(RpcTransportError):
+    """Nothing answers on lightningd's RPC socket: lightningd is not running."""
+
+
+class RpcError(CldcbError):
+    """lightningd refused a call (a JSON-RPC error): ``lightningd refused `METHOD` (code
+    N): MESSAGE``."""
+
+    def __init__(self, method: str, code: int | None, message: str,
+                 data: object = None) -> None:
+        code_text = f" (code {code})" if code is not None else ""
+        super().__init__(f"lightningd refused `{method}`{code_text}: {message}")
+        self.method = method
+        self.code = code
+        self.rpc_message = message
+        self.data = data
+
+
+class WalletNotSupported(UsageError):
+    """lightningd's ``wallet`` option names a database cldcb cannot back up (PostgreSQL,
+    or no file)."""
+
+
+class VerifyError(CldcbError):
+    """``cldcb-client verify`` cannot compare the backup with the live database (the
+    database is missing, locked for too long, or not lightningd's)."""
+
+
+class StatusError(CldcbError):
+    """``cldcb-client status`` cannot read the live database's data_version."""
+
+
+class PrometheusError(CldcbError):
+    """The Prometheus text file cannot be written: give ``--prometheus`` a writable
+    path."""

@@ -80,13 +80,13 @@ from cldcb.dataversion import (
     stand_in_hash,
 )
 from cldcb.errors import ReplayError
+from cldcb.nodedb import DATA_VERSION_SQL, read_data_version
 
 _STATEMENT_PREVIEW = 60
 BATCH = 1000
 """Kept changes per transaction (fast mode; the durable mode commits each change)."""
 CACHE_KIB = 16 << 10
 """SQLite's page cache in the fast mode: holds a large transaction's pages (bounded RSS)."""
-_DATA_VERSION = "SELECT intval FROM vars WHERE name = 'data_version'"
 
 
 def _preview(statement: str) -> str:
@@ -130,30 +130,24 @@ class Replayer:
 
     # -- reading the database ------------------------------------------------
 
-    def _read_data_version(self) -> int | None:
-        """``vars.data_version``, or None when the database has no tables at all."""
+    def _read_data_version(self) -> int:
+        """``vars.data_version`` (0 when the database has no tables at all)."""
         try:
-            (tables,) = self._conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
-            if tables == 0:
-                return None
-            row = self._conn.execute(
-                "SELECT intval FROM vars WHERE name = 'data_version'").fetchone()
+            held = read_data_version(self._conn)
         except sqlite3.Error as err:
             raise ReplayError(
                 f"{self._path} is not a Core Lightning database ({err}); "
                 "replay into an empty file or a restored snapshot"
             ) from err
-        if row is None or not isinstance(row[0], int):
+        if held is None:
             raise ReplayError(
-                f"{self._path} has no usable vars.data_version; "
-                "replay into an empty file or a restored snapshot"
+                f"{self._path} is not a Core Lightning database (it has no usable "
+                "vars.data_version); replay into an empty file or a restored snapshot"
             )
-        return row[0]
+        return held
 
     def _read_start(self) -> int:
         held = self._read_data_version()
-        if held is None:
-            return 0
         try:
             return check_data_version(held)
         except DataVersionError as err:
@@ -262,10 +256,10 @@ class Replayer:
             self._undo_pending()
             raise
 
-    def _reached(self) -> int | None:
+    def _reached(self) -> int:
         """``vars.data_version`` after a change (one query where ``vars`` exists)."""
         try:
-            row = self._conn.execute(_DATA_VERSION).fetchone()
+            row = self._conn.execute(DATA_VERSION_SQL).fetchone()
         except sqlite3.Error:
             return self._read_data_version()
         if row is None or not isinstance(row[0], int):
@@ -290,7 +284,7 @@ class Replayer:
                 raise ReplayError(
                     f"cannot flush {self._path} to disk: {err}; check the disk and try again"
                 ) from err
-        return 0 if held is None else held
+        return held
 
     def close(self) -> None:
         """Close the database; a batch still pending (no :meth:`finish`) is rolled back,

@@ -67,6 +67,7 @@ from cldcb import wire
 from cldcb.dataversion import Kind, Tip
 from cldcb.durable import fsync_dir
 from cldcb.errors import ChainError, RecoveryError, ReplayError, SealError
+from cldcb.nodedb import connect_ro, read_data_version
 from cldcb.replay import Replayer
 from cldcb.seal import ChainVerifier, Change, EcdhKey, SnapshotOpener
 
@@ -206,7 +207,7 @@ def _write_all(fd: int, data: bytes) -> None:
 def check_database(path: Path, data_version: int) -> None:
     """``PRAGMA integrity_check`` says ok and ``vars.data_version`` is ``data_version``."""
     try:
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        con = connect_ro(path)
     except sqlite3.Error as exc:
         raise ReplayError(f"cannot open the rebuilt database: {exc}") from None
     try:
@@ -215,7 +216,7 @@ def check_database(path: Path, data_version: int) -> None:
             shown = "; ".join(str(r) for r in rows[:3])
             raise ReplayError(f"the rebuilt database fails PRAGMA integrity_check ({shown}"
                               f"{'; …' if len(rows) > 3 else ''})")
-        held = _read_data_version(con)
+        held = read_data_version(con)
     except sqlite3.Error as exc:
         raise ReplayError(f"cannot check the rebuilt database: {exc}") from None
     finally:
@@ -223,14 +224,6 @@ def check_database(path: Path, data_version: int) -> None:
     if held != data_version:
         raise ReplayError(f"the rebuilt database is at data_version {held}, not at "
                           f"{data_version}, the newest record's")
-
-
-def _read_data_version(con: sqlite3.Connection) -> int | None:
-    (tables,) = con.execute("SELECT count(*) FROM sqlite_master").fetchone()
-    if tables == 0:
-        return 0
-    row = con.execute("SELECT intval FROM vars WHERE name = 'data_version'").fetchone()
-    return None if row is None else row[0]
 
 
 async def rebuild(conn: Fetcher, node: EcdhKey, client_pub: bytes, path: Path, *,

@@ -25,7 +25,6 @@ DESIGN section 5).
 
 from __future__ import annotations
 
-import codecs
 import errno
 import itertools
 import json
@@ -36,7 +35,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cldcb.errors import CldcbError, UsageError
+from cldcb.errors import (
+    LightningdNotRunning,
+    ProtocolError,
+    RpcError,
+    RpcTransportError,
+    WalletNotSupported,
+)
+from cldcb.plugin.jsonrpc import MessageDecoder
 
 RPC_FILE = "lightning-rpc"
 DEFAULT_DATABASE = "lightningd.sqlite3"
@@ -45,33 +51,7 @@ DEFAULT_TIMEOUT = 60.0
 # /proc/self/fd, as lightningd itself avoids the limit by chdir-ing.
 _SUN_PATH_MAX = 107
 _MAX_ANSWER = 64 * 1024 * 1024
-_decoder = json.JSONDecoder()
 _ids = itertools.count(1)
-
-
-class RpcTransportError(CldcbError):
-    """The RPC connection to lightningd failed, timed out or carried no JSON-RPC."""
-
-
-class LightningdNotRunning(RpcTransportError):
-    """Nothing answers on lightningd's RPC socket: lightningd is not running."""
-
-
-class RpcError(CldcbError):
-    """lightningd answered a call with a JSON-RPC error."""
-
-    def __init__(self, method: str, code: int | None, message: str,
-                 data: Any = None) -> None:
-        code_text = f" (code {code})" if code is not None else ""
-        super().__init__(f"lightningd refused `{method}`{code_text}: {message}")
-        self.method = method
-        self.code = code
-        self.rpc_message = message
-        self.data = data
-
-
-class WalletNotSupported(UsageError):
-    """lightningd's ``wallet`` option names a database cldcb cannot back up."""
 
 
 def rpc_path(lightning_dir: Path | str, network: str = "bitcoin") -> Path:
@@ -79,37 +59,13 @@ def rpc_path(lightning_dir: Path | str, network: str = "bitcoin") -> Path:
     return Path(lightning_dir) / network / RPC_FILE
 
 
-class _AnswerReader:
-    """Bytes in, JSON objects out (whitespace between objects is skipped)."""
-
-    def __init__(self) -> None:
-        self._utf8 = codecs.getincrementaldecoder("utf-8")("strict")
-        self._buf = ""
-
-    def feed(self, data: bytes) -> list[Any]:
-        try:
-            self._buf += self._utf8.decode(data)
-        except UnicodeDecodeError:
-            raise RpcTransportError("lightningd's RPC answer is not UTF-8") from None
-        if len(self._buf) > _MAX_ANSWER:
-            raise RpcTransportError(f"lightningd's RPC answer is larger than {_MAX_ANSWER} "
-                                    "bytes")
-        out = []
-        while True:
-            text = self._buf.lstrip(" \t\r\n")
-            if not text:
-                self._buf = ""
-                return out
-            if text[0] != "{":
-                raise RpcTransportError("lightningd's RPC answer is not a JSON object: is "
-                                        "this lightningd's lightning-rpc socket?")
-            try:
-                obj, end = _decoder.raw_decode(text)
-            except json.JSONDecodeError:
-                self._buf = text  # incomplete: wait for more
-                return out
-            out.append(obj)
-            self._buf = text[end:]
+def _answers(reader: MessageDecoder, data: bytes) -> list[dict[str, Any]]:
+    """The whole JSON objects ``data`` completes (the plugin's incremental decoder)."""
+    try:
+        return reader.feed(data)
+    except ProtocolError as exc:
+        raise RpcTransportError(f"lightningd's RPC answer is malformed ({exc}): is this "
+                                "lightningd's lightning-rpc socket?") from None
 
 
 @dataclass
@@ -185,7 +141,7 @@ class LightningRpc:
         sock = self._connect(limit)
         try:
             sock.sendall(json.dumps(request).encode("utf-8"))
-            reader = _AnswerReader()
+            reader = MessageDecoder(max_message=_MAX_ANSWER)
             while True:
                 if deadline is not None:
                     left = deadline - time.monotonic()
@@ -196,8 +152,8 @@ class LightningRpc:
                 if not data:
                     raise RpcTransportError(f"lightningd closed the RPC connection before "
                                             f"answering `{method}`")
-                for answer in reader.feed(data):
-                    if isinstance(answer, dict) and answer.get("id") == request_id:
+                for answer in _answers(reader, data):
+                    if answer.get("id") == request_id:
                         return _result(method, answer)
                     # anything else (a notification) is not ours: skip it
         except TimeoutError:

@@ -107,7 +107,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from cldcb.dataversion import Action, Decision, Kind, Tip, advance, decide
+from cldcb.dataversion import Action, Decision, Kind, Tip, advance, decide, snapshot_tip
 from cldcb.errors import ChainError, SealError
 
 VERSION = 1
@@ -447,8 +447,7 @@ class ChainVerifier:
         self._opener = StreamOpener(node, client_pub, b"record")
         self.client_pub = client_pub
         self.position = 0
-        self.tip = Tip(data_version=snapshot_data_version, kind=Kind.NORMAL, hash=anchor,
-                       link=ZERO_HASH, is_snapshot=True)
+        self.tip = snapshot_tip(snapshot_data_version, anchor)
         self.replaced: set[bytes] = set()
 
     def open(self, data_version: int, kind: Kind, link: bytes,

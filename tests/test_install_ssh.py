@@ -52,7 +52,7 @@ from simrpc import SimRpcNode, vector
 
 import cldcb
 from cldcb import hsm_secret, wire
-from cldcb.connection import Connection, ServerAddress, ServerSpec
+from cldcb.connection import Connection, ServerSpec
 from cldcb.plugin.wrapper import WRAPPER_NAME, WrapperConfig, read_wrapper
 from cldcb.session import Role
 from cldcb.sshkeys import authorized_keys_line
@@ -68,8 +68,7 @@ async def _status(spec: ServerSpec, priv: bytes) -> wire.Status:
 
 
 def spec_of(cfg: WrapperConfig) -> ServerSpec:
-    s = cfg.servers[0]
-    return ServerSpec(ServerAddress.parse(s.address), s.server_id, s.host_key)
+    return cfg.servers[0].spec()
 
 
 def wait_tip(spec: ServerSpec, priv: bytes, data_version: int, timeout: float = 30) -> None:

@@ -16,7 +16,7 @@ import pytest
 import cldcb.plugin.snapshot as snapshot_module
 from cldcb import wire
 from cldcb.dataversion import Kind, Tip
-from cldcb.errors import AckMismatch, PluginError, ProtocolError
+from cldcb.errors import AckMismatch, DatabaseBusy, PluginError, ProtocolError
 from cldcb.ids import (
     client_id_from_pubkey,
     new_privkey,
@@ -24,14 +24,13 @@ from cldcb.ids import (
     pubkey_of,
     server_id_from_pubkey,
 )
+from cldcb.nodedb import remove_stale_copies
 from cldcb.nodekey import LocalNodeKey
 from cldcb.plugin import jsonrpc
 from cldcb.plugin.recordlog import RecordLog
 from cldcb.plugin.snapshot import (
-    DatabaseBusy,
     LocalCopy,
     copy_database,
-    remove_stale_copies,
     upload_snapshot,
 )
 from cldcb.plugin.status import StatusWriter, read_status_file

@@ -98,6 +98,15 @@ def test_answers_in_pieces_after_a_notification_are_parsed(fake, tmp_path: Path)
     assert rpc.is_running()
 
 
+@pytest.mark.parametrize("raw", [b"[1, 2]\n\n", b"\xff\xfe{}\n\n", b"  \"text\"\n\n"])
+def test_an_answer_that_is_no_json_object_is_a_transport_error(fake, tmp_path: Path,
+                                                               raw: bytes) -> None:
+    fake(lambda req: [raw])
+    rpc = LightningRpc(tmp_path / "lightning-rpc", timeout=10)
+    with pytest.raises(RpcTransportError, match="lightning-rpc socket"):
+        rpc.call("getinfo")
+
+
 def test_error_answers_carry_code_and_message(fake, tmp_path: Path) -> None:
     fake(lambda req: [answer(req, error={"code": -32601,
                                           "message": f"Unknown command '{req['method']}'"})])

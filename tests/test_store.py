@@ -23,7 +23,7 @@ from store_crash_child import (
 )
 
 from cldcb import wire
-from cldcb.dataversion import Kind, Tip
+from cldcb.dataversion import Kind, Tip, snapshot_tip
 from cldcb.errors import KeyFormatError, QuotaExceeded, StoreError
 from cldcb.seal import ChainVerifier, SnapshotSealer
 from cldcb.store import ClientInfo, ClientStore, Store
@@ -146,11 +146,12 @@ def test_fresh_anchor_is_the_tip_and_survives_a_restart(store: Store, w: Writer)
     st = w.cs.status()
     assert st.has_tip and st.tip_data_version == 42 and st.tip_hash == anchor
     assert st.tip_link == ZERO and st.snapshot_data_version == 42
+    assert w.cs.tip == snapshot_tip(42, anchor)    # one form of a snapshot's tip everywhere
     store, cs = reopen(store)
     st = cs.status()
     assert (st.tip_data_version, st.tip_hash, st.tip_link) == (42, anchor, ZERO)
     w2 = Writer(cs, seed=5)
-    assert w2.tip == Tip(42, Kind.NORMAL, anchor, ZERO, is_snapshot=True)
+    assert w2.tip == snapshot_tip(42, anchor) == cs.tip
     assert isinstance(w2.change(42), wire.NeedSnapshot)       # cannot replace inside it
     assert isinstance(w2.change(43), wire.Ack)
     assert chain_of(w2) == [43]
@@ -507,21 +508,21 @@ def test_a_vouched_writer_skips_the_checks_until_the_token_changes(store: Store,
     other.close()
 
 
-def test_a_quick_only_append_never_grows_the_log(store: Store, w: Writer) -> None:
-    """quick_only (an event loop's call): an append that would create or roll a segment
+def test_a_hot_path_append_never_grows_the_log(store: Store, w: Writer) -> None:
+    """hot_path (an event loop's call): an append that would create or roll a segment
     or zero-fill more of its tail raises BlockingIOError and changes nothing; the same
     append without it grows the log; the next one fits and goes through."""
     w.snapshot(3)
     link, sealed = w.seal(4)
     sizes = {p.name: p.stat().st_size for p in (w.cs.folder / "log").glob("*.log")}
     with pytest.raises(BlockingIOError):        # the first record zero-fills a tail first
-        w.cs.append(4, int(Kind.NORMAL), link, sealed, w.now(), quick_only=True)
+        w.cs.append(4, int(Kind.NORMAL), link, sealed, w.now(), hot_path=True)
     assert tip_of(w.cs.status()) == w.tip
     assert {p.name: p.stat().st_size for p in (w.cs.folder / "log").glob("*.log")} == sizes
     assert isinstance(w.send(4, Kind.NORMAL, link, sealed), wire.Ack)
     link, sealed = w.seal(5)
     assert isinstance(w.cs.append(5, int(Kind.NORMAL), link, sealed, w.now(),
-                                  quick_only=True), wire.Ack)
+                                  hot_path=True), wire.Ack)
 
 
 def test_a_live_upload_is_not_taken_for_debris(store: Store, w: Writer) -> None:

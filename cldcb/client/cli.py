@@ -15,6 +15,12 @@ from cldcb.keyfile import write_key_file
 
 _FILE = click.Path(path_type=Path, dir_okay=False)
 
+passphrase_file_option = click.option(
+    "--passphrase-file", type=_FILE, default=None,
+    help="File holding the hsm_secret's passphrase (one trailing newline is ignored). "
+         "Without it, it is asked for on a terminal when needed.")
+"""``--passphrase-file``, of every command that opens an ``hsm_secret``."""
+
 
 @cldcb_group("cldcb-client")
 def main() -> None:
@@ -31,9 +37,7 @@ def newclient(file: Path) -> None:
 @main.command()
 @click.option("--hsm-secret", "hsm_secret", type=_FILE, required=True,
               help="The node's hsm_secret file.")
-@click.option("--passphrase-file", type=_FILE, default=None,
-              help="File holding the hsm_secret's passphrase (one trailing newline is "
-                   "ignored). Without it, the passphrase is asked for when needed.")
+@passphrase_file_option
 def nodeid(hsm_secret: Path, passphrase_file: Path | None) -> None:
     """Print the node id of an hsm_secret (any format Core Lightning writes)."""
     click.echo(local_node_key(hsm_secret, passphrase_file).node_id)

@@ -17,7 +17,6 @@ plugin stopped or nothing arrived within the time allowed.
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -27,6 +26,7 @@ from cldcb import wire
 from cldcb.client.nodeconfig import NodePaths
 from cldcb.connection import Connection, ServerSpec
 from cldcb.errors import CldcbError, PluginError
+from cldcb.plugin.status import read_status_file
 from cldcb.rpc import LightningRpc
 from cldcb.session import Role
 
@@ -56,12 +56,12 @@ def nudge(rpc: LightningRpc, timeout: float) -> threading.Thread:
     return thread
 
 
-def read_status_file(paths: NodePaths) -> dict[str, Any] | None:
+def _read_status(paths: NodePaths) -> dict[str, Any] | None:
+    """The plugin's status file; None while it is missing or unreadable."""
     try:
-        data = json.loads(paths.status_file.read_text(encoding="utf-8"))
+        return read_status_file(paths.status_file)
     except (OSError, ValueError):
         return None
-    return data if isinstance(data, dict) else None
 
 
 def _upload_progress(status: dict[str, Any] | None) -> str:
@@ -155,7 +155,7 @@ async def _wait(specs: Sequence[ServerSpec], client_priv: bytes, quorum: int, wa
                      f"datastore entry {'/'.join(NUDGE_KEY)}, deleted at once) so that the "
                      "plugin takes it now")
                 nudged = nudge(rpc, wait)
-            status = read_status_file(paths)
+            status = _read_status(paths)
             progress = _upload_progress(status)
             if progress and progress != last_progress:
                 echo(f"  {progress}")
@@ -163,7 +163,7 @@ async def _wait(specs: Sequence[ServerSpec], client_priv: bytes, quorum: int, wa
             if now - last_check >= PLUGIN_CHECK_INTERVAL:
                 last_check = now
                 if not await asyncio.to_thread(rpc.plugin_active, paths.wrapper):
-                    why = _plugin_error(read_status_file(paths))
+                    why = _plugin_error(_read_status(paths))
                     raise PluginError("the plugin stopped before the first snapshot was held"
                                       + (f" ({why})" if why else "")
                                       + ": see lightningd's log and "

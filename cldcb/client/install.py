@@ -54,6 +54,7 @@ from cldcb.client.recover import (
     node_key_options,
     open_node_key,
     proxy_option,
+    server_options,
     server_specs,
 )
 from cldcb.connection import Connection, ServerSpec
@@ -309,13 +310,7 @@ def echo_out(text: str) -> None:
 @node_dir_options
 @click.option("--client-privkey", type=_FILE, default=None,
               help="The client key file (from `cldcb-client newclient`).")
-@click.option("--server", "servers", multiple=True, metavar="ADDR",
-              help="A server: HOST:PORT (cldcb-server serve) or ssh://[USER@]HOST[:PORT] "
-                   "(sshd). Repeat for several, each followed by its --server-id.")
-@click.option("--server-id", "server_ids", multiple=True, metavar="ID",
-              help="The server id (52…/53…) of the --server before it.")
-@click.option("--host-key", "host_keys", multiple=True, metavar="'TYPE BASE64'",
-              help="sshd host key of each ssh:// server, in order (default: known_hosts).")
+@server_options
 @click.option("--quorum", type=int, default=None,
               help="Servers that must hold each change before lightningd commits it "
                    "[default: all].")

@@ -20,15 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cldcb.durable import replace_file
-from cldcb.errors import CldcbError
+from cldcb.errors import NodeConfigError
 from cldcb.plugin.wrapper import WRAPPER_NAME
 
 CONFIG_NAME = "config"
 IMPORTANT_PLUGIN = "important-plugin"
-
-
-class NodeConfigError(CldcbError):
-    """A node config file cannot be read or written."""
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from cldcb.durable import replace_file
-from cldcb.errors import CldcbError, ExitCode
+from cldcb.errors import ExitCode, PrometheusError
 
 Sample = tuple[dict[str, str], float]
 
@@ -118,5 +118,5 @@ def write_textfile(path: Path, report: dict[str, Any] | None, *,
     try:
         replace_file(path, text, mode=0o644)
     except OSError as exc:
-        raise CldcbError(f"cannot write {path}: {exc.strerror or exc}; give --prometheus a "
-                         "file in a folder that exists and is writable") from None
+        raise PrometheusError(f"cannot write {path}: {exc.strerror or exc}; give --prometheus a "
+                              "file in a folder that exists and is writable") from None

@@ -135,9 +135,7 @@ def node_key_options(func: F) -> F:
     func = click.option("--alt-hsmd", type=click.Path(path_type=Path, dir_okay=False),
                         default=None, help="An hsmd-like program holding the node key (an "
                         "HSM), run in <lightning-dir>/<network>; instead of --hsm-secret.")(func)
-    func = click.option("--passphrase-file", type=_FILE, default=None,
-                        help="File holding the hsm_secret's passphrase (one trailing newline "
-                        "is ignored). Without it, it is asked for on a terminal.")(func)
+    func = passphrase_file_option(func)
     return click.option("--hsm-secret", type=_FILE, default=None,
                         help="The node's hsm_secret (default: "
                         "<lightning-dir>/<network>/hsm_secret).")(func)
@@ -200,6 +198,22 @@ def proxy_option(func: F) -> F:
         help="Reach the servers through this SOCKS5 proxy (Tor: socks5://127.0.0.1:9050, the "
              "default for .onion addresses). Once for all servers, or once per --server in "
              "their order ('direct' for none).")(func)
+
+
+def server_options(func: F) -> F:
+    """``--server ADDR --server-id ID`` (repeated, in pairs) and ``--host-key``."""
+    func = click.option(
+        "--host-key", "host_keys", multiple=True, metavar="'TYPE BASE64'",
+        help="The sshd host key of each ssh:// server, in their order (default: from your "
+             "~/.ssh/known_hosts).")(func)
+    func = click.option(
+        "--server-id", "server_ids", multiple=True, metavar="ID",
+        help="The server id (52…/53…) of each --server, in the same order.")(func)
+    return click.option(
+        "--server", "servers", multiple=True, metavar="ADDR",
+        help="A server: HOST:PORT (cldcb-server serve) or ssh://[USER@]HOST[:PORT] (OpenSSH "
+             "sshd). Repeat for several, each with its --server-id (asked for on a terminal "
+             "when not given).")(func)
 
 
 def route_override_option(func: F) -> F:
@@ -278,7 +292,7 @@ def server_specs(servers: Sequence[str], server_ids: Sequence[str],
 
 # Imported here, after the helpers above: cldcb.client.cli imports the modules that
 # register commands, and some of them import those helpers from this module.
-from cldcb.client.cli import main  # noqa: E402
+from cldcb.client.cli import main, passphrase_file_option  # noqa: E402
 
 
 @dataclass
@@ -687,15 +701,7 @@ def _outcomes(specs: list[ServerSpec], results: dict[str, ServerResult],
 
 @main.command()
 @node_dir_options
-@click.option("--server", "servers", multiple=True, metavar="ADDR",
-              help="A server: HOST:PORT (cldcb-server serve) or ssh://[USER@]HOST[:PORT] "
-                   "(OpenSSH). Repeat for several, each with its --server-id (asked for on a "
-                   "terminal when not given).")
-@click.option("--server-id", "server_ids", multiple=True, metavar="ID",
-              help="The server id (52…/53…) of each --server, in the same order.")
-@click.option("--host-key", "host_keys", multiple=True, metavar="'TYPE BASE64'",
-              help="The sshd host key of each ssh:// server, in their order (default: "
-                   "from your ~/.ssh/known_hosts).")
+@server_options
 @click.option("--ssh-key", "ssh_keys", multiple=True,
               type=click.Path(path_type=Path, dir_okay=False, exists=True),
               help="Your SSH private key for listing this node's entries on ssh:// servers "

@@ -47,7 +47,8 @@ from cldcb.client.nodeconfig import NodePaths
 from cldcb.client.prometheus import write_textfile
 from cldcb.client.recover import format_time, node_dir_options, route_override_option
 from cldcb.connection import Connection, ServerSpec
-from cldcb.errors import CldcbError, ExitCode
+from cldcb.errors import CldcbError, ExitCode, StatusError
+from cldcb.nodedb import connect_ro, read_data_version
 from cldcb.plugin.status import read_status_file
 from cldcb.plugin.wrapper import WrapperConfig, read_wrapper
 from cldcb.proxy import Proxy, parse_optional
@@ -63,18 +64,18 @@ SEVERITY = (ExitCode.FAILURE, ExitCode.PLUGIN_DOWN, ExitCode.OUTAGE, ExitCode.LA
 def database_data_version(db: Path, timeout: float = 10.0) -> int:
     """``vars.data_version`` of the live database, read-only."""
     if not db.is_file():
-        raise CldcbError(f"the database {db} does not exist")
+        raise StatusError(f"the database {db} does not exist")
     try:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=timeout)
+        con = connect_ro(db, timeout=timeout)
         try:
-            row = con.execute("SELECT intval FROM vars WHERE name = 'data_version'").fetchone()
+            held = read_data_version(con)
         finally:
             con.close()
     except sqlite3.Error as exc:
-        raise CldcbError(f"cannot read vars.data_version from {db}: {exc}") from None
-    if row is None:
-        raise CldcbError(f"{db} has no vars.data_version: is it lightningd's database?")
-    return int(row[0])
+        raise StatusError(f"cannot read vars.data_version from {db}: {exc}") from None
+    if held is None:
+        raise StatusError(f"{db} has no vars.data_version: is it lightningd's database?")
+    return held
 
 
 def _pid_alive(pid: Any) -> bool:

@@ -31,12 +31,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import re
 import shutil
 import sqlite3
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,9 +54,18 @@ from cldcb.client.recover import (
     route_override_option,
 )
 from cldcb.connection import Connection
-from cldcb.errors import CldcbError, ExitCode, RecoveryError
+from cldcb.errors import (
+    CldcbError,
+    DatabaseBusy,
+    ExitCode,
+    PluginError,
+    RecoveryError,
+    VerifyError,
+)
 from cldcb.ids import parse_client_id
+from cldcb.nodedb import connect_ro
 from cldcb.nodekey import NodeKey
+from cldcb.plugin.snapshot import copy_database
 from cldcb.plugin.wrapper import WrapperConfig, read_wrapper
 from cldcb.proxy import Proxy, parse_optional
 from cldcb.session import Role
@@ -66,43 +75,26 @@ _TABLE = re.compile(rb'^(?:INSERT INTO|CREATE TABLE|CREATE INDEX \S+ ON|CREATE U
                     rb'\S+ ON|DELETE FROM)\s+("(?:[^"]|"")+"|\'[^\']+\'|[\w$]+)')
 
 
-class _Busy(Exception):
-    pass
-
-
 def copy_live(db: Path, out: Path, timeout: float = COPY_TIMEOUT) -> int:
-    """A consistent copy of ``db`` at ``out`` (backup API, read-only); its data_version."""
+    """A consistent copy of ``db`` at ``out`` (the plugin's snapshot copy: read-only,
+    bounded when lightningd holds the database locked); its data_version."""
     if not db.is_file():
-        raise CldcbError(f"the database {db} does not exist: nothing to verify")
-    deadline = time.monotonic() + timeout
-
-    def progress(_status: int, _remaining: int, _total: int) -> None:
-        if time.monotonic() > deadline:
-            raise _Busy
-
+        raise VerifyError(f"the database {db} does not exist: nothing to verify")
     try:
-        src = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=timeout)
-        dst = sqlite3.connect(out)
-        try:
-            src.backup(dst, pages=-1, progress=progress, sleep=0.05)
-            row = dst.execute("SELECT intval FROM vars WHERE name = 'data_version'").fetchone()
-        finally:
-            dst.close()
-            src.close()
-    except _Busy:
-        raise CldcbError(f"{db} stayed locked for {timeout:.0f} s (lightningd is committing a "
-                         "large transaction): run verify again in a moment") from None
-    except sqlite3.Error as exc:
-        raise CldcbError(f"cannot copy {db}: {exc}") from None
-    if row is None:
-        raise CldcbError(f"{db} has no vars.data_version: is it lightningd's database?")
-    return int(row[0])
+        copy = copy_database(db, out.parent, busy_timeout=timeout)
+    except DatabaseBusy:
+        raise VerifyError(f"{db} stayed locked for {timeout:.0f} s (lightningd is committing a "
+                          "large transaction): run verify again in a moment") from None
+    except (sqlite3.Error, PluginError) as exc:
+        raise VerifyError(f"cannot copy {db}: {exc}") from None
+    os.replace(copy.path, out)
+    return copy.data_version
 
 
 def _dump_lines(db: Path, work: Path) -> Iterator[bytes]:
     program = shutil.which("sqlite3")
     if program is None:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        con = connect_ro(db)
         try:
             for line in con.iterdump():
                 yield line.encode("utf-8", "surrogateescape") + b"\n"
@@ -114,7 +106,7 @@ def _dump_lines(db: Path, work: Path) -> Iterator[bytes]:
         done = subprocess.run([program, str(db), ".dump"], stdout=f, stderr=subprocess.PIPE,
                               check=False, timeout=3600)
     if done.returncode != 0:
-        raise CldcbError(f"sqlite3 .dump of {db.name} failed: "
+        raise VerifyError(f"sqlite3 .dump of {db.name} failed: "
                          f"{done.stderr.decode('utf-8', 'replace').strip()}")
     try:
         with open(out, "rb") as f:

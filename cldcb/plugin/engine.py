@@ -83,6 +83,7 @@ from cldcb.dataversion import (
     classify,
     decide,
     next_link,
+    snapshot_tip,
 )
 from cldcb.errors import CldcbError, PluginError, SealError
 from cldcb.ids import new_privkey, parse_node_id
@@ -447,7 +448,7 @@ class Engine:
                 self.hook_blocking = True
                 copy = await self._copy(hook, blocking=True)
                 anchor = secrets.token_bytes(32)
-                base = Tip(copy.data_version, Kind.NORMAL, anchor, ZERO_HASH, is_snapshot=True)
+                base = snapshot_tip(copy.data_version, anchor)
                 decision = decide(base, dv, kind)
                 if decision.action is not Action.APPEND or decision.link is None:
                     copy.hook_done()

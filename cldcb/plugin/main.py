@@ -42,11 +42,12 @@ from cldcb.cli_common import require_protocol_pipes
 from cldcb.connection import Connection
 from cldcb.errors import CldcbError, ExitCode, PluginError
 from cldcb.malloc import keep_freed_memory
+from cldcb.nodedb import remove_stale_copies
 from cldcb.plugin import jsonrpc, links
 from cldcb.plugin.engine import Engine, HookResult
 from cldcb.plugin.links import ServerConnection
 from cldcb.plugin.mirror import MIRROR_NAME
-from cldcb.plugin.snapshot import CHUNK_SIZE, remove_stale_copies
+from cldcb.plugin.snapshot import CHUNK_SIZE
 from cldcb.plugin.status import STATUS_NAME, StatusWriter
 from cldcb.plugin.wrapper import WrapperConfig, exposed, read_wrapper
 from cldcb.session import Role

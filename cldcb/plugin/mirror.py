@@ -112,9 +112,10 @@ from cldcb.dataversion import (
     snapshot_tip,
     stand_in_hash,
 )
-from cldcb.errors import PluginError
-from cldcb.plugin.mirrorcheck import Checker, MirrorDiffers, is_busy
-from cldcb.plugin.snapshot import LocalCopy, _mkstemp, _ro_uri, read_data_version
+from cldcb.errors import MirrorDiffers, MirrorDiscarded, MirrorUnusable, PluginError
+from cldcb.nodedb import connect_ro, is_busy, new_copy_file
+from cldcb.plugin.mirrorcheck import Checker
+from cldcb.plugin.snapshot import LocalCopy, read_data_version
 
 MIRROR_NAME = "cldcb-mirror.sqlite3"
 CHECK_INTERVAL = 0.1
@@ -139,14 +140,6 @@ def _lower_priority() -> None:
                        min(19, os.getpriority(os.PRIO_PROCESS, tid) + BACKGROUND_NICE))
     except (OSError, AttributeError):
         pass                              # not permitted or not available: as it was
-
-
-class MirrorUnusable(PluginError):
-    """The mirror cannot give the snapshot asked for (the caller copies the database)."""
-
-
-class _Discard(Exception):
-    """Raised inside the thread: the mirror is wrong or cannot follow; throw it away."""
 
 
 @dataclass(frozen=True)
@@ -295,10 +288,10 @@ class Mirror:
             self._guard(lambda: self._rebuild(item))
 
     def _guard(self, step: Callable[[], None]) -> None:
-        """Run ``step``; a :class:`_Discard` or an SQLite error throws the mirror away."""
+        """Run ``step``; a :class:`MirrorDiscarded` or an SQLite error throws the mirror away."""
         try:
             step()
-        except (_Discard, MirrorDiffers) as exc:
+        except (MirrorDiscarded, MirrorDiffers) as exc:
             self._discard(str(exc))
         except (sqlite3.Error, OSError, DataVersionError, PluginError) as exc:
             self._discard(f"it cannot be used ({type(exc).__name__}: {exc})")
@@ -322,8 +315,7 @@ class Mirror:
 
     def _live_conn(self) -> sqlite3.Connection:
         if self._live is None:
-            self._live = sqlite3.connect(_ro_uri(self.live_db), uri=True, timeout=0,
-                                         isolation_level=None)
+            self._live = connect_ro(self.live_db, timeout=0, isolation_level=None)
         return self._live
 
     def _close_conns(self) -> None:
@@ -396,7 +388,7 @@ class Mirror:
 
     def _finish(self) -> None:
         if self._usable:
-            with contextlib.suppress(sqlite3.Error, _Discard):
+            with contextlib.suppress(sqlite3.Error, MirrorDiscarded):
                 self._confirm_from_live(self._read_live_dv())
         self._fail_requests()
         self._close_conns()
@@ -412,10 +404,11 @@ class Mirror:
     def _walk(self, change: _Change) -> None:
         decision = decide(self._tip, change.data_version, change.kind)
         if decision.action is Action.SNAPSHOT:
-            raise _Discard(f"change {change.data_version} cannot follow it ({decision.reason})")
+            raise MirrorDiscarded(f"change {change.data_version} cannot follow it "
+                                  f"({decision.reason})")
         if decision.action is Action.REPLACE:
             if self._held is None:
-                raise _Discard(f"change {change.data_version} replaces a batch it already "
+                raise MirrorDiscarded(f"change {change.data_version} replaces a batch it already "
                                "applied as committed")
             self._held = None
         else:
@@ -440,7 +433,7 @@ class Mirror:
                 conn.execute(statement)
             reached = read_data_version(conn)
             if reached != change.data_version:
-                raise _Discard(f"change {change.data_version} left vars.data_version at "
+                raise MirrorDiscarded(f"change {change.data_version} left vars.data_version at "
                                f"{reached}")
             conn.execute("COMMIT")
         except BaseException:
@@ -479,9 +472,7 @@ class Mirror:
         busy, _, _ = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         if busy:
             raise MirrorUnusable("the mirror's WAL could not be checkpointed")
-        fd, name = _mkstemp(req.folder)
-        os.close(fd)
-        dest = Path(name)
+        dest = new_copy_file(req.folder)
         try:
             shutil.copyfile(self.path, dest)
             conn = sqlite3.connect(dest, isolation_level=None)
@@ -509,8 +500,7 @@ class Mirror:
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
         try:
-            fd, name = _mkstemp(self.path.parent)
-            os.close(fd)
+            name = new_copy_file(self.path.parent)
             try:
                 shutil.copyfile(item.path, name)
                 os.replace(name, self.path)
@@ -522,7 +512,7 @@ class Mirror:
             item.done()
         held = read_data_version(self._open_conn())
         if held != item.data_version:
-            raise _Discard(f"the copy it was rebuilt from holds data_version {held}, "
+            raise MirrorDiscarded(f"the copy it was rebuilt from holds data_version {held}, "
                            f"not {item.data_version}")
         self._follow(held)
         self._notify("info", f"mirror rebuilt at data_version {held}")

@@ -23,21 +23,14 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass
 
-from cldcb.plugin.snapshot import _BUSY, read_data_version
+from cldcb.errors import MirrorDiffers
+from cldcb.nodedb import is_busy
+from cldcb.plugin.snapshot import read_data_version
 
 PIECE_ROWS = 200
 PIECE_BYTES = 512 * 1024
 
 Rows = list[tuple[object, ...]]
-
-
-class MirrorDiffers(Exception):
-    """The mirror and the live database differ at the same data_version."""
-
-
-def is_busy(exc: sqlite3.Error) -> bool:
-    """SQLITE_BUSY or SQLITE_LOCKED: someone holds a lock the read needs."""
-    return getattr(exc, "sqlite_errorcode", None) in _BUSY or "locked" in str(exc)
 
 
 def _quote(name: str) -> str:

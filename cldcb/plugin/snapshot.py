@@ -45,17 +45,15 @@ import asyncio
 import os
 import secrets
 import sqlite3
-import tempfile
 import time
-import urllib.parse
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from cldcb import wire
-from cldcb.errors import PluginError
+from cldcb import nodedb, wire
+from cldcb.errors import DatabaseBusy, PluginError, SnapshotAborted
 from cldcb.ids import new_privkey
 from cldcb.seal import SnapshotSealer
 from cldcb.session import check_chunk_ack, check_snapshot_ack
@@ -66,17 +64,6 @@ WINDOW = 8
 BACKGROUND_WINDOW = 2
 """... while records keep flowing on the same connection: a write queued behind the
 chunks in flight (answers come in order) waits for at most this many."""
-COPY_PREFIX = ".cldcb-snapshot-"
-COPY_SUFFIX = ".tmp"
-_BUSY = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
-
-
-class DatabaseBusy(PluginError):
-    """The database is exclusively locked (a spilled transaction): no copy now."""
-
-
-class SnapshotAborted(PluginError):
-    """An upload was stopped because its snapshot is no longer wanted."""
 
 
 @dataclass
@@ -141,35 +128,13 @@ def _delete_soon(path: Path) -> None:
     loop.run_in_executor(None, _unlink, path)
 
 
-def remove_stale_copies(folder: Path) -> int:
-    """Delete copies left by a plugin that was killed; returns how many."""
-    count = 0
-    for p in folder.glob(f"{COPY_PREFIX}*{COPY_SUFFIX}"):
-        try:
-            p.unlink()
-            count += 1
-        except OSError:
-            pass
-    return count
-
-
-def _ro_uri(path: Path) -> str:
-    return "file:" + urllib.parse.quote(str(path.absolute())) + "?mode=ro"
-
-
 def read_data_version(conn: sqlite3.Connection) -> int:
     """``vars.data_version`` of a Core Lightning database; 0 when it has no tables."""
-    (tables,) = conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()
-    if tables == 0:
-        return 0
-    try:
-        row = conn.execute("SELECT intval FROM vars WHERE name = 'data_version'").fetchone()
-    except sqlite3.Error:
-        row = None
-    if row is None or not isinstance(row[0], int):
+    held = nodedb.read_data_version(conn)
+    if held is None:
         raise PluginError("the database has no vars.data_version: it is not a Core Lightning "
                           "database; check the `database =` line of the wrapper")
-    return int(row[0])
+    return held
 
 
 def copy_database(db_path: Path, folder: Path, *, busy_timeout: float = 1.0,
@@ -179,15 +144,13 @@ def copy_database(db_path: Path, folder: Path, *, busy_timeout: float = 1.0,
     if not db_path.exists():
         raise PluginError(f"the database {db_path} does not exist; check the `database =` "
                           "line of the wrapper (relative to <lightning-dir>/<network>)")
-    fd, name = _mkstemp(folder)
-    os.close(fd)
-    dest_path = Path(name)
+    dest_path = nodedb.new_copy_file(folder)
     started = time.monotonic()
     busy_since: list[float] = []
 
     def progress(status: int, remaining: int, total: int) -> None:
         now = time.monotonic()
-        if status in _BUSY:
+        if status in nodedb.BUSY_CODES:
             if not busy_since:
                 busy_since.append(now)
             if now - busy_since[0] >= busy_timeout:
@@ -201,8 +164,8 @@ def copy_database(db_path: Path, folder: Path, *, busy_timeout: float = 1.0,
 
     src = dest = None
     try:
-        src = sqlite3.connect(_ro_uri(db_path), uri=True, timeout=0, isolation_level=None,
-                              check_same_thread=False)
+        src = nodedb.connect_ro(db_path, timeout=0, isolation_level=None,
+                                check_same_thread=False)
         if _copy_file_locked(src, db_path, dest_path, busy_timeout, started, deadline):
             src.close()
             src = None
@@ -219,7 +182,7 @@ def copy_database(db_path: Path, folder: Path, *, busy_timeout: float = 1.0,
         except DatabaseBusy:
             raise
         except sqlite3.Error as exc:
-            if getattr(exc, "sqlite_errorcode", None) in _BUSY or "locked" in str(exc):
+            if nodedb.is_busy(exc):
                 raise DatabaseBusy(f"the database is locked ({exc})") from None
             raise PluginError(f"cannot copy the database {db_path}: {exc}") from None
         src.close()
@@ -251,7 +214,7 @@ def _copy_file_locked(src: sqlite3.Connection, db_path: Path, dest_path: Path,
     try:
         (mode,) = src.execute("PRAGMA journal_mode").fetchone()
     except sqlite3.Error as exc:
-        if getattr(exc, "sqlite_errorcode", None) in _BUSY or "locked" in str(exc):
+        if nodedb.is_busy(exc):
             mode = "delete"  # the busy wait below decides
         else:
             return False
@@ -266,7 +229,7 @@ def _copy_file_locked(src: sqlite3.Connection, db_path: Path, dest_path: Path,
         except sqlite3.Error as exc:
             if src.in_transaction:
                 src.execute("ROLLBACK")
-            if getattr(exc, "sqlite_errorcode", None) not in _BUSY and "locked" not in str(exc):
+            if not nodedb.is_busy(exc):
                 return False
             now = time.monotonic()
             if now - busy_since >= busy_timeout or now - started > deadline:
@@ -292,10 +255,6 @@ def _copy_file_locked(src: sqlite3.Connection, db_path: Path, dest_path: Path,
         src.execute("ROLLBACK")
     os.truncate(dest_path, 0)  # the backup API starts from an empty file
     return False
-
-
-def _mkstemp(folder: Path) -> tuple[int, str]:
-    return tempfile.mkstemp(prefix=COPY_PREFIX, suffix=COPY_SUFFIX, dir=folder)
 
 
 class SnapshotTarget(Protocol):

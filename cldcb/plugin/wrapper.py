@@ -67,9 +67,10 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from cldcb.connection import ServerAddress, ServerSpec
+from cldcb.addresses import ServerAddress
+from cldcb.connection import ServerSpec
 from cldcb.durable import fsync_dir, replace_file
-from cldcb.errors import CldcbError, KeyFormatError, PluginError
+from cldcb.errors import CldcbError, KeyFormatError, PluginError, UsageError
 from cldcb.ids import (
     check_privkey,
     client_id_from_pubkey,
@@ -90,8 +91,6 @@ DEFAULT_OUTAGE_LIMIT = 300.0
 HEADER = "# cldcb-plugin-wrapper, written by cldcb-client: it holds a secret key."
 _KEYS = ("cid", "cpk", "node", "database", "server", "quorum", "outage-limit", "mirror")
 _CONFIG_LINE = re.compile(r"^#\s*([A-Za-z][A-Za-z0-9_-]*)\s*=\s*(.*?)\s*$")
-_HOSTPORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^:/@\s\[\]]+):(\d{1,5})$")
-_SSH = re.compile(r"^ssh://(?:[^@\s/]+@)?(\[[0-9A-Fa-f:.]+\]|[^:/@\s\[\]]+)(?::(\d{1,5}))?/?$")
 PROXY_WORD = "proxy="
 _HOST_KEY_TYPES = ("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
                    "ecdsa-sha2-nistp521", "ssh-rsa")
@@ -212,11 +211,11 @@ def _check_server(s: ServerEntry) -> None:
             Proxy.parse(s.proxy)
         except CldcbError as exc:
             raise PluginError(f"wrapper: server {s.address}: {exc}") from None
-    if s.is_ssh:
-        m = _SSH.match(s.address)
-        if not m or (m.group(2) and not 0 < int(m.group(2)) < 65536):
-            raise PluginError(f"wrapper: server address {s.address!r} is not "
-                              "ssh://[USER@]HOST[:PORT]")
+    try:
+        address = ServerAddress.parse(s.address)
+    except UsageError as exc:
+        raise PluginError(f"wrapper: {exc}") from None
+    if address.scheme == "ssh":
         if not s.host_key:
             raise PluginError(f"wrapper: server {s.address} needs the pinned sshd host key "
                               "after its id (e.g. `ssh-ed25519 AAAA…`)")
@@ -224,14 +223,9 @@ def _check_server(s: ServerEntry) -> None:
         if len(words) != 2 or words[0] not in _HOST_KEY_TYPES:
             raise PluginError(f"wrapper: the host key of {s.address} must be "
                               "`TYPE BASE64` (e.g. `ssh-ed25519 AAAA…`)")
-    else:
-        m = _HOSTPORT.match(s.address)
-        if not m or not 0 < int(m.group(2)) < 65536:
-            raise PluginError(f"wrapper: server address {s.address!r} is neither HOST:PORT "
-                              "nor ssh://[USER@]HOST[:PORT]")
-        if s.host_key:
-            raise PluginError(f"wrapper: server {s.address} is a cldcb daemon, whose host key "
-                              "is its server id: remove the extra words after the id")
+    elif s.host_key:
+        raise PluginError(f"wrapper: server {s.address} is a cldcb daemon, whose host key "
+                          "is its server id: remove the extra words after the id")
 
 
 def parse(text: str) -> WrapperConfig:

@@ -76,7 +76,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from cldcb import wire
-from cldcb.errors import BadRequest, CldcbError, QuotaExceeded, RecognitionKept, StoreError
+from cldcb.errors import (
+    BadRequest,
+    CldcbError,
+    QuotaExceeded,
+    RecognitionKept,
+    StoreError,
+    Superseded,
+)
 from cldcb.server.workers import ClientLock, StorePool
 from cldcb.session import Authenticated, Received, Role, ServerSession
 from cldcb.store import ClientStore, Store
@@ -185,10 +192,6 @@ class ServerCore:
     def close(self) -> None:
         self.pool.close()
         self.store.close()
-
-
-class Superseded(Exception):
-    pass
 
 
 def _weight(msg: wire.Message) -> int:
@@ -463,15 +466,14 @@ class SessionHandler:
         with flocked(self._lock_file()):
             self.core.store.client(self.client_id).touch(now_ms())
 
-    def _locked(self, fn: Callable[[Any], Any], *, wait: bool = True) -> Callable[[], Any]:
+    def _locked(self, fn: Callable[[Any], Any]) -> Callable[[], Any]:
         """``fn(client_store)`` under the cross-process lock, as a call to make later (in a
-        worker thread). Without ``wait`` (on the event loop), a lock held by another
-        process raises BlockingIOError instead of stalling every session."""
+        worker thread, which waits for a lock another process holds)."""
         self._release_lease()
         lock_fd = self._lock_file()
 
         def call() -> Any:
-            with flocked(lock_fd, wait=wait) as fd:
+            with flocked(lock_fd) as fd:
                 return fn(self._store_under(read_counters(fd)))
         return call
 
@@ -500,7 +502,7 @@ class SessionHandler:
             cs = self._store_under(lease.hold(time.monotonic()))
             if type(msg) is wire.Write:
                 answer = cs.append(msg.data_version, msg.kind, msg.link, msg.sealed, now_ms(),
-                                   quick_only=True)
+                                   hot_path=True)
                 if type(answer) is wire.Ack:
                     self.sink.write(self.session.ack(answer.data_version, answer.kind,
                                                      answer.link, answer.want_snapshot))
@@ -602,7 +604,7 @@ class SessionHandler:
 
     def _current_upload(self, snapshot_id: int) -> Any:
         if self._upload is None or snapshot_id != self._upload_id:
-            raise CldcbError(f"no snapshot upload {snapshot_id} in progress; "
+            raise BadRequest(f"no snapshot upload {snapshot_id} in progress; "
                              "send SnapshotBegin first")
         return self._upload
 

@@ -22,14 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cldcb import wire
-from cldcb.dataversion import Kind, Tip, advance, decide
-from cldcb.errors import StoreError
-from cldcb.store.frames import Damage
+from cldcb.dataversion import Kind, advance, decide, snapshot_tip
+from cldcb.errors import Damage, StoreError
 from cldcb.store.fs import FileLayer
-from cldcb.store.log import LogEntry, Pos, RecordLog, iter_ranges
+from cldcb.store.log import LogEntry, Pos, SegmentLog, iter_ranges
 from cldcb.store.snapshots import SnapshotInfo, iter_chunks, read_info
-
-ZERO = bytes(32)
 
 
 class ChainWalk:
@@ -44,7 +41,7 @@ class ChainWalk:
     """
 
     def __init__(self, info: SnapshotInfo, *, pass_breaks: bool = False) -> None:
-        self.tip = Tip(info.data_version, Kind.NORMAL, info.anchor, ZERO, is_snapshot=True)
+        self.tip = snapshot_tip(info.data_version, info.anchor)
         self.pass_breaks = pass_breaks
         self.stopped: LogEntry | None = None
         """The first record that did not follow (None: the walk reached the range's end)."""
@@ -106,7 +103,7 @@ def _damaged_info(fs: FileLayer, path: Path, seq: int) -> SnapshotInfo | None:
         return None
 
 
-def list_states(fs: FileLayer, log: RecordLog, snapshots: list[SnapshotInfo],
+def list_states(fs: FileLayer, log: SegmentLog, snapshots: list[SnapshotInfo],
                 damaged: list[tuple[int, Path]]) -> list[wire.RestorableState]:
     """Every kept snapshot (each chunk read and checked) with its chain's records, and every
     snapshot set aside as damaged since the oldest kept one with the records that follow it

@@ -22,13 +22,14 @@ from cldcb.dataversion import (
     check_data_version,
     decide,
     next_link,
+    snapshot_tip,
 )
 from cldcb.errors import BadRequest, QuotaExceeded, StoreError
 from cldcb.seal import item_hash
 from cldcb.store.chains import ChainWalk, chain_stop, list_states
 from cldcb.store.frames import encode_record, frame_len
 from cldcb.store.fs import FileLayer, ensure_dir, io_error, replace_file
-from cldcb.store.log import LogEntry, Pos, RecordLog, SegmentRange, iter_ranges
+from cldcb.store.log import LogEntry, Pos, SegmentLog, SegmentRange, iter_ranges
 from cldcb.store.settings import SETTINGS, read_settings
 from cldcb.store.snapshots import (
     SnapshotInfo,
@@ -63,7 +64,7 @@ class ClientStore:
         self.client_id = client_id
         self.readonly = readonly
         self.closed = False
-        self.log = RecordLog(fs, folder / "log", segment_bytes)
+        self.log = SegmentLog(fs, folder / "log", segment_bytes)
         self._settings_path = str(folder / SETTINGS)
         self._uploads: weakref.WeakSet[SnapshotUpload] = weakref.WeakSet()
         self._vouched: object = None
@@ -96,8 +97,7 @@ class ClientStore:
             self.tip = Tip(r.data_version, Kind(r.kind), last.hash, r.link)
             self.tip_time = r.time_ms
         else:
-            self.tip = Tip(newest.data_version, Kind.NORMAL, newest.anchor, ZERO,
-                           is_snapshot=True)
+            self.tip = snapshot_tip(newest.data_version, newest.anchor)
             self.tip_time = newest.time_ms
         self._index: dict[bytes, tuple[Pos, Pos, int]] | None = None
         self.last_seen_ms = self._read_seen()
@@ -205,11 +205,11 @@ class ClientStore:
 
     # -- records -----------------------------------------------------------------------
     def append(self, data_version: int, kind: int, link: bytes, sealed: bytes,
-               now_ms: int, *, quick_only: bool = False) -> wire.Ack | wire.NeedSnapshot:
+               now_ms: int, *, hot_path: bool = False) -> wire.Ack | wire.NeedSnapshot:
         """Store a record if it continues the chain; Ack only once it is fsynced.
 
-        ``quick_only`` (a caller on an event loop): raise BlockingIOError, having
-        changed nothing, if the log must grow first (see :meth:`RecordLog.must_grow`)."""
+        ``hot_path`` (the server answering on its event loop): raise BlockingIOError, having
+        changed nothing, if the log must grow first (see :meth:`SegmentLog.must_grow`)."""
         self._ready(write=True)
         check_data_version(data_version)
         k = _KINDS.get(kind)
@@ -236,8 +236,8 @@ class ClientStore:
             new_tip = advance(tip, data_version, k, h, decision=decision)
         frame = encode_record(data_version, k, link, now_ms, sealed)
         self._check_quota(len(frame), "a record")
-        if quick_only and self.log.must_grow(len(frame)):
-            raise BlockingIOError("the log must grow first: not a quick append")
+        if hot_path and self.log.must_grow(len(frame)):
+            raise BlockingIOError("the log must grow first: not a hot-path append")
         pos = self.log.append(frame)
         self.tip = new_tip
         self.tip_time = now_ms
@@ -310,7 +310,7 @@ class ClientStore:
         self.snapshots.append(info)
         self._next_seq = seq + 1
         if end is None:
-            self.tip = Tip(up.data_version, Kind.NORMAL, up.anchor, ZERO, is_snapshot=True)
+            self.tip = snapshot_tip(up.data_version, up.anchor)
             self.tip_time = now_ms
         crashpoint("snapshot.after_commit")
         if not self.settings.append_only:

@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from cldcb.errors import Damage
+
 HEADER = struct.Struct(">4sIII")
 HEADER_LEN = HEADER.size
 _FIRST12 = struct.Struct(">4sII")
@@ -57,15 +59,6 @@ def encode_frame(magic: bytes, *body: bytes) -> bytes:
 
 def frame_len(body_len: int) -> int:
     return HEADER_LEN + body_len
-
-
-class Damage(Exception):
-    """No valid frame starts at ``offset`` (internal; callers turn it into a decision)."""
-
-    def __init__(self, offset: int, reason: str) -> None:
-        super().__init__(f"{reason} at offset {offset}")
-        self.offset = offset
-        self.reason = reason
 
 
 def read_frame(f: BinaryIO, offset: int, end: int, magic: bytes) -> tuple[bytes, int]:

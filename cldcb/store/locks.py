@@ -43,17 +43,16 @@ def open_lock(data_dir: Path, client_id: str) -> int:
 
 
 class flocked:  # noqa: N801 - used like a function: ``with flocked(fd) as fd:``
-    """Hold the exclusive lock on ``fd``; without ``wait``, BlockingIOError if it is taken.
-    (A class rather than a generator context manager: it is taken for every record.)"""
+    """Hold the exclusive lock on ``fd``, waiting for it. (A class rather than a generator
+    context manager: it is taken for every record.)"""
 
-    __slots__ = ("_fd", "_op")
+    __slots__ = ("_fd",)
 
-    def __init__(self, fd: int, *, wait: bool = True) -> None:
+    def __init__(self, fd: int) -> None:
         self._fd = fd
-        self._op = fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB
 
     def __enter__(self) -> int:
-        fcntl.flock(self._fd, self._op)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
         return self._fd
 
     def __exit__(self, *exc: object) -> None:

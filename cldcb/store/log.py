@@ -28,11 +28,10 @@ from pathlib import Path
 from typing import BinaryIO
 
 from cldcb.crashpoints import crashpoint
-from cldcb.errors import StoreError
+from cldcb.errors import Damage, StoreError
 from cldcb.store.frames import (
     HEADER_LEN,
     RECORD_MAGIC,
-    Damage,
     RecordFrame,
     decode_record,
     iter_frames,
@@ -72,7 +71,7 @@ class SegmentRange:
     end: int
 
 
-class RecordLog:
+class SegmentLog:
     """The segment files of one client's log."""
 
     def __init__(self, fs: FileLayer, folder: Path, segment_bytes: int) -> None:

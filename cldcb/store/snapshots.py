@@ -27,7 +27,7 @@ from typing import BinaryIO
 
 from cldcb import wire
 from cldcb.crashpoints import crashpoint
-from cldcb.errors import StoreError
+from cldcb.errors import Damage, StoreError
 from cldcb.store.frames import (
     CHUNK_MAGIC,
     FOOTER,
@@ -35,7 +35,6 @@ from cldcb.store.frames import (
     SNAPSHOT_HEADER,
     TRAILER_HEAD,
     TRAILER_MAGIC,
-    Damage,
     decode_chunk,
     encode_chunk,
     encode_frame,
