@@ -86,7 +86,15 @@ from cldcb.errors import (
 )
 from cldcb.server.workers import ClientLock, StorePool
 from cldcb.session import Authenticated, Received, Role, ServerSession
-from cldcb.store import ClientStore, Store
+from cldcb.store import (
+    AppendResult,
+    ClientStore,
+    Deferred,
+    Holding,
+    SnapshotNeeded,
+    Store,
+    Stored,
+)
 from cldcb.store.locks import Lease, bump_generation, flocked, open_lock, read_counters
 from cldcb.wire import ErrorCode
 
@@ -113,6 +121,7 @@ FETCH_BATCH_BYTES = 1 << 20
 """Sealed bytes of fetched items read from the store in one worker call and sent in one
 write (at least one item): a record is a few hundred bytes, and one call and one SSH packet
 per record would cost far more than the record itself."""
+_ZERO = bytes(32)
 COMPLAINT_PERIOD = 60.0
 """A client's malformed requests are logged at most once per this many seconds."""
 
@@ -200,11 +209,35 @@ def _weight(msg: wire.Message) -> int:
 
 
 def _quick_call(msg: wire.Write | wire.StatusRequest) -> Callable[[Any], wire.Message]:
-    """The store call answering a record append or a status request (in a worker)."""
+    """The store call answering a record append or a status request (in a worker), and
+    its answer."""
     if isinstance(msg, wire.Write):
         t = now_ms()
-        return lambda cs: cs.append(msg.data_version, msg.kind, msg.link, msg.sealed, t)
-    return lambda cs: cs.status()
+        return lambda cs: _append_answer(cs.append(msg.data_version, msg.kind, msg.link,
+                                                   msg.sealed, t))
+    return lambda cs: _status_answer(cs.status())
+
+
+def _append_answer(result: AppendResult) -> wire.Ack | wire.NeedSnapshot:
+    """The answer to a ``Write`` the store took (``Ack``) or refused (``NeedSnapshot``)."""
+    if type(result) is Stored:
+        return wire.Ack(result.data_version, result.kind, result.link, result.want_snapshot)
+    if type(result) is SnapshotNeeded:
+        return wire.NeedSnapshot(result.data_version, result.reason)
+    raise AssertionError(f"{result} is no answer: only a hot-path append defers")
+
+
+def _status_answer(held: Holding) -> wire.Status:
+    """The ``Status`` of what the store holds for the client: the tip's link is 32 zero
+    bytes when the tip is a snapshot's anchor (see :mod:`cldcb.store`)."""
+    t = held.tip
+    return wire.Status(
+        has_tip=t is not None, tip_data_version=t.data_version if t else 0,
+        tip_kind=int(t.kind) if t else 0, tip_hash=t.hash if t else _ZERO,
+        tip_link=t.link if t else _ZERO, tip_time=held.tip_time if t else 0,
+        snapshot_data_version=held.snapshot_data_version, snapshot_time=held.snapshot_time,
+        bytes_used=held.bytes_used, quota=held.quota or 0, append_only=held.append_only,
+        want_snapshot=held.want_snapshot, generations=held.generations)
 
 
 class SessionHandler:
@@ -298,13 +331,13 @@ class SessionHandler:
             return False
         if core.quiet(self) and _weight(msg) <= INLINE_BYTES:
             try:
-                self._inline(msg)
-            except BlockingIOError:
-                lock.release()
-                return False  # the lock is another process's, or the log must grow: queue it
+                taken = self._inline(msg)
             except Exception as exc:  # noqa: BLE001 - answered like every request
                 self._answer_error(exc)
+                taken = True
             lock.release()
+            if not taken:
+                return False  # the lock is another process's, or the log must grow: queue it
             self._unanswered -= _weight(msg)
             self._answered()
             return True
@@ -488,29 +521,36 @@ class SessionHandler:
             cs.vouch(counters)
         return cs
 
-    def _inline(self, msg: wire.Write | wire.StatusRequest) -> None:
+    def _inline(self, msg: wire.Write | wire.StatusRequest) -> bool:
         """Answer a record append or a status right here, on the event loop, under the
-        lock taken without waiting: BlockingIOError, nothing done, if another process
-        holds it or the log must grow first. The answer leaves before the lock is let
+        lock taken without waiting; True if answered. False, nothing done, if another
+        process holds the lock or the log must grow first (the store's
+        :data:`~cldcb.store.Deferred`). The answer leaves before the lock is let
         go (this is the path every change of a streaming writer takes), and the lock is
         kept for the next record while they come one after another (a
         :class:`~cldcb.store.locks.Lease`, let go by :meth:`_lease_check`)."""
         if self._lease is None:
             self._lease = Lease(self._lock_file())
         lease = self._lease
+        counters = lease.hold(time.monotonic())
+        if counters is None:
+            return False
         try:
-            cs = self._store_under(lease.hold(time.monotonic()))
+            cs = self._store_under(counters)
             if type(msg) is wire.Write:
-                answer = cs.append(msg.data_version, msg.kind, msg.link, msg.sealed, now_ms(),
+                result = cs.append(msg.data_version, msg.kind, msg.link, msg.sealed, now_ms(),
                                    hot_path=True)
-                if type(answer) is wire.Ack:
-                    self.sink.write(self.session.ack(answer.data_version, answer.kind,
-                                                     answer.link, answer.want_snapshot))
-                    answer = None
+                if type(result) is Stored:
+                    self.sink.write(self.session.ack(result.data_version, result.kind,
+                                                     result.link, result.want_snapshot))
+                elif result is Deferred.LOG_MUST_GROW:
+                    lease.release()
+                    return False
+                else:
+                    self.session.send(_append_answer(result))
+                    self._flush()
             else:
-                answer = cs.status()
-            if answer is not None:
-                self.session.send(answer)
+                self.session.send(_status_answer(cs.status()))
                 self._flush()
         except BaseException:
             lease.release()
@@ -518,6 +558,7 @@ class SessionHandler:
         if self._lease_timer is None:
             self._lease_timer = asyncio.get_running_loop().call_later(Lease.HOLD,
                                                                       self._lease_check)
+        return True
 
     def _lease_check(self) -> None:
         """Let the kept lock go once it is due (:meth:`Lease.due`), else look again then."""
@@ -540,16 +581,13 @@ class SessionHandler:
                      quick: wire.Write | wire.StatusRequest | None = None) -> Any:
         """``fn(client_store)`` under the client's locks. ``quick``: the request ``fn``
         answers; if the server is quiet it is answered by :meth:`_inline` instead, and
-        None is returned (BlockingIOError from it: ``fn`` then)."""
+        None is returned (unless it could not take it: ``fn`` then)."""
         assert self.client_id
         core = self.core
         async with core.lock(self.client_id):
-            if quick is not None and core.quiet(self) and _weight(quick) <= INLINE_BYTES:
-                try:
-                    self._inline(quick)
-                    return None
-                except BlockingIOError:
-                    pass  # another process holds the lock, or the log must grow
+            if quick is not None and core.quiet(self) and _weight(quick) <= INLINE_BYTES \
+                    and self._inline(quick):
+                return None  # (else another process holds the lock, or the log must grow)
             core.inflight += 1
             try:
                 return await core.run(self._locked(fn))

@@ -241,6 +241,8 @@ is safe while a daemon writes.
 from cldcb.store.client import ClientStore, FetchPlan, SnapshotUpload
 from cldcb.store.fs import FileLayer, OsFileLayer
 from cldcb.store.registry import SEGMENT_BYTES, ClientInfo, Store
+from cldcb.store.results import AppendResult, Deferred, Holding, SnapshotNeeded, Stored
 
-__all__ = ["SEGMENT_BYTES", "ClientInfo", "ClientStore", "FetchPlan", "FileLayer",
-           "OsFileLayer", "SnapshotUpload", "Store"]
+__all__ = ["SEGMENT_BYTES", "AppendResult", "ClientInfo", "ClientStore", "Deferred",
+           "FetchPlan", "FileLayer", "Holding", "OsFileLayer", "SnapshotNeeded",
+           "SnapshotUpload", "Store", "Stored"]
