@@ -21,13 +21,21 @@ from store_crash_child import (
     verify,
 )
 
-from cldcb import wire
 from cldcb.dataversion import Kind, Tip, snapshot_tip
 from cldcb.errors import KeyFormatError, QuotaExceeded, StoreError
 from cldcb.seal import ChainVerifier, SnapshotSealer
 from cldcb.store import ClientInfo, ClientStore, Deferred, SnapshotNeeded, Store, Stored
-from cldcb.store.frames import RECORD_HEAD, RECORD_MAGIC, encode_frame, encode_record, read_frame
+from cldcb.store.frames import (
+    RECORD_HEAD,
+    RECORD_MAGIC,
+    ChunkFrame,
+    RecordFrame,
+    encode_frame,
+    encode_record,
+    read_frame,
+)
 from cldcb.store.settings import Settings
+from cldcb.store.snapshots import SnapshotInfo
 
 CID = client_id()
 OTHER = client_id(OTHER_PRIV)
@@ -246,10 +254,11 @@ def test_fetch_newest_and_point_in_time(w: Writer) -> None:
     assert w.cs.fetch(9) is None
     plan = w.cs.fetch(23)
     assert plan is not None
-    assert [c.index for c in plan.chunks()] == [0, 1, 2]
+    assert isinstance(plan.snapshot, SnapshotInfo)           # the store's own, not wire's
+    assert [c.index for c in plan.chunks() if isinstance(c, ChunkFrame)] == [0, 1, 2]
     chain = ChainVerifier(NODE, client_pub(), plan.snapshot.data_version, plan.snapshot.anchor)
     for r in plan.records():
-        assert isinstance(r, wire.FetchRecord) and r.time > 0
+        assert isinstance(r, RecordFrame) and r.time_ms > 0
         chain.open(r.data_version, Kind(r.kind), r.link, r.sealed)
     assert chain.tip.data_version == 23
     plan.close()

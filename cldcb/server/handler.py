@@ -73,7 +73,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from cldcb import wire
 from cldcb.errors import (
@@ -95,6 +95,7 @@ from cldcb.store import (
     Store,
     Stored,
 )
+from cldcb.store.frames import ChunkFrame, RecordFrame
 from cldcb.store.locks import Lease, bump_generation, flocked, open_lock, read_counters
 from cldcb.wire import ErrorCode
 
@@ -660,17 +661,23 @@ class SessionHandler:
                                                             f" numbered {generation}")))
             return
         try:
-            s.send(plan.snapshot)
+            snap = plan.snapshot
+            s.send(wire.FetchSnapshot(snap.data_version, snap.anchor, snap.chunk_count,
+                                      snap.manifest, snap.time_ms))
             count = 0
-            for source in (plan.chunks(), plan.records()):
+            for records, source in ((False, plan.chunks()), (True, plan.records())):
                 while True:
                     items, failed = await self._store(lambda _cs, src=source: _take(src))
                     if self.session.closed:
                         return
-                    for item in items:
-                        if isinstance(item, wire.FetchRecord):
-                            count += 1
-                        s.send(item)
+                    if records:
+                        for r in items:
+                            s.send(wire.FetchRecord(r.data_version, r.kind, r.link, r.sealed,
+                                                    r.time_ms))
+                        count += len(items)
+                    else:
+                        for c in items:
+                            s.send(wire.FetchChunk(c.index, c.sealed))
                     self._flush()
                     if failed is not None:
                         raise failed    # after the items read before it, as one by one
@@ -683,12 +690,14 @@ class SessionHandler:
             await self._store(lambda _cs: plan.close())
 
 
-def _take(items: Iterator[wire.FetchChunk] | Iterator[wire.FetchRecord],
-          limit: int = FETCH_BATCH_BYTES
-          ) -> tuple[list[wire.FetchChunk | wire.FetchRecord], Exception | None]:
+_Item = TypeVar("_Item", ChunkFrame, RecordFrame)
+
+
+def _take(items: Iterator[_Item], limit: int = FETCH_BATCH_BYTES
+          ) -> tuple[list[_Item], Exception | None]:
     """The next items of a fetch, up to ``limit`` sealed bytes (at least one item; none
     at the end), and the error that stopped reading them, if one did."""
-    out: list[wire.FetchChunk | wire.FetchRecord] = []
+    out: list[_Item] = []
     size = 0
     try:
         for item in items:

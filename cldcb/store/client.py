@@ -27,7 +27,7 @@ from cldcb.dataversion import (
 from cldcb.errors import BadRequest, QuotaExceeded, StoreError
 from cldcb.seal import item_hash
 from cldcb.store.chains import ChainWalk, chain_stop, list_states
-from cldcb.store.frames import encode_record, frame_len
+from cldcb.store.frames import ChunkFrame, RecordFrame, encode_record, frame_len
 from cldcb.store.fs import FileLayer, ensure_dir, io_error, replace_file
 from cldcb.store.log import LogEntry, Pos, SegmentLog, SegmentRange, iter_ranges
 from cldcb.store.results import AppendResult, Deferred, Holding, SnapshotNeeded, Stored
@@ -463,27 +463,28 @@ class SnapshotUpload:
 
 
 class FetchPlan:
-    """A snapshot and the records after it; files are opened now and read lazily."""
+    """A snapshot (:attr:`snapshot`), its chunks and the records of its chain after it;
+    files are opened now and read lazily."""
 
     def __init__(self, info: SnapshotInfo, snap_file: BinaryIO, ranges: list[SegmentRange],
                  at_data_version: int) -> None:
-        self.info = info
-        self.snapshot = info.fetch_message()
+        self.snapshot = info
         self._snap_file = snap_file
         self._ranges = ranges
         self._at = at_data_version
 
-    def chunks(self) -> Iterator[wire.FetchChunk]:
-        return iter_chunks(self._snap_file, self.info)
+    def chunks(self) -> Iterator[ChunkFrame]:
+        return iter_chunks(self._snap_file, self.snapshot)
 
-    def records(self) -> Iterator[wire.FetchRecord]:
+    def records(self) -> Iterator[RecordFrame]:
         return self._records(iter_ranges(self._ranges))
 
-    def _records(self, entries: Iterator[LogEntry]) -> Iterator[wire.FetchRecord]:
-        for e in ChainWalk(self.info, pass_breaks=True).follow(entries):
+    def _records(self, entries: Iterator[LogEntry]) -> Iterator[RecordFrame]:
+        at = self._at
+        for e in ChainWalk(self.snapshot, pass_breaks=True).follow(entries):
             r = e.record
-            if self._at == -1 or r.data_version <= self._at:
-                yield wire.FetchRecord(r.data_version, r.kind, r.link, r.sealed, r.time_ms)
+            if at == -1 or r.data_version <= at:
+                yield r
 
     def close(self) -> None:
         self._snap_file.close()
