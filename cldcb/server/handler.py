@@ -278,16 +278,15 @@ class SessionHandler:
         self._task = asyncio.get_running_loop().create_task(self._serve())
 
     def data_received(self, data: bytes) -> None:
-        if self.role is Role.WRITER:
-            write = self.session.write_in(data)       # nearly every request of a writer
-            if write is not None:
-                self._unanswered += len(write.sealed)
-                if not self._answer_inline(write):
-                    self._queue.put_nowait(Received(write))
-                    self._backlog_check()
-                elif self._held is not None or self._paused:
-                    self._backlog_check()
-                return
+        write = self.session.write_in(data)           # nearly every request of a writer
+        if write is not None:
+            self._unanswered += len(write.sealed)
+            if not self._answer_inline(write):
+                self._queue.put_nowait(Received(write))
+                self._backlog_check()
+            elif self._held is not None or self._paused:
+                self._backlog_check()
+            return
         events = self.session.receive_data(data)
         self._flush()
         for ev in events:
