@@ -305,7 +305,8 @@ class ClientSession(_Base):
 
     ``client_priv`` None makes an anonymous session (list recognition entries
     only). Call :meth:`start`, then feed bytes to :meth:`receive_data`; the
-    first event is :class:`HelloComplete`, then :class:`Received` responses.
+    first event is :class:`HelloComplete`, then :class:`Received` responses, each
+    naming the token of the request it answers (see "Correlation" above).
     Raises :class:`AuthError` if the server is not the pinned one or refuses us,
     :class:`ProtocolError` on malformed input; an ``Error`` response with a
     fatal code is raised as :class:`RemoteError` and closes the session.
