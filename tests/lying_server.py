@@ -28,7 +28,7 @@ from typing import Any
 
 from cldcb.core import wire
 from cldcb.server import admin, handler
-from cldcb.store import ClientStore
+from cldcb.store import AppendResult, ClientStore, Stored
 
 WRITE_LIES = ("data_version", "kind", "link")
 SNAPSHOT_LIES = ("snapshot-id", "snapshot-data_version", "chunk-index")
@@ -43,7 +43,7 @@ def install(lie: str, from_dv: int) -> None:
     handle = handler.SessionHandler._handle
 
     def forged_append(self: ClientStore, data_version: int, kind: int, link: bytes,
-                      sealed: bytes, now_ms: int, **kw: Any) -> wire.Ack | wire.NeedSnapshot:
+                      sealed: bytes, now_ms: int, **kw: Any) -> AppendResult:
         if data_version < from_dv:
             return append(self, data_version, kind, link, sealed, now_ms, **kw)
         if lie == "data_version":
@@ -52,7 +52,7 @@ def install(lie: str, from_dv: int) -> None:
             kind ^= 1
         elif lie == "link":
             link = bytes([link[0] ^ 1]) + link[1:]
-        return wire.Ack(data_version, kind, link, False)            # and nothing stored
+        return Stored(data_version, kind, link, False)              # and nothing stored
 
     async def forged_handle(self: handler.SessionHandler, msg: wire.Message) -> None:
         if lie not in SNAPSHOT_LIES or not isinstance(

@@ -21,7 +21,6 @@ from pathlib import Path
 import coincurve
 from helpers.entries import recognition_entry
 
-from cldcb.core import wire
 from cldcb.core.dataversion import Kind, Tip, advance, decide
 from cldcb.core.seal import (
     ChainVerifier,
@@ -31,7 +30,7 @@ from cldcb.core.seal import (
     item_hash,
 )
 from cldcb.node.nodekey import LocalNodeKey
-from cldcb.store import ClientStore, Store
+from cldcb.store import ClientStore, SnapshotNeeded, Store, Stored
 
 NODE_PRIV = hashlib.sha256(b"cldcb test node").digest()
 CLIENT_PRIV = hashlib.sha256(b"cldcb test client").digest()
@@ -48,14 +47,6 @@ def client_id(priv: bytes = CLIENT_PRIV) -> str:
     return "c" + client_pub(priv).hex()[1:]
 
 
-def tip_of(status: wire.Status) -> Tip | None:
-    """The tip a restarted plugin takes from ``status`` (zero link: a snapshot anchor)."""
-    if not status.has_tip:
-        return None
-    return Tip(status.tip_data_version, Kind(status.tip_kind), status.tip_hash,
-               status.tip_link, is_snapshot=status.tip_link == ZERO)
-
-
 @dataclass
 class Writer:
     """Seals changes and snapshots like the plugin and sends them to one ClientStore."""
@@ -69,7 +60,7 @@ class Writer:
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
         self.sealer = RecordSealer(NODE.pubkey, CLIENT_PRIV, self._eph())
-        self.tip = tip_of(self.cs.status())
+        self.tip = self.cs.status().tip
 
     def _eph(self) -> bytes:
         return hashlib.sha256(self.rng.randbytes(32)).digest()
@@ -89,14 +80,14 @@ class Writer:
         return link, self.sealer.seal_change(dv, kind, link, [sql], self.clock)
 
     def send(self, dv: int, kind: Kind, link: bytes,
-             sealed: bytes) -> wire.Ack | wire.NeedSnapshot:
+             sealed: bytes) -> Stored | SnapshotNeeded:
         res = self.cs.append(dv, int(kind), link, sealed, self.now())
-        if isinstance(res, wire.Ack):
+        if isinstance(res, Stored):
             self.tip = advance(self.tip, dv, kind, item_hash(sealed))
         return res
 
     def change(self, dv: int, kind: Kind = Kind.NORMAL,
-               size: int = 60) -> wire.Ack | wire.NeedSnapshot:
+               size: int = 60) -> Stored | SnapshotNeeded:
         return self.send(dv, kind, *self.seal(dv, kind, size))
 
     def new_anchor(self, dv: int, anchored: bool) -> bytes:
@@ -167,7 +158,7 @@ def ack(w: Writer, dv: int, kind: Kind = Kind.NORMAL, size: int = 60) -> None:
     link, sealed = w.seal(dv, kind, size)
     emit(ev="begin", op="record", tip=item_hash(sealed).hex())
     res = w.send(dv, kind, link, sealed)
-    assert isinstance(res, wire.Ack), res
+    assert isinstance(res, Stored), res
     emit(ev="record", dv=dv, hash=item_hash(sealed).hex())
 
 

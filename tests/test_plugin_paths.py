@@ -56,7 +56,7 @@ from cldcb.plugin import hotpath, links
 from cldcb.plugin.engine import Engine, HookResult
 from cldcb.plugin.wrapper import ServerEntry, WrapperConfig
 from cldcb.server.handler import ServerCore, SessionHandler
-from cldcb.store import ClientStore, Store
+from cldcb.store import AppendResult, ClientStore, Store, Stored
 from cldcb.transport.connection import Connection, ServerAddress, ServerSpec
 
 CID = client_id_from_pubkey(pubkey_of(CLIENT))
@@ -75,10 +75,10 @@ STORED: dict[Path, list[tuple[int, int, bytes]]] = {}
 
 def _recording_append(real: Any) -> Any:
     def append(self: ClientStore, data_version: int, kind: int, link: bytes, sealed: bytes,
-               now_ms: int, **kw: Any) -> wire.Ack | wire.NeedSnapshot:
+               now_ms: int, **kw: Any) -> AppendResult:
         before = self.tip
         res = real(self, data_version, kind, link, sealed, now_ms, **kw)
-        if isinstance(res, wire.Ack) and self.tip is not before:    # stored, not a resend
+        if isinstance(res, Stored) and self.tip is not before:    # stored, not a resend
             STORED.setdefault(self.folder.parent.parent, []).append(
                 (data_version, kind, item_hash(sealed)))
         return res

@@ -100,8 +100,7 @@ def test_recovery_finds_its_entry_among_300_of_the_maximum_size(tmp_path: Path) 
                 whole = await conn.list_recognitions()
                 # a client asking for everything at once gets one page of at most
                 # RECOGNITION_PAGE entries, and where to go on from
-                page = await conn._request(wire.ListRecognitions("", 10**6),
-                                           wire.Recognitions)
+                page = await conn._request(wire.ListRecognitions("", 10**6))
             return whole, page
 
         whole, page = asyncio.run(listing())

@@ -18,7 +18,7 @@ from cldcb.core import wire
 from cldcb.core.seal import SnapshotSealer
 from cldcb.core.session import Received, Role
 from cldcb.server.handler import FETCH_BATCH_BYTES, ServerCore
-from cldcb.store import ClientStore
+from cldcb.store import ClientStore, Stored
 from cldcb.transport.connection import FETCH_QUEUE_BYTES, Connection
 
 RECORDS = 400
@@ -37,7 +37,7 @@ class CountingSink(Sink):
 def stored_chain(folder: Path, n: int) -> None:
     w = make_store(folder)                       # snapshot at 10: 3 chunks
     for dv in range(11, 11 + n):
-        assert isinstance(w.change(dv, size=200), wire.Ack)
+        assert isinstance(w.change(dv, size=200), Stored)
     w.cs.close()
 
 

@@ -130,7 +130,7 @@ def test_the_per_change_shortcuts_keep_the_sessions_rules() -> None:
     assert frame == wire.encode(wire.Write(3, 0, bytes(32), b"x")) and not c.data_to_send()
     assert s.write_in(frame) == wire.Write(3, 0, bytes(32), b"x")
     one = s.ack(3, 0, bytes(32), False)
-    assert c.ack_in(one) == wire.FrameDecoder().feed(one)[0]          # with its MAC
+    assert c.ack_in(one) == (None, wire.FrameDecoder().feed(one)[0])  # with its MAC
     frame = c.write_frame(4, 0, bytes(32), b"y")
     assert s.write_in(frame[:7]) is None and s.receive_data(frame[:7]) == []
     assert s.write_in(frame) is None                       # bytes are held: not in one piece
@@ -187,3 +187,35 @@ def test_version_mismatch_is_explained() -> None:
     s.receive_data(wire.encode(wire.Hello(7, 9, bytes(32))))
     (err,) = wire.FrameDecoder().feed(s.data_to_send())
     assert err.code == wire.ErrorCode.VERSION and "upgrade" in err.text
+
+
+def test_the_client_session_says_which_request_an_answer_is_for() -> None:
+    """Request correlation is the session's: each answer names the token of the oldest
+    request waiting and whether it is that request's last; a fetch takes answers up to
+    FetchEnd; an answer of another kind fails that request alone; a Write's Ack comes
+    through ack_in with its token."""
+    c, s = make()
+    pump(c, s, c.start())
+    c.send(wire.StatusRequest(), "status")
+    c.send(wire.Fetch(-1), "fetch")
+    c.send(wire.ListStates(), "states")
+    frame = c.write_frame(3, 0, bytes(32), b"x", "write")
+    s.receive_data(c.data_to_send())
+    s.receive_data(frame)
+    s.send(wire.Status(False, 0, 0, bytes(32), bytes(32), 0, -1, 0, 0, 0, False, True, 2))
+    (status,) = c.receive_data(s.data_to_send())
+    assert (status.request, type(status.message), status.done) == ("status", wire.Status, True)
+    for msg in (wire.FetchSnapshot(3, bytes(32), 0, b"m", 0), wire.FetchEnd(0), wire.Ok()):
+        s.send(msg)
+    got = [(ev.request, type(ev.message), ev.done, ev.unexpected)
+           for ev in c.receive_data(s.data_to_send())]
+    assert got == [("fetch", wire.FetchSnapshot, False, ""), ("fetch", wire.FetchEnd, True, ""),
+                   ("states", wire.Ok, True, "expected States, got Ok")]
+    token, answer = c.ack_in(s.ack(3, 0, bytes(32), False)) or (None, None)
+    assert token == "write" and isinstance(answer, wire.Ack)
+    c.write_frame(4, 0, bytes(32), b"y", "lost")
+    assert c.forget_requests() == ["lost"] and c.forget_requests() == []
+    s.send(wire.Ok())
+    with pytest.raises(ProtocolError, match="unexpected Ok from the server"):
+        c.receive_data(s.data_to_send())                # nothing is waiting for it
+    assert c.closed

@@ -18,17 +18,24 @@ from store_crash_child import (
     client_id,
     client_pub,
     snapshot_bytes,
-    tip_of,
     verify,
 )
 
-from cldcb.core import wire
 from cldcb.core.dataversion import Kind, Tip, snapshot_tip
 from cldcb.core.seal import ChainVerifier, SnapshotSealer
 from cldcb.errors import KeyFormatError, QuotaExceeded, StoreError
-from cldcb.store import ClientInfo, ClientStore, Store
-from cldcb.store.frames import RECORD_HEAD, RECORD_MAGIC, encode_frame, encode_record, read_frame
+from cldcb.store import ClientInfo, ClientStore, Deferred, SnapshotNeeded, Store, Stored
+from cldcb.store.frames import (
+    RECORD_HEAD,
+    RECORD_MAGIC,
+    ChunkFrame,
+    RecordFrame,
+    encode_frame,
+    encode_record,
+    read_frame,
+)
 from cldcb.store.settings import Settings
+from cldcb.store.snapshots import SnapshotInfo
 
 CID = client_id()
 OTHER = client_id(OTHER_PRIV)
@@ -69,9 +76,9 @@ def chain_of(w: Writer, at: int = -1) -> list[int]:
 
 def test_first_contact_needs_a_snapshot_and_stores_nothing(w: Writer) -> None:
     st = w.cs.status()
-    assert not st.has_tip and st.snapshot_data_version == -1 and st.want_snapshot
+    assert st.tip is None and st.snapshot_data_version == -1 and st.want_snapshot
     res = w.change(1)
-    assert isinstance(res, wire.NeedSnapshot) and "first contact" in res.reason
+    assert isinstance(res, SnapshotNeeded) and "first contact" in res.reason
     assert w.cs.status().bytes_used == 0
     assert w.cs.fetch() is None
 
@@ -80,32 +87,32 @@ def test_records_continue_the_chain_and_gaps_need_a_snapshot(w: Writer) -> None:
     w.snapshot(10)
     for dv in (11, 12, 13):
         res = w.change(dv)
-        assert isinstance(res, wire.Ack) and res.data_version == dv
-    assert tip_of(w.cs.status()) == w.tip
+        assert isinstance(res, Stored) and res.data_version == dv
+    assert w.cs.status().tip == w.tip
     used = w.cs.status().bytes_used
     gap = w.change(15)
-    assert isinstance(gap, wire.NeedSnapshot) and "gap" in gap.reason
+    assert isinstance(gap, SnapshotNeeded) and "gap" in gap.reason
     back = w.change(11)
-    assert isinstance(back, wire.NeedSnapshot) and "backwards" in back.reason
+    assert isinstance(back, SnapshotNeeded) and "backwards" in back.reason
     link, sealed = w.seal(14, link=bytes(range(32)))
     wrong = w.cs.append(14, 0, link, sealed, w.now())
-    assert isinstance(wrong, wire.NeedSnapshot) and "link" in wrong.reason
-    assert w.cs.status().bytes_used == used and tip_of(w.cs.status()) == w.tip
+    assert isinstance(wrong, SnapshotNeeded) and "link" in wrong.reason
+    assert w.cs.status().bytes_used == used and w.cs.status().tip == w.tip
     assert chain_of(w) == [11, 12, 13]
 
 
 def test_replacement_and_pragma_records(w: Writer) -> None:
     w.snapshot(1)
-    assert isinstance(w.change(1, Kind.PRAGMA), wire.Ack)     # PRAGMA at the anchor's dv
-    assert isinstance(w.change(2), wire.Ack)
+    assert isinstance(w.change(1, Kind.PRAGMA), Stored)     # PRAGMA at the anchor's dv
+    assert isinstance(w.change(2), Stored)
     before = w.tip
-    assert isinstance(w.change(2), wire.Ack)                  # uncommitted batch replaced
-    assert isinstance(w.change(2), wire.Ack)                  # and again
+    assert isinstance(w.change(2), Stored)                  # uncommitted batch replaced
+    assert isinstance(w.change(2), Stored)                  # and again
     assert w.tip is not None and before is not None and w.tip.link == before.link
-    assert isinstance(w.change(2, Kind.PRAGMA), wire.Ack)
-    assert isinstance(w.change(3), wire.Ack)
+    assert isinstance(w.change(2, Kind.PRAGMA), Stored)
+    assert isinstance(w.change(3), Stored)
     st = w.cs.status()
-    assert tip_of(st) == w.tip and st.tip_kind == Kind.NORMAL
+    assert st.tip == w.tip and st.tip.kind == Kind.NORMAL
     f = verify(w.cs)
     assert f is not None and [dv for dv, _ in f.records] == [1, 2, 2, 2, 2, 3]
     assert f.tip == w.tip
@@ -115,14 +122,14 @@ def test_a_resent_newest_record_is_acked_once(w: Writer) -> None:
     """Each Ack, the first and the resend's, names the record it answers."""
     w.snapshot(5)
     link, sealed = w.seal(6)
-    assert w.send(6, Kind.NORMAL, link, sealed) == wire.Ack(6, Kind.NORMAL, link, False)
+    assert w.send(6, Kind.NORMAL, link, sealed) == Stored(6, Kind.NORMAL, link, False)
     used = w.cs.status().bytes_used
     again = w.cs.append(6, 0, link, sealed, w.now())
-    assert again == wire.Ack(6, Kind.NORMAL, link, False) and w.cs.status().bytes_used == used
+    assert again == Stored(6, Kind.NORMAL, link, False) and w.cs.status().bytes_used == used
     link2, sealed = w.seal(6, Kind.PRAGMA)
     assert link2 != link
-    assert w.send(6, Kind.PRAGMA, link2, sealed) == wire.Ack(6, Kind.PRAGMA, link2, False)
-    assert w.cs.append(6, 1, link2, sealed, w.now()) == wire.Ack(6, Kind.PRAGMA, link2, False)
+    assert w.send(6, Kind.PRAGMA, link2, sealed) == Stored(6, Kind.PRAGMA, link2, False)
+    assert w.cs.append(6, 1, link2, sealed, w.now()) == Stored(6, Kind.PRAGMA, link2, False)
     assert chain_of(w) == [6, 6]
 
 
@@ -144,16 +151,16 @@ def test_malformed_requests(w: Writer) -> None:
 def test_fresh_anchor_is_the_tip_and_survives_a_restart(store: Store, w: Writer) -> None:
     anchor = w.snapshot(42)
     st = w.cs.status()
-    assert st.has_tip and st.tip_data_version == 42 and st.tip_hash == anchor
-    assert st.tip_link == ZERO and st.snapshot_data_version == 42
+    assert st.tip is not None and st.tip.data_version == 42 and st.tip.hash == anchor
+    assert st.tip.link == ZERO and st.snapshot_data_version == 42
     assert w.cs.tip == snapshot_tip(42, anchor)    # one form of a snapshot's tip everywhere
     store, cs = reopen(store)
     st = cs.status()
-    assert (st.tip_data_version, st.tip_hash, st.tip_link) == (42, anchor, ZERO)
+    assert (st.tip.data_version, st.tip.hash, st.tip.link) == (42, anchor, ZERO)
     w2 = Writer(cs, seed=5)
     assert w2.tip == snapshot_tip(42, anchor) == cs.tip
-    assert isinstance(w2.change(42), wire.NeedSnapshot)       # cannot replace inside it
-    assert isinstance(w2.change(43), wire.Ack)
+    assert isinstance(w2.change(42), SnapshotNeeded)       # cannot replace inside it
+    assert isinstance(w2.change(43), Stored)
     assert chain_of(w2) == [43]
     store.close()
 
@@ -166,17 +173,17 @@ def test_anchored_snapshot_keeps_the_tip_and_records_follow_its_anchor(w: Writer
     anchor = w.tip.hash
     up = w.cs.begin_snapshot(15, anchor, w.now())
     for dv in range(16, 19):                                  # records flow during the upload
-        assert isinstance(w.change(dv), wire.Ack)
+        assert isinstance(w.change(dv), Stored)
     s = SnapshotSealer(NODE.pubkey, CLIENT_PRIV, b"\x44" * 32, 15, anchor)
     up.add_chunk(0, s.seal_chunk(snapshot_bytes(15, 0, 100)))
     assert w.cs.status().snapshot_data_version == 10          # not visible before commit
     up.commit(1, s.seal_manifest(0), w.now())
     st = w.cs.status()
-    assert st.snapshot_data_version == 15 and tip_of(st) == w.tip
+    assert st.snapshot_data_version == 15 and st.tip == w.tip
     f = verify(w.cs)
     assert f is not None and f.snapshot_dv == 15 and f.anchor == anchor
     assert [dv for dv, _ in f.records] == [16, 17, 18] and f.tip == w.tip
-    assert isinstance(w.change(19), wire.Ack)
+    assert isinstance(w.change(19), Stored)
 
 
 def test_fresh_snapshot_during_records_resets_the_tip(w: Writer) -> None:
@@ -185,13 +192,13 @@ def test_fresh_snapshot_during_records_resets_the_tip(w: Writer) -> None:
     anchor = w.new_anchor(30, anchored=False)
     s = SnapshotSealer(NODE.pubkey, CLIENT_PRIV, b"\x55" * 32, 30, anchor)
     up = w.cs.begin_snapshot(30, anchor, w.now())
-    assert isinstance(w.change(12), wire.Ack)                 # still the old chain
+    assert isinstance(w.change(12), Stored)                 # still the old chain
     up.add_chunk(0, s.seal_chunk(snapshot_bytes(30, 0, 50)))
     up.commit(1, s.seal_manifest(0), w.now())
     st = w.cs.status()
-    assert (st.tip_data_version, st.tip_hash, st.tip_link) == (30, anchor, ZERO)
-    w.tip = tip_of(st)
-    assert isinstance(w.change(31), wire.Ack)
+    assert (st.tip.data_version, st.tip.hash, st.tip.link) == (30, anchor, ZERO)
+    w.tip = st.tip
+    assert isinstance(w.change(31), Stored)
     assert chain_of(w) == [31]
     assert chain_of(w, 29) == [11, 12]                         # the older chain, point in time
 
@@ -247,10 +254,11 @@ def test_fetch_newest_and_point_in_time(w: Writer) -> None:
     assert w.cs.fetch(9) is None
     plan = w.cs.fetch(23)
     assert plan is not None
-    assert [c.index for c in plan.chunks()] == [0, 1, 2]
+    assert isinstance(plan.snapshot, SnapshotInfo)           # the store's own, not wire's
+    assert [c.index for c in plan.chunks() if isinstance(c, ChunkFrame)] == [0, 1, 2]
     chain = ChainVerifier(NODE, client_pub(), plan.snapshot.data_version, plan.snapshot.anchor)
     for r in plan.records():
-        assert isinstance(r, wire.FetchRecord) and r.time > 0
+        assert isinstance(r, RecordFrame) and r.time_ms > 0
         chain.open(r.data_version, Kind(r.kind), r.link, r.sealed)
     assert chain.tip.data_version == 23
     plan.close()
@@ -279,7 +287,7 @@ def test_two_generations_keep_a_usable_backup_at_every_step(store: Store, w: Wri
     for round_ in range(6):
         for _ in range(8):
             dv += 1
-            assert isinstance(w.change(dv, size=150), wire.Ack)
+            assert isinstance(w.change(dv, size=150), Stored)
             f = verify(w.cs)
             assert f is not None and same(f.tip, w.tip)
         fresh = round_ % 3 == 2
@@ -304,7 +312,7 @@ def test_two_generations_keep_a_usable_backup_at_every_step(store: Store, w: Wri
     segs = sorted((w.cs.folder / "log").glob("*.log"))
     assert len(segs) <= 6, segs                                # old segments were deleted
     store2, cs = reopen(store)
-    assert [s.data_version for s in cs.snapshots] == kept and same(tip_of(cs.status()), w.tip)
+    assert [s.data_version for s in cs.snapshots] == kept and same(cs.status().tip, w.tip)
     store2.close()
 
 
@@ -358,14 +366,14 @@ def test_quota_exceeded_stores_nothing(tmp_path: Path) -> None:
     msg = str(err.value)
     assert "of 3000 bytes are used" in msg and f"cldcb-server set {CID} --quota SIZE" in msg
     st = w.cs.status()
-    assert st.tip_data_version == acked and st.bytes_used <= 3000 and st.quota == 3000
+    assert st.tip.data_version == acked and st.bytes_used <= 3000 and st.quota == 3000
     assert chain_of(w)[-1] == acked
     with pytest.raises(QuotaExceeded):
         w.snapshot(acked, anchored=True)
     assert not list((w.cs.folder / "snapshots").glob("*.part"))
     store.change_settings(CID, quota=100_000)                  # the operator raises it
-    w.tip = tip_of(w.cs.status())
-    assert isinstance(w.change(acked + 1), wire.Ack)
+    w.tip = w.cs.status().tip
+    assert isinstance(w.change(acked + 1), Stored)
     store.close()
 
 
@@ -376,7 +384,7 @@ def test_want_snapshot_when_the_log_outgrows_the_snapshot(w: Writer) -> None:
     while True:
         dv += 1
         res = w.change(dv, size=100)
-        assert isinstance(res, wire.Ack)
+        assert isinstance(res, Stored)
         if w.cs.log.bytes_after(w.cs.snapshots[-1].start) > size:
             break
         assert not res.want_snapshot
@@ -474,9 +482,9 @@ def test_another_instance_sees_new_records_and_settings(store: Store, w: Writer)
     w.snapshot(3)
     other = Store.open(store.data_dir)
     reader = other.client(CID)
-    assert reader.status().tip_data_version == 3
+    assert reader.status().tip.data_version == 3
     w.change(4)
-    assert reader.status().tip_data_version == 4              # noticed, reloaded
+    assert reader.status().tip.data_version == 4              # noticed, reloaded
     other.change_settings(CID, quota=10**9)
     assert w.cs.status().quota == 10**9                        # settings reloaded
     other.close()
@@ -489,20 +497,20 @@ def test_a_vouched_writer_skips_the_checks_until_the_token_changes(store: Store,
     brings them back."""
     w.snapshot(3)
     w.cs.vouch((1, 0))
-    assert isinstance(w.change(4), wire.Ack)
+    assert isinstance(w.change(4), Stored)
     other = Store.open(store.data_dir)
     theirs = Writer(other.client(CID))               # another process took over
-    assert isinstance(theirs.change(5), wire.Ack)
+    assert isinstance(theirs.change(5), Stored)
     w.cs.vouch((1, 0))                                # the same token: not looked at
-    assert w.cs.status().tip_data_version == 4
+    assert w.cs.status().tip.data_version == 4
     w.cs.vouch((2, 0))                                # the takeover's generation
-    assert w.cs.status().tip_data_version == 5        # noticed, reloaded
+    assert w.cs.status().tip.data_version == 5        # noticed, reloaded
     w.tip = theirs.tip
     w.cs.vouch((2, 0))
-    assert isinstance(w.change(6), wire.Ack)
+    assert isinstance(w.change(6), Stored)
     other.change_settings(CID, quota=10**9)           # settings.json replaced
     w.cs.vouch((2, 0))
-    assert w.cs.status().quota == 0                   # (0: no quota)
+    assert w.cs.status().quota is None                # (None: no quota)
     w.cs.vouch((2, 1))                                # ... and the epoch bumped
     assert w.cs.status().quota == 10**9
     other.close()
@@ -510,19 +518,20 @@ def test_a_vouched_writer_skips_the_checks_until_the_token_changes(store: Store,
 
 def test_a_hot_path_append_never_grows_the_log(store: Store, w: Writer) -> None:
     """hot_path (an event loop's call): an append that would create or roll a segment
-    or zero-fill more of its tail raises BlockingIOError and changes nothing; the same
-    append without it grows the log; the next one fits and goes through."""
+    or zero-fill more of its tail answers Deferred.LOG_MUST_GROW (a result, not an
+    exception) and changes nothing; the same append without it grows the log; the next one
+    fits and goes through."""
     w.snapshot(3)
     link, sealed = w.seal(4)
     sizes = {p.name: p.stat().st_size for p in (w.cs.folder / "log").glob("*.log")}
-    with pytest.raises(BlockingIOError):        # the first record zero-fills a tail first
-        w.cs.append(4, int(Kind.NORMAL), link, sealed, w.now(), hot_path=True)
-    assert tip_of(w.cs.status()) == w.tip
+    deferred = w.cs.append(4, int(Kind.NORMAL), link, sealed, w.now(), hot_path=True)
+    assert deferred is Deferred.LOG_MUST_GROW    # the first record zero-fills a tail first
+    assert w.cs.status().tip == w.tip
     assert {p.name: p.stat().st_size for p in (w.cs.folder / "log").glob("*.log")} == sizes
-    assert isinstance(w.send(4, Kind.NORMAL, link, sealed), wire.Ack)
+    assert isinstance(w.send(4, Kind.NORMAL, link, sealed), Stored)
     link, sealed = w.seal(5)
     assert isinstance(w.cs.append(5, int(Kind.NORMAL), link, sealed, w.now(),
-                                  hot_path=True), wire.Ack)
+                                  hot_path=True), Stored)
 
 
 def test_a_live_upload_is_not_taken_for_debris(store: Store, w: Writer) -> None:

@@ -23,8 +23,7 @@ from pathlib import Path
 import pytest
 from store_crash_child import OTHER_PRIV, Writer, client_id, client_pub, verify
 
-from cldcb.core import wire
-from cldcb.store import Store
+from cldcb.store import Store, Stored
 
 CHILD = Path(__file__).parent / "store_crash_child.py"
 
@@ -146,12 +145,12 @@ def check_after_crash(data: Path, out: Outcome) -> None:
     snaps = out.done.get("snapshot", [])
     if not snaps:
         if not (out.inflight and out.inflight["op"] == "snapshot"):
-            assert not status.has_tip
+            assert status.tip is None
     else:
-        assert status.has_tip and status.tip_hash.hex() in allowed_tips, (
+        assert status.tip is not None and status.tip.hash.hex() in allowed_tips, (
             status, out.tips[-3:], out.inflight)
         fetched = verify(cs)
-        assert fetched is not None and fetched.tip.hash == status.tip_hash
+        assert fetched is not None and fetched.tip.hash == status.tip.hash
         last = snaps[-1]
         at = verify(cs, last["dv"])
         assert at is not None and at.anchor.hex() == last["anchor"]
@@ -170,12 +169,12 @@ def check_after_crash(data: Path, out: Outcome) -> None:
         w.snapshot(5)
     nxt = w.tip.data_version + 1
     res = w.change(nxt)
-    assert isinstance(res, wire.Ack), res
+    assert isinstance(res, Stored), res
     again = verify(cs)
     assert again is not None and again.tip == w.tip
     store.close()
     reopened = Store.open(data)
-    assert reopened.client(cid).status().tip_hash == w.tip.hash
+    assert reopened.client(cid).status().tip.hash == w.tip.hash
     reopened.close()
 
 

@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 from store_crash_child import OTHER_PRIV, Writer, client_id, verify
 
-from cldcb.core import wire
 from cldcb.errors import ChainError, StoreError
-from cldcb.store import Store
+from cldcb.store import SnapshotNeeded, Store, Stored
 from cldcb.store.frames import encode_record
 from cldcb.store.log import segment_records
 
@@ -24,7 +23,7 @@ def build(tmp_path: Path, segment_bytes: int = 1 << 20, records: int = 5) -> Wri
     w = Writer(store.client(CID))
     w.snapshot(10)
     for dv in range(11, 11 + records):
-        assert isinstance(w.change(dv, size=80), wire.Ack)
+        assert isinstance(w.change(dv, size=80), Stored)
     store.close()
     return w
 
@@ -75,8 +74,8 @@ def test_log_truncated_mid_record_is_cut_with_a_log_line(tmp_path: Path,
     assert "cut 30 bytes" in caplog.text and seg.name in caplog.text
     assert (seg.parent / f"{seg.name}.torn-{last}").stat().st_size == 30
     assert seg.stat().st_size == last
-    assert records(w) == [11, 12, 13, 14] and w.cs.status().tip_data_version == 14
-    assert isinstance(w.change(15), wire.Ack)
+    assert records(w) == [11, 12, 13, 14] and w.cs.status().tip.data_version == 14
+    assert isinstance(w.change(15), Stored)
     assert records(reopen(tmp_path)) == [11, 12, 13, 14, 15]
 
 
@@ -105,7 +104,7 @@ def test_zeros_after_the_last_record_are_the_zero_filled_tail(
         w = reopen(tmp_path)
     assert "cut" not in caplog.text and not list(seg.parent.glob("*.torn-*"))
     assert records(w) == [11, 12, 13, 14, 15]
-    assert isinstance(w.change(16), wire.Ack)
+    assert isinstance(w.change(16), Stored)
     assert records(reopen(tmp_path)) == [11, 12, 13, 14, 15, 16]
     assert record_offsets(seg)[-1] < seg.stat().st_size
 
@@ -137,7 +136,7 @@ def test_damage_in_an_older_segment_shows_when_read(tmp_path: Path) -> None:
     assert len(segs) >= 3
     flip(segs[0], record_offsets(segs[0])[1] + 70)
     w = reopen(tmp_path)                            # opening reads only the newest segment
-    assert w.cs.status().tip_data_version == 22
+    assert w.cs.status().tip.data_version == 22
     plan = w.cs.fetch()
     assert plan is not None
     assert len(list(plan.chunks())) == 3
@@ -145,7 +144,7 @@ def test_damage_in_an_older_segment_shows_when_read(tmp_path: Path) -> None:
         list(plan.records())
     with pytest.raises(StoreError, match="damaged"):
         w.snapshot(22, anchored=True)               # the anchor index reads it too
-    assert isinstance(w.change(23), wire.Ack)        # appending is not blocked
+    assert isinstance(w.change(23), Stored)        # appending is not blocked
 
 
 def test_a_missing_segment_is_a_clear_error(tmp_path: Path) -> None:
@@ -195,8 +194,8 @@ def test_a_damaged_published_snapshot_falls_back_a_generation(
     f = verify(w.cs)
     assert f is not None and f.snapshot_dv == 10
     assert [dv for dv, _ in f.records] == [11, 12, 13, 14, 15, 16]
-    assert w.cs.status().tip_data_version == 16 and w.cs.status().want_snapshot is not None
-    assert isinstance(w.change(17), wire.Ack)
+    assert w.cs.status().tip.data_version == 16 and w.cs.status().want_snapshot is not None
+    assert isinstance(w.change(17), Stored)
 
 
 def test_a_damaged_chunk_is_an_error_when_fetched(tmp_path: Path) -> None:
@@ -219,7 +218,7 @@ def _two_chains(tmp_path: Path) -> Path:
     w = build(tmp_path)
     store = Store.open(tmp_path)
     w = Writer(store.client(CID))
-    assert isinstance(w.change(20), wire.NeedSnapshot)
+    assert isinstance(w.change(20), SnapshotNeeded)
     w.snapshot(20)
     w.change(21)
     w.change(22)

@@ -15,10 +15,9 @@ import pytest
 from helpers.entries import recognition_entry
 from store_crash_child import CLIENT_PRIV, NODE, Writer, client_id, snapshot_bytes, verify
 
-from cldcb.core import wire
 from cldcb.core.seal import SnapshotSealer
 from cldcb.errors import StoreError
-from cldcb.store import OsFileLayer, Store
+from cldcb.store import OsFileLayer, Store, Stored
 from cldcb.store.snapshots import WRITEBACK_AHEAD
 
 CID = client_id()
@@ -137,7 +136,7 @@ def test_append_acks_only_after_the_record_is_fsynced(w: Writer, rec: Recorder) 
     for dv in range(14, 30):
         mark = len(rec.ops)
         res = w.change(dv, size=120)
-        assert isinstance(res, wire.Ack)
+        assert isinstance(res, Stored)
         ops = rec.ops[mark:]
         seg = ops[-1][1]
         assert ops[-1] == ("fsync", seg) and seg.endswith(".log"), ops
@@ -188,7 +187,7 @@ def test_failed_fsync_means_no_ack_and_nothing_kept(w: Writer, rec: Recorder, tm
     assert "nothing was stored" in str(exc.value)
     assert w.tip == tip and seg.read_bytes().rstrip(b"\0") == held      # cut back
     assert ("truncate", seg.name) in rec.ops
-    assert isinstance(w.change(14), wire.Ack)                    # the same instance goes on
+    assert isinstance(w.change(14), Stored)                    # the same instance goes on
     again = fresh(tmp_path)
     f = verify(again.cs)
     assert f is not None and [dv for dv, _ in f.records] == [11, 12, 13, 14]
@@ -213,7 +212,7 @@ def test_a_short_or_failed_write_is_cut_back(w: Writer, rec: Recorder, tmp_path:
     assert seg.read_bytes().rstrip(b"\0") == held
     rec.fault = None
     for dv in range(14, 20):                                     # short writes all along
-        assert isinstance(w.change(dv, size=100), wire.Ack)
+        assert isinstance(w.change(dv, size=100), Stored)
     f = verify(fresh(tmp_path).cs)
     assert f is not None and [dv for dv, _ in f.records] == list(range(11, 20))
 
@@ -230,8 +229,8 @@ def test_writes_are_refused_until_a_failed_append_is_cut_back(w: Writer, rec: Re
         w.cs.status()
     rec.fault = None
     st = w.cs.status()
-    assert st.tip_data_version == 13
-    assert isinstance(w.change(14), wire.Ack)
+    assert st.tip.data_version == 13
+    assert isinstance(w.change(14), Stored)
     f = verify(fresh(tmp_path).cs)
     assert f is not None and [dv for dv, _ in f.records] == [11, 12, 13, 14]
 
@@ -262,7 +261,7 @@ def test_failed_snapshot_commit_is_not_visible(w: Writer, rec: Recorder, tmp_pat
     assert w.cs.status().snapshot_data_version == 10
     snaps = w.cs.folder / "snapshots"
     assert not list(snaps.glob("*.part")) and len(list(snaps.glob("*.snap"))) == 1
-    assert isinstance(w.change(14), wire.Ack)
+    assert isinstance(w.change(14), Stored)
     again = fresh(tmp_path)
     assert again.cs.status().snapshot_data_version == 10
     assert [dv for dv, _ in verify(again.cs).records] == [11, 12, 13, 14]  # type: ignore
@@ -304,10 +303,10 @@ def test_failed_segment_creation(w: Writer, rec: Recorder, tmp_path: Path) -> No
     rec.fault = always("fsync_dir", "log", errno.EIO)
     with pytest.raises(StoreError):
         for dv in range(14, 40):
-            assert isinstance(w.change(dv, size=150), wire.Ack)
+            assert isinstance(w.change(dv, size=150), Stored)
     rec.fault = None
     acked = w.tip.data_version                                   # type: ignore[union-attr]
-    assert isinstance(w.change(acked + 1), wire.Ack)
+    assert isinstance(w.change(acked + 1), Stored)
     f = verify(fresh(tmp_path).cs)
     assert f is not None and [dv for dv, _ in f.records] == list(range(11, acked + 2))
 

@@ -100,12 +100,35 @@ in order (responses never overtake each other):
 - Any request may be answered by ``Error(code, text)``. Codes are in
   :class:`cldcb.core.wire.ErrorCode`; only PROTOCOL, AUTH, VERSION, SUPERSEDED and
   SHUTTING_DOWN end the session.
+
+Correlation
+-----------
+The client session keeps the requests it sent and not yet fully answered, oldest
+first, each with the token its transport gave (:meth:`ClientSession.send`,
+:meth:`ClientSession.write_frame`; whatever the transport waits on) and the answers
+it expects (:data:`ANSWERS`). A received answer is for the oldest one: the
+:class:`Received` event names that request's token and whether the request is
+done (its last answer: ``FetchEnd`` or ``Error`` for a fetch, the one answer
+otherwise). An answer of a type the request does not expect fails that request
+alone (``Received.unexpected`` says what was expected); an answer when no request
+is waiting is a :class:`~cldcb.errors.ProtocolError` that closes the session. A
+transport that loses the connection takes back the tokens still waiting
+(:meth:`ClientSession.forget_requests`).
+
+The per-change shortcuts (:meth:`ClientSession.write_frame`,
+:meth:`ClientSession.ack_in`; :meth:`ServerSession.write_in`,
+:meth:`ServerSession.ack`) give what the general way gives, without the message
+objects; each checks the same preconditions as the general way, stated once
+(:meth:`ClientSession._check_send`, :meth:`_Base._between_frames`,
+:meth:`ServerSession._refusal`), and where those refuse or bytes are held back
+gives nothing (None: the caller takes the general way) or raises the same.
 """
 
 from __future__ import annotations
 
 import hashlib
 import struct
+from collections import deque
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -134,6 +157,23 @@ auth and the listing request are a few hundred bytes)."""
 _ZERO33 = bytes(33)
 FATAL_CODES = frozenset({ErrorCode.PROTOCOL, ErrorCode.AUTH, ErrorCode.VERSION,
                          ErrorCode.SUPERSEDED, ErrorCode.SHUTTING_DOWN})
+STREAMED: tuple[type[wire.Message], ...] = ()
+"""The answers of a fetch: any number of them, up to ``FetchEnd`` (see above)."""
+_WRITE_ANSWERS: tuple[type[wire.Message], ...] = (wire.Ack, wire.NeedSnapshot)
+ANSWERS: dict[type[wire.Message], tuple[type[wire.Message], ...]] = {
+    wire.PutRecognition: (wire.Ok,),
+    wire.ListRecognitions: (wire.Recognitions,),
+    wire.StatusRequest: (wire.Status,),
+    wire.Write: _WRITE_ANSWERS,
+    wire.SnapshotBegin: (wire.Ok,),
+    wire.SnapshotChunk: (wire.ChunkAck,),
+    wire.SnapshotEnd: (wire.SnapshotAck,),
+    wire.Fetch: STREAMED,
+    wire.FetchGeneration: STREAMED,
+    wire.ListStates: (wire.States,),
+}
+"""Each request and the answers it expects (besides ``Error``); :data:`STREAMED`: a fetch's."""
+_WRITES = (wire.Write, wire.SnapshotBegin, wire.SnapshotChunk, wire.SnapshotEnd)
 
 
 class Role(IntEnum):
@@ -222,9 +262,16 @@ class Authenticated:
 
 @dataclass(frozen=True)
 class Received:
-    """A request (server side) or a response (client side) after the hello."""
+    """A request (server side) or a response (client side) after the hello.
+
+    Client side (see "Correlation" above): ``request`` is the token of the request it
+    answers, ``done`` whether it is that request's last answer, and ``unexpected``,
+    when not empty, says that it is no answer that request expects (which fails it)."""
 
     message: wire.Message
+    request: object = None
+    done: bool = True
+    unexpected: str = ""
 
 
 Event = HelloComplete | Authenticated | Received
@@ -265,13 +312,19 @@ class _Base:
         self._out.append(frame)
         return frame
 
+    def _between_frames(self) -> bool:
+        """Whether the session is open and holds no part of a frame: a whole frame
+        received now may skip the decoder (the per-change shortcuts)."""
+        return self._state == "open" and not self.closed and not self._decoder.pending
+
 
 class ClientSession(_Base):
     """The client end: pins the server id, proves the client key (or stays anonymous).
 
     ``client_priv`` None makes an anonymous session (list recognition entries
     only). Call :meth:`start`, then feed bytes to :meth:`receive_data`; the
-    first event is :class:`HelloComplete`, then :class:`Received` responses.
+    first event is :class:`HelloComplete`, then :class:`Received` responses, each
+    naming the token of the request it answers (see "Correlation" above).
     Raises :class:`AuthError` if the server is not the pinned one or refuses us,
     :class:`ProtocolError` on malformed input; an ``Error`` response with a
     fatal code is raised as :class:`RemoteError` and closes the session.
@@ -291,6 +344,7 @@ class ClientSession(_Base):
         self._state = "new"
         self.version = 0
         self._macs: AnswerMacs | None = None
+        self._pending: deque[tuple[object, tuple[type[wire.Message], ...]]] = deque()
 
     @property
     def established(self) -> bool:
@@ -304,39 +358,73 @@ class ClientSession(_Base):
         self._state = "hello-sent"
         return self.data_to_send()
 
-    def send(self, msg: wire.Message) -> bytes:
-        """Encode a request; returns its bytes (also left in :meth:`data_to_send`)."""
+    def _check_send(self, msg_type: type[wire.Message]) -> None:
+        """Raise unless this session may send a request of ``msg_type`` now."""
         if self._state != "open":
             raise ProtocolError("the session is not open (hello not complete, or closed)")
-        if self._priv is None and not isinstance(msg, wire.ListRecognitions):
+        if self._priv is None and msg_type is not wire.ListRecognitions:
             raise ProtocolError("an anonymous session can only list recognition entries")
+        if msg_type not in ANSWERS:
+            raise ProtocolError(f"{msg_type.__name__} is not a request")
+
+    def send(self, msg: wire.Message, token: object = None) -> bytes:
+        """Encode a request; returns its bytes (also left in :meth:`data_to_send`). Its
+        answers come as :class:`Received` events naming ``token``."""
+        self._check_send(type(msg))
         frame = self._emit(msg)
         if self._macs is not None:
             self._macs.request(frame)
+        self._pending.append((token, ANSWERS[type(msg)]))
         return frame
 
-    def write_frame(self, data_version: int, kind: int, link: bytes, sealed: bytes) -> bytes:
+    def write_frame(self, data_version: int, kind: int, link: bytes, sealed: bytes,
+                    token: object = None) -> bytes:
         """The bytes to write for ``Write(data_version, kind, link, sealed)``: what
         :meth:`send` then :meth:`data_to_send` give, without the message object (every
         change goes through here). Raises as :meth:`send`."""
-        if self._state != "open" or self._priv is None:
-            self.send(wire.Write(data_version, kind, link, sealed))   # raises the reason
+        self._check_send(wire.Write)
         frame = wire.write_frame(data_version, kind, link, sealed)
         assert self._macs is not None
         self._macs.request(frame)
+        self._pending.append((token, _WRITE_ANSWERS))
         return self.data_to_send() + frame if self._out else frame
 
-    def ack_in(self, data: bytes) -> wire.Ack | None:
-        """The Ack that ``data`` is, when it is exactly one whole Ack frame with this
-        session's MAC and nothing else was received before it: the event
+    def ack_in(self, data: bytes) -> tuple[object, wire.Ack] | None:
+        """The Ack that ``data`` is and the token of the Write it answers, when it is
+        exactly one whole Ack frame with this session's MAC, nothing else was received
+        before it and the oldest request waiting is a Write: the event
         :meth:`receive_data` would give, without the decoder (the answer to nearly every
         Write). None: feed :meth:`receive_data` (which raises what is wrong)."""
-        if self._state != "open" or self.closed or self._decoder.pending:
+        pending = self._pending
+        if not pending or pending[0][1] is not _WRITE_ANSWERS or not self._between_frames():
             return None
         ack = wire.ack_in(data)
         if ack is None or self._macs is None or not self._macs.check(data):
             return None
-        return ack
+        return pending.popleft()[0], ack
+
+    def forget_requests(self) -> list[object]:
+        """The tokens of the requests still waiting for an answer, oldest first; the
+        session forgets them (the transport fails them: the connection is gone)."""
+        tokens = [token for token, _ in self._pending]
+        self._pending.clear()
+        return tokens
+
+    def _answer(self, msg: wire.Message) -> Received:
+        """``msg`` as the answer to the oldest request waiting (see "Correlation")."""
+        if not self._pending:
+            raise self._fail(f"unexpected {type(msg).__name__} from the server")
+        token, expect = self._pending[0]
+        if expect is STREAMED:
+            done = isinstance(msg, (wire.FetchEnd, wire.Error))
+            if done:
+                self._pending.popleft()
+            return Received(msg, token, done)
+        self._pending.popleft()
+        if isinstance(msg, (wire.Error, *expect)):
+            return Received(msg, token)
+        return Received(msg, token, unexpected=f"expected "
+                        f"{' or '.join(e.__name__ for e in expect)}, got {type(msg).__name__}")
 
     def receive_data(self, data: bytes) -> list[Event]:
         if self.closed:
@@ -364,7 +452,7 @@ class ClientSession(_Base):
                 raise RemoteError(msg.code, msg.text)
             if self._macs is not None:
                 self._macs.take(msg.TYPE)
-            return [Received(msg)]
+            return [self._answer(msg)]
         if self._state == "hello-sent":
             if not isinstance(msg, wire.HelloReply):
                 raise self._fail(f"expected HelloReply, got {type(msg).__name__}")
@@ -388,7 +476,7 @@ class ClientSession(_Base):
                         "server's operator")
             elif self._macs is not None:
                 self._macs.take(msg.TYPE)
-            return [Received(msg)]
+            return [self._answer(msg)]
         raise self._fail(f"unexpected {type(msg).__name__} before the hello")
 
     def _fail(self, text: str) -> ProtocolError:
@@ -483,7 +571,7 @@ class ServerSession(_Base):
         exactly one whole Write frame and nothing else was received before it: the
         request :meth:`receive_data` would give, without the decoder (nearly every
         request of a streaming writer). None: feed :meth:`receive_data`."""
-        if self.role is not Role.WRITER or self.closed or self._decoder.pending:
+        if not self._between_frames() or self._refusal(wire.Write):
             return None
         write = wire.write_in(data)
         if write is not None and self._macs is not None:
@@ -546,19 +634,23 @@ class ServerSession(_Base):
         if self._state == "authenticating":
             self.refuse(ErrorCode.PROTOCOL, f"unexpected {type(msg).__name__} before AuthOk")
             return []
-        if self.client_id is None and not isinstance(msg, wire.ListRecognitions):
-            self.send(wire.Error(int(ErrorCode.NOT_ALLOWED),
-                                 "an anonymous session can only list recognition entries"))
-            return []
-        if self.role != Role.WRITER and isinstance(
-                msg, (wire.Write, wire.SnapshotBegin, wire.SnapshotChunk, wire.SnapshotEnd)):
-            self.send(wire.Error(int(ErrorCode.NOT_ALLOWED),
-                                 "a read-only session cannot write; connect as a writer"))
+        refusal = self._refusal(type(msg))
+        if refusal:
+            self.send(wire.Error(int(ErrorCode.NOT_ALLOWED), refusal))
             return []
         if isinstance(msg, (wire.Hello, wire.Auth)) or msg.TYPE >= 30:
             self.refuse(ErrorCode.PROTOCOL, f"unexpected {type(msg).__name__}")
             return []
         return [Received(msg)]
+
+    def _refusal(self, msg_type: type[wire.Message]) -> str:
+        """Why this open session may not make a request of ``msg_type`` ("": it may): what
+        anonymous and read-only sessions may ask, for :meth:`_handle` and :meth:`write_in`."""
+        if self.client_id is None and msg_type is not wire.ListRecognitions:
+            return "an anonymous session can only list recognition entries"
+        if self.role is not Role.WRITER and msg_type in _WRITES:
+            return "a read-only session cannot write; connect as a writer"
+        return ""
 
     def _on_hello(self, msg: wire.Hello) -> list[Event]:
         lo, hi = max(msg.min_version, SUPPORTED_VERSIONS[0]), min(msg.max_version,

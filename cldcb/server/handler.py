@@ -75,7 +75,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from cldcb.core import wire
 from cldcb.core.session import Authenticated, Received, Role, ServerSession
@@ -89,7 +89,16 @@ from cldcb.errors import (
     Superseded,
 )
 from cldcb.server.workers import ClientLock, StorePool
-from cldcb.store import ClientStore, Store
+from cldcb.store import (
+    AppendResult,
+    ClientStore,
+    Deferred,
+    Holding,
+    SnapshotNeeded,
+    Store,
+    Stored,
+)
+from cldcb.store.frames import ChunkFrame, RecordFrame
 from cldcb.store.locks import Lease, bump_generation, flocked, open_lock, read_counters
 
 log = logging.getLogger("cldcb.server")
@@ -115,6 +124,7 @@ FETCH_BATCH_BYTES = 1 << 20
 """Sealed bytes of fetched items read from the store in one worker call and sent in one
 write (at least one item): a record is a few hundred bytes, and one call and one SSH packet
 per record would cost far more than the record itself."""
+_ZERO = bytes(32)
 COMPLAINT_PERIOD = 60.0
 """A client's malformed requests are logged at most once per this many seconds."""
 
@@ -202,11 +212,35 @@ def _weight(msg: wire.Message) -> int:
 
 
 def _quick_call(msg: wire.Write | wire.StatusRequest) -> Callable[[Any], wire.Message]:
-    """The store call answering a record append or a status request (in a worker)."""
+    """The store call answering a record append or a status request (in a worker), and
+    its answer."""
     if isinstance(msg, wire.Write):
         t = now_ms()
-        return lambda cs: cs.append(msg.data_version, msg.kind, msg.link, msg.sealed, t)
-    return lambda cs: cs.status()
+        return lambda cs: _append_answer(cs.append(msg.data_version, msg.kind, msg.link,
+                                                   msg.sealed, t))
+    return lambda cs: _status_answer(cs.status())
+
+
+def _append_answer(result: AppendResult) -> wire.Ack | wire.NeedSnapshot:
+    """The answer to a ``Write`` the store took (``Ack``) or refused (``NeedSnapshot``)."""
+    if type(result) is Stored:
+        return wire.Ack(result.data_version, result.kind, result.link, result.want_snapshot)
+    if type(result) is SnapshotNeeded:
+        return wire.NeedSnapshot(result.data_version, result.reason)
+    raise AssertionError(f"{result} is no answer: only a hot-path append defers")
+
+
+def _status_answer(held: Holding) -> wire.Status:
+    """The ``Status`` of what the store holds for the client: the tip's link is 32 zero
+    bytes when the tip is a snapshot's anchor (see :mod:`cldcb.store`)."""
+    t = held.tip
+    return wire.Status(
+        has_tip=t is not None, tip_data_version=t.data_version if t else 0,
+        tip_kind=int(t.kind) if t else 0, tip_hash=t.hash if t else _ZERO,
+        tip_link=t.link if t else _ZERO, tip_time=held.tip_time if t else 0,
+        snapshot_data_version=held.snapshot_data_version, snapshot_time=held.snapshot_time,
+        bytes_used=held.bytes_used, quota=held.quota or 0, append_only=held.append_only,
+        want_snapshot=held.want_snapshot, generations=held.generations)
 
 
 class SessionHandler:
@@ -247,16 +281,15 @@ class SessionHandler:
         self._task = asyncio.get_running_loop().create_task(self._serve())
 
     def data_received(self, data: bytes) -> None:
-        if self.role is Role.WRITER:
-            write = self.session.write_in(data)       # nearly every request of a writer
-            if write is not None:
-                self._unanswered += len(write.sealed)
-                if not self._answer_inline(write):
-                    self._queue.put_nowait(Received(write))
-                    self._backlog_check()
-                elif self._held is not None or self._paused:
-                    self._backlog_check()
-                return
+        write = self.session.write_in(data)           # nearly every request of a writer
+        if write is not None:
+            self._unanswered += len(write.sealed)
+            if not self._answer_inline(write):
+                self._queue.put_nowait(Received(write))
+                self._backlog_check()
+            elif self._held is not None or self._paused:
+                self._backlog_check()
+            return
         events = self.session.receive_data(data)
         self._flush()
         for ev in events:
@@ -301,13 +334,13 @@ class SessionHandler:
             return False
         if core.quiet(self) and _weight(msg) <= INLINE_BYTES:
             try:
-                self._inline(msg)
-            except BlockingIOError:
-                lock.release()
-                return False  # the lock is another process's, or the log must grow: queue it
+                taken = self._inline(msg)
             except Exception as exc:  # noqa: BLE001 - answered like every request
                 self._answer_error(exc)
+                taken = True
             lock.release()
+            if not taken:
+                return False  # the lock is another process's, or the log must grow: queue it
             self._unanswered -= _weight(msg)
             self._answered()
             return True
@@ -491,29 +524,36 @@ class SessionHandler:
             cs.vouch(counters)
         return cs
 
-    def _inline(self, msg: wire.Write | wire.StatusRequest) -> None:
+    def _inline(self, msg: wire.Write | wire.StatusRequest) -> bool:
         """Answer a record append or a status right here, on the event loop, under the
-        lock taken without waiting: BlockingIOError, nothing done, if another process
-        holds it or the log must grow first. The answer leaves before the lock is let
+        lock taken without waiting; True if answered. False, nothing done, if another
+        process holds the lock or the log must grow first (the store's
+        :data:`~cldcb.store.Deferred`). The answer leaves before the lock is let
         go (this is the path every change of a streaming writer takes), and the lock is
         kept for the next record while they come one after another (a
         :class:`~cldcb.store.locks.Lease`, let go by :meth:`_lease_check`)."""
         if self._lease is None:
             self._lease = Lease(self._lock_file())
         lease = self._lease
+        counters = lease.hold(time.monotonic())
+        if counters is None:
+            return False
         try:
-            cs = self._store_under(lease.hold(time.monotonic()))
+            cs = self._store_under(counters)
             if type(msg) is wire.Write:
-                answer = cs.append(msg.data_version, msg.kind, msg.link, msg.sealed, now_ms(),
+                result = cs.append(msg.data_version, msg.kind, msg.link, msg.sealed, now_ms(),
                                    hot_path=True)
-                if type(answer) is wire.Ack:
-                    self.sink.write(self.session.ack(answer.data_version, answer.kind,
-                                                     answer.link, answer.want_snapshot))
-                    answer = None
+                if type(result) is Stored:
+                    self.sink.write(self.session.ack(result.data_version, result.kind,
+                                                     result.link, result.want_snapshot))
+                elif result is Deferred.LOG_MUST_GROW:
+                    lease.release()
+                    return False
+                else:
+                    self.session.send(_append_answer(result))
+                    self._flush()
             else:
-                answer = cs.status()
-            if answer is not None:
-                self.session.send(answer)
+                self.session.send(_status_answer(cs.status()))
                 self._flush()
         except BaseException:
             lease.release()
@@ -521,6 +561,7 @@ class SessionHandler:
         if self._lease_timer is None:
             self._lease_timer = asyncio.get_running_loop().call_later(Lease.HOLD,
                                                                       self._lease_check)
+        return True
 
     def _lease_check(self) -> None:
         """Let the kept lock go once it is due (:meth:`Lease.due`), else look again then."""
@@ -543,16 +584,13 @@ class SessionHandler:
                      quick: wire.Write | wire.StatusRequest | None = None) -> Any:
         """``fn(client_store)`` under the client's locks. ``quick``: the request ``fn``
         answers; if the server is quiet it is answered by :meth:`_inline` instead, and
-        None is returned (BlockingIOError from it: ``fn`` then)."""
+        None is returned (unless it could not take it: ``fn`` then)."""
         assert self.client_id
         core = self.core
         async with core.lock(self.client_id):
-            if quick is not None and core.quiet(self) and _weight(quick) <= INLINE_BYTES:
-                try:
-                    self._inline(quick)
-                    return None
-                except BlockingIOError:
-                    pass  # another process holds the lock, or the log must grow
+            if quick is not None and core.quiet(self) and _weight(quick) <= INLINE_BYTES \
+                    and self._inline(quick):
+                return None  # (else another process holds the lock, or the log must grow)
             core.inflight += 1
             try:
                 return await core.run(self._locked(fn))
@@ -629,17 +667,23 @@ class SessionHandler:
                                                             f" numbered {generation}")))
             return
         try:
-            s.send(plan.snapshot)
+            snap = plan.snapshot
+            s.send(wire.FetchSnapshot(snap.data_version, snap.anchor, snap.chunk_count,
+                                      snap.manifest, snap.time_ms))
             count = 0
-            for source in (plan.chunks(), plan.records()):
+            for records, source in ((False, plan.chunks()), (True, plan.records())):
                 while True:
                     items, failed = await self._store(lambda _cs, src=source: _take(src))
                     if self.session.closed:
                         return
-                    for item in items:
-                        if isinstance(item, wire.FetchRecord):
-                            count += 1
-                        s.send(item)
+                    if records:
+                        for r in items:
+                            s.send(wire.FetchRecord(r.data_version, r.kind, r.link, r.sealed,
+                                                    r.time_ms))
+                        count += len(items)
+                    else:
+                        for c in items:
+                            s.send(wire.FetchChunk(c.index, c.sealed))
                     self._flush()
                     if failed is not None:
                         raise failed    # after the items read before it, as one by one
@@ -652,12 +696,14 @@ class SessionHandler:
             await self._store(lambda _cs: plan.close())
 
 
-def _take(items: Iterator[wire.FetchChunk] | Iterator[wire.FetchRecord],
-          limit: int = FETCH_BATCH_BYTES
-          ) -> tuple[list[wire.FetchChunk | wire.FetchRecord], Exception | None]:
+_Item = TypeVar("_Item", ChunkFrame, RecordFrame)
+
+
+def _take(items: Iterator[_Item], limit: int = FETCH_BATCH_BYTES
+          ) -> tuple[list[_Item], Exception | None]:
     """The next items of a fetch, up to ``limit`` sealed bytes (at least one item; none
     at the end), and the error that stopped reading them, if one did."""
-    out: list[wire.FetchChunk | wire.FetchRecord] = []
+    out: list[_Item] = []
     size = 0
     try:
         for item in items:

@@ -6,7 +6,12 @@ with one lock per client held by the caller around every call on that client
 (including the calls on the :class:`SnapshotUpload` and the iterators of the
 :class:`FetchPlan` it hands out). The store never sees plaintext: records,
 chunks and manifests are sealed to the node (:mod:`cldcb.core.seal`); it knows
-data_versions, kinds, links, hashes, sizes and times.
+data_versions, kinds, links, hashes, sizes and times. It knows nothing of the
+protocol either: its calls answer with results of its own
+(:mod:`cldcb.store.results`: :class:`Stored`, :class:`SnapshotNeeded`,
+:data:`Deferred`, :class:`Holding`; a fetch's :class:`SnapshotInfo`,
+:class:`ChunkFrame` and :class:`RecordFrame`), which the server
+(:mod:`cldcb.server.handler`) maps to its wire messages.
 
 Layout
 ------
@@ -80,21 +85,29 @@ being the newest, so only the newest one ever has a tail. Sizes, quota and
 The *tip* is the newest thing held: the newest record (``Tip(data_version,
 kind, hash, link)``) or, when a fresh snapshot has no record after it yet,
 that snapshot's anchor (``Tip(data_version, NORMAL, anchor, link=32 zero
-bytes, is_snapshot=True)``; ``Status.tip_link`` is then zero, which no record's
-link is). :meth:`ClientStore.append` asks
+bytes, is_snapshot=True)``; the server's ``Status.tip_link`` is then zero, which
+no record's link is). :meth:`ClientStore.append` asks
 :func:`cldcb.core.dataversion.decide` about the record:
 
 - no tip (nothing held), a SNAPSHOT decision, or a link other than the one
-  the decision names → ``NeedSnapshot(data_version, reason)``; nothing stored;
+  the decision names → ``SnapshotNeeded(data_version, reason)`` (the server's
+  ``NeedSnapshot``); nothing stored;
 - the record equal to the tip (same data_version, kind, link and hash: a
-  resend after a lost ack) → ``Ack`` without storing it twice;
+  resend after a lost ack) → ``Stored`` (the server's ``Ack``) without storing
+  it twice;
 - otherwise quota check, write the frame **data-synced** (one
   ``pwritev(RWF_DSYNC)`` on Linux, else ``pwrite`` then ``fdatasync``: the
-  data and, when the file grew, its size), and only then ``Ack``;
+  data and, when the file grew, its size), and only then ``Stored``;
   the tip becomes :func:`cldcb.core.dataversion.advance` of the old one.
 
-Every ``Ack`` names the record it answers (its data_version, kind and link, as
-the request gave them). ``Ack.want_snapshot`` and ``Status.want_snapshot`` are
+A *hot-path* append (``hot_path=True``: the server answering on its event
+loop, where no call may wait on the disk longer than a record's own write)
+that would have to grow the log first (a new segment, or more zero-filled
+tail) returns ``Deferred.LOG_MUST_GROW`` having done nothing: the server then
+makes the same call in a worker thread.
+
+Every ``Stored`` names the record it answers (its data_version, kind and link, as
+the request gave them). ``Stored.want_snapshot`` and ``Holding.want_snapshot`` are
 true when there is no snapshot, or when the log from the newest snapshot's
 start on is larger (in bytes) than that snapshot's file.
 
@@ -241,6 +254,8 @@ is safe while a daemon writes.
 from cldcb.store.client import ClientStore, FetchPlan, SnapshotUpload
 from cldcb.store.fs import FileLayer, OsFileLayer
 from cldcb.store.registry import SEGMENT_BYTES, ClientInfo, Store
+from cldcb.store.results import AppendResult, Deferred, Holding, SnapshotNeeded, Stored
 
-__all__ = ["SEGMENT_BYTES", "ClientInfo", "ClientStore", "FetchPlan", "FileLayer",
-           "OsFileLayer", "SnapshotUpload", "Store"]
+__all__ = ["SEGMENT_BYTES", "AppendResult", "ClientInfo", "ClientStore", "Deferred",
+           "FetchPlan", "FileLayer", "Holding", "OsFileLayer", "SnapshotNeeded",
+           "SnapshotUpload", "Store", "Stored"]

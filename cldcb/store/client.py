@@ -27,9 +27,10 @@ from cldcb.core.seal import item_hash
 from cldcb.errors import BadRequest, QuotaExceeded, StoreError
 from cldcb.store.chains import ChainWalk, chain_stop, list_states
 from cldcb.store.crashpoints import crashpoint
-from cldcb.store.frames import encode_record, frame_len
+from cldcb.store.frames import ChunkFrame, RecordFrame, encode_record, frame_len
 from cldcb.store.fs import FileLayer, ensure_dir, io_error, replace_file
 from cldcb.store.log import LogEntry, Pos, SegmentLog, SegmentRange, iter_ranges
+from cldcb.store.results import AppendResult, Deferred, Holding, SnapshotNeeded, Stored
 from cldcb.store.settings import SETTINGS, read_settings
 from cldcb.store.snapshots import (
     SnapshotInfo,
@@ -43,7 +44,6 @@ from cldcb.store.snapshots import (
 
 log = logging.getLogger("cldcb.store")
 
-ZERO = bytes(32)
 _KINDS = {int(k): k for k in Kind}      # a wire kind → Kind, without Enum's slow call
 SEEN = "last_seen"
 
@@ -169,23 +169,18 @@ class ClientStore:
         newest = self.snapshots[-1]
         return self.log.bytes_after(newest.start) > newest.size
 
-    def status(self) -> wire.Status:
-        """What this server holds for the client. ``tip_link`` is 32 zero bytes when the
-        tip is a snapshot's anchor (no record after it yet)."""
+    def status(self) -> Holding:
+        """What this server holds for the client (see :class:`Holding`)."""
         self._ready()
         t = self.tip
         snap = self.snapshots[-1] if self.snapshots else None
-        return wire.Status(
-            has_tip=t is not None,
-            tip_data_version=t.data_version if t else 0,
-            tip_kind=int(t.kind) if t else 0,
-            tip_hash=t.hash if t else ZERO,
-            tip_link=t.link if t else ZERO,
+        return Holding(
+            tip=t,
             tip_time=self.tip_time if t else 0,
             snapshot_data_version=snap.data_version if snap else -1,
             snapshot_time=snap.time_ms if snap else 0,
             bytes_used=self.bytes_used,
-            quota=self.settings.quota or 0,
+            quota=self.settings.quota,
             append_only=self.settings.append_only,
             want_snapshot=self._want_snapshot(),
             generations=self.settings.generations)
@@ -205,11 +200,13 @@ class ClientStore:
 
     # -- records -----------------------------------------------------------------------
     def append(self, data_version: int, kind: int, link: bytes, sealed: bytes,
-               now_ms: int, *, hot_path: bool = False) -> wire.Ack | wire.NeedSnapshot:
-        """Store a record if it continues the chain; Ack only once it is fsynced.
+               now_ms: int, *, hot_path: bool = False) -> AppendResult:
+        """Store a record if it continues the chain: :class:`Stored` only once it is
+        fsynced (or already held), else :class:`SnapshotNeeded` with nothing stored.
 
-        ``hot_path`` (the server answering on its event loop): raise BlockingIOError, having
-        changed nothing, if the log must grow first (see :meth:`SegmentLog.must_grow`)."""
+        ``hot_path`` (the server answering on its event loop): :data:`Deferred.LOG_MUST_GROW`,
+        having changed nothing, if the log must grow first (see
+        :meth:`SegmentLog.must_grow`)."""
         self._ready(write=True)
         check_data_version(data_version)
         k = _KINDS.get(kind)
@@ -221,15 +218,15 @@ class ClientStore:
         tip = self.tip
         if tip is not None and tip.data_version == data_version and not tip.is_snapshot \
                 and (tip.kind, tip.link, tip.hash) == (k, link, h):
-            return wire.Ack(data_version, kind, link, self._want_snapshot())  # a resend
+            return Stored(data_version, kind, link, self._want_snapshot())  # a resend
         if next_link(tip, data_version, k) == link:    # the usual case: the next change
             new_tip = Tip(data_version, k, h, link)
         else:
             decision = decide(tip, data_version, k)
             if tip is None or decision.action is Action.SNAPSHOT or decision.link is None:
-                return wire.NeedSnapshot(data_version, decision.reason)
+                return SnapshotNeeded(data_version, decision.reason)
             if decision.link != link:
-                return wire.NeedSnapshot(
+                return SnapshotNeeded(
                     data_version, f"the record does not continue this server's chain: "
                     f"{decision.reason}, so its link should be {decision.link.hex()[:16]}…, "
                     f"it is {link.hex()[:16]}…")
@@ -237,13 +234,13 @@ class ClientStore:
         frame = encode_record(data_version, k, link, now_ms, sealed)
         self._check_quota(len(frame), "a record")
         if hot_path and self.log.must_grow(len(frame)):
-            raise BlockingIOError("the log must grow first: not a hot-path append")
+            return Deferred.LOG_MUST_GROW
         pos = self.log.append(frame)
         self.tip = new_tip
         self.tip_time = now_ms
         if self._index is not None:
             self._index[h] = (pos, (pos[0], pos[1] + len(frame)), data_version)
-        return wire.Ack(data_version, kind, link, self._want_snapshot())
+        return Stored(data_version, kind, link, self._want_snapshot())
 
     def _ensure_index(self) -> dict[bytes, tuple[Pos, Pos, int]]:
         """hash → (position, end, data_version) of the records since the oldest snapshot."""
@@ -466,27 +463,28 @@ class SnapshotUpload:
 
 
 class FetchPlan:
-    """A snapshot and the records after it; files are opened now and read lazily."""
+    """A snapshot (:attr:`snapshot`), its chunks and the records of its chain after it;
+    files are opened now and read lazily."""
 
     def __init__(self, info: SnapshotInfo, snap_file: BinaryIO, ranges: list[SegmentRange],
                  at_data_version: int) -> None:
-        self.info = info
-        self.snapshot = info.fetch_message()
+        self.snapshot = info
         self._snap_file = snap_file
         self._ranges = ranges
         self._at = at_data_version
 
-    def chunks(self) -> Iterator[wire.FetchChunk]:
-        return iter_chunks(self._snap_file, self.info)
+    def chunks(self) -> Iterator[ChunkFrame]:
+        return iter_chunks(self._snap_file, self.snapshot)
 
-    def records(self) -> Iterator[wire.FetchRecord]:
+    def records(self) -> Iterator[RecordFrame]:
         return self._records(iter_ranges(self._ranges))
 
-    def _records(self, entries: Iterator[LogEntry]) -> Iterator[wire.FetchRecord]:
-        for e in ChainWalk(self.info, pass_breaks=True).follow(entries):
+    def _records(self, entries: Iterator[LogEntry]) -> Iterator[RecordFrame]:
+        at = self._at
+        for e in ChainWalk(self.snapshot, pass_breaks=True).follow(entries):
             r = e.record
-            if self._at == -1 or r.data_version <= self._at:
-                yield wire.FetchRecord(r.data_version, r.kind, r.link, r.sealed, r.time_ms)
+            if at == -1 or r.data_version <= at:
+                yield r
 
     def close(self) -> None:
         self._snap_file.close()

@@ -114,6 +114,8 @@ def valid_frame_after(f: BinaryIO, offset: int, end: int, magic: bytes) -> int |
 
 @dataclass(frozen=True)
 class RecordFrame:
+    """A stored record: what a fetch serves of it (the receive time too)."""
+
     data_version: int
     kind: int
     link: bytes
@@ -134,6 +136,14 @@ def decode_record(body: bytes) -> RecordFrame:
 
 def encode_chunk(index: int, sealed: bytes) -> bytes:
     return encode_frame(CHUNK_MAGIC, CHUNK_HEAD.pack(index), sealed)
+
+
+@dataclass(frozen=True)
+class ChunkFrame:
+    """A stored snapshot chunk: its index and sealed bytes."""
+
+    index: int
+    sealed: bytes
 
 
 def decode_chunk(body: bytes) -> tuple[int, bytes]:

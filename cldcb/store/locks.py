@@ -65,7 +65,7 @@ class Lease:
     Taking the lock for every record costs three system calls (lock, read the
     counters, unlock) on the path every change takes. A writer that answers its
     records on an event loop keeps it instead for up to :attr:`HOLD` seconds:
-    :meth:`hold` takes it without waiting (BlockingIOError if another holds it)
+    :meth:`hold` takes it without waiting (None if another holds it)
     and reads the counters once; while it is held nobody else can change them or
     the client's files, so the records that follow need neither. The holder calls
     :meth:`release` once :meth:`due` (so another process, an admin command or a
@@ -82,11 +82,15 @@ class Lease:
         self.counters: tuple[int, int] | None = None
         self._since = 0.0
 
-    def hold(self, now: float) -> tuple[int, int]:
-        """Take the lock at ``now`` if not held yet; the counters."""
+    def hold(self, now: float) -> tuple[int, int] | None:
+        """Take the lock at ``now`` if not held yet; the counters, or None (nothing taken)
+        when another holds the lock."""
         counters = self.counters
         if counters is None:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return None
             try:
                 counters = self.counters = read_counters(self._fd)
             except BaseException:

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from cldcb.core import wire
 from cldcb.errors import Damage, StoreError
 from cldcb.store.crashpoints import crashpoint
 from cldcb.store.frames import (
@@ -35,6 +34,7 @@ from cldcb.store.frames import (
     SNAPSHOT_HEADER,
     TRAILER_HEAD,
     TRAILER_MAGIC,
+    ChunkFrame,
     decode_chunk,
     encode_chunk,
     encode_frame,
@@ -65,10 +65,6 @@ class SnapshotInfo:
     manifest: bytes
     size: int
     trailer_offset: int
-
-    def fetch_message(self) -> wire.FetchSnapshot:
-        return wire.FetchSnapshot(self.data_version, self.anchor, self.chunk_count,
-                                  self.manifest, self.time_ms)
 
 
 def snapshot_path(folder: Path, seq: int) -> Path:
@@ -264,7 +260,7 @@ class TempSnapshot:
                 pass
 
 
-def iter_chunks(f: BinaryIO, info: SnapshotInfo) -> Iterator[wire.FetchChunk]:
+def iter_chunks(f: BinaryIO, info: SnapshotInfo) -> Iterator[ChunkFrame]:
     """The chunks of a published snapshot, checked; closes ``f`` when done."""
     try:
         expect = 0
@@ -275,7 +271,7 @@ def iter_chunks(f: BinaryIO, info: SnapshotInfo) -> Iterator[wire.FetchChunk]:
                 if index != expect:
                     raise Damage(0, f"chunk {index} stands where chunk {expect} belongs")
                 expect += 1
-                yield wire.FetchChunk(index, sealed)
+                yield ChunkFrame(index, sealed)
         except Damage as d:
             raise StoreError(f"snapshot file {info.path} is damaged ({d}); fetch an older "
                              "point in time, or restore the file from a copy") from None

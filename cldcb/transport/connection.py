@@ -18,9 +18,13 @@ Either may go through a SOCKS5 proxy (:mod:`cldcb.transport.proxy`): the spec's
 resolves the host name; the host key is checked exactly as on a direct
 connection; timeouts and keepalives are those of the route's patience.
 
-Requests may be issued concurrently from several tasks: each one is written
-and its waiter queued without yielding in between, and the server answers in
-order. :meth:`Connection.write_nowait` is the callback form of ``write`` for
+This module is the I/O adapter of a :class:`~cldcb.core.session.ClientSession`: it
+feeds the session the bytes received and writes what it gives; the session owns
+the protocol's state, request correlation included (which request an answer is
+for, whether it is the last one, whether it is of the kind expected). Each
+request is sent with its waiter as the session's token, and each answer the
+session names is handed to that waiter. Requests may be issued concurrently
+from several tasks. :meth:`Connection.write_nowait` is the callback form of ``write`` for
 the plugin's hot path: the answer is handed over synchronously from the
 receiving callback, with no task switch in between. ``TransportError``
 means the connection is gone (all waiters fail with it); ``RemoteError`` is
@@ -180,7 +184,6 @@ class Connection:
         self._ssh: asyncssh.SSHClientConnection | None = None
         self._chan: asyncssh.SSHClientChannel[bytes] | None = None
         self._hello: asyncio.Future[HelloComplete] = asyncio.get_running_loop().create_future()
-        self._waiters: deque[asyncio.Future[Any] | _FetchWaiter | _CallbackWaiter] = deque()
         self._error: BaseException | None = None
         self._keepalive: Keepalive | None = None
 
@@ -277,12 +280,14 @@ class Connection:
             return
         if self._keepalive is not None:
             self._keepalive.received += 1
-        waiters = self._waiters
-        if waiters and type(waiters[0]) is _CallbackWaiter:
-            ack = self._session.ack_in(data)        # the answer to nearly every Write
-            if ack is not None:
-                waiters.popleft().done(ack)
-                return
+        acked = self._session.ack_in(data)          # the answer to nearly every Write
+        if acked is not None:
+            waiter, ack = acked
+            if type(waiter) is _CallbackWaiter:
+                waiter.done(ack)
+            else:
+                self._answered(Received(ack, waiter))
+            return
         try:
             events = self._session.receive_data(data)
         except CldcbError as exc:
@@ -296,52 +301,46 @@ class Connection:
                 if not self._hello.done():
                     self._hello.set_result(ev)
             elif isinstance(ev, Received):
-                self._dispatch(ev.message)
+                self._answered(ev)
 
-    def _dispatch(self, msg: wire.Message) -> None:
-        if not self._waiters:
-            self._fail(ProtocolError(f"unexpected {type(msg).__name__} from the server"))
-            return
-        head = self._waiters[0]
-        if isinstance(head, _FetchWaiter):
-            head.put(msg)
-            head.queued += len(getattr(msg, "sealed", b""))
-            if head.queued > FETCH_QUEUE_BYTES and not head.paused and self._chan is not None:
-                head.paused = True
+    def _answered(self, ev: Received) -> None:
+        """Hand an answer to the waiter of the request it answers (the session says which)."""
+        msg, waiter = ev.message, ev.request
+        if isinstance(waiter, _FetchWaiter):
+            waiter.put(msg)
+            waiter.queued += len(getattr(msg, "sealed", b""))
+            if waiter.queued > FETCH_QUEUE_BYTES and not waiter.paused \
+                    and self._chan is not None:
+                waiter.paused = True
                 self._chan.pause_reading()
-            if isinstance(msg, (wire.FetchEnd, wire.Error)):
-                self._waiters.popleft()
             return
-        self._waiters.popleft()
-        if isinstance(head, _CallbackWaiter):
-            if isinstance(msg, wire.Error):
-                head.done(RemoteError(msg.code, f"{self.spec.address}: {msg.text}"))
-            elif isinstance(msg, (wire.Ack, wire.NeedSnapshot)):
-                head.done(msg)
+        answer: Any = msg
+        if ev.unexpected:
+            answer = ProtocolError(ev.unexpected)
+        elif isinstance(msg, wire.Error):
+            answer = RemoteError(msg.code, f"{self.spec.address}: {msg.text}")
+        if isinstance(waiter, _CallbackWaiter):
+            waiter.done(answer)
+        elif isinstance(waiter, asyncio.Future) and not waiter.done():
+            if isinstance(answer, BaseException):
+                waiter.set_exception(answer)
             else:
-                head.done(ProtocolError(f"expected Ack or NeedSnapshot, got "
-                                        f"{type(msg).__name__}"))
-            return
-        if head.done():
-            return
-        if isinstance(msg, wire.Error):
-            head.set_exception(RemoteError(msg.code, f"{self.spec.address}: {msg.text}"))
-        else:
-            head.set_result(msg)
+                waiter.set_result(answer)
 
     def _on_lost(self, exc: Exception | None) -> None:
         self._fail(TransportError(f"connection to {self.spec.address} lost"
                                   + (f": {_reason(exc)}" if exc else "")))
 
-    def _fail(self, exc: BaseException) -> None:
+    def _fail(self, exc: BaseException, *, unsent: object = None) -> None:
         if self._keepalive is not None:
             self._keepalive.stop()
         if self._error is None:
             self._error = exc
         if not self._hello.done():
             self._hello.set_exception(exc)
-        while self._waiters:
-            w = self._waiters.popleft()
+        for w in self._session.forget_requests():
+            if w is unsent:
+                continue
             if isinstance(w, _FetchWaiter):
                 w.put(exc)
             elif isinstance(w, _CallbackWaiter):
@@ -367,40 +366,37 @@ class Connection:
             raise self._error if isinstance(self._error, CldcbError) else TransportError(
                 str(self._error))
 
-    def _send(self, msg: wire.Message) -> None:
+    def _send(self, msg: wire.Message, waiter: object) -> None:
         self._raise_if_broken()
-        self._session.send(msg)
-        self._write(self._session.data_to_send())
+        self._session.send(msg, waiter)
+        self._write(self._session.data_to_send(), waiter)
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes, waiter: object) -> None:
+        """Write a request's bytes; if that fails, every request fails but this one's
+        ``waiter``, which is not told: the caller gets the error raised here."""
         assert self._chan is not None
         try:
             self._chan.write(data)
         except OSError as exc:
-            self._fail(TransportError(f"connection to {self.spec.address} lost: {exc}"))
+            self._fail(TransportError(f"connection to {self.spec.address} lost: {exc}"),
+                       unsent=waiter)
             raise self._error from None  # type: ignore[misc]
 
-    async def _request(self, msg: wire.Message,
-                       *expect: type[wire.Message]) -> Any:
+    async def _request(self, msg: wire.Message) -> Any:
+        """Send ``msg``; its answer (one the session says it expects), or raise."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
-        self._send(msg)
-        self._waiters.append(fut)
+        self._send(msg, fut)
         if self._session.unhashed_requests:        # a snapshot chunk: hashed off the loop
             loop.run_in_executor(None, self._session.absorb)
-        reply = await fut
-        if not isinstance(reply, expect):
-            raise ProtocolError(f"expected {' or '.join(e.__name__ for e in expect)}, "
-                                f"got {type(reply).__name__}")
-        return reply
+        return await fut
 
     async def status(self) -> wire.Status:
-        return await self._request(wire.StatusRequest(), wire.Status)
+        return await self._request(wire.StatusRequest())
 
     async def write(self, data_version: int, kind: int, link: bytes,
                     sealed: bytes) -> wire.Ack | wire.NeedSnapshot:
-        return await self._request(wire.Write(data_version, int(kind), link, sealed),
-                                   wire.Ack, wire.NeedSnapshot)
+        return await self._request(wire.Write(data_version, int(kind), link, sealed))
 
     def write_nowait(self, data_version: int, kind: int, link: bytes, sealed: bytes,
                      done: Callable[[WriteAnswer], None]) -> None:
@@ -408,11 +404,12 @@ class Connection:
         exception (``RemoteError``, ``TransportError``…) later, called from the receiving
         callback. Raises at once (and never calls ``done``) if the connection is gone."""
         self._raise_if_broken()
-        self._write(self._session.write_frame(data_version, int(kind), link, sealed))
-        self._waiters.append(_CallbackWaiter(done))
+        waiter = _CallbackWaiter(done)
+        self._write(self._session.write_frame(data_version, int(kind), link, sealed, waiter),
+                    waiter)
 
     async def put_recognition(self, entry: bytes) -> None:
-        await self._request(wire.PutRecognition(entry), wire.Ok)
+        await self._request(wire.PutRecognition(entry))
 
     async def recognition_pages(self) -> AsyncIterator[list[bytes]]:
         """The server's recognition entries, page after page (``ListRecognitions``), so
@@ -422,8 +419,7 @@ class Connection:
         :data:`MAX_RECOGNITIONS` entries in all (a server that would list forever)."""
         after, total = "", 0
         while True:
-            page = await self._request(wire.ListRecognitions(after, wire.RECOGNITION_PAGE),
-                                       wire.Recognitions)
+            page = await self._request(wire.ListRecognitions(after, wire.RECOGNITION_PAGE))
             total += len(page.entries)
             if page.next_after and (not page.entries or page.next_after <= after):
                 raise ProtocolError(f"{self.spec.address} lists its recognition entries "
@@ -443,19 +439,18 @@ class Connection:
         return [entry async for page in self.recognition_pages() for entry in page]
 
     async def begin_snapshot(self, snapshot_id: int, data_version: int, anchor: bytes) -> None:
-        await self._request(wire.SnapshotBegin(snapshot_id, data_version, anchor), wire.Ok)
+        await self._request(wire.SnapshotBegin(snapshot_id, data_version, anchor))
 
     async def send_chunk(self, snapshot_id: int, index: int, sealed: bytes) -> wire.ChunkAck:
-        return await self._request(wire.SnapshotChunk(snapshot_id, index, sealed), wire.ChunkAck)
+        return await self._request(wire.SnapshotChunk(snapshot_id, index, sealed))
 
     async def end_snapshot(self, snapshot_id: int, chunk_count: int,
                            manifest: bytes) -> wire.SnapshotAck:
-        return await self._request(wire.SnapshotEnd(snapshot_id, chunk_count, manifest),
-                                   wire.SnapshotAck)
+        return await self._request(wire.SnapshotEnd(snapshot_id, chunk_count, manifest))
 
     async def list_states(self) -> list[wire.RestorableState]:
         """The server's restorable states of this client, oldest first."""
-        answer = await self._request(wire.ListStates(), wire.States)
+        answer = await self._request(wire.ListStates())
         return [wire.RestorableState.decode(b) for b in answer.states]
 
     async def fetch(self, at_data_version: int = -1, *,
@@ -464,8 +459,7 @@ class Connection:
         of the snapshot numbered ``generation`` when given (``States`` names them)."""
         waiter = _FetchWaiter()
         self._send(wire.Fetch(at_data_version) if generation is None
-                   else wire.FetchGeneration(generation))
-        self._waiters.append(waiter)
+                   else wire.FetchGeneration(generation), waiter)
         while True:
             item = waiter.items.popleft() if waiter.items else await waiter.get()
             if isinstance(item, BaseException):
