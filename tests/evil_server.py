@@ -39,7 +39,7 @@ def _begin_auth(self: Any, username: str) -> bool:
 
 
 handler.SessionHandler._handle = _handle  # type: ignore[method-assign]
-handler.SessionHandler._answer_inline = lambda self, msg: False  # type: ignore[method-assign]
+handler.SessionHandler._answer_on_hot_path = lambda self, msg: False  # type: ignore[method-assign]
 if os.environ.get("CLDCB_EVIL_DISCONNECT") == "1":
     daemon._Server.begin_auth = _begin_auth  # type: ignore[method-assign]
 

@@ -12,13 +12,13 @@ import pytest
 from store_crash_child import Writer
 from test_server_daemon import Writer as DaemonWriter
 from test_server_daemon import run, serving
-from test_server_quick import CID, SERVER_PRIV, Sink, make_store, settle, writer_session
+from test_server_hot_path import CID, SERVER_PRIV, Sink, make_store, settle, writer_session
 
 from cldcb.core import wire
 from cldcb.core.dataversion import Kind, advance
 from cldcb.core.seal import item_hash
 from cldcb.core.session import Role
-from cldcb.server.handler import BACKLOG, BACKLOG_BYTES, INLINE_BYTES, ServerCore
+from cldcb.server.handler import BACKLOG, BACKLOG_BYTES, HOT_PATH_BYTES, ServerCore
 from cldcb.store import ClientStore
 from cldcb.transport.connection import Connection
 
@@ -94,9 +94,9 @@ def test_a_session_with_many_unanswered_bytes_stops_being_read(tmp_path: Path) -
 def test_a_big_record_is_never_appended_on_the_event_loop(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """On a quiet server a small record is appended inline (on the loop's thread), a
-    record bigger than INLINE_BYTES (that fits the log's zero-filled tail, so the store
+    record bigger than HOT_PATH_BYTES (that fits the log's zero-filled tail, so the store
     would take it inline) in a worker thread; all are acked, in order."""
-    frames = big_chain(tmp_path / "scratch", [200, 200, 3 * INLINE_BYTES])
+    frames = big_chain(tmp_path / "scratch", [200, 200, 3 * HOT_PATH_BYTES])
     make_store(tmp_path / "data").cs.close()
     stored: dict[int, str] = {}                 # data_version → thread that stored it
     append = ClientStore.append

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from test_server_daemon import NODE, run, serving
 from test_server_daemon import Writer as DaemonWriter
-from test_server_quick import SERVER_PRIV, Sink, make_store, open_session, settle
+from test_server_hot_path import SERVER_PRIV, Sink, make_store, open_session, settle
 
 from cldcb.core import wire
 from cldcb.core.seal import SnapshotSealer

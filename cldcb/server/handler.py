@@ -45,7 +45,7 @@ other session made a request in the last :data:`QUIET_SECONDS`) a record
 append or a status runs on the event loop thread instead; as soon as several
 sessions are busy every store call goes to the worker threads
 (:class:`~cldcb.server.workers.StorePool`), whose fsyncs the kernel runs in
-parallel. Only a small record (:data:`INLINE_BYTES`) runs inline.
+parallel. Only a small record (:data:`HOT_PATH_BYTES`) runs on the hot path (on the event loop).
 An idle session's append or status goes there straight from the
 receiving callback and is answered from the pool's completion callback (no
 task switch); requests that arrive meanwhile wait, in order, behind it.
@@ -104,7 +104,8 @@ from cldcb.store.locks import Lease, bump_generation, flocked, open_lock, read_c
 log = logging.getLogger("cldcb.server")
 
 QUIET_SECONDS = 0.02
-"""A quick call runs inline if no other session made a request for this long."""
+"""A call runs on the hot path (on the event loop) if no other session made a request
+for this long."""
 BACKLOG = 16
 """Requests of one session waiting to be served before its reading is paused: a client
 that sends without waiting for answers is held back by the transport, so what the
@@ -117,7 +118,7 @@ less than twice the daemon's SSH window (:data:`cldcb.transport.connection.SSH_W
 reopens the whole window as soon as one paused-for packet is delivered, whatever it still
 holds undelivered, so each pause must last until a window's worth was answered, or what
 it holds for the session grows with every pause."""
-INLINE_BYTES = 64 << 10
+HOT_PATH_BYTES = 64 << 10
 """The largest record appended on the event loop thread; a bigger one always goes to a
 worker, so that its write and fsync never hold up the other sessions' requests."""
 FETCH_BATCH_BYTES = 1 << 20
@@ -181,7 +182,7 @@ class ServerCore:
         self._last_other.pop(id(session), None)
 
     def quiet(self, session: object) -> bool:
-        """Note a request of ``session``; whether it may run inline on the event loop."""
+        """Note a request of ``session``; whether it may run on the hot path (the event loop)."""
         now = time.monotonic()
         who, when = self._last
         if who != id(session):
@@ -211,7 +212,7 @@ def _weight(msg: wire.Message) -> int:
     return len(getattr(msg, "sealed", b""))
 
 
-def _quick_call(msg: wire.Write | wire.StatusRequest) -> Callable[[Any], wire.Message]:
+def _store_call(msg: wire.Write | wire.StatusRequest) -> Callable[[Any], wire.Message]:
     """The store call answering a record append or a status request (in a worker), and
     its answer."""
     if isinstance(msg, wire.Write):
@@ -284,7 +285,7 @@ class SessionHandler:
         write = self.session.write_in(data)           # nearly every request of a writer
         if write is not None:
             self._unanswered += len(write.sealed)
-            if not self._answer_inline(write):
+            if not self._answer_on_hot_path(write):
                 self._queue.put_nowait(Received(write))
                 self._backlog_check()
             elif self._held is not None or self._paused:
@@ -295,7 +296,7 @@ class SessionHandler:
         for ev in events:
             if isinstance(ev, Received):
                 self._unanswered += _weight(ev.message)
-                if self._answer_inline(ev.message):
+                if self._answer_on_hot_path(ev.message):
                     continue
             self._queue.put_nowait(ev)
         if self.session.closed:
@@ -312,7 +313,7 @@ class SessionHandler:
             self._paused = False
             self.sink.resume_reading()
 
-    def _answer_inline(self, msg: wire.Message) -> bool:
+    def _answer_on_hot_path(self, msg: wire.Message) -> bool:
         """Answer a record append or a status without the serving task; True if taken.
 
         Only when this session is idle (no queued or running request, so order is
@@ -332,9 +333,9 @@ class SessionHandler:
         if not lock.try_acquire():
             self._release_lease()        # the other session of this client may wait for it
             return False
-        if core.quiet(self) and _weight(msg) <= INLINE_BYTES:
+        if core.quiet(self) and _weight(msg) <= HOT_PATH_BYTES:
             try:
-                taken = self._inline(msg)
+                taken = self._hot_path(msg)
             except Exception as exc:  # noqa: BLE001 - answered like every request
                 self._answer_error(exc)
                 taken = True
@@ -348,7 +349,7 @@ class SessionHandler:
         self._held = []
         self._in_worker_bytes = _weight(msg)
         self._in_worker = asyncio.get_running_loop().create_future()
-        core.pool.submit(self._locked(_quick_call(msg)), self._worker_done)
+        core.pool.submit(self._locked(_store_call(msg)), self._worker_done)
         return True
 
     def _worker_done(self, ok: bool, value: Any) -> None:
@@ -367,7 +368,7 @@ class SessionHandler:
         for msg in held:
             if self.session.closed:
                 break
-            if not self._answer_inline(msg):
+            if not self._answer_on_hot_path(msg):
                 self._queue.put_nowait(Received(msg))
         if self._paused:
             self._backlog_check()
@@ -524,7 +525,7 @@ class SessionHandler:
             cs.vouch(counters)
         return cs
 
-    def _inline(self, msg: wire.Write | wire.StatusRequest) -> bool:
+    def _hot_path(self, msg: wire.Write | wire.StatusRequest) -> bool:
         """Answer a record append or a status right here, on the event loop, under the
         lock taken without waiting; True if answered. False, nothing done, if another
         process holds the lock or the log must grow first (the store's
@@ -581,15 +582,15 @@ class SessionHandler:
             self._lease.release()
 
     async def _store(self, fn: Callable[[Any], Any], *,
-                     quick: wire.Write | wire.StatusRequest | None = None) -> Any:
-        """``fn(client_store)`` under the client's locks. ``quick``: the request ``fn``
-        answers; if the server is quiet it is answered by :meth:`_inline` instead, and
+                     hot: wire.Write | wire.StatusRequest | None = None) -> Any:
+        """``fn(client_store)`` under the client's locks. ``hot``: the request ``fn``
+        answers; if the server is quiet it is answered by :meth:`_hot_path` instead, and
         None is returned (unless it could not take it: ``fn`` then)."""
         assert self.client_id
         core = self.core
         async with core.lock(self.client_id):
-            if quick is not None and core.quiet(self) and _weight(quick) <= INLINE_BYTES \
-                    and self._inline(quick):
+            if hot is not None and core.quiet(self) and _weight(hot) <= HOT_PATH_BYTES \
+                    and self._hot_path(hot):
                 return None  # (else another process holds the lock, or the log must grow)
             core.inflight += 1
             try:
@@ -613,8 +614,8 @@ class SessionHandler:
             await self.core.run(self.core.store.put_recognition, self.client_id, msg.entry)
             s.send(wire.Ok())
         elif isinstance(msg, (wire.StatusRequest, wire.Write)):
-            answer = await self._store(_quick_call(msg), quick=msg)
-            if answer is not None:                      # (else _inline answered it)
+            answer = await self._store(_store_call(msg), hot=msg)
+            if answer is not None:                      # (else the hot path answered it)
                 s.send(answer)
         elif isinstance(msg, wire.SnapshotBegin):
             await self._abort_upload()

@@ -58,7 +58,7 @@ LONGEST_FIRST = (
     "test_recover_e2e", "test_plugin_faults", "test_mirror", "test_plugin_e2e",
     "test_realcln", "test_tor", "test_readme", "test_install", "test_install_ssh",
     "test_recover_demo", "test_fault_injection", "test_status_verify", "test_wire",
-    "test_server_quick",
+    "test_server_hot_path",
 )
 """The modules that take longest (a full run's durations), run first: with the modules
 shared out to parallel workers (``--dist loadfile``), one of them started last would be
