@@ -128,7 +128,7 @@ from cldcb.core.dataversion import (
     stand_in_hash,
 )
 from cldcb.errors import MirrorDiffers, MirrorDiscarded, MirrorUnusable, PluginError
-from cldcb.node.nodedb import connect_ro, is_busy, new_copy_file
+from cldcb.node.nodedb import DATA_VERSION_SQL, connect_ro, is_busy, new_copy_file
 from cldcb.plugin.mirrorcheck import Checker
 from cldcb.plugin.snapshot import LocalCopy, read_data_version
 
@@ -166,7 +166,7 @@ def _reached(conn: sqlite3.Connection) -> int:
     """``vars.data_version`` after a change: one query where ``vars`` holds it (every
     change but a database's first), :func:`read_data_version` otherwise."""
     with contextlib.suppress(sqlite3.Error):
-        row = conn.execute("SELECT intval FROM vars WHERE name = 'data_version'").fetchone()
+        row = conn.execute(DATA_VERSION_SQL).fetchone()
         if row is not None and isinstance(row[0], int):
             return int(row[0])
     return read_data_version(conn)
