@@ -152,9 +152,9 @@ def test_a_fill_falls_back_to_plain_reads_or_fails_its_readers(
 
 def test_a_fill_that_fails_fails_the_blocking_call(tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """The first contact's copy cannot be read: the call is answered with a failure (so
-    lightningd stops without committing), no snapshot is complete anywhere, and the
-    database is let go."""
+    """The first contact's copy cannot be read (neither copied nor read in place): the
+    call is answered with a failure (so lightningd stops without committing), no snapshot
+    is complete anywhere, and the database is let go."""
     from test_plugin_engine import FakeServer, Node, make_engine
 
     s = FakeServer("a")
@@ -168,6 +168,7 @@ def test_a_fill_that_fails_fails_the_blocking_call(tmp_path: Path,
 
     monkeypatch.setattr(snapshot_module.os, "copy_file_range", refuse)
     monkeypatch.setattr(snapshot_module.os, "pread", eio)
+    monkeypatch.setattr(snapshot_module.os, "preadv", eio)
 
     async def go() -> None:
         eng = make_engine(tmp_path, [s], outage=60)

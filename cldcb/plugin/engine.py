@@ -23,10 +23,12 @@ Each call ``(data_version, writes)``:
      last committed state), with a fresh random anchor; the log restarts at
      that anchor and the change goes on top as its first record. Every
      server needs that snapshot; the call waits until ``quorum`` of them hold
-     the snapshot and the record. The copy is filled while it is uploaded
-     (:func:`~cldcb.plugin.snapshot.start_copy`): the uploads begin once its
-     data_version is read, and the call is answered only after the fill
-     ended (and let go of the database).
+     the snapshot and the record. The uploads read the database in place
+     while the call holds it still (:func:`~cldcb.plugin.snapshot.start_copy`),
+     from the moment its data_version is read; a local copy is filled beside
+     them only if something outlives the call (the mirror, which then takes
+     that file, or servers beyond the quorum). The call is answered only after
+     the fill ended and the database was let go.
 
 3. While the call waits for ``quorum`` acknowledgements, servers that need a
    snapshot (they fell behind, or answered ``NeedSnapshot``) and servers that
@@ -50,8 +52,8 @@ Each call ``(data_version, writes)``:
    change it answers (a protocol violation, see :mod:`cldcb.plugin.links`)
    counts for nothing.
 
-A local copy of the database is always finished before the call is answered;
-every copy (of the database or of the mirror) is deleted once no upload needs
+A local copy of the database is always finished, and the database let go, before
+the call is answered; every copy (of the database or of the mirror) is deleted once no upload needs
 it. Each change recorded is also handed to the mirror (a queue put).
 
 The hot path (:mod:`cldcb.plugin.hotpath`, the engine's base class): when every
@@ -387,6 +389,7 @@ class Engine(HotPath):
                 except (CldcbError, OSError):
                     pass
         if hook.copy is not None:
+            await asyncio.to_thread(hook.copy.let_go)   # the database goes before the answer
             hook.copy.hook_done()
 
     def _holders(self, seq: int) -> int:
@@ -429,6 +432,9 @@ class Engine(HotPath):
                 why = "cancelled" if fill.cancelled() else fill.exception()
                 return HookResult(False, f"the copy of the database for the snapshot did not "
                                   f"finish: {why}")
+            if hook.copy is not None and hook.copy.failed is not None:
+                return HookResult(False, "the database could not be read for the snapshot: "
+                                  f"{hook.copy.failed}")
             if self._viable() < self.quorum:
                 self.hook_blocking = True
             if self._holders(seq) >= self.quorum and hook.copy_task is None and not filling:
@@ -445,9 +451,13 @@ class Engine(HotPath):
         ``hook.fill_task``) when it is returned."""
         started = time.monotonic()
         try:
-            copy = await asyncio.to_thread(start_copy if fill_later else copy_database,
-                                           self.db_path, self.workdir,
-                                           busy_timeout=self.busy_timeout)
+            if fill_later:
+                copy = await asyncio.to_thread(start_copy, self.db_path, self.workdir,
+                                               busy_timeout=self.busy_timeout,
+                                               keep=self._copy_outlives_call())
+            else:
+                copy = await asyncio.to_thread(copy_database, self.db_path, self.workdir,
+                                               busy_timeout=self.busy_timeout)
         except DatabaseBusy as exc:
             what = "the blocking snapshot" if blocking else "a background snapshot"
             msg = f"cannot copy the database for {what}: {exc}"
@@ -463,7 +473,17 @@ class Engine(HotPath):
             self._copied(copy, started, "")
         return copy
 
+    def _copy_outlives_call(self) -> bool:
+        """Whether a blocking snapshot needs a local copy (else it is read in place): for
+        the mirror's rebuild, or for servers beyond the quorum that may still be
+        uploading it when the call is answered."""
+        return self.mirror is not None or self.quorum < len(self.links)
+
     async def _fill(self, copy: LocalCopy, started: float) -> None:
+        if not copy.has_file:
+            self.emit("debug", f"reading the database in place at data_version "
+                               f"{copy.data_version} ({copy.size} bytes): no local copy")
+            return
         await asyncio.to_thread(copy.fill)
         self._copied(copy, started, ", while it was uploaded")
 
@@ -505,6 +525,10 @@ class Engine(HotPath):
         kept until the mirror's thread has read it."""
         mirror, loop = self.mirror, self._loop
         if mirror is None or loop is None:
+            return
+        if copy.fresh:           # a blocking snapshot's copy: the mirror takes its file
+            mirror.rebuild(copy.path, copy.data_version, copy.next_seq, lambda: None,
+                           ready=copy.wait_ready, handover=copy.bequeath())
             return
         copy.acquire()
         mirror.rebuild(copy.path, copy.data_version, copy.next_seq,

@@ -71,11 +71,14 @@ waits. Anything else fails the request with :class:`MirrorUnusable`.
 Rebuilding (:meth:`Mirror.rebuild`)
 -----------------------------------
 A snapshot copied from lightningd's database (the first one, a gap, or any
-copy taken while the mirror is not usable) replaces the mirror: the copy's
-file is copied in (once it is whole: a blocking snapshot's copy is still being
-filled while it is uploaded), the stream restarts at its data_version, and the changes
-already fed with ``seq`` at or after the copy's ``next_seq`` (the last
-:data:`RETAIN` changes are kept for this) are walked again on top.
+copy taken while the mirror is not usable) replaces the mirror, the stream
+restarts at its data_version, and the changes already fed with ``seq`` at or
+after the copy's ``next_seq`` (the last :data:`RETAIN` changes are kept for
+this; those fed later wait on the queue) are walked again on top. A blocking
+snapshot's copy is *handed over*: once no upload reads it any more (the mirror
+changes its file from then on) the thread renames that very file into place,
+never copying it again (the thread waits for it meanwhile; a copy on another
+file system is copied). Any other copy's file is copied in once it is whole.
 
 At start
 --------
@@ -130,7 +133,7 @@ from cldcb.core.dataversion import (
 from cldcb.errors import MirrorDiffers, MirrorDiscarded, MirrorUnusable, PluginError
 from cldcb.node.nodedb import DATA_VERSION_SQL, connect_ro, is_busy, new_copy_file
 from cldcb.plugin.mirrorcheck import Checker
-from cldcb.plugin.snapshot import LocalCopy, read_data_version
+from cldcb.plugin.snapshot import Handover, LocalCopy, read_data_version
 
 MIRROR_NAME = "cldcb-mirror.sqlite3"
 CHECK_INTERVAL = 0.1
@@ -198,6 +201,7 @@ class _Rebuild:
     next_seq: int
     done: Callable[[], None]
     ready: Callable[[], None] | None = None
+    handover: Handover | None = None
 
 
 _STOP = object()
@@ -215,6 +219,8 @@ class Mirror:
         self._on_state = on_state or (lambda: None)
         self.check_interval = check_interval
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._handovers: set[Handover] = set()
+        self._handovers_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._closing = False
         # -- the thread's own state (read by others only through the properties) --
@@ -268,16 +274,29 @@ class Mirror:
         return fut
 
     def rebuild(self, path: Path, data_version: int, next_seq: int,
-                done: Callable[[], None], ready: Callable[[], None] | None = None) -> None:
+                done: Callable[[], None], ready: Callable[[], None] | None = None,
+                handover: Handover | None = None) -> None:
         """Replace the mirror by the database copy at ``path`` (state ``data_version``, the
         first change on top of it at log position ``next_seq``); ``done()`` is called from
         the thread once ``path`` was read (or could not be). ``ready()``, if given, is
-        called first and returns once the copy is whole (it is still being filled)."""
-        self._queue.put(_Rebuild(path, data_version, next_seq, done, ready))
+        called first and returns once the copy is whole (it is still being filled). With
+        ``handover`` the file itself becomes the mirror (renamed, not copied) once the
+        handover gives it: nobody else reads it any more."""
+        if handover is not None:
+            with self._handovers_lock:
+                if self._closing:
+                    handover.abandon()
+                else:
+                    self._handovers.add(handover)
+        self._queue.put(_Rebuild(path, data_version, next_seq, done, ready, handover))
 
     def close(self, timeout: float = 60.0) -> None:
-        """Apply the last change if the live database shows it committed, then stop."""
-        self._closing = True
+        """Apply the last change if the live database shows it committed, then stop (a
+        rebuild still waiting for its handover gives it up)."""
+        with self._handovers_lock:
+            self._closing = True
+            for handover in self._handovers:
+                handover.abandon()
         self._queue.put(_STOP)
         if self._thread is not None:
             self._thread.join(timeout)
@@ -426,6 +445,9 @@ class Mirror:
             if isinstance(item, _Snapshot):
                 item.future.set_exception(MirrorUnusable("the mirror stopped"))
             elif isinstance(item, _Rebuild):
+                if item.handover is not None and item.handover.abandon():
+                    with contextlib.suppress(FileNotFoundError):
+                        item.path.unlink()           # given to the mirror: its to delete
                 item.done()
 
     def _finish(self) -> None:
@@ -553,16 +575,12 @@ class Mirror:
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
         try:
-            if item.ready is not None:
-                item.ready()
-            name = new_copy_file(self.path.parent)
-            try:
-                shutil.copyfile(item.path, name)
-                os.replace(name, self.path)
-            except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(name)
-                raise
+            if item.handover is not None:
+                self._take(item, item.handover)
+            else:
+                if item.ready is not None:
+                    item.ready()
+                self._copy_in(item.path)
         finally:
             item.done()
         held = read_data_version(self._open_conn())
@@ -573,6 +591,36 @@ class Mirror:
         self._notify("info", f"mirror rebuilt at data_version {held}")
         for change in [c for c in self._retained if c.seq >= item.next_seq]:
             self._walk(change)
+
+    def _copy_in(self, path: Path) -> None:
+        name = new_copy_file(self.path.parent)
+        try:
+            shutil.copyfile(path, name)
+            os.replace(name, self.path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name)
+            raise
+
+    def _take(self, item: _Rebuild, handover: Handover) -> None:
+        """Make the copy's file the mirror, once the copy gave it (no upload reads it any
+        more: the mirror changes it from now on); renamed, never copied again (but on
+        another file system)."""
+        given = handover.wait()
+        with self._handovers_lock:
+            self._handovers.discard(handover)
+        if not given:
+            raise MirrorDiscarded("the plugin stopped before the copy was free")
+        try:
+            if item.ready is not None:
+                item.ready()                   # (raises if its fill failed)
+            try:
+                os.replace(item.path, self.path)
+            except OSError:                    # (EXDEV: another file system)
+                self._copy_in(item.path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                item.path.unlink()
 
     # -- checking ---------------------------------------------------------------------------
     def _check_piece(self) -> None:

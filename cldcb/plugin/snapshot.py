@@ -14,15 +14,25 @@ the database is let go:
   the backup API for a large database);
 - otherwise (WAL), or if that fails, SQLite's backup API copies it.
 
-A copy can also be *filled while it is read* (:func:`start_copy`): the
-data_version and the size are read under the SHARED lock first, and the
-bytes are copied in pieces by a thread (:meth:`LocalCopy.fill`) that keeps
-that lock until the last piece; a reader of the copy waits for the bytes it
-wants (:meth:`LocalCopy.wait_ready`). The blocking snapshot uses it, so its
-upload starts at once instead of after the whole copy (about 3 s per GiB
-here): the copy's bytes are still exactly the database's at that
-data_version, and the call is answered only after the fill ended and let go
-of the lock. A fill never falls back to the backup API once a reader may
+A blocking snapshot's copy is *read in place* (:func:`start_copy`): the
+data_version and the size are read under the SHARED lock, and the upload
+reads lightningd's database file itself (:meth:`LocalCopy.read_into`) for as
+long as that lock holds it still: no local byte is written for it. Only what
+outlives the hook call needs a local copy: the mirror's rebuild, and servers
+beyond the quorum that may still be uploading when the call is answered. For
+them (``keep``) the same bytes are copied once into a file in pieces by a
+thread (:meth:`LocalCopy.fill`) that keeps the lock until the last piece;
+readers go on from that file once the lock is let go. The mirror then takes
+that very file (:meth:`LocalCopy.bequeath`, a rename), once no upload reads it
+any more: at most one local copy is ever written.
+
+The order at the end of the call: every read of the live file has returned,
+then the lock goes (:meth:`LocalCopy.let_go`), then the call is answered.
+Letting go first is safe: until the answer lightningd runs no statement and
+cannot commit, so the file does not change; and lightningd's COMMIT then never
+waits for the plugin's lock. A read asked after the lock went reads the copy
+(whole by then: the fill lets go only after its last piece), or fails where
+there is none. A fill never falls back to the backup API once a reader may
 have read its bytes; where ``copy_file_range`` does not work it copies with
 ``pread``/``pwrite``.
 
@@ -38,8 +48,9 @@ is tried again at a later call).
 
 Upload (:func:`upload_snapshot`)
 --------------------------------
-The copy is read in chunks (1 MiB; a chunk still being filled is waited for), each
-sealed with a
+The copy is read in chunks (1 MiB, into one buffer reused for every chunk; from
+the database itself while it is held still, else from the copy, a chunk still
+being filled waited for), each sealed with a
 :class:`~cldcb.core.seal.SnapshotSealer` (a fresh ephemeral key per snapshot; the
 next chunk is read and sealed in a thread while one is sent),
 with at most ``window`` chunks awaiting their ``ChunkAck``: memory stays
@@ -81,17 +92,23 @@ BACKGROUND_WINDOW = 2
 chunks in flight (answers come in order) waits for at most this many."""
 FILL_PIECE = 8 << 20
 """Bytes a fill copies between two reports of how far it got."""
+IN_PLACE_SUFFIX = ".cldcb-in-place"
+"""The name (never created) of a copy that has no file: it is read in place."""
 
 
 @dataclass
 class LocalCopy:
-    """A consistent copy of the database at ``data_version``, on local disk.
+    """A consistent copy of the database at ``data_version``, on local disk, or (while a
+    blocking snapshot's call holds the database still) the database itself.
 
     ``anchor`` is what its manifest names (the hash of the record holding that
     state, or 32 fresh random bytes); ``next_seq`` the position in the
     :class:`~cldcb.plugin.recordlog.RecordLog` of the first record that goes
-    on top of it. The file is deleted once nobody uses it (:meth:`release`), by a
-worker thread when that happens on the event loop.
+    on top of it. Read it with :meth:`read_into`. The file is deleted once nobody
+    uses it (:meth:`release`), by a worker thread when that happens on the event
+    loop, unless it was bequeathed (:meth:`bequeath`): then its heir takes it.
+    A copy begun by :func:`start_copy` without ``keep`` has no file at all: it
+    can be read only until the call ends (:meth:`hook_done`).
     """
 
     path: Path
@@ -102,22 +119,63 @@ worker thread when that happens on the event loop.
     users: int = 0
     in_hook: bool = True
     fresh: bool = False     # anchored at fresh random bytes (a blocking snapshot)
-    deleting: bool = False  # nobody uses it any more: being deleted, off the event loop
+    deleting: bool = False  # nobody uses it any more: being deleted (or handed over)
     taken_ms: int = field(default_factory=lambda: int(time.time() * 1000))
     filling: _Filling | None = field(default=None, repr=False)
+    heir: Handover | None = field(default=None, repr=False)
 
     def fill(self) -> None:
         """Copy the rest of the bytes (blocking: run it in a thread), then let go of the
-        database; nothing to do for a copy made whole. Raises what stopped it (every
-        :meth:`wait_ready` raises it too)."""
+        database; nothing to do for a copy made whole, or one without a file (it lets go
+        at :meth:`let_go`). Raises what stopped it (every :meth:`wait_ready` raises it
+        too)."""
         if self.filling is not None:
             self.filling.run()
 
     def wait_ready(self, end: int | None = None) -> None:
         """Block until the bytes before ``end`` (None: all of them) are in the file; raises
-        :class:`PluginError` if the fill failed."""
+        :class:`PluginError` if the fill failed, or if there is no file."""
         if self.filling is not None:
             self.filling.wait(self.size if end is None else min(end, self.size))
+
+    def read_into(self, offset: int, buf: memoryview, f: BinaryIO | None) -> int:
+        """Read the copy's bytes at ``offset`` into ``buf`` (blocking: run it in a thread);
+        how many (0 at the end). From the database itself while it is held still, else
+        from the file ``f`` (this copy's file, opened by the caller; None when it has
+        none)."""
+        want = min(len(buf), self.size - offset)
+        if want <= 0:
+            return 0
+        view = buf[:want]
+        if self.filling is not None:
+            n = self.filling.read_live(offset, view)
+            if n is not None:
+                return n
+            self.filling.wait(offset + want)
+        if f is None:
+            raise PluginError("the database was let go at the end of the hook call and no "
+                              "copy of it was kept")
+        return os.preadv(f.fileno(), [view], offset)
+
+    @property
+    def failed(self) -> str | None:
+        """Why the copy cannot be read (its fill, or a read of the database, failed)."""
+        return self.filling.error if self.filling is not None else None
+
+    @property
+    def has_file(self) -> bool:
+        return self.filling is None or self.filling.keeps
+
+    def let_go(self) -> None:
+        """Let go of the database (blocking for as long as a read of it in progress, a
+        few ms at most): the end of the hook call, before it is answered."""
+        if self.filling is not None:
+            self.filling.let_go()
+
+    def bequeath(self) -> Handover:
+        """Give the file to an heir once nobody else uses it, instead of deleting it."""
+        self.heir = Handover()
+        return self.heir
 
     def acquire(self) -> None:
         self.users += 1
@@ -128,16 +186,24 @@ worker thread when that happens on the event loop.
 
     def hook_done(self) -> None:
         self.in_hook = False
+        self.let_go()
         self._maybe_delete()
 
     @property
     def alive(self) -> bool:
-        return not self.deleting and self.path.exists()
+        if self.deleting:
+            return False
+        if self.filling is not None and not self.filling.keeps:
+            return self.filling.holding
+        return self.path.exists()
 
     def _maybe_delete(self) -> None:
         if self.users == 0 and not self.in_hook and not self.deleting:
             self.deleting = True
-            _delete_soon(self.path)
+            if self.heir is not None and self.heir.give():
+                return
+            if self.has_file:
+                _delete_soon(self.path)
 
 
 def _unlink(path: Path) -> None:
@@ -168,19 +234,77 @@ def read_data_version(conn: sqlite3.Connection) -> int:
     return held
 
 
-class _Filling:
-    """The bytes of a copy still being written, under the source's SHARED lock."""
+class Handover:
+    """A copy's file passed on to one heir (the mirror) once nobody else reads it.
 
-    def __init__(self, src: sqlite3.Connection, db_path: Path, dest_path: Path, size: int,
-                 deadline: float) -> None:
+    ``pending`` until the copy's last user lets go: then ``given`` (the heir owns
+    the file and renames it; the copy never deletes it), unless the heir gave up
+    first (``abandoned``: the copy deletes its file as usual). Thread-safe."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._state = "pending"
+
+    def give(self) -> bool:
+        """The copy's last user let go: True if the heir takes the file."""
+        with self._cond:
+            if self._state != "pending":
+                return False
+            self._state = "given"
+            self._cond.notify_all()
+            return True
+
+    def wait(self) -> bool:
+        """Block until the file is given (True) or the heir gave up (False)."""
+        with self._cond:
+            while self._state == "pending":
+                self._cond.wait()
+            return self._state == "given"
+
+    def abandon(self) -> bool:
+        """The heir gives up; True if the file was already given (the heir deletes it)."""
+        with self._cond:
+            if self._state == "pending":
+                self._state = "abandoned"
+                self._cond.notify_all()
+            return self._state == "given"
+
+
+class _Filling:
+    """The database held still under its SHARED lock: read in place (:meth:`read_live`)
+    while the lock is held, and, for a copy that outlives the hook call, copied into
+    ``dest_path`` by :meth:`run`, which lets go of the lock after the last byte. Without
+    a destination nothing is copied and the lock goes at :meth:`let_go` (the end of the
+    call)."""
+
+    def __init__(self, src: sqlite3.Connection, db_path: Path, dest_path: Path | None,
+                 size: int, deadline: float) -> None:
         self._src: sqlite3.Connection | None = src
         self._db_path, self._dest_path = db_path, dest_path
+        self._live_fd: int | None = os.open(db_path, os.O_RDONLY | os.O_CLOEXEC)
         self._size = size
         self._deadline = deadline
         self._cond = threading.Condition()
         self._copied = 0
-        self._ended = False
+        self._ended = dest_path is None       # nothing to copy
         self._error: str | None = None
+        self._readers = 0                     # reads of the live file in progress
+        self._letting_go = False
+
+    @property
+    def error(self) -> str | None:
+        """What stopped the copy or a read of the database, if anything did."""
+        return self._error
+
+    @property
+    def keeps(self) -> bool:
+        """Whether the bytes are copied into a file that outlives the call."""
+        return self._dest_path is not None
+
+    @property
+    def holding(self) -> bool:
+        """The SHARED lock is held: the live file's bytes are the copy's."""
+        return self._src is not None and not self._letting_go
 
     def wait(self, end: int) -> None:
         with self._cond:
@@ -188,6 +312,30 @@ class _Filling:
                 self._cond.wait()
             if self._error is not None:
                 raise PluginError(f"copying the database failed: {self._error}")
+            if self._copied < end:
+                raise PluginError("the database was let go at the end of the hook call and "
+                                  "no copy of it was kept")
+
+    def read_live(self, offset: int, buf: memoryview) -> int | None:
+        """Read the database file at ``offset`` into ``buf`` while the lock still holds it
+        still; None once it is being let go (read the copy instead)."""
+        with self._cond:
+            if self._error is not None:
+                raise PluginError(f"reading the database failed: {self._error}")
+            if not self.holding or self._live_fd is None:
+                return None
+            self._readers += 1
+            fd = self._live_fd
+        try:
+            return os.preadv(fd, [buf], offset)
+        except OSError as exc:
+            with self._cond:
+                self._error = str(exc)
+            raise PluginError(f"reading the database failed: {exc}") from None
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
 
     def _advance(self, copied: int) -> None:
         with self._cond:
@@ -195,6 +343,8 @@ class _Filling:
             self._cond.notify_all()
 
     def run(self) -> None:
+        if self._dest_path is None:
+            return                            # the lock goes at let_go()
         error: str | None = "stopped"
         try:
             with open(self._db_path, "rb") as fin, open(self._dest_path, "r+b") as fout:
@@ -205,16 +355,28 @@ class _Filling:
             error = str(exc)
             raise PluginError(f"copying the database failed: {exc}") from None
         finally:
-            src, self._src = self._src, None
-            if src is not None:
-                try:
-                    src.execute("ROLLBACK")     # the SHARED lock goes only now
-                finally:
-                    src.close()
+            self.let_go()
             with self._cond:
                 self._error = error
                 self._ended = True
                 self._cond.notify_all()
+
+    def let_go(self) -> None:
+        """End the read transaction (the SHARED lock goes) once no read of the live file is
+        in progress; reads asked after this call read the copy. Idempotent."""
+        with self._cond:
+            self._letting_go = True
+            while self._readers:
+                self._cond.wait()
+            src, self._src = self._src, None
+            fd, self._live_fd = self._live_fd, None
+        if fd is not None:
+            os.close(fd)
+        if src is not None:
+            try:
+                src.execute("ROLLBACK")
+            finally:
+                src.close()
 
 
 def _copy_pieces(fin: int, fout: int, size: int, deadline: float,
@@ -241,47 +403,56 @@ def _copy_pieces(fin: int, fout: int, size: int, deadline: float,
         advance(copied)
 
 
-def _new_copy_file(db_path: Path, folder: Path) -> Path:
-    """An empty temporary file in ``folder`` for a copy of ``db_path`` (which must exist)."""
+def _check_exists(db_path: Path) -> None:
     if not db_path.exists():
         raise PluginError(f"the database {db_path} does not exist; check the `database =` "
                           "line of the wrapper (relative to <lightning-dir>/<network>)")
+
+
+def _new_copy_file(db_path: Path, folder: Path) -> Path:
+    """An empty temporary file in ``folder`` for a copy of ``db_path`` (which must exist)."""
+    _check_exists(db_path)
     return nodedb.new_copy_file(folder)
 
 
 def start_copy(db_path: Path, folder: Path, *, busy_timeout: float = 1.0,
-               deadline: float = 600.0, pages: int = 2048) -> LocalCopy:
-    """Begin a copy of ``db_path`` in ``folder`` (blocking; run it in a thread): in
-    rollback-journal mode it returns as soon as the SHARED lock is held and the
-    data_version and size are read, and :meth:`LocalCopy.fill` (in a thread) copies the
-    bytes and lets go of the lock; otherwise the copy is made whole here. Raises as
-    :func:`copy_database` does."""
-    dest_path = _new_copy_file(db_path, folder)
+               deadline: float = 600.0, pages: int = 2048, keep: bool = True) -> LocalCopy:
+    """Begin a copy of ``db_path`` (blocking; run it in a thread): in rollback-journal
+    mode it returns as soon as the SHARED lock is held and the data_version and size are
+    read; the copy is then read from the database itself while the lock holds it still.
+    With ``keep`` a file in ``folder`` is filled too (:meth:`LocalCopy.fill`, in a
+    thread), which lets go of the lock after its last byte; without, no byte is written
+    and the lock goes at :meth:`LocalCopy.let_go`. Otherwise (WAL) the copy is made whole
+    here, into a file. Raises as :func:`copy_database` does."""
+    _check_exists(db_path)
+    dest_path = _new_copy_file(db_path, folder) if keep else None
     started = time.monotonic()
     src = None
     try:
         src = nodedb.connect_ro(db_path, timeout=0, isolation_level=None,
-                                 check_same_thread=False)
+                                check_same_thread=False)
         if _shared_lock(src, busy_timeout, started, deadline):
             try:
                 data_version = read_data_version(src)
                 with open(db_path, "rb") as f:
                     size = os.fstat(f.fileno()).st_size
+                filling = _Filling(src, db_path, dest_path, size, started + deadline)
             except BaseException:
                 src.execute("ROLLBACK")
                 raise
-            copy = LocalCopy(dest_path, data_version, size)
-            copy.filling = _Filling(src, db_path, dest_path, size, started + deadline)
             src = None
-            return copy
+            path = dest_path or db_path.with_name(f"{db_path.name}{IN_PLACE_SUFFIX}")
+            return LocalCopy(path, data_version, size, filling=filling)
         src.close()
         src = None
     except BaseException:
         if src is not None:
             src.close()
-        _unlink(dest_path)
+        if dest_path is not None:
+            _unlink(dest_path)
         raise
-    _unlink(dest_path)
+    if dest_path is not None:
+        _unlink(dest_path)
     return copy_database(db_path, folder, busy_timeout=busy_timeout, deadline=deadline,
                          pages=pages)
 
@@ -426,13 +597,37 @@ class SnapshotTarget(Protocol):
                            manifest: bytes) -> wire.SnapshotAck: ...
 
 
-def _read_and_seal(copy: LocalCopy, f: BinaryIO, sealer: SnapshotSealer, size: int,
-                   first: bool) -> tuple[bytes | None, int]:
-    copy.wait_ready(f.tell() + size)
-    data = f.read(size)
-    if not data and not first:
-        return None, 0
-    return sealer.seal_chunk(data), len(data)
+class _ChunkReader:
+    """Reads a copy chunk by chunk into one buffer reused for every chunk (a fresh
+    1 MiB buffer per chunk is fresh memory each time) and seals it; one at a time."""
+
+    def __init__(self, copy: LocalCopy, sealer: SnapshotSealer, chunk_size: int) -> None:
+        self._copy, self._sealer = copy, sealer
+        self._buf = memoryview(bytearray(chunk_size))
+        self._offset = 0
+        self._file: BinaryIO | None = None
+
+    def next_sealed(self, first: bool) -> tuple[bytes | None, int]:
+        """The next chunk sealed and its plaintext size (blocking: run it in a thread);
+        (None, 0) at the end, except for the first chunk (sent even when empty)."""
+        copy = self._copy
+        if self._file is None and copy.has_file:
+            self._file = open(copy.path, "rb")  # noqa: SIM115 - closed by close()
+        n = 0
+        while n < len(self._buf):
+            got = copy.read_into(self._offset + n, self._buf[n:], self._file)
+            if got == 0:
+                break
+            n += got
+        self._offset += n
+        if not n and not first:
+            return None, 0
+        return self._sealer.seal_chunk(self._buf[:n]), n
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 async def upload_snapshot(conn: SnapshotTarget, copy: LocalCopy, *, node_pub: bytes,
@@ -455,36 +650,34 @@ async def upload_snapshot(conn: SnapshotTarget, copy: LocalCopy, *, node_pub: by
     await conn.begin_snapshot(snapshot_id, copy.data_version, copy.anchor)
     pending: deque[tuple[int, asyncio.Task[wire.ChunkAck]]] = deque()
     ahead: asyncio.Future[tuple[bytes | None, int]] | None = None
+    reader = _ChunkReader(copy, sealer, chunk_size)
     sent = 0
     try:
-        with open(copy.path, "rb") as f:
-            index = 0
-            # the next chunk is read and sealed (in a thread) while this one is sent
-            ahead = asyncio.ensure_future(asyncio.to_thread(_read_and_seal, copy, f,
-                                                            sealer, chunk_size, True))
-            while True:
-                if still_wanted is not None and not still_wanted():
-                    raise SnapshotAborted("the snapshot is no longer needed")
-                sealed, n = await ahead
-                ahead = None
-                if sealed is None:
-                    break
-                if n == chunk_size:
-                    ahead = asyncio.ensure_future(asyncio.to_thread(
-                        _read_and_seal, copy, f, sealer, chunk_size, False))
-                pending.append((index, asyncio.ensure_future(
-                    conn.send_chunk(snapshot_id, index, sealed))))
-                del sealed
-                index += 1
-                sent += n
-                if on_progress is not None:
-                    on_progress(sent, copy.size)
-                while len(pending) >= window:
-                    await _chunk_acked(snapshot_id, *pending.popleft())
-                if n < chunk_size:
-                    break
-                if chunk_delay:
-                    await asyncio.sleep(chunk_delay)
+        index = 0
+        # the next chunk is read and sealed (in a thread) while this one is sent
+        ahead = asyncio.ensure_future(asyncio.to_thread(reader.next_sealed, True))
+        while True:
+            if still_wanted is not None and not still_wanted():
+                raise SnapshotAborted("the snapshot is no longer needed")
+            sealed, n = await ahead
+            ahead = None
+            if sealed is None:
+                break
+            if n == chunk_size:
+                ahead = asyncio.ensure_future(asyncio.to_thread(reader.next_sealed, False))
+            pending.append((index, asyncio.ensure_future(
+                conn.send_chunk(snapshot_id, index, sealed))))
+            del sealed
+            index += 1
+            sent += n
+            if on_progress is not None:
+                on_progress(sent, copy.size)
+            while len(pending) >= window:
+                await _chunk_acked(snapshot_id, *pending.popleft())
+            if n < chunk_size:
+                break
+            if chunk_delay:
+                await asyncio.sleep(chunk_delay)
         while pending:
             await _chunk_acked(snapshot_id, *pending.popleft())
     except BaseException:
@@ -494,6 +687,8 @@ async def upload_snapshot(conn: SnapshotTarget, copy: LocalCopy, *, node_pub: by
         await asyncio.gather(*tasks, *([ahead] if ahead is not None else []),
                              return_exceptions=True)
         raise
+    finally:
+        reader.close()
     manifest = sealer.seal_manifest(int(time.time() * 1000))
     if before_end is not None:
         before_end()
