@@ -347,3 +347,27 @@ def test_the_real_durable_write(tmp_path: Path, rwf_dsync: bool,
     finally:
         layer.close(fd)
     assert path.read_bytes() == bytes(10) + b"record" + bytes(84)
+
+
+def test_a_chunk_is_written_as_its_header_then_its_sealed_bytes_themselves(
+        tmp_path: Path) -> None:
+    """No copy of a chunk is built to write it (a fresh 1 MiB buffer per chunk): the frame
+    header goes first, then the very ``sealed`` object; the file's bytes are the
+    format's, byte for byte."""
+    from cldcb.store.frames import SNAPSHOT_HEADER, encode_chunk
+    from cldcb.store.snapshots import TempSnapshot
+
+    written: list[object] = []
+
+    class Keeping(Recorder):
+        def pwrite(self, fd: int, data: bytes | memoryview, offset: int) -> int:
+            written.append(data)
+            return super().pwrite(fd, data, offset)
+
+    sealed = bytes(range(256)) * 4096
+    temp = TempSnapshot(Keeping(), tmp_path)
+    written.clear()
+    temp.add_chunk(0, sealed)
+    assert any(w is sealed for w in written)
+    assert temp.path.read_bytes() == SNAPSHOT_HEADER + encode_chunk(0, sealed)
+    temp.discard()

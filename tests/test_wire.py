@@ -257,3 +257,31 @@ def test_a_restorable_state_round_trips_and_bad_ones_are_refused() -> None:
     bad[8] = 2
     with pytest.raises(ProtocolError):
         wire.RestorableState.decode(bytes(bad))
+
+
+@settings(max_examples=30, deadline=None)
+@given(cuts=st.lists(st.integers(min_value=1, max_value=32768), min_size=1, max_size=12),
+       size=st.integers(min_value=wire.LARGE_FRAME, max_value=wire.LARGE_FRAME * 3))
+def test_a_large_frame_is_assembled_once_in_a_buffer_of_its_own(cuts: list[int],
+                                                                 size: int) -> None:
+    """A snapshot chunk arriving in SSH-sized pieces (at most 32 KiB, asyncssh's packet),
+    between small frames: the same
+    messages as fed whole, and ``on_frame`` gets the large frame as the one buffer its
+    pieces were copied into (a bytearray it may keep: hashed later without another
+    copy), the small ones as views or bytes equal to their frames."""
+    small = wire.StatusRequest()
+    chunk = wire.SnapshotChunk(7, 3, bytes(range(256)) * (size // 256))
+    frames = [wire.encode(small), wire.encode(chunk), wire.encode(small)]
+    stream = b"".join(frames)
+    dec = wire.FrameDecoder()
+    seen: list[tuple[type, bytes]] = []
+    dec.on_frame = lambda f: seen.append((type(f), bytes(f)))
+    got: list[wire.Message] = []
+    pos = i = 0
+    while pos < len(stream):
+        cut = cuts[i % len(cuts)]
+        got += dec.feed(stream[pos:pos + cut])
+        pos, i = pos + cut, i + 1
+    assert got == [small, chunk, small] and dec.pending == 0
+    assert [f for _, f in seen] == frames
+    assert seen[1][0] is bytearray

@@ -67,7 +67,7 @@ class _Request:
 
     __slots__ = ("n", "frame", "context")
 
-    def __init__(self, n: int, frame: bytes) -> None:
+    def __init__(self, n: int, frame: bytes | bytearray) -> None:
         self.n = n
         self.frame = frame
         self.context: bytes | None = None
@@ -103,9 +103,12 @@ class AnswerMacs:
         # worker thread calls absorb (the core itself starts no thread)
         self._hashing = lock if lock is not None else nullcontext()
 
-    def request(self, frame: bytes | memoryview) -> None:
-        """Count the request ``frame`` (the caller may reuse a memoryview's buffer)."""
-        req = _Request(self._count, frame if type(frame) is bytes else bytes(frame))
+    def request(self, frame: bytes | bytearray | memoryview) -> None:
+        """Count the request ``frame``: a memoryview is copied (the caller may reuse its
+        buffer); ``bytes`` or a ``bytearray`` the caller never changes again is kept as it
+        is until hashed (a large frame: no copy)."""
+        kept = type(frame) is bytes or type(frame) is bytearray
+        req = _Request(self._count, frame if kept else bytes(frame))  # type: ignore[arg-type]
         self._count += 1
         self._open.append(req)
         self._queue.append(req)

@@ -638,18 +638,31 @@ def ack_in(data: bytes) -> Ack | None:
     return Ack(data_version, kind, link, want == 1, mac)
 
 
+LARGE_FRAME = 64 * 1024
+"""A frame at least this long (a snapshot chunk) is assembled in a buffer of its own as
+its pieces arrive: its bytes are copied once, and that buffer is what ``on_frame`` gets."""
+
+
 class FrameDecoder:
     """Turns a byte stream into messages; feed it whatever arrives."""
 
     def __init__(self, max_frame: int = MAX_FRAME) -> None:
         self._buf = bytearray()
+        self._frame: bytearray | None = None   # a large frame being assembled
+        self._have = 0                          # ... its bytes so far
         self.max_frame = max_frame
         """Longer frames are refused as soon as their length arrives (may change)."""
-        self.on_frame: Callable[[bytes | memoryview], None] | None = None
+        self.on_frame: Callable[[bytes | bytearray | memoryview], None] | None = None
         """Called with each whole frame (length included) before it is decoded; it must
-        not keep the view (may change)."""
+        not keep a memoryview (its buffer is reused), and may keep a ``bytes`` or a
+        ``bytearray`` (never changed again) (may change)."""
 
-    def feed(self, data: bytes) -> list[Message]:
+    def feed(self, data: bytes | memoryview) -> list[Message]:
+        out: list[Message] = []
+        if self._frame is not None:
+            data = self._assemble(data, out)
+            if not data:
+                return out
         if not self._buf and len(data) > 4:
             # The usual case (a request, an answer): exactly one whole frame, decoded
             # from ``data`` itself, with no copy into the buffer and out again.
@@ -658,9 +671,10 @@ class FrameDecoder:
                 type_ = data[4]
                 if self.on_frame is not None:
                     self.on_frame(data)
-                return [decode(type_, memoryview(data)[5:] if type_ in _FAST else data[5:])]
+                body = memoryview(data)[5:] if type_ in _FAST else data[5:]
+                out.append(decode(type_, body))
+                return out
         self._buf += data
-        out: list[Message] = []
         while len(self._buf) >= 4:
             (length,) = struct.unpack_from(">I", self._buf, 0)
             if length == 0:
@@ -669,16 +683,38 @@ class FrameDecoder:
                 raise ProtocolError(f"frame of {length} bytes exceeds the limit of "
                                     f"{self.max_frame}")
             if len(self._buf) < 4 + length:
+                if length >= LARGE_FRAME:        # the rest goes straight into its own buffer
+                    self._frame = frame = bytearray(4 + length)
+                    self._have = len(self._buf)
+                    frame[:self._have] = self._buf
+                    self._buf.clear()
                 break
             type_ = self._buf[4]
             with memoryview(self._buf) as view:
                 if self.on_frame is not None:
-                    with view[:4 + length] as frame:
-                        self.on_frame(frame)
+                    with view[:4 + length] as frame_view:
+                        self.on_frame(frame_view)
                 body = bytes(view[5:4 + length])
             del self._buf[:4 + length]
             out.append(decode(type_, body))
         return out
+
+    def _assemble(self, data: bytes | memoryview, out: list[Message]) -> memoryview:
+        """Copy what ``data`` holds of the large frame being assembled; when it is whole,
+        decode it into ``out``. Returns the rest of ``data``."""
+        frame = self._frame
+        assert frame is not None
+        view = memoryview(data)
+        take = min(len(view), len(frame) - self._have)
+        frame[self._have:self._have + take] = view[:take]
+        self._have += take
+        if self._have == len(frame):
+            self._frame = None
+            if self.on_frame is not None:
+                self.on_frame(frame)
+            with memoryview(frame) as whole:
+                out.append(decode(frame[4], whole[5:]))
+        return view[take:]
 
     @property
     def pending(self) -> int:

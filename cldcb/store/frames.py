@@ -46,15 +46,21 @@ FOOTER_MAGIC = b"cldcbEND"
 _WINDOW = 1 << 20
 
 
-def encode_frame(magic: bytes, *body: bytes) -> bytes:
-    """The frame of the body made of the ``body`` pieces, each copied once (into the
-    frame; the checksum runs over them in turn)."""
+def frame_header(magic: bytes, *body: bytes | memoryview) -> bytes:
+    """The header of the frame of the body made of the ``body`` pieces (the checksum runs
+    over them in turn; nothing is copied)."""
     crc = size = 0
     for piece in body:
         crc = zlib.crc32(piece, crc)
         size += len(piece)
     head = _FIRST12.pack(magic, size, crc)
-    return b"".join((head, _U32.pack(zlib.crc32(head)), *body))
+    return head + _U32.pack(zlib.crc32(head))
+
+
+def encode_frame(magic: bytes, *body: bytes) -> bytes:
+    """The frame of the body made of the ``body`` pieces, each copied once (into the
+    frame)."""
+    return b"".join((frame_header(magic, *body), *body))
 
 
 def frame_len(body_len: int) -> int:
@@ -136,6 +142,13 @@ def decode_record(body: bytes) -> RecordFrame:
 
 def encode_chunk(index: int, sealed: bytes) -> bytes:
     return encode_frame(CHUNK_MAGIC, CHUNK_HEAD.pack(index), sealed)
+
+
+def chunk_head(index: int, sealed: bytes | memoryview) -> bytes:
+    """The bytes of :func:`encode_chunk` before ``sealed``: written, then ``sealed`` itself,
+    the same bytes without building a copy of the chunk."""
+    head = CHUNK_HEAD.pack(index)
+    return frame_header(CHUNK_MAGIC, head, sealed) + head
 
 
 @dataclass(frozen=True)

@@ -161,7 +161,7 @@ class OsFileLayer:
         return os.path.exists(path)
 
 
-def write_all(fs: FileLayer, fd: int, data: bytes, offset: int, *,
+def write_all(fs: FileLayer, fd: int, data: bytes | memoryview, offset: int, *,
               durable: bool = False) -> None:
     """Write all of ``data`` at ``offset``, going on after short writes; ``durable``: on
     stable storage when this returns (:meth:`FileLayer.pwrite_durable`)."""
