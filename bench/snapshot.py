@@ -233,7 +233,9 @@ def main() -> None:
         out[key] = {"seconds": round(r["seconds"], 3), "mb_per_s": round(mbps, 1),
                     "ratio_floor_before": round(ratios[0], 3),
                     "ratio_floor_after": round(ratios[1], 3),
-                    "copy": r["copy"], "copy_seconds": round(r["copy_seconds"], 3),
+                    "copy": r["copy"],
+                    "copy_seconds": (None if r["copy_seconds"] != r["copy_seconds"]
+                                     else round(r["copy_seconds"], 3)),
                     "peak_rss_mb": round(r["plugin_mb"], 1),
                     "server_peak_rss_mb": round(r["server_mb"], 1),
                     "plugin_cpu_s": round(r["plugin_cpu"], 2),

@@ -268,20 +268,35 @@ def test_a_large_frame_is_assembled_once_in_a_buffer_of_its_own(cuts: list[int],
     between small frames: the same
     messages as fed whole, and ``on_frame`` gets the large frame as the one buffer its
     pieces were copied into (a bytearray it may keep: hashed later without another
-    copy), the small ones as views or bytes equal to their frames."""
+    copy), the small ones as views or bytes equal to their frames; the chunk's sealed
+    bytes are a view of that buffer, not another copy."""
     small = wire.StatusRequest()
     chunk = wire.SnapshotChunk(7, 3, bytes(range(256)) * (size // 256))
     frames = [wire.encode(small), wire.encode(chunk), wire.encode(small)]
     stream = b"".join(frames)
     dec = wire.FrameDecoder()
     seen: list[tuple[type, bytes]] = []
-    dec.on_frame = lambda f: seen.append((type(f), bytes(f)))
+    dec_frames: list[object] = []
+
+    def on_frame(f: bytes | bytearray | memoryview) -> None:
+        seen.append((type(f), bytes(f)))
+        if type(f) is bytearray:
+            dec_frames.append(f)
+
+    dec.on_frame = on_frame
     got: list[wire.Message] = []
+    ends = [sum(len(f) for f in frames[:k + 1]) for k in range(len(frames))]
     pos = i = 0
     while pos < len(stream):
         cut = cuts[i % len(cuts)]
         got += dec.feed(stream[pos:pos + cut])
-        pos, i = pos + cut, i + 1
+        pos, i = min(len(stream), pos + cut), i + 1
+        whole = [e for e in ends if e <= pos]
+        assert dec.pending == pos - (whole[-1] if whole else 0)   # (mid-frame is not idle)
+        assert len(got) == len(whole)
     assert got == [small, chunk, small] and dec.pending == 0
     assert [f for _, f in seen] == frames
     assert seen[1][0] is bytearray
+    sealed = got[1].sealed                      # type: ignore[attr-defined]
+    assert isinstance(sealed, memoryview) and sealed.obj is not None
+    assert sealed.obj is dec_frames[0]

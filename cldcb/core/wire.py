@@ -712,11 +712,25 @@ class FrameDecoder:
             self._frame = None
             if self.on_frame is not None:
                 self.on_frame(frame)
-            with memoryview(frame) as whole:
-                out.append(decode(frame[4], whole[5:]))
+            out.append(_decode_owned(frame))
         return view[take:]
 
     @property
     def pending(self) -> int:
         """Bytes received that do not yet make a whole frame."""
-        return len(self._buf)
+        return len(self._buf) + (self._have if self._frame is not None else 0)
+
+
+def _decode_owned(frame: bytearray) -> Message:
+    """The message of a whole large frame in a buffer of its own (never changed again): a
+    snapshot chunk's ``sealed`` is a view of it rather than a copy (the server writes it
+    as it is); anything else as :func:`decode` gives it."""
+    body = memoryview(frame)[5:]
+    if frame[4] != SnapshotChunk.TYPE:
+        return decode(frame[4], body)
+    codec = _FAST[SnapshotChunk.TYPE]
+    size = codec.struct.size
+    if len(body) < size + 4 or size + 4 + _U32.unpack_from(body, size)[0] != len(body):
+        return decode(frame[4], body)           # (raises what is wrong with it)
+    snapshot_id, index = codec.struct.unpack_from(body, 0)
+    return SnapshotChunk(snapshot_id, index, body[size + 4:])  # type: ignore[arg-type]
