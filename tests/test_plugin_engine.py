@@ -116,6 +116,12 @@ class FakeConn:
         self._check()
         return wire.ChunkAck(snapshot_id, index + self.s.lie_chunk_index)
 
+    async def send_chunk_frame(self, frame: bytearray) -> wire.ChunkAck:
+        """A chunk sealed into its frame: taken apart, then as ``send_chunk``."""
+        (msg,) = wire.FrameDecoder().feed(bytes(frame))
+        assert isinstance(msg, wire.SnapshotChunk)
+        return await self.send_chunk(msg.snapshot_id, msg.index, msg.sealed)
+
     async def end_snapshot(self, snapshot_id: int, count: int,
                            manifest: bytes) -> wire.SnapshotAck:
         self._check()

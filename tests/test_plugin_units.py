@@ -381,6 +381,12 @@ class FakeTarget:
         self.in_flight -= 1
         return wire.ChunkAck(snapshot_id, index + (self.lie == "index" and index == 2))
 
+    async def send_chunk_frame(self, frame: bytearray) -> wire.ChunkAck:
+        """A chunk sealed into its frame: taken apart, then as ``send_chunk``."""
+        (msg,) = wire.FrameDecoder().feed(bytes(frame))
+        assert isinstance(msg, wire.SnapshotChunk)
+        return await self.send_chunk(msg.snapshot_id, msg.index, msg.sealed)
+
     async def end_snapshot(self, snapshot_id: int, chunk_count: int,
                            manifest: bytes) -> wire.SnapshotAck:
         self.end = (snapshot_id, chunk_count, manifest)

@@ -186,3 +186,22 @@ def test_a_chunk_from_another_snapshot_of_the_same_state_is_refused() -> None:
     o = SnapshotOpener(NODE, client_pub(CLIENT), 41, a.seal_manifest(1))
     with pytest.raises(SealError, match="another snapshot"):
         o.open_chunk(0, b_chunk)
+
+
+def test_a_chunk_sealed_into_a_buffer_is_the_chunk_sealed() -> None:
+    """``seal_chunk_into`` (the upload seals into the frame it sends) gives the bytes of
+    ``seal_chunk`` under the same key and counter, and the manifest counts it."""
+    import os
+
+    from cldcb.core.ids import new_privkey, pubkey_of
+    from cldcb.core.seal import OVERHEAD, SnapshotSealer
+
+    node, client, eph = new_privkey(), new_privkey(), new_privkey()
+    a = SnapshotSealer(pubkey_of(node), client, eph, 9, bytes(32))
+    b = SnapshotSealer(pubkey_of(node), client, eph, 9, bytes(32))
+    for data in (b"", os.urandom(1000), os.urandom(70000)):
+        out = bytearray(3 + OVERHEAD + len(data))
+        b.seal_chunk_into(memoryview(bytearray(data)), memoryview(out)[3:])
+        assert bytes(out[3:]) == a.seal_chunk(data) and out[:3] == bytes(3)
+    assert a.chunk_count == b.chunk_count == 3
+    assert a.seal_manifest(5) == b.seal_manifest(5)

@@ -300,3 +300,23 @@ def test_a_large_frame_is_assembled_once_in_a_buffer_of_its_own(cuts: list[int],
     sealed = got[1].sealed                      # type: ignore[attr-defined]
     assert isinstance(sealed, memoryview) and sealed.obj is not None
     assert sealed.obj is dec_frames[0]
+
+
+@settings(max_examples=50, deadline=None)
+@given(snapshot_id=st.integers(0, 2**32 - 1), index=st.integers(0, 2**32 - 1),
+       sealed=st.binary(max_size=5000))
+def test_a_chunk_frame_built_whole_is_the_encoded_chunk(snapshot_id: int, index: int,
+                                                        sealed: bytes) -> None:
+    """A chunk sealed straight into its frame (the plugin's upload) sends the bytes that
+    encoding the message sends."""
+    frame, at = wire.snapshot_chunk_frame(snapshot_id, index, len(sealed))
+    assert len(frame) == at + len(sealed)
+    frame[at:] = sealed
+    assert bytes(frame) == wire.encode(wire.SnapshotChunk(snapshot_id, index, sealed))
+
+
+def test_a_chunk_frame_too_large_or_out_of_range_is_refused() -> None:
+    with pytest.raises(ProtocolError, match="exceeds the frame limit"):
+        wire.snapshot_chunk_frame(1, 0, wire.MAX_FRAME)
+    with pytest.raises(ProtocolError, match="out of range"):
+        wire.snapshot_chunk_frame(2**32, 0, 10)

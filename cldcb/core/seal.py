@@ -210,6 +210,17 @@ class StreamSealer:
         return header + ct
 
 
+    def seal_into(self, plaintext: bytes | memoryview, context: bytes,
+                  out: memoryview) -> None:
+        """:meth:`seal` written into ``out`` (exactly ``OVERHEAD + len(plaintext)`` bytes)
+        instead of new bytes: the header, then the ciphertext and tag, no copy between."""
+        header = self._head + _COUNTER.pack(self._counter)
+        out[:len(header)] = header
+        self._aead.encrypt_into(_NONCE.pack(self._counter), plaintext, header + context,
+                                out[len(header):])
+        self._counter += 1
+
+
 class StreamOpener:
     """Opens items sealed for one client; caches one key per ephemeral key."""
 
@@ -370,12 +381,20 @@ class SnapshotSealer:
         self._index = 0
         self._size = 0
 
-    def seal_chunk(self, data: bytes) -> bytes:
+    def seal_chunk(self, data: bytes | memoryview) -> bytes:
         self._size += len(data)
         sealed = self._stream.seal(data, chunk_context(self.client_pub, self.data_version,
                                                        self._index))
         self._index += 1
         return sealed
+
+    def seal_chunk_into(self, data: bytes | memoryview, out: memoryview) -> None:
+        """:meth:`seal_chunk` written into ``out`` (``OVERHEAD + len(data)`` bytes: where a
+        frame holds the sealed chunk, see :func:`cldcb.core.wire.snapshot_chunk_frame`)."""
+        self._size += len(data)
+        self._stream.seal_into(data, chunk_context(self.client_pub, self.data_version,
+                                                   self._index), out)
+        self._index += 1
 
     @property
     def chunk_count(self) -> int:

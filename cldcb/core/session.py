@@ -389,6 +389,17 @@ class ClientSession(_Base):
         self._pending.append((token, _WRITE_ANSWERS))
         return self.data_to_send() + frame if self._out else frame
 
+    def chunk_frame(self, frame: bytearray, token: object = None) -> bytes | bytearray:
+        """The bytes to write for a ``SnapshotChunk`` frame built whole by
+        :func:`wire.snapshot_chunk_frame` (and never changed again: it is kept, not copied,
+        until the answer MAC hashed it): what :meth:`send` then :meth:`data_to_send` give
+        for that message. Raises as :meth:`send`."""
+        self._check_send(wire.SnapshotChunk)
+        if self._macs is not None:
+            self._macs.request(frame)
+        self._pending.append((token, ANSWERS[wire.SnapshotChunk]))
+        return self.data_to_send() + frame if self._out else frame
+
     def ack_in(self, data: bytes) -> tuple[object, wire.Ack] | None:
         """The Ack that ``data`` is and the token of the Write it answers, when it is
         exactly one whole Ack frame with this session's MAC, nothing else was received

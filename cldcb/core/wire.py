@@ -586,6 +586,7 @@ _WRITE_HEAD = struct.Struct(">IBqB32sI")   # length, type, data_version, kind, l
 _ACK_FRAME = struct.Struct(">IBqB32sB16s")  # length, type, data_version, kind, link, want, mac
 _ACK_LENGTH = _ACK_FRAME.size - 4
 _WRITE, _ACK = Write.TYPE, Ack.TYPE
+_CHUNK_HEAD = struct.Struct(">IBIII")     # length, type, snapshot_id, index, len
 
 
 def write_frame(data_version: int, kind: int, link: bytes, sealed: bytes) -> bytes:
@@ -600,6 +601,24 @@ def write_frame(data_version: int, kind: int, link: bytes, sealed: bytes) -> byt
         return _WRITE_HEAD.pack(length, _WRITE, data_version, kind, link, len(sealed)) + sealed
     except struct.error as exc:
         raise ProtocolError(f"field out of range: {exc}") from None
+
+
+def snapshot_chunk_frame(snapshot_id: int, index: int, sealed_len: int) -> tuple[bytearray, int]:
+    """A ``SnapshotChunk`` frame whose sealed bytes are still to be written: the frame
+    (``encode(SnapshotChunk(snapshot_id, index, sealed))`` once ``sealed_len`` bytes are
+    written at the offset returned) and that offset. So a chunk is sealed straight into
+    the frame that is sent. ProtocolError as encode."""
+    length = 1 + 8 + 4 + sealed_len
+    if length > MAX_FRAME:
+        raise ProtocolError(f"SnapshotChunk of {length - 1} bytes exceeds the frame limit of "
+                            f"{MAX_FRAME}")
+    frame = bytearray(4 + length)
+    try:
+        _CHUNK_HEAD.pack_into(frame, 0, length, SnapshotChunk.TYPE, snapshot_id, index,
+                              sealed_len)
+    except struct.error as exc:
+        raise ProtocolError(f"field out of range: {exc}") from None
+    return frame, _CHUNK_HEAD.size
 
 
 def write_in(data: bytes) -> Write | None:

@@ -79,7 +79,7 @@ from typing import BinaryIO, Protocol
 
 from cldcb.core import wire
 from cldcb.core.ids import new_privkey
-from cldcb.core.seal import SnapshotSealer
+from cldcb.core.seal import OVERHEAD, SnapshotSealer
 from cldcb.core.session import check_chunk_ack, check_snapshot_ack
 from cldcb.errors import DatabaseBusy, PluginError, SnapshotAborted
 from cldcb.node import nodedb
@@ -593,23 +593,30 @@ class SnapshotTarget(Protocol):
     async def send_chunk(self, snapshot_id: int, index: int,
                          sealed: bytes) -> wire.ChunkAck: ...
 
+    async def send_chunk_frame(self, frame: bytearray) -> wire.ChunkAck: ...
+
     async def end_snapshot(self, snapshot_id: int, chunk_count: int,
                            manifest: bytes) -> wire.SnapshotAck: ...
 
 
 class _ChunkReader:
-    """Reads a copy chunk by chunk into one buffer reused for every chunk (a fresh
-    1 MiB buffer per chunk is fresh memory each time) and seals it; one at a time."""
+    """Reads a copy chunk by chunk into one buffer reused for every chunk and seals it
+    straight into the frame that is sent (:func:`wire.snapshot_chunk_frame`): one new
+    buffer per chunk, no copy between reading and the socket but the cipher's (a fresh
+    1 MiB buffer is fresh memory each time on this kind of machine). One at a time."""
 
-    def __init__(self, copy: LocalCopy, sealer: SnapshotSealer, chunk_size: int) -> None:
+    def __init__(self, copy: LocalCopy, sealer: SnapshotSealer, snapshot_id: int,
+                 chunk_size: int) -> None:
         self._copy, self._sealer = copy, sealer
+        self._snapshot_id = snapshot_id
         self._buf = memoryview(bytearray(chunk_size))
         self._offset = 0
         self._file: BinaryIO | None = None
 
-    def next_sealed(self, first: bool) -> tuple[bytes | None, int]:
-        """The next chunk sealed and its plaintext size (blocking: run it in a thread);
-        (None, 0) at the end, except for the first chunk (sent even when empty)."""
+    def next_frame(self, first: bool) -> tuple[bytearray | None, int]:
+        """The next chunk's frame, sealed, and its plaintext size (blocking: run it in a
+        thread); (None, 0) at the end, except for the first chunk (sent even when
+        empty)."""
         copy = self._copy
         if self._file is None and copy.has_file:
             self._file = open(copy.path, "rb")  # noqa: SIM115 - closed by close()
@@ -622,7 +629,11 @@ class _ChunkReader:
         self._offset += n
         if not n and not first:
             return None, 0
-        return self._sealer.seal_chunk(self._buf[:n]), n
+        frame, at = wire.snapshot_chunk_frame(self._snapshot_id, self._sealer.chunk_count,
+                                              OVERHEAD + n)
+        with memoryview(frame) as out:
+            self._sealer.seal_chunk_into(self._buf[:n], out[at:])
+        return frame, n
 
     def close(self) -> None:
         if self._file is not None:
@@ -649,25 +660,24 @@ async def upload_snapshot(conn: SnapshotTarget, copy: LocalCopy, *, node_pub: by
                             copy.anchor)
     await conn.begin_snapshot(snapshot_id, copy.data_version, copy.anchor)
     pending: deque[tuple[int, asyncio.Task[wire.ChunkAck]]] = deque()
-    ahead: asyncio.Future[tuple[bytes | None, int]] | None = None
-    reader = _ChunkReader(copy, sealer, chunk_size)
+    ahead: asyncio.Future[tuple[bytearray | None, int]] | None = None
+    reader = _ChunkReader(copy, sealer, snapshot_id, chunk_size)
     sent = 0
     try:
         index = 0
         # the next chunk is read and sealed (in a thread) while this one is sent
-        ahead = asyncio.ensure_future(asyncio.to_thread(reader.next_sealed, True))
+        ahead = asyncio.ensure_future(asyncio.to_thread(reader.next_frame, True))
         while True:
             if still_wanted is not None and not still_wanted():
                 raise SnapshotAborted("the snapshot is no longer needed")
-            sealed, n = await ahead
+            frame, n = await ahead
             ahead = None
-            if sealed is None:
+            if frame is None:
                 break
             if n == chunk_size:
-                ahead = asyncio.ensure_future(asyncio.to_thread(reader.next_sealed, False))
-            pending.append((index, asyncio.ensure_future(
-                conn.send_chunk(snapshot_id, index, sealed))))
-            del sealed
+                ahead = asyncio.ensure_future(asyncio.to_thread(reader.next_frame, False))
+            pending.append((index, asyncio.ensure_future(conn.send_chunk_frame(frame))))
+            del frame
             index += 1
             sent += n
             if on_progress is not None:

@@ -444,6 +444,17 @@ class Connection:
     async def send_chunk(self, snapshot_id: int, index: int, sealed: bytes) -> wire.ChunkAck:
         return await self._request(wire.SnapshotChunk(snapshot_id, index, sealed))
 
+    async def send_chunk_frame(self, frame: bytearray) -> wire.ChunkAck:
+        """``send_chunk`` for a chunk sealed straight into its frame
+        (:func:`wire.snapshot_chunk_frame`; never changed again)."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._raise_if_broken()
+        self._write(self._session.chunk_frame(frame, fut), fut)  # type: ignore[arg-type]
+        if self._session.unhashed_requests:        # hashed off the loop
+            loop.run_in_executor(None, self._session.absorb)
+        return await fut
+
     async def end_snapshot(self, snapshot_id: int, chunk_count: int,
                            manifest: bytes) -> wire.SnapshotAck:
         return await self._request(wire.SnapshotEnd(snapshot_id, chunk_count, manifest))
