@@ -27,6 +27,7 @@ from cldcb.core.ids import pubkey_of
 from cldcb.core.seal import SnapshotOpener
 from cldcb.node.nodedb import COPY_PREFIX
 from cldcb.node.nodekey import LocalNodeKey
+from cldcb.plugin.engine import Engine
 from cldcb.plugin.mirror import MIRROR_NAME
 
 PATIENCE = 30.0
@@ -94,6 +95,20 @@ def insert(node: Node, size: int) -> tuple[int, list[str]]:
     return dv, writes
 
 
+async def committed(eng: Engine, node: Node, size: int) -> None:
+    """One call of the node (a row of ``size`` bytes), answered ``continue``, committed."""
+    dv, writes = insert(node, size)
+    result = await asyncio.wait_for(eng.db_write(dv, writes), PATIENCE)
+    assert result.ok, result.message
+    node.commit()
+
+
+async def mirror_follows(eng: Engine, node: Node) -> None:
+    mirror = eng.mirror
+    assert mirror is not None
+    await until(lambda: mirror.data_version == node.dv, "the mirror to follow the node")
+
+
 def copies_left(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith(COPY_PREFIX))
 
@@ -155,13 +170,8 @@ def test_the_mirror_takes_the_blocking_snapshots_copy_without_copying_it_again(
         eng = make_engine(tmp_path, [s], chunk_size=CHUNK, mirror_path=mirror_path)
         eng.start()
         for _ in range(3):
-            dv, writes = insert(node, 8)
-            result = await asyncio.wait_for(eng.db_write(dv, writes), PATIENCE)
-            assert result.ok, result.message
-            node.commit()
-        mirror = eng.mirror
-        assert mirror is not None
-        await until(lambda: mirror.data_version == node.dv, "the mirror to follow")
+            await committed(eng, node, 8)
+        await mirror_follows(eng, node)
         await eng.close()
 
     asyncio.run(go())
@@ -191,17 +201,13 @@ def test_a_server_beyond_the_quorum_still_gets_the_exact_snapshot_after_the_call
                           mirror_path=mirror_path)
         eng.start()
         for i in range(3):
-            dv, writes = insert(node, 900)
-            result = await asyncio.wait_for(eng.db_write(dv, writes), PATIENCE)
-            assert result.ok, result.message
-            node.commit()
+            await committed(eng, node, 900)
             if i == 0:
                 assert not b.snapshots and "b" not in rec.chunks
         gate.set()
         await until(lambda: bool(b.snapshots), "server b's snapshot")
         if eng.mirror is not None:
-            m = eng.mirror
-            await until(lambda: m.data_version == node.dv, "the mirror to follow")
+            await mirror_follows(eng, node)
         await eng.close()
 
     asyncio.run(go())
