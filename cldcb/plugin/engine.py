@@ -53,8 +53,9 @@ Each call ``(data_version, writes)``:
    counts for nothing.
 
 A local copy of the database is always finished, and the database let go, before
-the call is answered; every copy (of the database or of the mirror) is deleted once no upload needs
-it. Each change recorded is also handed to the mirror (a queue put).
+the call is answered; every copy (of the database or of the mirror) is deleted once
+no upload needs it (a blocking snapshot's copy is handed to the mirror instead).
+Each change recorded is also handed to the mirror (a queue put).
 
 The hot path (:mod:`cldcb.plugin.hotpath`, the engine's base class): when every
 server is in step and idle and nothing else is due, the call is answered from
