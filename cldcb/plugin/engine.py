@@ -541,9 +541,9 @@ class Engine(HotPath):
             self._mirror_task = None
             self._mirror_seq = None
             self.changed()
-        self.emit("info", f"copied the mirror at data_version {copy.data_version} "
-                          f"({copy.size} bytes) in {time.monotonic() - started:.2f} s; no "
-                          "hook call waited for it")
+        self.emit("info", f"snapshot of the mirror at data_version {copy.data_version} "
+                          f"({copy.size} bytes) held in {time.monotonic() - started:.2f} s; "
+                          "no hook call waited for it")
         log = self.log
         copy.anchor, copy.next_seq = anchor, next_seq
         if self.closing or log is None or not log.holds(next_seq - 1):

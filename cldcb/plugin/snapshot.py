@@ -83,6 +83,15 @@ FILL_PIECE = 8 << 20
 """Bytes a fill copies between two reports of how far it got."""
 
 
+class CopySource(Protocol):
+    """Where a copy's bytes come from when they are not a file of their own (a snapshot
+    read in place from the plugin's mirror, :class:`cldcb.plugin.mirror.MirrorView`)."""
+
+    def open(self) -> BinaryIO: ...
+
+    def close(self) -> None: ...
+
+
 @dataclass
 class LocalCopy:
     """A consistent copy of the database at ``data_version``, on local disk.
@@ -91,7 +100,9 @@ class LocalCopy:
     state, or 32 fresh random bytes); ``next_seq`` the position in the
     :class:`~cldcb.plugin.recordlog.RecordLog` of the first record that goes
     on top of it. The file is deleted once nobody uses it (:meth:`release`), by a
-worker thread when that happens on the event loop.
+    worker thread when that happens on the event loop. With a ``source`` the bytes are
+    read from it (:meth:`open_bytes`) and it is closed then instead; ``path`` only names
+    where they live.
     """
 
     path: Path
@@ -105,6 +116,11 @@ worker thread when that happens on the event loop.
     deleting: bool = False  # nobody uses it any more: being deleted, off the event loop
     taken_ms: int = field(default_factory=lambda: int(time.time() * 1000))
     filling: _Filling | None = field(default=None, repr=False)
+    source: CopySource | None = field(default=None, repr=False)
+
+    def open_bytes(self) -> BinaryIO:
+        """A reader of the copy's bytes from the start (the caller closes it)."""
+        return self.source.open() if self.source is not None else open(self.path, "rb")
 
     def fill(self) -> None:
         """Copy the rest of the bytes (blocking: run it in a thread), then let go of the
@@ -132,12 +148,15 @@ worker thread when that happens on the event loop.
 
     @property
     def alive(self) -> bool:
-        return not self.deleting and self.path.exists()
+        return not self.deleting and (self.source is not None or self.path.exists())
 
     def _maybe_delete(self) -> None:
         if self.users == 0 and not self.in_hook and not self.deleting:
             self.deleting = True
-            _delete_soon(self.path)
+            if self.source is not None:
+                self.source.close()
+            else:
+                _delete_soon(self.path)
 
 
 def _unlink(path: Path) -> None:
@@ -457,7 +476,7 @@ async def upload_snapshot(conn: SnapshotTarget, copy: LocalCopy, *, node_pub: by
     ahead: asyncio.Future[tuple[bytes | None, int]] | None = None
     sent = 0
     try:
-        with open(copy.path, "rb") as f:
+        with copy.open_bytes() as f:
             index = 0
             # the next chunk is read and sealed (in a thread) while this one is sent
             ahead = asyncio.ensure_future(asyncio.to_thread(_read_and_seal, copy, f,
