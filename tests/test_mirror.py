@@ -326,9 +326,12 @@ def test_the_mirror_copies_only_the_state_asked_for_and_follows_the_live_databas
     assert sqlite_dump(tmp_path / MIRROR_NAME) == sqlite_dump(live)
 
 
-def test_the_mirror_thread_runs_at_a_lower_cpu_priority(tmp_path: Path) -> None:
-    """Everything the mirror's thread does (apply, check, copy a whole database) is
-    background work: on a busy machine it yields the CPU to the hook path."""
+def test_the_mirror_thread_runs_at_the_plugins_cpu_priority(tmp_path: Path) -> None:
+    """The mirror's thread shares the GIL with the hook path: made nicer, it is scheduled
+    less often while it holds the GIL, and the hook path waits for it (priority inversion;
+    ``bench/gil_priority.py``: the main thread's wake-ups late by p50 20 ms, max 158-366 ms
+    at nice 10, against p50 5-7 ms, max 36-207 ms at nice 0, two hogs on two cores). It
+    runs at the plugin's own priority."""
     import os
 
     live = tmp_path / "lightningd.sqlite3"
@@ -342,7 +345,7 @@ def test_the_mirror_thread_runs_at_a_lower_cpu_priority(tmp_path: Path) -> None:
         nice = int(stat.rsplit(")", 1)[1].split()[16])
     finally:
         mirror.close()
-    assert nice > os.nice(0)
+    assert nice == os.getpriority(os.PRIO_PROCESS, 0)
 
 
 def test_the_mirror_applies_the_changes_waiting_in_one_transaction(tmp_path: Path) -> None:

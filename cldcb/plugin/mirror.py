@@ -53,8 +53,9 @@ another data_version means the mirror cannot follow: it is *discarded*
 (logged, its files deleted). The connection has ``foreign_keys`` on, as
 lightningd's has. The file is in WAL mode with ``synchronous = NORMAL``: a
 killed plugin leaves it consistent at the last change applied. The thread
-runs :data:`BACKGROUND_NICE` nicer than the plugin (its work is all in the
-background), so on a busy machine it yields the CPU to the hook path.
+runs at the plugin's own CPU priority, not a nicer one: it shares the GIL
+with the hook path, and a nicer thread holding the GIL is scheduled less often
+on a busy machine while the hook path waits for it (``bench/gil_priority.py``).
 
 Snapshots (:meth:`Mirror.snapshot`)
 -----------------------------------
@@ -151,21 +152,6 @@ BATCH_SECONDS = 0.25
 that a plugin killed in a quiet moment leaves the mirror at the database's state)."""
 
 Notify = Callable[[str, str], None]
-
-
-BACKGROUND_NICE = 10
-"""How much nicer than the plugin the mirror's thread runs (Linux: per thread)."""
-
-
-def _lower_priority() -> None:
-    """Make the calling thread yield the CPU to the hook path: all it does is background
-    work (on Linux ``setpriority`` on a thread id changes that thread only)."""
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid,
-                       min(19, os.getpriority(os.PRIO_PROCESS, tid) + BACKGROUND_NICE))
-    except (OSError, AttributeError):
-        pass                              # not permitted or not available: as it was
 
 
 def _reached(conn: sqlite3.Connection) -> int:
@@ -292,7 +278,6 @@ class Mirror:
 
     # -- the thread -------------------------------------------------------------------------
     def _run(self) -> None:
-        _lower_priority()
         try:
             self._open_existing()
             while True:
