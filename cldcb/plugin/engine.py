@@ -104,6 +104,9 @@ from cldcb.plugin.snapshot import (
 from cldcb.plugin.wrapper import WrapperConfig
 
 STARTUP_GRACE = 2.0
+CALLS_RECENT = 0.5
+"""Hook calls come (:meth:`Engine.calls_flowing`) while one is pending or the last one
+ended at most this many seconds ago."""
 LOG_LIMIT = 64 * 1024 * 1024
 Emit = Callable[[str, str], None]
 
@@ -157,6 +160,7 @@ class Engine(HotPath):
         self.last_hook_result: str | None = None
         self.on_change: Callable[[], None] | None = None
         self._slow_running = False
+        self._last_call_end = float("-inf")
         self.mirror_path = mirror_path
         self.mirror: Mirror | None = None
         self._mirror_task: asyncio.Task[None] | None = None
@@ -291,7 +295,13 @@ class Engine(HotPath):
         self._ended(data_version, result)
         return result
 
+    def calls_flowing(self) -> bool:
+        """A call is pending, or one ended within :data:`CALLS_RECENT` seconds (background
+        uploads pace themselves meanwhile: see :data:`cldcb.plugin.links.BACKGROUND_PAUSE`)."""
+        return self.busy or time.monotonic() - self._last_call_end < CALLS_RECENT
+
     def _ended(self, data_version: int, result: HookResult) -> None:
+        self._last_call_end = time.monotonic()
         self.last_hook_result = "continue" if result.ok else f"fail: {result.message}"
         if result.ok:
             self.acked_dv = data_version

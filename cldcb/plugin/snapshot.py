@@ -456,7 +456,8 @@ def _read_and_seal(copy: LocalCopy, f: BinaryIO, sealer: SnapshotSealer, size: i
 
 async def upload_snapshot(conn: SnapshotTarget, copy: LocalCopy, *, node_pub: bytes,
                           client_priv: bytes, chunk_size: int = CHUNK_SIZE,
-                          window: int = WINDOW, chunk_delay: float = 0.0,
+                          window: int = WINDOW,
+                          chunk_delay: float | Callable[[], float] = 0.0,
                           still_wanted: Callable[[], bool] | None = None,
                           on_progress: Callable[[int, int], None] | None = None,
                           before_end: Callable[[], None] | None = None,
@@ -464,6 +465,7 @@ async def upload_snapshot(conn: SnapshotTarget, copy: LocalCopy, *, node_pub: by
     """Seal and stream ``copy`` to ``conn``; returns the server's ``SnapshotAck``.
 
     At least one chunk is sent (an empty database's copy still has a header page).
+    ``chunk_delay``: seconds to wait after each chunk (or a function asked after each).
     ``still_wanted`` is checked before each chunk: False stops with
     :class:`SnapshotAborted`; the caller should then drop the connection, which
     leaves the server's previous snapshot in place.
@@ -502,8 +504,9 @@ async def upload_snapshot(conn: SnapshotTarget, copy: LocalCopy, *, node_pub: by
                     await _chunk_acked(snapshot_id, *pending.popleft())
                 if n < chunk_size:
                     break
-                if chunk_delay:
-                    await asyncio.sleep(chunk_delay)
+                delay = chunk_delay() if callable(chunk_delay) else chunk_delay
+                if delay:
+                    await asyncio.sleep(delay)
         while pending:
             await _chunk_acked(snapshot_id, *pending.popleft())
     except BaseException:
