@@ -479,3 +479,35 @@ def test_a_snapshot_of_the_mirror_is_read_in_place_and_stays_at_its_data_version
         mirror.close()
         con.close()
     assert not [m for m in said if THROWN_AWAY in m], said
+
+
+def test_a_snapshot_of_the_mirror_being_read_is_revoked_when_the_mirror_closes(
+        tmp_path: Path) -> None:
+    """In process: the mirror's connection closes (the mirror is thrown away, rebuilt, or
+    the plugin stops) while a snapshot of it is still read: the snapshot is revoked first
+    (else its reader, the file's last connection, would checkpoint the WAL into the file
+    it reads and delete the WAL by name); reading it then fails, and it is no longer
+    offered for a catch-up (not alive)."""
+    from cldcb.errors import PluginError
+
+    live = tmp_path / "lightningd.sqlite3"
+    with sqlite3.connect(live) as con:
+        con.execute("CREATE TABLE vars (name TEXT PRIMARY KEY, intval INTEGER)")
+        con.execute("INSERT INTO vars VALUES ('data_version', 1)")
+    con.close()
+    base = tmp_path / "base.sqlite3"
+    shutil.copyfile(live, base)
+    mirror = Mirror(tmp_path / MIRROR_NAME, live, notify=lambda lvl, msg: None)
+    mirror.start()
+    try:
+        mirror.rebuild(base, 1, 0, threading.Event().set)
+        snap = mirror.snapshot(1, tmp_path).result(30)
+        with snap.open_bytes() as f:
+            assert f.read(100)[18:20] == b"\x01\x01"
+        assert snap.alive
+    finally:
+        mirror.close()
+    assert not snap.alive
+    with snap.open_bytes() as f, pytest.raises(PluginError, match="revoked"):
+        f.read(100)
+    snap.hook_done()                                 # (letting go of it again is harmless)

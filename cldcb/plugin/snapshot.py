@@ -87,6 +87,9 @@ class CopySource(Protocol):
     """Where a copy's bytes come from when they are not a file of their own (a snapshot
     read in place from the plugin's mirror, :class:`cldcb.plugin.mirror.MirrorView`)."""
 
+    @property
+    def alive(self) -> bool: ...
+
     def open(self) -> BinaryIO: ...
 
     def close(self) -> None: ...
@@ -148,7 +151,9 @@ class LocalCopy:
 
     @property
     def alive(self) -> bool:
-        return not self.deleting and (self.source is not None or self.path.exists())
+        if self.source is not None:
+            return not self.deleting and self.source.alive
+        return not self.deleting and self.path.exists()
 
     def _maybe_delete(self) -> None:
         if self.users == 0 and not self.in_hook and not self.deleting:
