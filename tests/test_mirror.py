@@ -454,7 +454,9 @@ def test_a_snapshot_of_the_mirror_is_read_in_place_and_stays_at_its_data_version
             if dv > 101:
                 mirror.feed(dv, dv, Kind.NORMAL, change(dv))
         mirror.feed(401, 401, Kind.NORMAL, change(401))
-        wait_until(lambda: mirror.data_version == 400, 20, "the mirror to apply change 400")
+        wait_until(lambda: mirror.data_version == 400, 60, "the mirror to apply change 400")
+        wal_frames = (Path(f"{folder / MIRROR_NAME}-wal").stat().st_size - 32) // (4096 + 24)
+        assert wal_frames > 1000, wal_frames       # (automatic checkpoints were due)
         with snap.open_bytes() as f:
             got = f.read()
         assert snap.size == len(expected)
@@ -470,7 +472,7 @@ def test_a_snapshot_of_the_mirror_is_read_in_place_and_stays_at_its_data_version
         assert (folder / MIRROR_NAME).exists()
         commit(401)
         mirror.feed(402, 402, Kind.NORMAL, change(402))
-        wait_until(lambda: mirror.data_version == 401, 20, "the mirror to apply change 401")
+        wait_until(lambda: mirror.data_version == 401, 60, "the mirror to apply change 401")
         nxt = mirror.snapshot(401, folder).result(60)
         with nxt.open_bytes() as f:
             assert f.read() == _old_way_copy(folder / MIRROR_NAME, tmp_path / "next.sqlite3")
