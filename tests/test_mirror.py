@@ -288,18 +288,24 @@ def test_mirror_on_a_real_lightningd(realcln: RealCln, tmp_path: Path) -> None:
         server.stop()
 
 
+def _tiny_node(folder: Path) -> tuple[Path, Path]:
+    """A live database at data_version 1 and a copy of it to build a mirror from."""
+    live = folder / "lightningd.sqlite3"
+    with sqlite3.connect(live) as con:
+        con.execute("CREATE TABLE vars (name TEXT PRIMARY KEY, intval INTEGER)")
+        con.execute("INSERT INTO vars VALUES ('data_version', 1)")
+    con.close()
+    base = folder / "base.sqlite3"
+    shutil.copyfile(live, base)
+    return live, base
+
+
 def test_the_mirror_copies_only_the_state_asked_for_and_follows_the_live_database(
         tmp_path: Path) -> None:
     """In process: a change is held until the live database shows it committed; a snapshot
     is given only at the data_version the mirror holds (anything else is refused, and the
     mirror stays usable)."""
-    live = tmp_path / "lightningd.sqlite3"
-    with sqlite3.connect(live) as con:
-        con.execute("CREATE TABLE vars (name TEXT PRIMARY KEY, intval INTEGER)")
-        con.execute("INSERT INTO vars VALUES ('data_version', 1)")
-    con.close()
-    base = tmp_path / "base.sqlite3"
-    shutil.copyfile(live, base)
+    live, base = _tiny_node(tmp_path)
     said: list[str] = []
     released = threading.Event()
     mirror = Mirror(tmp_path / MIRROR_NAME, live, notify=lambda lvl, msg: said.append(msg))
@@ -492,13 +498,7 @@ def test_a_snapshot_of_the_mirror_being_read_is_revoked_when_the_mirror_closes(
     offered for a catch-up (not alive)."""
     from cldcb.errors import PluginError
 
-    live = tmp_path / "lightningd.sqlite3"
-    with sqlite3.connect(live) as con:
-        con.execute("CREATE TABLE vars (name TEXT PRIMARY KEY, intval INTEGER)")
-        con.execute("INSERT INTO vars VALUES ('data_version', 1)")
-    con.close()
-    base = tmp_path / "base.sqlite3"
-    shutil.copyfile(live, base)
+    live, base = _tiny_node(tmp_path)
     mirror = Mirror(tmp_path / MIRROR_NAME, live, notify=lambda lvl, msg: None)
     mirror.start()
     try:
