@@ -200,8 +200,8 @@ class Run:
         self.plugin_mb = vm_hwm_mb(node.plugin.pid)
         copies = [float(m.rsplit(" in ", 1)[1].split()[0])
                   for m in node.log_messages() if "copied the database at" in m]
-        mirror_copies = [float(m.split(") in ", 1)[1].split()[0])
-                         for m in node.log_messages() if "copied the mirror at" in m]
+        mirror_copies = [float(m.split(") held in ", 1)[1].split()[0])
+                         for m in node.log_messages() if "snapshot of the mirror at" in m]
         node.close()
         return {"compaction": compact, "behind": behind, "catch_up": catch_up,
                 "db_copies_s": copies[1:], "mirror_copies_s": mirror_copies,

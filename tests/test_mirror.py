@@ -180,7 +180,7 @@ def test_a_mirror_behind_the_database_at_start_is_thrown_away(daemons: Daemons,
     assert len(thrown) == 1, logs
     assert at_start in logs[thrown[0]] or at_first_change in logs[thrown[0]], logs
     after = logs[thrown[0]:]
-    assert not [m for m in after if "copied the mirror at" in m], after
+    assert not [m for m in after if "snapshot of the mirror at" in m], after
     # if a snapshot was taken meanwhile (a compaction: the server's log outgrew the first,
     # empty snapshot; or a catch-up the quorum waited for), it was copied from the
     # database, and that copy rebuilt the mirror
@@ -200,7 +200,7 @@ def test_catch_up_from_the_mirror_recovers_byte_identical(daemons: Daemons,
     daemon, daemon_b = daemons(2)
     node = make_node(tmp_path, keys, [daemon, daemon_b], quorum=1)
     play_with_b_returning(node, keys, daemon_b)
-    from_mirror = logs_matching(node, "copied the mirror at data_version")
+    from_mirror = logs_matching(node, "snapshot of the mirror at data_version")
     assert from_mirror, node.log_messages()
     assert len(logs_matching(node, "copied the database at data_version")) == 1, \
         "only the first-contact snapshot may copy the database"
@@ -245,7 +245,7 @@ def test_a_corrupted_mirror_is_detected_and_the_next_snapshot_copies_the_databas
     copied = [i for i in where("mirror is not usable: copying the database") if i > thrown[0]]
     rebuilt = [i for i in where("mirror rebuilt at data_version") if i > thrown[0]]
     assert copied and rebuilt and copied[0] < rebuilt[0], logs
-    assert not [i for i in where("copied the mirror at") if thrown[0] < i < rebuilt[0]], logs
+    assert not [i for i in where("snapshot of the mirror at") if thrown[0] < i < rebuilt[0]], logs
     want = expected_dump(WORKLOAD)
     for i, t in enumerate([daemon, daemon_b]):
         assert restored_dump(t, keys, tmp_path / f"restored-{i}.sqlite3") == want, i
@@ -288,18 +288,24 @@ def test_mirror_on_a_real_lightningd(realcln: RealCln, tmp_path: Path) -> None:
         server.stop()
 
 
+def _tiny_node(folder: Path) -> tuple[Path, Path]:
+    """A live database at data_version 1 and a copy of it to build a mirror from."""
+    live = folder / "lightningd.sqlite3"
+    with sqlite3.connect(live) as con:
+        con.execute("CREATE TABLE vars (name TEXT PRIMARY KEY, intval INTEGER)")
+        con.execute("INSERT INTO vars VALUES ('data_version', 1)")
+    con.close()
+    base = folder / "base.sqlite3"
+    shutil.copyfile(live, base)
+    return live, base
+
+
 def test_the_mirror_copies_only_the_state_asked_for_and_follows_the_live_database(
         tmp_path: Path) -> None:
     """In process: a change is held until the live database shows it committed; a snapshot
     is given only at the data_version the mirror holds (anything else is refused, and the
     mirror stays usable)."""
-    live = tmp_path / "lightningd.sqlite3"
-    with sqlite3.connect(live) as con:
-        con.execute("CREATE TABLE vars (name TEXT PRIMARY KEY, intval INTEGER)")
-        con.execute("INSERT INTO vars VALUES ('data_version', 1)")
-    con.close()
-    base = tmp_path / "base.sqlite3"
-    shutil.copyfile(live, base)
+    live, base = _tiny_node(tmp_path)
     said: list[str] = []
     released = threading.Event()
     mirror = Mirror(tmp_path / MIRROR_NAME, live, notify=lambda lvl, msg: said.append(msg))
@@ -312,11 +318,10 @@ def test_the_mirror_copies_only_the_state_asked_for_and_follows_the_live_databas
             mirror.snapshot(2, tmp_path).result(30)
         copy = mirror.snapshot(1, tmp_path).result(30)
         assert released.is_set() and mirror.usable and copy.data_version == 1
-        with sqlite3.connect(copy.path) as con:
-            assert con.execute("PRAGMA journal_mode").fetchone() == ("delete",)
-        con.close()
+        with copy.open_bytes() as f:
+            assert f.read(20)[18:20] == b"\x01\x01"      # rollback-journal mode
         copy.hook_done()
-        assert not copy.path.exists()
+        assert not copy.alive
         with sqlite3.connect(live) as con:          # lightningd commits change 2
             con.execute(bump[0])
         con.close()
@@ -327,57 +332,12 @@ def test_the_mirror_copies_only_the_state_asked_for_and_follows_the_live_databas
     assert sqlite_dump(tmp_path / MIRROR_NAME) == sqlite_dump(live)
 
 
-_COPY_CHILD = """
-import shutil, sqlite3, sys, threading
-from pathlib import Path
-from cldcb.core.dataversion import Kind
-from cldcb.plugin.mirror import MIRROR_NAME, Mirror
-tmp = Path(sys.argv[1])
-live = tmp / "lightningd.sqlite3"
-con = sqlite3.connect(live, isolation_level=None)
-con.execute("CREATE TABLE vars (name TEXT PRIMARY KEY, intval INTEGER)")
-con.execute("CREATE TABLE filler (data BLOB)")
-con.execute("INSERT INTO filler VALUES (zeroblob(1000000))")
-con.execute("INSERT INTO vars VALUES ('data_version', 1)")
-con.close()
-shutil.copyfile(live, tmp / "base.sqlite3")
-mirror = Mirror(tmp / MIRROR_NAME, live, notify=lambda lvl, msg: None)
-mirror.start()
-mirror.rebuild(tmp / "base.sqlite3", 1, 0, threading.Event().set)
-copy = mirror.snapshot(1, tmp).result(30)
-print("COPY", copy.path.name, flush=True)
-mirror.close()
-"""
-
-
-def test_the_mirror_copy_is_never_fsynced(tmp_path: Path) -> None:
-    """The copy is a temporary file read back at once for the upload: syncing it wrote a
-    whole database to the disk in the mirror's thread, and every fsync of lightningd and
-    of the servers on the same disk waited behind it (a stall of ~100 ms per 256 MiB
-    here). The system calls are seen with strace."""
-    import os
-    import subprocess
-    import sys
-
-    strace = shutil.which("strace")
-    if strace is None:
-        pytest.skip("strace is not installed")
-    trace = tmp_path / "strace.out"
-    out = subprocess.run([strace, "-f", "-y", "-o", str(trace), "-e", "trace=fsync,fdatasync",
-                          sys.executable, "-c", _COPY_CHILD, str(tmp_path)],
-                         capture_output=True, text=True, timeout=120, env=os.environ.copy())
-    if out.returncode != 0 and "ptrace" in out.stderr:
-        pytest.skip(f"strace cannot trace here: {out.stderr.strip()}")
-    assert out.returncode == 0, out.stderr
-    name = next(line.split()[1] for line in out.stdout.splitlines() if line.startswith("COPY"))
-    syncs = [line for line in trace.read_text().splitlines() if "sync(" in line]
-    assert any(MIRROR_NAME in line for line in syncs), syncs      # (strace saw the mirror's)
-    assert not [line for line in syncs if name in line], syncs
-
-
-def test_the_mirror_thread_runs_at_a_lower_cpu_priority(tmp_path: Path) -> None:
-    """Everything the mirror's thread does (apply, check, copy a whole database) is
-    background work: on a busy machine it yields the CPU to the hook path."""
+def test_the_mirror_thread_runs_at_the_plugins_cpu_priority(tmp_path: Path) -> None:
+    """The mirror's thread shares the GIL with the hook path: made nicer, it is scheduled
+    less often while it holds the GIL, and the hook path waits for it (priority inversion;
+    ``bench/gil_priority.py``: the main thread's wake-ups late by p50 20 ms, max 158-366 ms
+    at nice 10, against p50 5-7 ms, max 36-207 ms at nice 0, two hogs on two cores). It
+    runs at the plugin's own priority."""
     import os
 
     live = tmp_path / "lightningd.sqlite3"
@@ -391,7 +351,7 @@ def test_the_mirror_thread_runs_at_a_lower_cpu_priority(tmp_path: Path) -> None:
         nice = int(stat.rsplit(")", 1)[1].split()[16])
     finally:
         mirror.close()
-    assert nice > os.nice(0)
+    assert nice == os.getpriority(os.PRIO_PROCESS, 0)
 
 
 def test_the_mirror_applies_the_changes_waiting_in_one_transaction(tmp_path: Path) -> None:
@@ -437,3 +397,119 @@ def test_the_mirror_applies_the_changes_waiting_in_one_transaction(tmp_path: Pat
     assert sqlite_dump(tmp_path / MIRROR_NAME) == sqlite_dump(live)
     frames = (wal - 32) // (4096 + 24)
     assert frames < 60, f"{frames} WAL frames for 200 changes"
+
+
+def _old_way_copy(mirror_file: Path, dest: Path) -> bytes:
+    """What a snapshot of the mirror was before it was read in place: the checkpointed
+    file copied, then set to ``journal_mode = DELETE`` (the bytes every restore got)."""
+    shutil.copyfile(mirror_file, dest)
+    con = sqlite3.connect(dest, isolation_level=None)
+    con.execute("PRAGMA synchronous = OFF")
+    con.execute("PRAGMA journal_mode = DELETE")
+    con.close()
+    return dest.read_bytes()
+
+
+def test_a_snapshot_of_the_mirror_is_read_in_place_and_stays_at_its_data_version(
+        tmp_path: Path) -> None:
+    """In process: a snapshot of the mirror writes no copy of it (1 GiB into new page cache
+    cost 2.7 s of CPU here, and its writeback held the servers' fsyncs); its bytes are read
+    from the mirror's own file while a read transaction keeps them still. Changes applied
+    meanwhile (more than a WAL autocheckpoint's worth) do not reach what it reads: the
+    bytes are exactly those the old copy had at that data_version (rollback-journal
+    header included), and once it is let go the mirror checkpoints and serves the next."""
+    live = tmp_path / "node" / "lightningd.sqlite3"
+    live.parent.mkdir()
+    con = sqlite3.connect(live, isolation_level=None)
+    con.execute("CREATE TABLE vars (name TEXT PRIMARY KEY, intval INTEGER)")
+    con.execute("CREATE TABLE filler (id INTEGER PRIMARY KEY, data BLOB)")
+    con.execute("INSERT INTO vars VALUES ('data_version', 1)")
+    base = tmp_path / "base.sqlite3"
+    shutil.copyfile(live, base)
+
+    def change(dv: int) -> list[str]:
+        return [f"INSERT INTO filler (data) VALUES (CAST(printf('%0{20000 + dv}d', {dv}) AS "
+                "BLOB))",
+                f"UPDATE filler SET data = CAST(printf('%03000d', {dv}) AS BLOB) "
+                f"WHERE id = {max(1, dv - 40)}",
+                f"UPDATE vars SET intval = {dv} WHERE name = 'data_version'"]
+
+    def commit(dv: int) -> None:                     # lightningd commits change dv
+        con.execute("BEGIN")
+        for w in change(dv):
+            con.execute(w)
+        con.execute("COMMIT")
+
+    said: list[str] = []
+    folder = live.parent
+    mirror = Mirror(folder / MIRROR_NAME, live, notify=lambda lvl, msg: said.append(msg))
+    mirror.start()
+    try:
+        mirror.rebuild(base, 1, 0, threading.Event().set)
+        for dv in range(2, 101):
+            commit(dv)
+            mirror.feed(dv, dv, Kind.NORMAL, change(dv))
+        mirror.feed(101, 101, Kind.NORMAL, change(101))   # holds change 100 committed
+        before = sorted(p.name for p in folder.iterdir())
+        snap = mirror.snapshot(100, folder).result(60)
+        assert snap.data_version == 100
+        assert sorted(p.name for p in folder.iterdir()) == before, "a file was written"
+        expected = _old_way_copy(folder / MIRROR_NAME, tmp_path / "old-way.sqlite3")
+        for dv in range(101, 401):                   # ~9 MB of changes: autocheckpoints due
+            commit(dv)
+            if dv > 101:
+                mirror.feed(dv, dv, Kind.NORMAL, change(dv))
+        mirror.feed(401, 401, Kind.NORMAL, change(401))
+        wait_until(lambda: mirror.data_version == 400, 60, "the mirror to apply change 400")
+        wal_frames = (Path(f"{folder / MIRROR_NAME}-wal").stat().st_size - 32) // (4096 + 24)
+        assert wal_frames > 1000, wal_frames       # (automatic checkpoints were due)
+        with snap.open_bytes() as f:
+            got = f.read()
+        assert snap.size == len(expected)
+        assert got == expected, "the snapshot's bytes moved under it"
+        restored = tmp_path / "restored.sqlite3"
+        restored.write_bytes(got)
+        rcon = sqlite3.connect(restored)
+        assert rcon.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+        assert rcon.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert rcon.execute("SELECT intval FROM vars").fetchone() == (100,)
+        rcon.close()
+        snap.hook_done()                             # let go: the mirror checkpoints again
+        assert (folder / MIRROR_NAME).exists()
+        commit(401)
+        mirror.feed(402, 402, Kind.NORMAL, change(402))
+        wait_until(lambda: mirror.data_version == 401, 60, "the mirror to apply change 401")
+        nxt = mirror.snapshot(401, folder).result(60)
+        with nxt.open_bytes() as f:
+            assert f.read() == _old_way_copy(folder / MIRROR_NAME, tmp_path / "next.sqlite3")
+        nxt.hook_done()
+    finally:
+        mirror.close()
+        con.close()
+    assert not [m for m in said if THROWN_AWAY in m], said
+
+
+def test_a_snapshot_of_the_mirror_being_read_is_revoked_when_the_mirror_closes(
+        tmp_path: Path) -> None:
+    """In process: the mirror's connection closes (the mirror is thrown away, rebuilt, or
+    the plugin stops) while a snapshot of it is still read: the snapshot is revoked first
+    (else its reader, the file's last connection, would checkpoint the WAL into the file
+    it reads and delete the WAL by name); reading it then fails, and it is no longer
+    offered for a catch-up (not alive)."""
+    from cldcb.errors import PluginError
+
+    live, base = _tiny_node(tmp_path)
+    mirror = Mirror(tmp_path / MIRROR_NAME, live, notify=lambda lvl, msg: None)
+    mirror.start()
+    try:
+        mirror.rebuild(base, 1, 0, threading.Event().set)
+        snap = mirror.snapshot(1, tmp_path).result(30)
+        with snap.open_bytes() as f:
+            assert f.read(100)[18:20] == b"\x01\x01"
+        assert snap.alive
+    finally:
+        mirror.close()
+    assert not snap.alive
+    with snap.open_bytes() as f, pytest.raises(PluginError, match="revoked"):
+        f.read(100)
+    snap.hook_done()                                 # (letting go of it again is harmless)

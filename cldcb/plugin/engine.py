@@ -107,6 +107,9 @@ from cldcb.plugin.snapshot import (
 from cldcb.plugin.wrapper import WrapperConfig
 
 STARTUP_GRACE = 2.0
+CALLS_RECENT = 0.5
+"""Hook calls come (:meth:`Engine.calls_flowing`) while one is pending or the last one
+ended at most this many seconds ago."""
 LOG_LIMIT = 64 * 1024 * 1024
 Emit = Callable[[str, str], None]
 
@@ -160,6 +163,7 @@ class Engine(HotPath):
         self.last_hook_result: str | None = None
         self.on_change: Callable[[], None] | None = None
         self._slow_running = False
+        self._last_call_end = float("-inf")
         self.mirror_path = mirror_path
         self.mirror: Mirror | None = None
         self._mirror_task: asyncio.Task[None] | None = None
@@ -294,7 +298,13 @@ class Engine(HotPath):
         self._ended(data_version, result)
         return result
 
+    def calls_flowing(self) -> bool:
+        """A call is pending, or one ended within :data:`CALLS_RECENT` seconds (background
+        uploads pace themselves meanwhile: see :data:`cldcb.plugin.links.BACKGROUND_PAUSE`)."""
+        return self.busy or time.monotonic() - self._last_call_end < CALLS_RECENT
+
     def _ended(self, data_version: int, result: HookResult) -> None:
+        self._last_call_end = time.monotonic()
         self.last_hook_result = "continue" if result.ok else f"fail: {result.message}"
         if result.ok:
             self.acked_dv = data_version
@@ -566,9 +576,9 @@ class Engine(HotPath):
             self._mirror_task = None
             self._mirror_seq = None
             self.changed()
-        self.emit("info", f"copied the mirror at data_version {copy.data_version} "
-                          f"({copy.size} bytes) in {time.monotonic() - started:.2f} s; no "
-                          "hook call waited for it")
+        self.emit("info", f"snapshot of the mirror at data_version {copy.data_version} "
+                          f"({copy.size} bytes) held in {time.monotonic() - started:.2f} s; "
+                          "no hook call waited for it")
         log = self.log
         copy.anchor, copy.next_seq = anchor, next_seq
         if self.closing or log is None or not log.holds(next_seq - 1):

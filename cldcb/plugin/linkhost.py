@@ -65,6 +65,8 @@ class LinkHost(Protocol):
       catch-up (the link acquires it), or None.
     - :meth:`may_compact`: compactions take turns among the host's links: may
       ``link``, wanting one and otherwise due, start its compaction now?
+    - :meth:`calls_flowing`: hook calls come now (one is pending or ended a moment
+      ago): a background upload paces itself.
     """
 
     @property
@@ -87,6 +89,8 @@ class LinkHost(Protocol):
     def usable_copy(self) -> LocalCopy | None: ...
 
     def may_compact(self, link: LinkView) -> bool: ...
+
+    def calls_flowing(self) -> bool: ...
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ consistent copy of lightningd's database can only be read while a hook call
 holds lightningd still; a big database's copy (about 4 s per GiB on ext4)
 would freeze lightningd for that long. The mirror is a second SQLite file,
 built from the very changes the plugin already seals and sends; snapshots
-are copied from it, in a thread of its own, while lightningd goes on.
+are read from it, in place, while lightningd goes on.
 
 Where and what it costs
 -----------------------
@@ -53,20 +53,26 @@ another data_version means the mirror cannot follow: it is *discarded*
 (logged, its files deleted). The connection has ``foreign_keys`` on, as
 lightningd's has. The file is in WAL mode with ``synchronous = NORMAL``: a
 killed plugin leaves it consistent at the last change applied. The thread
-runs :data:`BACKGROUND_NICE` nicer than the plugin (its work is all in the
-background), so on a busy machine it yields the CPU to the hook path.
+runs at the plugin's own CPU priority, not a nicer one: it shares the GIL
+with the hook path, and a nicer thread holding the GIL is scheduled less often
+on a busy machine while the hook path waits for it (``bench/gil_priority.py``).
 
 Snapshots (:meth:`Mirror.snapshot`)
 -----------------------------------
 A request names the data_version the snapshot must hold (the state before
 the hook call that asked: the engine sends it from that call, after the
 call's own change was fed, so the queue puts it exactly there). The thread
-checks that the mirror holds that data_version, checkpoints the WAL, copies
-the file into a temporary file next to lightningd's database (a
-:class:`~cldcb.plugin.snapshot.LocalCopy`, journal mode set back to DELETE;
-never synced: a temporary file whose sync would hold every fsync on the disk),
-and answers the request's future. Nothing is applied meanwhile: the queue
-waits. Anything else fails the request with :class:`MirrorUnusable`.
+checks that the mirror holds that data_version, checkpoints the WAL
+(TRUNCATE) and holds the mirror's file at that state with a read transaction
+of its own (:class:`~cldcb.plugin.mirrorview.MirrorView`): the answer is a
+:class:`~cldcb.plugin.snapshot.LocalCopy` whose bytes are read in place from
+the mirror's file (presented as the rollback-journal file a copy set to
+``journal_mode = DELETE`` was), and no copy is written. The mirror goes on
+applying changes into its WAL meanwhile; its file does not change until the
+copy is let go (see :mod:`cldcb.plugin.mirrorview`). One such snapshot at a
+time: a request while one is still read fails. Anything else fails the
+request with :class:`MirrorUnusable`. A discarded or rebuilt mirror revokes the
+snapshot being read (its upload fails and is tried again later).
 
 Rebuilding (:meth:`Mirror.rebuild`)
 -----------------------------------
@@ -133,6 +139,7 @@ from cldcb.core.dataversion import (
 from cldcb.errors import MirrorDiffers, MirrorDiscarded, MirrorUnusable, PluginError
 from cldcb.node.nodedb import DATA_VERSION_SQL, connect_ro, is_busy, new_copy_file
 from cldcb.plugin.mirrorcheck import Checker
+from cldcb.plugin.mirrorview import FileRef, MirrorView
 from cldcb.plugin.snapshot import Handover, LocalCopy, read_data_version
 
 MIRROR_NAME = "cldcb-mirror.sqlite3"
@@ -148,21 +155,6 @@ BATCH_SECONDS = 0.25
 that a plugin killed in a quiet moment leaves the mirror at the database's state)."""
 
 Notify = Callable[[str, str], None]
-
-
-BACKGROUND_NICE = 10
-"""How much nicer than the plugin the mirror's thread runs (Linux: per thread)."""
-
-
-def _lower_priority() -> None:
-    """Make the calling thread yield the CPU to the hook path: all it does is background
-    work (on Linux ``setpriority`` on a thread id changes that thread only)."""
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid,
-                       min(19, os.getpriority(os.PRIO_PROCESS, tid) + BACKGROUND_NICE))
-    except (OSError, AttributeError):
-        pass                              # not permitted or not available: as it was
 
 
 def _reached(conn: sqlite3.Connection) -> int:
@@ -225,6 +217,8 @@ class Mirror:
         self._closing = False
         # -- the thread's own state (read by others only through the properties) --
         self._conn: sqlite3.Connection | None = None
+        self._file: FileRef | None = None    # the mirror's file, for the views
+        self._views: set[MirrorView] = set()  # snapshots being read (at most one)
         self._live: sqlite3.Connection | None = None
         self._tip: Tip | None = None
         self._held: _Change | None = None
@@ -303,7 +297,6 @@ class Mirror:
 
     # -- the thread -------------------------------------------------------------------------
     def _run(self) -> None:
-        _lower_priority()
         try:
             self._open_existing()
             while True:
@@ -371,6 +364,7 @@ class Mirror:
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA foreign_keys = ON")
         self._conn = conn
+        self._file = FileRef(self.path)
         return conn
 
     def _live_conn(self) -> sqlite3.Connection:
@@ -379,11 +373,17 @@ class Mirror:
         return self._live
 
     def _close_conns(self) -> None:
+        for view in list(self._views):    # first, while the connection holds the file
+            with contextlib.suppress(sqlite3.Error):
+                view.revoke()
         for conn in (self._conn, self._live):
             if conn is not None:
                 with contextlib.suppress(sqlite3.Error):
                     conn.close()           # (an open transaction is rolled back)
         self._conn = self._live = None
+        if self._file is not None:
+            self._file.release()
+            self._file = None
         self._batched, self._batch_dv = 0, None
 
     def _open_existing(self) -> None:
@@ -544,29 +544,18 @@ class Mirror:
         if self._applied_dv != req.data_version:
             raise MirrorUnusable(f"the mirror holds data_version {self._applied_dv}, "
                                  f"not {req.data_version}")
+        if self._views:
+            raise MirrorUnusable("the last snapshot of the mirror is still being read")
         busy, _, _ = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-        if busy:
+        if busy or self._file is None:
             raise MirrorUnusable("the mirror's WAL could not be checkpointed")
-        dest = new_copy_file(req.folder)
-        try:
-            shutil.copyfile(self.path, dest)
-            conn = sqlite3.connect(dest, isolation_level=None)
-            try:
-                # a temporary file, read back at once: never synced (that wrote the whole
-                # database out, and every fsync on the disk waited behind it)
-                conn.execute("PRAGMA synchronous = OFF")
-                conn.execute("PRAGMA journal_mode = DELETE")
-                data_version = read_data_version(conn)
-            finally:
-                conn.close()
-            if data_version != req.data_version:
-                raise MirrorUnusable(f"the mirror's copy holds data_version {data_version}, "
-                                     f"not {req.data_version}")
-            return LocalCopy(dest, data_version, dest.stat().st_size)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                dest.unlink()
-            raise
+        view = MirrorView.begin(self.path, self._file, self._views.discard)
+        if view.data_version != req.data_version:
+            view.close()
+            raise MirrorUnusable(f"the mirror's snapshot holds data_version "
+                                 f"{view.data_version}, not {req.data_version}")
+        self._views.add(view)
+        return LocalCopy(self.path, view.data_version, view.size, source=view)
 
     def _rebuild(self, item: _Rebuild) -> None:
         self._usable = False

@@ -96,6 +96,20 @@ IN_PLACE_SUFFIX = ".cldcb-in-place"
 """The name (never created) of a copy that has no file: it is read in place."""
 
 
+class CopySource(Protocol):
+    """Where a copy's bytes come from when they are not a file of their own (a snapshot
+    read in place from the plugin's mirror, :class:`cldcb.plugin.mirrorview.MirrorView`)."""
+
+    @property
+    def alive(self) -> bool: ...
+
+    def open(self) -> BinaryIO: ...
+
+    def read_into(self, offset: int, buf: memoryview) -> int: ...
+
+    def close(self) -> None: ...
+
+
 @dataclass
 class LocalCopy:
     """A consistent copy of the database at ``data_version``, on local disk, or (while a
@@ -109,6 +123,9 @@ class LocalCopy:
     loop, unless it was bequeathed (:meth:`bequeath`): then its heir takes it.
     A copy begun by :func:`start_copy` without ``keep`` has no file at all: it
     can be read only until the call ends (:meth:`hook_done`).
+    With a ``source`` (a snapshot of the mirror read in place) the bytes are read
+    from it and it is closed instead of a file deleted; ``path`` only names where
+    they live.
     """
 
     path: Path
@@ -123,6 +140,11 @@ class LocalCopy:
     taken_ms: int = field(default_factory=lambda: int(time.time() * 1000))
     filling: _Filling | None = field(default=None, repr=False)
     heir: Handover | None = field(default=None, repr=False)
+    source: CopySource | None = field(default=None, repr=False)
+
+    def open_bytes(self) -> BinaryIO:
+        """A reader of the copy's bytes from the start (the caller closes it)."""
+        return self.source.open() if self.source is not None else open(self.path, "rb")
 
     def fill(self) -> None:
         """Copy the rest of the bytes (blocking: run it in a thread), then let go of the
@@ -147,6 +169,8 @@ class LocalCopy:
         if want <= 0:
             return 0
         view = buf[:want]
+        if self.source is not None:
+            return self.source.read_into(offset, view)
         if self.filling is not None:
             n = self.filling.read_live(offset, view)
             if n is not None:
@@ -164,7 +188,7 @@ class LocalCopy:
 
     @property
     def has_file(self) -> bool:
-        return self.filling is None or self.filling.keeps
+        return self.source is None and (self.filling is None or self.filling.keeps)
 
     def let_go(self) -> None:
         """Let go of the database (blocking for as long as a read of it in progress, a
@@ -193,6 +217,8 @@ class LocalCopy:
     def alive(self) -> bool:
         if self.deleting:
             return False
+        if self.source is not None:
+            return self.source.alive
         if self.filling is not None and not self.filling.keeps:
             return self.filling.holding
         return self.path.exists()
@@ -202,7 +228,9 @@ class LocalCopy:
             self.deleting = True
             if self.heir is not None and self.heir.give():
                 return
-            if self.has_file:
+            if self.source is not None:
+                self.source.close()
+            elif self.has_file:
                 _delete_soon(self.path)
 
 
@@ -643,7 +671,8 @@ class _ChunkReader:
 
 async def upload_snapshot(conn: SnapshotTarget, copy: LocalCopy, *, node_pub: bytes,
                           client_priv: bytes, chunk_size: int = CHUNK_SIZE,
-                          window: int = WINDOW, chunk_delay: float = 0.0,
+                          window: int = WINDOW,
+                          chunk_delay: float | Callable[[], float] = 0.0,
                           still_wanted: Callable[[], bool] | None = None,
                           on_progress: Callable[[int, int], None] | None = None,
                           before_end: Callable[[], None] | None = None,
@@ -651,6 +680,7 @@ async def upload_snapshot(conn: SnapshotTarget, copy: LocalCopy, *, node_pub: by
     """Seal and stream ``copy`` to ``conn``; returns the server's ``SnapshotAck``.
 
     At least one chunk is sent (an empty database's copy still has a header page).
+    ``chunk_delay``: seconds to wait after each chunk (or a function asked after each).
     ``still_wanted`` is checked before each chunk: False stops with
     :class:`SnapshotAborted`; the caller should then drop the connection, which
     leaves the server's previous snapshot in place.
@@ -686,8 +716,9 @@ async def upload_snapshot(conn: SnapshotTarget, copy: LocalCopy, *, node_pub: by
                 await _chunk_acked(snapshot_id, *pending.popleft())
             if n < chunk_size:
                 break
-            if chunk_delay:
-                await asyncio.sleep(chunk_delay)
+            delay = chunk_delay() if callable(chunk_delay) else chunk_delay
+            if delay:
+                await asyncio.sleep(delay)
         while pending:
             await _chunk_acked(snapshot_id, *pending.popleft())
     except BaseException:
