@@ -49,10 +49,13 @@ How a change is applied:
   record, naming its position (0-based, counted from the Replayer's first
   ``apply``) and data_version. Messages show at most the first 60 characters of
   a statement, since values inlined further on may be sensitive. After an
-  error the database holds exactly the records before the failing one (the
-  failing change left nothing behind; the pending change before it is still
-  pending: :meth:`Replayer.finish` keeps it and commits, :meth:`Replayer.close`
-  undoes it and commits the rest); then close the Replayer.
+  error the database holds the records before the failing one, and the
+  failing one left nothing behind. The record right before it: a failure while
+  the change's statements ran (or at its data_version check) comes after the
+  change's decision kept that record; a record refused before anything ran (a
+  SNAPSHOT decision, a kind that does not match, a data_version out of range)
+  leaves it pending, and then :meth:`Replayer.finish` keeps it while
+  :meth:`Replayer.close` undoes it. Close the Replayer after an error.
 
 Durability: with ``durable=False`` (the default) the replay runs with
 ``PRAGMA synchronous = OFF`` and ``journal_mode = MEMORY`` (about six times
