@@ -407,3 +407,12 @@ def test_a_replay_process_that_dies_fails_the_rebuild(tmp_path: Path) -> None:
                 child.apply([change], None)
     finally:
         child.close()
+
+
+def test_a_replay_process_that_cannot_start_is_a_clear_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    missing = tmp_path / "no-such-python"
+    monkeypatch.setattr(sys, "executable", str(missing))
+    with pytest.raises(RecoveryError, match=r"cannot start the replay process \(.*"
+                       r"no-such-python: No such file or directory\)"):
+        ReplayProcess(tmp_path / "out.sqlite3")

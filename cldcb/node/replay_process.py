@@ -86,9 +86,14 @@ class ReplayProcess:
         self._path = path
         self._waiting = 0               # requests sent, answer not read yet
         self._applied = 0
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "cldcb.node.replay_process"], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, close_fds=True)
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "cldcb.node.replay_process"], stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, close_fds=True)
+        except OSError as exc:
+            raise RecoveryError(f"cannot start the replay process ({sys.executable}: "
+                                f"{exc.strerror or exc}); check the Python installation "
+                                "cldcb runs from") from None
 
     def _request(self, *message: Any) -> None:
         assert self._proc.stdin is not None
