@@ -416,3 +416,24 @@ def test_a_replay_process_that_cannot_start_is_a_clear_error(
     with pytest.raises(RecoveryError, match=r"cannot start the replay process \(.*"
                        r"no-such-python: No such file or directory\)"):
         ReplayProcess(tmp_path / "out.sqlite3")
+
+
+def test_the_replay_process_ignores_a_cldcb_in_the_working_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # recover runs from wherever the operator is (the README: cd ~/.lightning): a cldcb
+    # package there must not be what the child imports (python -P: no cwd on sys.path)
+    planted = tmp_path / "planted"
+    (planted / "cldcb").mkdir(parents=True)
+    marker = tmp_path / "ran"
+    (planted / "cldcb" / "__init__.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\n")
+    db = tmp_path / "out.sqlite3"
+    replay_trace("cln-crash-restart", db, calls=slice(0, 5))
+    monkeypatch.chdir(planted)
+    child = ReplayProcess(db)
+    try:
+        assert child.open() == 3
+        assert child.finish() == 3
+    finally:
+        child.close()
+    assert not marker.exists()

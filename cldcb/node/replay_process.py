@@ -11,9 +11,11 @@ side. In a child process each has a core.
 thread (blocking pipe I/O there, never on the event loop): :meth:`~ReplayProcess.open`,
 :meth:`~ReplayProcess.apply` (a batch of verified changes), :meth:`~ReplayProcess.finish`,
 :meth:`~ReplayProcess.close`, as its in-thread twin ``restore._Replay``. The child
-(``python -m cldcb.node.replay_process``, started at once so that its start overlaps the
-snapshot's download) runs a :class:`~cldcb.node.replay.Replayer` in its fast mode; its
-rules, results and errors are the Replayer's, unchanged.
+(``python -P -m cldcb.node.replay_process``, started at once so that its start overlaps
+the snapshot's download; ``-P`` keeps the working folder off its ``sys.path``, so a
+``cldcb`` wherever recovery runs is not what it imports) runs a
+:class:`~cldcb.node.replay.Replayer` in its fast mode; its rules, results and errors are
+the Replayer's, unchanged.
 
 The protocol, on the child's stdin and stdout (pipes; the parent is its only peer, so the
 frames are :mod:`marshal` data: tuples, lists, strings, integers): a frame is a 4-byte
@@ -88,7 +90,7 @@ class ReplayProcess:
         self._applied = 0
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "cldcb.node.replay_process"], stdin=subprocess.PIPE,
+                [sys.executable, "-P", "-m", "cldcb.node.replay_process"], stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, close_fds=True)
         except OSError as exc:
             raise RecoveryError(f"cannot start the replay process ({sys.executable}: "

@@ -50,6 +50,7 @@ E2E_TESTS = frozenset({
     "test_recover_core.py::test_isolated_replay_fails_as_the_replayer_does",
     "test_recover_core.py::test_a_replay_process_that_dies_fails_the_rebuild",
     "test_recover_core.py::test_a_replay_process_that_cannot_start_is_a_clear_error",
+    "test_recover_core.py::test_the_replay_process_ignores_a_cldcb_in_the_working_folder",
     "test_rpc.py::test_simulated_node_rpc_surface",
 })
 """Single tests (file::function, every parametrization) of unit modules that start one."""
