@@ -12,7 +12,8 @@ and ``cldcb-server serve`` on 127.0.0.1.
 Timed: ``cldcb-client recover`` as a subprocess, from a folder holding only
 ``hsm_secret``: anonymous listing, fetch over SSH on loopback, every tag and
 the chain verified, the replay, ``PRAGMA integrity_check``, the database
-moved into place, the wrapper written. Its peak RSS comes from ``wait4``.
+moved into place, the wrapper written. Peak RSS: the high-water mark of the client
+process and of its replay process (each polled from /proc).
 
 Floor, in the same run: a plain copy (``cp``, then fsync) of the same bytes
 the server holds for this client (the snapshot file and the log segments)
@@ -57,6 +58,7 @@ TARGET_RSS_MB = 150.0
 #: Lines of recover's progress output whose first appearance ends a phase.
 MARKS = (b"snapshot   0.0%", b"snapshot 100.0%", b": verified: data_version")
 marks: dict[bytes, float] = {}
+child_peaks: dict[int, float] = {}
 
 
 class NoSync(OsFileLayer):
@@ -153,12 +155,21 @@ def _hwm_mib(pid: int) -> float:
     return 0.0
 
 
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
 def measured(cmd: list[str]) -> tuple[float, float, int, str]:
     """(seconds, peak RSS MiB, exit status, stderr tail) of one program.
 
     The peak is the process's own high-water mark (``VmHWM``, polled until it
     exits): ``wait4``'s ``ru_maxrss`` would report at least this (big) Python
-    process's size, which a forked child inherits across exec.
+    process's size, which a forked child inherits across exec. The peaks of its
+    child processes (recover's replay process) are kept in :data:`child_peaks`.
     """
     started = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -177,6 +188,8 @@ def measured(cmd: list[str]) -> tuple[float, float, int, str]:
     reader.start()
     while proc.poll() is None:
         peak = max(peak, _hwm_mib(proc.pid))
+        for child in _children(proc.pid):
+            child_peaks[child] = max(child_peaks.get(child, 0.0), _hwm_mib(child))
         time.sleep(0.02)
     reader.join()
     return (time.monotonic() - started, peak, proc.returncode,
@@ -247,6 +260,7 @@ def main() -> int:
         lightning_dir = work / "node"
         (lightning_dir / "bitcoin").mkdir(parents=True)
         (lightning_dir / "bitcoin" / "hsm_secret").write_bytes(bytes.fromhex(PLAIN32))
+        child_peaks.clear()
         rec_s, rec_rss, code, err = measured(
             [*CLIENT, "recover", "--lightning-dir", str(lightning_dir), "--server",
              f"127.0.0.1:{port}", "--server-id", sid])
@@ -263,10 +277,12 @@ def main() -> int:
         con.close()
         check_s = time.monotonic() - t
         mb = held / 1e6
-        met = rec_s <= TARGET_S and rec_rss < TARGET_RSS_MB
+        child_rss = max(child_peaks.values(), default=0.0)
+        met = rec_s <= TARGET_S and max(rec_rss, child_rss) < TARGET_RSS_MB
         print(f"{'':34} {'seconds':>9} {'MB/s':>8} {'peak RSS MiB':>13}")
         print(f"{'recover (fetch+verify+replay+check)':34} {rec_s:9.1f} {mb / rec_s:8.1f} "
               f"{rec_rss:13.1f}")
+        print(f"{'  its replay process':34} {'':9} {'':8} {child_rss:13.1f}")
         print(f"{'floor: cp + fsync of the same bytes':34} {copy_s:9.1f} {mb / copy_s:8.1f} "
               f"{copy_rss:13.1f}")
         ends = [marks.get(m, float("nan")) for m in MARKS] + [rec_s]
@@ -284,6 +300,7 @@ def main() -> int:
             "seconds": round(rec_s, 2), "floor_seconds": round(copy_s, 2),
             "ratio": round(rec_s / copy_s, 2), "mb_per_s": round(mb / rec_s, 1),
             "floor_mb_per_s": round(mb / copy_s, 1), "peak_rss_mb": round(rec_rss, 1),
+            "replay_process_peak_rss_mb": round(child_rss, 1),
             "floor_peak_rss_mb": round(copy_rss, 1),
             "bench_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
                                        / 1024, 1),

@@ -25,12 +25,13 @@ from helpers.environment import DATA
 from helpers.traces import expected_dump_bytes, load_trace, replay_trace, sqlite_dump_bytes
 
 from cldcb.core import wire
-from cldcb.core.dataversion import advance, classify, decide, snapshot_tip
+from cldcb.core.dataversion import Kind, advance, classify, decide, snapshot_tip
 from cldcb.core.ids import pubkey_of
-from cldcb.core.seal import RecordSealer, SnapshotSealer, item_hash
+from cldcb.core.seal import Change, RecordSealer, SnapshotSealer, item_hash
 from cldcb.errors import ChainError, RecoveryError, ReplayError, SealError
 from cldcb.node import restore
 from cldcb.node.nodekey import LocalNodeKey
+from cldcb.node.replay_process import AHEAD, ReplayProcess
 
 CHUNK = 64 * 1024
 CLIENT_PRIV = bytes.fromhex("11" * 32)
@@ -92,7 +93,10 @@ async def _stream(msgs: list[wire.Message]) -> AsyncIterator[wire.Message]:
 
 
 def run_rebuild(backup: Backup, path: Path, messages: list[wire.Message] | None = None,
-                at: int = -1, progress: restore.Progress | None = None) -> restore.Rebuilt:
+                at: int = -1, progress: restore.Progress | None = None,
+                isolated: bool = False) -> restore.Rebuilt:
+    """``isolated=False``: the replay in the rebuild's thread (a unit test starts no
+    process); the tests named in markers.E2E_TESTS run it in its child process."""
     class Fake:
         spec = "fake:1"
 
@@ -100,7 +104,7 @@ def run_rebuild(backup: Backup, path: Path, messages: list[wire.Message] | None 
             return _stream(messages if messages is not None else backup.messages)
 
     return asyncio.run(restore.rebuild(Fake(), backup.node, backup.client_pub, path, at=at,
-                                       progress=progress))
+                                       progress=progress, isolated=isolated))
 
 
 @pytest.fixture(scope="module")
@@ -343,3 +347,93 @@ def test_modules_import_first_without_cycles(module: str) -> None:
                            " <= set(main.commands)"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+# -- the replay in a process of its own (e2e: markers.E2E_TESTS names these) ----------
+
+
+@pytest.mark.parametrize("split", [0, 40])
+def test_isolated_rebuild_gives_the_same_database(tmp_path: Path, split: int) -> None:
+    backup = sealed_backup(tmp_path, split=split)
+    seen: list[int] = []
+    result = run_rebuild(backup, tmp_path / "out.sqlite3", isolated=True,
+                         progress=restore.Progress(replay=seen.append))
+    assert sqlite_dump_bytes(result.path) == expected_dump_bytes("cln-channels")
+    assert result.data_version == backup.data_version
+    assert seen == sorted(seen) and seen[-1] == result.records == len(backup.records())
+
+
+def test_isolated_replay_fails_as_the_replayer_does(tmp_path: Path) -> None:
+    calls = load_trace("cln-crash-restart")
+    db = tmp_path / "out.sqlite3"
+    replay_trace("cln-crash-restart", db, calls=slice(0, 5))
+    bump = "UPDATE vars SET intval = intval + 1 WHERE name = 'data_version' AND intval = 5"
+    bad = "INSERT INTO no_such_table VALUES (0, x'" + "ab" * 40 + "')"
+    changes = [Change(dv, classify(w), tuple(w), 0) for dv, w in calls[5:7]]
+    changes.append(Change(6, Kind.NORMAL, (bump, bad), 0))
+    child = ReplayProcess(db)
+    try:
+        assert child.open() == 3
+        with pytest.raises(ReplayError) as caught:
+            child.apply(changes, None)
+            child.finish()
+        assert str(caught.value).startswith("record 2 (data_version 6): statement 2 of 2 "
+                                            "failed: no such table: no_such_table")
+        assert "ab" * 40 not in str(caught.value)
+    finally:
+        child.close()
+    assert child._proc.returncode == 1
+    # the child closed the database: 5 kept (6's decision kept it before 6 ran), 6 undone
+    con = sqlite3.connect(db)
+    try:
+        assert con.execute("SELECT intval FROM vars WHERE name = 'data_version'"
+                           ).fetchone() == (5,)
+    finally:
+        con.close()
+
+
+def test_a_replay_process_that_dies_fails_the_rebuild(tmp_path: Path) -> None:
+    db = tmp_path / "out.sqlite3"
+    replay_trace("cln-crash-restart", db, calls=slice(0, 5))
+    change = Change(3, Kind.NORMAL, tuple(load_trace("cln-crash-restart")[5][1]), 0)
+    child = ReplayProcess(db)
+    try:
+        assert child.open() == 3
+        child._proc.kill()
+        child._proc.wait()
+        with pytest.raises(RecoveryError, match=r"the replay process ended unexpectedly "
+                           r"\(exit status -9\)"):
+            for _ in range(AHEAD + 2):
+                child.apply([change], None)
+    finally:
+        child.close()
+
+
+def test_a_replay_process_that_cannot_start_is_a_clear_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    missing = tmp_path / "no-such-python"
+    monkeypatch.setattr(sys, "executable", str(missing))
+    with pytest.raises(RecoveryError, match=r"cannot start the replay process \(.*"
+                       r"no-such-python: No such file or directory\)"):
+        ReplayProcess(tmp_path / "out.sqlite3")
+
+
+def test_the_replay_process_ignores_a_cldcb_in_the_working_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # recover runs from wherever the operator is (the README: cd ~/.lightning): a cldcb
+    # package there must not be what the child imports (python -P: no cwd on sys.path)
+    planted = tmp_path / "planted"
+    (planted / "cldcb").mkdir(parents=True)
+    marker = tmp_path / "ran"
+    (planted / "cldcb" / "__init__.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\n")
+    db = tmp_path / "out.sqlite3"
+    replay_trace("cln-crash-restart", db, calls=slice(0, 5))
+    monkeypatch.chdir(planted)
+    child = ReplayProcess(db)
+    try:
+        assert child.open() == 3
+        assert child.finish() == 3
+    finally:
+        child.close()
+    assert not marker.exists()

@@ -325,3 +325,43 @@ def test_foreign_keys_are_on(db: Path) -> None:
         assert replayer._conn.execute("PRAGMA foreign_keys").fetchone() == (1,)
     with Replayer(db, foreign_keys=False) as replayer:
         assert replayer._conn.execute("PRAGMA foreign_keys").fetchone() == (0,)
+
+
+# -- undo: a repeat or a failure inside a large transaction ----------------------------
+
+
+def test_a_failure_that_rolls_back_the_transaction_keeps_the_records_before_it(
+        db: Path) -> None:
+    # INSERT OR ROLLBACK makes SQLite roll back the whole open transaction, not just the
+    # statement: the kept changes of that transaction (3, 4, 5, 6 here; nothing was
+    # committed since the PRAGMA-only call at 2) must still be in the database after it.
+    calls = load_trace("cln-crash-restart")
+    assert [dv for dv, _ in calls[:8]] == [1, 1, 2, 2, 3, 4, 5, 6]
+    with Replayer(db) as replayer:
+        feed(replayer, calls[:8])
+        bump = "UPDATE vars SET intval = intval + 1 WHERE name = 'data_version' AND intval = 6"
+        clash = "INSERT OR ROLLBACK INTO vars (name, intval) VALUES ('data_version', 0)"
+        with pytest.raises(ReplayError, match=r"^record 8 \(data_version 7\): statement 2 "
+                           r"of 2 failed: UNIQUE constraint failed: vars\.name"):
+            replayer.apply(7, Kind.NORMAL, [bump, clash])
+        assert replayer.finish() == 6
+    reference = db.with_name("reference.sqlite3")
+    replay_trace("cln-crash-restart", reference, calls=slice(0, 8))
+    assert sqlite_dump_bytes(db) == sqlite_dump_bytes(reference)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 1000])
+def test_a_failure_after_a_repeat_leaves_exactly_the_records_before_it(
+        db: Path, batch: int) -> None:
+    # crash-restart: batch 13 is repeated (records 14 and 15); a failure right after the
+    # replacement undoes only the failing change, whatever the transaction holds
+    calls = load_trace("cln-crash-restart")
+    assert [dv for dv, _ in calls[13:17]] == [12, 13, 13, 14]
+    with Replayer(db, batch=batch) as replayer:
+        feed(replayer, calls[:16])
+        with pytest.raises(ReplayError, match=r"^record 16 \(data_version 14\): statement 1"):
+            replayer.apply(14, Kind.NORMAL, ["INSERT INTO no_such_table VALUES (1)"])
+        assert replayer.finish() == 13
+    reference = db.with_name("reference.sqlite3")
+    replay_trace("cln-crash-restart", reference, calls=slice(0, 16))
+    assert sqlite_dump_bytes(db) == sqlite_dump_bytes(reference)

@@ -12,32 +12,50 @@ How a change is applied:
   it on every connection it opens and it is not in the stream (without it,
   ``ON DELETE CASCADE``/``SET NULL`` do not fire; ``foreign_keys=False``
   exists to show that).
-* A normal change is one savepoint: ``SAVEPOINT record``, its statements in
-  order, then a check that ``vars.data_version`` now equals the change's
-  data_version. The savepoint is **left open**: the change may be a batch
-  lightningd never committed, which only the next change can tell. The next
-  change's decision closes it: ``RELEASE`` on APPEND (the change joins the
-  transaction), ``ROLLBACK TO`` on REPLACE (it leaves no trace).
-  :meth:`Replayer.finish` keeps the last one (the newest record is always
-  kept: it was acknowledged before lightningd could act on it).
-* Large transactions: the savepoints of up to ``batch`` consecutive kept
-  changes live in one transaction (``BEGIN`` … ``COMMIT``), since a COMMIT per
-  change writes its pages to the file each time. The result is the database
-  one transaction per change gives (``batch=1``), the same ``.dump`` byte for
-  byte: each statement still sees exactly the changes before it, foreign keys
-  are immediate constraints (Core Lightning declares none deferred), so a
-  violation or a cascade happens at the statement, as in lightningd.
+* A normal change runs inside the open transaction (``BEGIN`` … ``COMMIT``), its
+  statements in order, then a check that ``vars.data_version`` now equals the
+  change's data_version: four executes for the usual change of three
+  statements, no savepoint of its own. The newest change stays **pending**: it
+  may be a batch lightningd never committed, which only the next change can
+  tell. The next change's decision settles it: APPEND keeps it (nothing to
+  run), REPLACE undoes it. :meth:`Replayer.finish` keeps the last one (the
+  newest record is always kept: it was acknowledged before lightningd could act
+  on it); :meth:`Replayer.close` without ``finish`` undoes it.
+* Undoing (a REPLACE, or a failure): the open transaction is rolled back and
+  the changes it had kept are run again, in order, without the one undone. So
+  the replayer holds the statements of the changes since the last COMMIT (at
+  most ``batch`` changes or :data:`KEPT_BYTES` of statements: reaching either
+  commits) and pays for an undo only when one happens (a repeated data_version,
+  after lightningd restarted with an uncommitted batch: rare). Running a change
+  again on the state it first ran on gives the same rows (lightningd's
+  statements carry their values; the only clock in the traces is a migration's
+  ``strftime('%s', 'now')``, which no replay reproduces anyway). It also
+  survives what a savepoint did not: a statement whose error makes SQLite roll
+  back the whole transaction (``INSERT OR ROLLBACK``, a full disk) no longer
+  takes the changes kept before it along.
+* Large transactions: up to ``batch`` consecutive kept changes share one
+  transaction, since a COMMIT per change writes its pages to the file each
+  time. The result is the database one transaction per change gives
+  (``batch=1``), the same ``.dump`` byte for byte: each statement still sees
+  exactly the changes before it, foreign keys are immediate constraints (Core
+  Lightning declares none deferred), so a violation or a cascade happens at the
+  statement, as in lightningd.
 * A PRAGMA-only change runs outside any transaction (SQLite ignores
   ``PRAGMA foreign_keys`` inside one), after the open transaction is
   committed.
 * A SNAPSHOT decision, a failing statement, a change whose kind does not match
   its statements or a data_version the change did not produce raises
-  :class:`~cldcb.errors.ReplayError` naming the record's position (0-based,
-  counted from the Replayer's first ``apply``) and data_version. Messages show
-  at most the first 60 characters of a statement, since values inlined further
-  on may be sensitive. After an error the database holds every record before
-  the failing one (committed by :meth:`Replayer.finish` or
-  :meth:`Replayer.close`); close the Replayer.
+  :class:`~cldcb.errors.ReplayError` from the :meth:`Replayer.apply` of that
+  record, naming its position (0-based, counted from the Replayer's first
+  ``apply``) and data_version. Messages show at most the first 60 characters of
+  a statement, since values inlined further on may be sensitive. After an
+  error the database holds the records before the failing one, and the
+  failing one left nothing behind. The record right before it: a failure while
+  the change's statements ran (or at its data_version check) comes after the
+  change's decision kept that record; a record refused before anything ran (a
+  SNAPSHOT decision, a kind that does not match, a data_version out of range)
+  leaves it pending, and then :meth:`Replayer.finish` keeps it while
+  :meth:`Replayer.close` undoes it. Close the Replayer after an error.
 
 Durability: with ``durable=False`` (the default) the replay runs with
 ``PRAGMA synchronous = OFF`` and ``journal_mode = MEMORY`` (about six times
@@ -85,8 +103,15 @@ from cldcb.node.nodedb import DATA_VERSION_SQL, read_data_version
 _STATEMENT_PREVIEW = 60
 BATCH = 1000
 """Kept changes per transaction (fast mode; the durable mode commits each change)."""
+KEPT_BYTES = 16 << 20
+"""Statements' characters of the changes in the open transaction that commit it (the
+replayer holds them, to run them again after an undo)."""
 CACHE_KIB = 16 << 10
 """SQLite's page cache in the fast mode: holds a large transaction's pages (bounded RSS)."""
+
+
+def _where(position: int, data_version: int) -> str:
+    return f"record {position} (data_version {data_version})"
 
 
 def _preview(statement: str) -> str:
@@ -107,8 +132,9 @@ class Replayer:
         self._decide = decide_fn
         self._check = check_data_version
         self._batch = max(1, batch if batch is not None else 1 if durable else BATCH)
-        self._pending = False       # the newest change's savepoint is open
-        self._kept = 0              # changes kept in the open transaction
+        self._pending = False       # the newest change ran and may still be undone
+        self._kept: list[Sequence[str]] = []    # changes run in the open transaction
+        self._kept_bytes = 0
         self._position = 0
         try:
             self._conn = sqlite3.connect(self._path, isolation_level=None)
@@ -171,90 +197,105 @@ class Replayer:
         """Apply one change (a record's content) according to the rules."""
         position = self._position
         self._position += 1
-        where = f"record {position} (data_version {data_version})"
         kind = Kind(kind)
         if classify(writes) is not kind:
             raise ReplayError(
-                f"{where} is marked {kind.name} but its statements are "
-                f"{classify(writes).name}; the record is malformed"
+                f"{_where(position, data_version)} is marked {kind.name} but its statements "
+                f"are {classify(writes).name}; the record is malformed"
             )
         try:
             decision = self._decide(self._tip, data_version, kind)
         except DataVersionError as err:
-            raise ReplayError(f"{where}: {err}") from err
+            raise ReplayError(f"{_where(position, data_version)}: {err}") from err
         if decision.action is Action.SNAPSHOT:
             raise ReplayError(
-                f"{where} cannot follow the records before it: {decision.reason}; "
-                "the backup lost changes here, so it can only be rebuilt from a "
-                "snapshot taken after this point"
+                f"{_where(position, data_version)} cannot follow the records before it: "
+                f"{decision.reason}; the backup lost changes here, so it can only be rebuilt "
+                "from a snapshot taken after this point"
             )
         if decision.action is Action.REPLACE:
             if not self._pending:
                 raise ReplayError(
-                    f"{where} would replace the previous record, which is already "
-                    f"committed ({decision.reason}); the stream does not follow the "
-                    "data_version rules"
+                    f"{_where(position, data_version)} would replace the previous record, "
+                    f"which is already committed ({decision.reason}); the stream does not "
+                    "follow the data_version rules"
                 )
             self._undo_pending()
         else:
-            self._keep_pending()
+            self._pending = False       # kept: it stays in the open transaction
         if kind is Kind.PRAGMA:
             self._commit()
-            self._run(where, writes)
+            self._run(position, data_version, writes)
         else:
-            self._run_change(where, data_version, writes)
+            self._run_change(position, data_version, writes)
         self._tip = advance(self._tip, data_version, kind, stand_in_hash(position),
                             decision=decision)
 
-    def _keep_pending(self) -> None:
-        if self._pending:
-            self._pending = False
-            self._conn.execute("RELEASE record")
-            self._kept += 1
-
     def _undo_pending(self) -> None:
+        """Undo the pending change: the open transaction again without it."""
         if self._pending:
             self._pending = False
-            if self._conn.in_transaction:
-                self._conn.execute("ROLLBACK TO record")
-                self._conn.execute("RELEASE record")
+            self._kept.pop()
+            self._rerun()
+
+    def _rerun(self) -> None:
+        """Roll the open transaction back and run the changes it kept again."""
+        if self._conn.in_transaction:
+            self._conn.execute("ROLLBACK")
+        if not self._kept:
+            return
+        self._conn.execute("BEGIN")
+        try:
+            for writes in self._kept:
+                for statement in writes:
+                    self._conn.execute(statement)
+        except (sqlite3.Error, sqlite3.Warning) as err:
+            raise ReplayError(
+                f"the records before record {self._position - 1} failed when run again "
+                f"({err}); the database is not usable: rebuild it from the start"
+            ) from err
 
     def _commit(self) -> None:
-        self._kept = 0
+        self._kept.clear()
+        self._kept_bytes = 0
         if self._conn.in_transaction:
             self._conn.execute("COMMIT")
 
-    def _run(self, where: str, writes: Sequence[str]) -> None:
+    def _run(self, position: int, data_version: int, writes: Sequence[str]) -> None:
+        execute = self._conn.execute
         for number, statement in enumerate(writes, start=1):
             try:
-                self._conn.execute(statement)
+                execute(statement)
             except (sqlite3.Error, sqlite3.Warning) as err:
                 raise ReplayError(
-                    f"{where}: statement {number} of {len(writes)} failed: {err} "
+                    f"{_where(position, data_version)}: statement {number} of "
+                    f"{len(writes)} failed: {err} "
                     f"(statement begins {_preview(statement)!r}); the backup cannot be "
                     "rebuilt past this record: try another server or an older snapshot "
                     "generation, and report it"
                 ) from err
 
-    def _run_change(self, where: str, data_version: int, writes: Sequence[str]) -> None:
-        if self._kept >= self._batch:
+    def _run_change(self, position: int, data_version: int, writes: Sequence[str]) -> None:
+        if len(self._kept) >= self._batch or self._kept_bytes >= KEPT_BYTES:
             self._commit()
         if not self._conn.in_transaction:
             self._conn.execute("BEGIN")
-        self._conn.execute("SAVEPOINT record")
-        self._pending = True
         try:
-            self._run(where, writes)
+            self._run(position, data_version, writes)
             if self._check:
                 reached = self._reached()
                 if reached != data_version:
                     raise ReplayError(
-                        f"{where} left vars.data_version at {reached}, not {data_version}: "
-                        "the record does not belong on top of the records before it"
+                        f"{_where(position, data_version)} left vars.data_version at "
+                        f"{reached}, not {data_version}: the record does not belong on top "
+                        "of the records before it"
                     )
         except BaseException:
-            self._undo_pending()
+            self._rerun()               # the change leaves nothing behind
             raise
+        self._kept.append(writes)
+        self._kept_bytes += sum(map(len, writes))
+        self._pending = True
 
     def _reached(self) -> int:
         """``vars.data_version`` after a change (one query where ``vars`` exists)."""
@@ -273,7 +314,7 @@ class Replayer:
         applied afterwards, but the batch committed here can no longer be
         replaced.
         """
-        self._keep_pending()
+        self._pending = False
         self._commit()
         held = self._read_data_version()
         if not self._durable:

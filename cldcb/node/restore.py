@@ -16,11 +16,15 @@ READER session of the client) and the node key, :func:`rebuild`:
 4. opens every record with :class:`~cldcb.core.seal.ChainVerifier` (its AEAD tag,
    its place in the chain: link to its effective predecessor, starting from
    the snapshot's anchor) on the event loop, and hands the verified changes,
-   in batches of :data:`REPLAY_BATCH`, to the worker thread, which applies
-   them with :class:`~cldcb.node.replay.Replayer` in its fast mode
-   (``durable=False``: large transactions, one fsync in ``finish``). So
-   receiving, verifying and replaying overlap; nothing unverified is ever
-   applied, and the first failure stops the rest;
+   in batches of :data:`REPLAY_BATCH`, to the worker thread, which passes
+   them to a :class:`~cldcb.node.replay_process.ReplayProcess` (``isolated``,
+   the default: a child process started at the beginning of the download, so
+   that the replay and the verification each have a core and an interpreter
+   lock) or applies them itself (``isolated=False``), with
+   :class:`~cldcb.node.replay.Replayer` in its fast mode (``durable=False``:
+   large transactions, one fsync in ``finish``). So receiving, verifying and
+   replaying overlap; nothing unverified is ever applied, and the first
+   failure stops the rest;
 5. checks the ``FetchEnd`` count, runs ``PRAGMA integrity_check`` and checks
    that ``vars.data_version`` equals the newest record's.
 
@@ -70,6 +74,7 @@ from cldcb.errors import ChainError, RecoveryError, ReplayError, SealError
 from cldcb.node.durable import fsync_dir
 from cldcb.node.nodedb import connect_ro, read_data_version
 from cldcb.node.replay import Replayer
+from cldcb.node.replay_process import ReplayProcess
 
 _SIDE_FILES = ("-journal", "-wal", "-shm")
 PIPELINE_DEPTH = 8
@@ -229,14 +234,15 @@ def check_database(path: Path, data_version: int) -> None:
 
 async def rebuild(conn: Fetcher, node: EcdhKey, client_pub: bytes, path: Path, *,
                   at: int = -1, generation: int | None = None, source: str = "",
-                  progress: Progress | None = None) -> Rebuilt:
+                  progress: Progress | None = None, isolated: bool = True) -> Rebuilt:
     """Fetch from ``conn`` and rebuild into the new file ``path`` (see the module doc);
-    ``generation``: of that snapshot generation (a fallback), not the newest."""
+    ``generation``: of that snapshot generation (a fallback), not the newest;
+    ``isolated``: replay in a child process (False: in the rebuild's thread)."""
     try:
         fetched = conn.fetch(at) if generation is None else conn.fetch(at, generation=generation)
         return await rebuild_from(fetched, node, client_pub, path, at=at,
                                   source=source or str(getattr(conn, "spec", "")),
-                                  progress=progress)
+                                  progress=progress, isolated=isolated)
     except BaseException:
         discard(path)
         raise
@@ -244,7 +250,7 @@ async def rebuild(conn: Fetcher, node: EcdhKey, client_pub: bytes, path: Path, *
 
 async def rebuild_from(messages: AsyncIterator[wire.Message], node: EcdhKey,
                        client_pub: bytes, path: Path, *, at: int = -1, source: str = "",
-                       progress: Progress | None = None) -> Rebuilt:
+                       progress: Progress | None = None, isolated: bool = True) -> Rebuilt:
     """:func:`rebuild` from a stream of fetch answers (``FetchSnapshot`` first)."""
     progress = progress or Progress()
     where = f"{source}: " if source else ""
@@ -267,12 +273,12 @@ async def rebuild_from(messages: AsyncIterator[wire.Message], node: EcdhKey,
                             f"data_version {manifest.data_version}, its manifest says "
                             f"{manifest.chunk_count}")
         with Pipeline() as pipe, contextlib.ExitStack() as stack:
+            replay: _Replay | ReplayProcess = ReplayProcess(path) if isolated else _Replay(path)
+            pipe.at_exit(replay.close)
             msg, written, received = await _download(it, opener, path, progress, where,
                                                      received, pipe)
             writeback = _Writeback(path)
             stack.callback(writeback.abandon)
-            replay = _Replay(path)
-            pipe.at_exit(replay.close)
             start = await pipe.call(replay.open)
             if start != manifest.data_version:
                 raise SealError(f"{where}the snapshot holds data_version {start}, its "
@@ -303,7 +309,7 @@ async def rebuild_from(messages: AsyncIterator[wire.Message], node: EcdhKey,
             if msg.record_count != count:
                 raise SealError(f"{where}sent {count} records but says it sent "
                                 f"{msg.record_count}")
-            data_version = await pipe.call(replay.finish)
+            data_version = await pipe.call(replay.finish, progress.replay)
             await writeback.wait()
         reached = verifier.tip.data_version
         if data_version != reached:
@@ -496,7 +502,7 @@ class _Replay:
         if done is not None:
             done(self._applied)
 
-    def finish(self) -> int:
+    def finish(self, done: Callable[[int], None] | None = None) -> int:
         assert self._replayer is not None
         return self._replayer.finish()
 

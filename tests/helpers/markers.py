@@ -46,6 +46,11 @@ E2E_TESTS = frozenset({
     "test_plugin_units.py::test_the_wrapper_runs_the_plugin_with_its_own_path",
     "test_recover_core.py::test_modules_import_first_without_cycles",
     "test_recover_core.py::test_stale_scratch_files_of_killed_runs_are_removed",
+    "test_recover_core.py::test_isolated_rebuild_gives_the_same_database",
+    "test_recover_core.py::test_isolated_replay_fails_as_the_replayer_does",
+    "test_recover_core.py::test_a_replay_process_that_dies_fails_the_rebuild",
+    "test_recover_core.py::test_a_replay_process_that_cannot_start_is_a_clear_error",
+    "test_recover_core.py::test_the_replay_process_ignores_a_cldcb_in_the_working_folder",
     "test_rpc.py::test_simulated_node_rpc_surface",
 })
 """Single tests (file::function, every parametrization) of unit modules that start one."""
