@@ -52,6 +52,7 @@ E2E_TESTS = frozenset({
     "test_recover_core.py::test_a_replay_process_that_cannot_start_is_a_clear_error",
     "test_recover_core.py::test_the_replay_process_ignores_a_cldcb_in_the_working_folder",
     "test_rpc.py::test_simulated_node_rpc_surface",
+    "test_seal_format.py::test_a_backup_sealed_in_format_1_still_verifies_and_recovers",
 })
 """Single tests (file::function, every parametrization) of unit modules that start one."""
 
