@@ -39,6 +39,7 @@ from test_realcln import daemon_for_client, daemon_server
 
 from cldcb.core.dataversion import Kind
 from cldcb.plugin.mirror import MIRROR_NAME, Mirror, MirrorUnusable
+from cldcb.plugin.snapshot import LocalCopy
 
 WORKLOAD = "cln-workload"
 THROWN_AWAY = "the mirror is thrown away"
@@ -318,8 +319,7 @@ def test_the_mirror_copies_only_the_state_asked_for_and_follows_the_live_databas
             mirror.snapshot(2, tmp_path).result(30)
         copy = mirror.snapshot(1, tmp_path).result(30)
         assert released.is_set() and mirror.usable and copy.data_version == 1
-        with copy.open_bytes() as f:
-            assert f.read(20)[18:20] == b"\x01\x01"      # rollback-journal mode
+        assert _bytes_of(copy, 20)[18:20] == b"\x01\x01"      # rollback-journal mode
         copy.hook_done()
         assert not copy.alive
         with sqlite3.connect(live) as con:          # lightningd commits change 2
@@ -399,6 +399,18 @@ def test_the_mirror_applies_the_changes_waiting_in_one_transaction(tmp_path: Pat
     assert frames < 60, f"{frames} WAL frames for 200 changes"
 
 
+def _bytes_of(copy: LocalCopy, n: int | None = None) -> bytes:
+    """The first ``n`` bytes of ``copy`` (all of them), read as an upload reads them."""
+    buf = memoryview(bytearray(copy.size if n is None else min(n, copy.size)))
+    got = 0
+    while got < len(buf):
+        step = copy.read_into(got, buf[got:], None)
+        if step == 0:
+            break
+        got += step
+    return bytes(buf[:got])
+
+
 def _old_way_copy(mirror_file: Path, dest: Path) -> bytes:
     """What a snapshot of the mirror was before it was read in place: the checkpointed
     file copied, then set to ``journal_mode = DELETE`` (the bytes every restore got)."""
@@ -463,8 +475,7 @@ def test_a_snapshot_of_the_mirror_is_read_in_place_and_stays_at_its_data_version
         wait_until(lambda: mirror.data_version == 400, 60, "the mirror to apply change 400")
         wal_frames = (Path(f"{folder / MIRROR_NAME}-wal").stat().st_size - 32) // (4096 + 24)
         assert wal_frames > 1000, wal_frames       # (automatic checkpoints were due)
-        with snap.open_bytes() as f:
-            got = f.read()
+        got = _bytes_of(snap)
         assert snap.size == len(expected)
         assert got == expected, "the snapshot's bytes moved under it"
         restored = tmp_path / "restored.sqlite3"
@@ -480,8 +491,7 @@ def test_a_snapshot_of_the_mirror_is_read_in_place_and_stays_at_its_data_version
         mirror.feed(402, 402, Kind.NORMAL, change(402))
         wait_until(lambda: mirror.data_version == 401, 60, "the mirror to apply change 401")
         nxt = mirror.snapshot(401, folder).result(60)
-        with nxt.open_bytes() as f:
-            assert f.read() == _old_way_copy(folder / MIRROR_NAME, tmp_path / "next.sqlite3")
+        assert _bytes_of(nxt) == _old_way_copy(folder / MIRROR_NAME, tmp_path / "next.sqlite3")
         nxt.hook_done()
     finally:
         mirror.close()
@@ -504,12 +514,11 @@ def test_a_snapshot_of_the_mirror_being_read_is_revoked_when_the_mirror_closes(
     try:
         mirror.rebuild(base, 1, 0, threading.Event().set)
         snap = mirror.snapshot(1, tmp_path).result(30)
-        with snap.open_bytes() as f:
-            assert f.read(100)[18:20] == b"\x01\x01"
+        assert _bytes_of(snap, 100)[18:20] == b"\x01\x01"
         assert snap.alive
     finally:
         mirror.close()
     assert not snap.alive
-    with snap.open_bytes() as f, pytest.raises(PluginError, match="revoked"):
-        f.read(100)
+    with pytest.raises(PluginError, match="revoked"):
+        _bytes_of(snap, 100)
     snap.hook_done()                                 # (letting go of it again is harmless)

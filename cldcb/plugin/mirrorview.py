@@ -51,7 +51,6 @@ database is the same file as before, and opens in rollback-journal mode.
 
 from __future__ import annotations
 
-import io
 import os
 import sqlite3
 import threading
@@ -142,27 +141,6 @@ class MirrorView:
     def alive(self) -> bool:
         return self._reader is not None
 
-    def open(self) -> _ViewReader:
-        return _ViewReader(self)
-
-    def read(self, offset: int, size: int) -> bytes:
-        """Up to ``size`` bytes from ``offset`` (fewer only at the view's end)."""
-        want = max(0, min(size, self.size - offset))
-        with self._lock:
-            if self._reader is None:
-                raise self._gone()
-            data = os.pread(self._file.fd, want, offset)
-            while len(data) < want:                 # (a short read: rare on a file)
-                more = os.pread(self._file.fd, want - len(data), offset + len(data))
-                if not more:
-                    raise PluginError(f"the mirror's file ended at {offset + len(data)} of "
-                                      f"{self.size} bytes")
-                data += more
-        if offset < HEADER and data:
-            end = min(HEADER, offset + len(data))
-            data = self._header[offset:end] + data[end - offset:]
-        return data
-
     def read_into(self, offset: int, buf: memoryview) -> int:
         """Read up to ``len(buf)`` bytes from ``offset`` into ``buf`` (no new buffer: the
         upload reuses one); how many (fewer only at the view's end)."""
@@ -170,7 +148,9 @@ class MirrorView:
         got = 0
         with self._lock:
             if self._reader is None:
-                raise self._gone()
+                raise PluginError("the snapshot of the mirror was revoked (the mirror was "
+                                  "thrown away, rebuilt or closed)" if self.revoked
+                                  else "the snapshot of the mirror is closed")
             while got < want:
                 n = os.preadv(self._file.fd, [buf[got:want]], offset + got)
                 if n == 0:
@@ -181,11 +161,6 @@ class MirrorView:
             end = min(HEADER, offset + got)
             buf[:end - offset] = self._header[offset:end]
         return got
-
-    def _gone(self) -> PluginError:
-        return PluginError("the snapshot of the mirror was revoked (the mirror was thrown "
-                           "away, rebuilt or closed)" if self.revoked
-                           else "the snapshot of the mirror is closed")
 
     def close(self) -> None:
         """End the read transaction (the copy is no longer needed)."""
@@ -206,38 +181,3 @@ class MirrorView:
             finally:
                 self._file.release()
         self._on_close(self)
-
-
-class _ViewReader(io.RawIOBase):
-    """A file-like reader of a :class:`MirrorView`, with its own position."""
-
-    def __init__(self, view: MirrorView) -> None:
-        super().__init__()
-        self._view = view
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._view.size}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
-
-    def readinto(self, buf: bytearray | memoryview) -> int:  # type: ignore[override]
-        data = self.read(len(buf))
-        memoryview(buf).cast("B")[:len(data)] = data
-        return len(data)
-
-    def read(self, size: int | None = -1) -> bytes:
-        if size is None or size < 0:
-            size = max(0, self._view.size - self._pos)
-        data = self._view.read(self._pos, size)
-        self._pos += len(data)
-        return data

@@ -103,8 +103,6 @@ class CopySource(Protocol):
     @property
     def alive(self) -> bool: ...
 
-    def open(self) -> BinaryIO: ...
-
     def read_into(self, offset: int, buf: memoryview) -> int: ...
 
     def close(self) -> None: ...
@@ -141,10 +139,6 @@ class LocalCopy:
     filling: _Filling | None = field(default=None, repr=False)
     heir: Handover | None = field(default=None, repr=False)
     source: CopySource | None = field(default=None, repr=False)
-
-    def open_bytes(self) -> BinaryIO:
-        """A reader of the copy's bytes from the start (the caller closes it)."""
-        return self.source.open() if self.source is not None else open(self.path, "rb")
 
     def fill(self) -> None:
         """Copy the rest of the bytes (blocking: run it in a thread), then let go of the
@@ -453,7 +447,7 @@ def start_copy(db_path: Path, folder: Path, *, busy_timeout: float = 1.0,
     and the lock goes at :meth:`LocalCopy.let_go`. Otherwise (WAL) the copy is made whole
     here, into a file. Raises as :func:`copy_database` does."""
     _check_exists(db_path)
-    dest_path = _new_copy_file(db_path, folder) if keep else None
+    dest_path = nodedb.new_copy_file(folder) if keep else None
     started = time.monotonic()
     src = None
     try:
