@@ -144,6 +144,8 @@ def test_plugin_killed_not_important_node_goes_on_then_gap_snapshot(
             node.kill_plugin()
 
     def before(i: int, node: SimLightningd) -> None:
+        if i == k:
+            node.freeze_plugin()                # call k cannot be answered before the kill
         if i == m:
             node.start_plugin(init=True)        # `plugin start` at run time
 
@@ -171,10 +173,14 @@ def test_plugin_killed_important_node_stops_both_restart_without_snapshot(
         if call.index == k:
             node.kill_plugin()
 
+    def before(i: int, node: SimLightningd) -> None:
+        if i == k:
+            node.freeze_plugin()                # call k cannot be answered before the kill
+
     node.start()
     try:
         with pytest.raises(NodeStopped):
-            node.run_trace(trace, on_sent=on_sent)
+            node.run_trace(trace, before_call=before, on_sent=on_sent)
     finally:
         node.crash()
     assert node.calls[-1].outcome == "plugin-died"

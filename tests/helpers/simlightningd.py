@@ -451,6 +451,14 @@ class SimLightningd:
             self.db.close()
             self.db = None
 
+    def freeze_plugin(self) -> None:
+        """SIGSTOP the plugin: it reads and answers nothing more (until it is killed). So a
+        call sent next is certain to be still unanswered when the plugin is killed: a
+        plugin that answers within the moment between the send and the kill would make a
+        kill "during" a call a race."""
+        assert self.plugin is not None
+        os.kill(self.plugin.pid, signal.SIGSTOP)
+
     def kill_plugin(self, sig: int = signal.SIGKILL) -> None:
         assert self.plugin is not None
         os.kill(self.plugin.pid, sig)
